@@ -1,0 +1,32 @@
+//! The subcommands of the `tau-resnet` binary, one module each.
+
+pub mod bench;
+pub mod eval;
+pub mod probe;
+pub mod train;
+
+/// How a command ended, as the process exit code tells a calling script or sweep.
+///
+/// A run that ends with a result (finished, or diverged: divergence is data) is not a
+/// failure; errors (bad config, I/O) are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command did its work (a run finished).
+    Finished,
+    /// The run diverged: a non-finite loss or gradient. A result, recorded in `summary.json`.
+    Diverged,
+    /// The run was interrupted (Ctrl-C) after writing a checkpoint.
+    Interrupted,
+}
+
+impl Outcome {
+    /// The process exit code for this outcome: 0 finished, 3 diverged, 130 interrupted.
+    /// Errors exit with 1 and command-line mistakes with 2.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Finished => 0,
+            Outcome::Diverged => 3,
+            Outcome::Interrupted => 130,
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Training τ-ResNets: full-batch gradient descent and SGD, run records, checkpoints,
+//! and the commands of the `tau-resnet` CLI.
+
+pub mod cmd;

@@ -1,0 +1,46 @@
+//! `cargo xtask`: depth × τ sweeps, their reports and figures, and benchmarks.
+//!
+//! xtask never computes a gradient: it launches `tau-resnet` processes and aggregates
+//! their run records.
+
+mod bench;
+mod report;
+mod sweep;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Sweeps, reports and benchmarks for tau-resnet.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a sweep (the default stability sweep when no config is given).
+    Sweep(sweep::SweepArgs),
+    /// Regenerate results.csv, report.md and the figures of a sweep from its run records.
+    Report(report::ReportArgs),
+    /// Training-step throughput (images/s) of the CIFAR ResNets and the theory network.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sweep(args) => sweep::run(args),
+        Command::Report(args) => report::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
