@@ -2,3 +2,8 @@
 //! and the commands of the `tau-resnet` CLI.
 
 pub mod cmd;
+pub mod config;
+pub mod loss;
+pub mod optim;
+pub mod records;
+pub mod schedule;

@@ -1,0 +1,785 @@
+//! Run configuration: the TOML file that describes one training run, `--set key=value`
+//! overrides on dotted keys, and validation.
+//!
+//! A run config is read into a [`toml::Table`], overrides are applied to the table, and
+//! the table is deserialized into [`RunConfig`] with `deny_unknown_fields` everywhere, so a
+//! typo or an ill-typed value is an error that names the dotted key.
+//!
+//! ```toml
+//! name = "theory-gd"
+//! seed = 0
+//! steps = 2000
+//!
+//! [model]
+//! family = "theory"
+//! # ... the model crate's config
+//!
+//! [data]
+//! source = "synthetic"
+//! n = 32
+//! p = 16
+//! d = 1
+//!
+//! [loss]
+//! kind = "squared"
+//!
+//! [optim]
+//! kind = "gd"
+//! lr = 0.02
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// The architecture part of a run config, `[model]` in the file: the model crate's config,
+/// tagged by `family` (`theory`, `cifar_resnet`, `bottleneck_resnet`).
+pub type ModelSection = toml::Table;
+
+/// One training run, as written in a `configs/*.toml` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// A short name for the run; the default output directory is `runs/<name>`.
+    pub name: String,
+    /// The seed of every random draw: initialization, data order, augmentation, synthetic data.
+    pub seed: u64,
+    /// Number of passes over the training set. Exactly one of `epochs` and `steps` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    /// Number of optimizer steps. Exactly one of `epochs` and `steps` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Where to compute: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Floating-point type of parameters and activations.
+    #[serde(default)]
+    pub dtype: DTypeSpec,
+    /// The run directory; `runs/<name>` when absent. `tau-resnet train --out` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_dir: Option<PathBuf>,
+    /// The architecture (the model crate's config, tagged by `family`).
+    pub model: ModelSection,
+    /// The training and test data.
+    pub data: DataConfig,
+    /// The training loss.
+    #[serde(default)]
+    pub loss: LossConfig,
+    /// The optimizer and its learning-rate schedule.
+    pub optim: OptimConfig,
+    /// Logging, evaluation and checkpoint cadence.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// MNIST (IDX files, raw or gzipped).
+    Mnist,
+    /// CIFAR-10 (binary version).
+    Cifar10,
+    /// CIFAR-100 (binary version).
+    Cifar100,
+    /// An image folder (`train/<class>/*.jpg`, `test/<class>/*.jpg`).
+    Folder,
+    /// Unit-norm Gaussian inputs with random targets (the theory's setting).
+    Synthetic,
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceKind::Mnist => "mnist",
+            SourceKind::Cifar10 => "cifar10",
+            SourceKind::Cifar100 => "cifar100",
+            SourceKind::Folder => "folder",
+            SourceKind::Synthetic => "synthetic",
+        })
+    }
+}
+
+/// Which training examples a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Subset {
+    /// The whole set.
+    #[default]
+    All,
+    /// The first `n` examples in file order: `subset = { first_n = 1000 }`.
+    FirstN(usize),
+    /// The first `k` examples of every class: `subset = { balanced_k = 10 }`.
+    BalancedK(usize),
+    /// `n` examples drawn without replacement with the run's seed: `subset = { random_n = 1000 }`.
+    RandomN(usize),
+}
+
+/// Targets of the synthetic data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetsKind {
+    /// Independent standard Gaussian targets.
+    #[default]
+    Gaussian,
+    /// Targets from a random teacher network.
+    Teacher,
+}
+
+/// Per-channel input normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormalizeKind {
+    /// Pixels scaled to [0, 1] only.
+    None,
+    /// MNIST's mean and standard deviation.
+    Mnist,
+    /// CIFAR-10's per-channel mean and standard deviation (the paper's values).
+    Cifar10,
+    /// Each image flattened to a vector of unit Euclidean norm (the theory network's input).
+    UnitNorm,
+}
+
+/// Training-time augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentKind {
+    /// No augmentation.
+    #[default]
+    None,
+    /// Pad-4 random crop and horizontal flip.
+    CifarStandard,
+}
+
+/// `[data]`: the data set, the subset used, preprocessing and batching.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist`, `cifar10`, `cifar100`, `folder` or `synthetic`.
+    pub source: SourceKind,
+    /// Directory of the files; otherwise `TAU_DATA_DIR`, then the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Synthetic data: number of training points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
+    /// Synthetic data: input dimension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p: Option<usize>,
+    /// Synthetic data: output dimension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d: Option<usize>,
+    /// Synthetic data: how targets are drawn.
+    #[serde(default)]
+    pub targets: TargetsKind,
+    /// Synthetic data: number of test points (0: no test set).
+    #[serde(default)]
+    pub n_test: usize,
+    /// Which training examples to use.
+    #[serde(default)]
+    pub subset: Subset,
+    /// Which test examples to evaluate on.
+    #[serde(default)]
+    pub test_subset: Subset,
+    /// Input normalization; by default the data set's own (MNIST, CIFAR-10), `none` for
+    /// folders and synthetic data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<NormalizeKind>,
+    /// Training-time augmentation.
+    #[serde(default)]
+    pub augment: AugmentKind,
+    /// Mini-batch size for SGD; for full-batch GD, the chunk size the gradient is
+    /// accumulated over (memory bound, not a change of algorithm).
+    pub batch_size: usize,
+    /// Drop the last incomplete batch of each epoch (SGD only).
+    #[serde(default)]
+    pub drop_last: bool,
+    /// CIFAR-100: use the 100 fine labels (`true`) or the 20 coarse ones.
+    #[serde(default = "default_true")]
+    pub cifar100_fine: bool,
+    /// Targets for the squared loss on a classification set: one-hot vectors.
+    /// (Always on for classification data with the squared loss; here for clarity.)
+    #[serde(default = "default_true")]
+    pub one_hot: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// `½‖y − y*‖²` per example (one-hot targets for classification data).
+    Squared,
+    /// Softmax cross-entropy on class labels.
+    #[default]
+    CrossEntropy,
+}
+
+/// How per-example losses are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Reduction {
+    /// The mean over the examples (of the batch, or of the whole set for GD).
+    #[default]
+    Mean,
+    /// The sum over the examples.
+    Sum,
+}
+
+/// `[loss]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    /// `squared` or `cross_entropy`.
+    pub kind: LossKind,
+    /// `mean` (default) or `sum` over the examples.
+    #[serde(default)]
+    pub reduction: Reduction,
+}
+
+/// The optimization algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimKind {
+    /// Full-batch gradient descent: every step's gradient is over the whole training set
+    /// (accumulated in chunks of `data.batch_size`). One step is one epoch.
+    Gd,
+    /// Stochastic gradient descent over shuffled mini-batches.
+    Sgd,
+}
+
+/// How weight decay is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightDecayMode {
+    /// L2 penalty added to the gradient before momentum (PyTorch `SGD(weight_decay=...)`).
+    #[default]
+    Coupled,
+    /// Parameters shrunk by `lr · weight_decay` directly (decoupled, as in AdamW/SGDW).
+    Decoupled,
+}
+
+/// A learning-rate schedule. Milestones are in the run's unit: epochs when the run is
+/// counted in `epochs`, steps when it is counted in `steps`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleConfig {
+    /// The base learning rate throughout: `schedule = "constant"`.
+    #[default]
+    Constant,
+    /// Multiply by `gamma` at each milestone:
+    /// `schedule = { step = { milestones = [100, 150], gamma = 0.1 } }`.
+    Step {
+        /// Epochs (or steps) at which the rate is multiplied by `gamma`.
+        milestones: Vec<u64>,
+        /// The factor applied at each milestone.
+        gamma: f64,
+    },
+    /// Cosine annealing from the base rate to 0 over the run: `schedule = "cosine"`.
+    Cosine,
+}
+
+/// `[optim]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// `gd` (full batch) or `sgd` (mini-batch).
+    pub kind: OptimKind,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Momentum coefficient (0: plain gradient steps).
+    #[serde(default)]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Weight decay coefficient (not applied to τ).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// `coupled` (default, PyTorch SGD) or `decoupled`.
+    #[serde(default)]
+    pub weight_decay_mode: WeightDecayMode,
+    /// Learning-rate schedule.
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// Linear warm-up length, in the run's unit (epochs or steps); 0 for none.
+    #[serde(default)]
+    pub warmup: f64,
+    /// Learning-rate multiplier of τ and the scalar biases (the no-BN reference: 0.1).
+    #[serde(default = "default_small_lr_factor")]
+    pub small_lr_factor: f64,
+    /// Parameters (by name prefix) that are not trained, on top of those the model marks
+    /// frozen, e.g. `freeze = ["fc."]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
+}
+
+fn default_small_lr_factor() -> f64 {
+    0.1
+}
+
+/// `[log]`: cadence of records and checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Write a training record every this many steps (0: only at the end of each epoch,
+    /// and at the end of the run).
+    #[serde(default = "default_every")]
+    pub every: u64,
+    /// Evaluate on the test set every this many epochs (or steps, for a run counted in
+    /// steps); 0: only at the end.
+    #[serde(default = "default_one")]
+    pub eval_every: u64,
+    /// Write a checkpoint every this many epochs (or steps, for a run counted in steps);
+    /// 0: only at the end (and on Ctrl-C).
+    #[serde(default = "default_one")]
+    pub checkpoint_every: u64,
+}
+
+fn default_every() -> u64 {
+    100
+}
+
+fn default_one() -> u64 {
+    1
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            every: default_every(),
+            eval_every: default_one(),
+            checkpoint_every: default_one(),
+        }
+    }
+}
+
+/// Floating-point type of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DTypeSpec {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 64-bit floats (slow; for numerical checks).
+    F64,
+}
+
+impl DTypeSpec {
+    /// The candle dtype.
+    pub fn dtype(self) -> candle::DType {
+        match self {
+            DTypeSpec::F32 => candle::DType::F32,
+            DTypeSpec::F64 => candle::DType::F64,
+        }
+    }
+}
+
+/// A device choice: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The first CUDA GPU when built with CUDA and one is present, else Metal, else CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU number N.
+    Cuda(usize),
+    /// The Metal GPU.
+    Metal,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "metal" => Ok(DeviceSpec::Metal),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{s}`: expected auto, cpu, cuda, cuda:N or metal"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device.
+    ///
+    /// # Errors
+    /// When the device is absent or the binary was built without its feature.
+    pub fn device(self) -> anyhow::Result<candle::Device> {
+        match self {
+            DeviceSpec::Auto => {
+                if candle::utils::cuda_is_available() {
+                    Ok(candle::Device::new_cuda(0)?)
+                } else if candle::utils::metal_is_available() {
+                    Ok(candle::Device::new_metal(0)?)
+                } else {
+                    Ok(candle::Device::Cpu)
+                }
+            }
+            DeviceSpec::Cpu => Ok(candle::Device::Cpu),
+            DeviceSpec::Cuda(n) => candle::Device::new_cuda(n).with_context(|| {
+                format!("opening cuda:{n} (is the binary built with `--features cuda`?)")
+            }),
+            DeviceSpec::Metal => candle::Device::new_metal(0)
+                .context("opening metal (is the binary built with `--features metal`?)"),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Checks the settings that types alone cannot: exactly one of `epochs`/`steps`,
+    /// positive sizes and rates, the data source's required keys, the model's own checks.
+    ///
+    /// # Errors
+    /// The first problem found, naming the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match (self.epochs, self.steps) {
+            (Some(_), Some(_)) => bail!("set only one of `epochs` and `steps`"),
+            (None, None) => bail!("missing `epochs` or `steps`"),
+            (Some(0), _) | (_, Some(0)) => bail!("`epochs`/`steps` must be positive"),
+            _ => {}
+        }
+        if self.name.is_empty() || self.name.contains(['/', '\\']) {
+            bail!("`name` must be a non-empty name without path separators");
+        }
+        let d = &self.data;
+        if d.batch_size == 0 {
+            bail!("`data.batch_size` must be positive");
+        }
+        if d.source == SourceKind::Synthetic {
+            for (key, v) in [("n", d.n), ("p", d.p), ("d", d.d)] {
+                match v {
+                    None => bail!("`data.{key}` is required for synthetic data"),
+                    Some(0) => bail!("`data.{key}` must be positive"),
+                    _ => {}
+                }
+            }
+            if self.loss.kind == LossKind::CrossEntropy {
+                bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
+            }
+        } else {
+            for (key, v) in [("n", d.n), ("p", d.p), ("d", d.d)] {
+                if v.is_some() {
+                    bail!("`data.{key}` only applies to synthetic data");
+                }
+            }
+        }
+        for (key, s) in [("subset", d.subset), ("test_subset", d.test_subset)] {
+            if matches!(
+                s,
+                Subset::FirstN(0) | Subset::BalancedK(0) | Subset::RandomN(0)
+            ) {
+                bail!("`data.{key}` must select at least one example");
+            }
+        }
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            bail!("`optim.lr` must be a positive number, got {}", o.lr);
+        }
+        if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
+            bail!("`optim.momentum` must be in [0, 1), got {}", o.momentum);
+        }
+        if o.nesterov && o.momentum == 0.0 {
+            bail!("`optim.nesterov` needs a positive `optim.momentum`");
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            bail!("`optim.weight_decay` must be ≥ 0, got {}", o.weight_decay);
+        }
+        if !(o.warmup.is_finite() && o.warmup >= 0.0) {
+            bail!("`optim.warmup` must be ≥ 0, got {}", o.warmup);
+        }
+        if !(o.small_lr_factor.is_finite() && o.small_lr_factor >= 0.0) {
+            bail!("`optim.small_lr_factor` must be ≥ 0");
+        }
+        if let ScheduleConfig::Step { milestones, gamma } = &o.schedule {
+            if !(gamma.is_finite() && *gamma > 0.0) {
+                bail!("`optim.schedule.step.gamma` must be positive, got {gamma}");
+            }
+            if milestones.windows(2).any(|w| w[0] >= w[1]) {
+                bail!("`optim.schedule.step.milestones` must be increasing");
+            }
+        }
+        if o.kind == OptimKind::Gd && d.augment != AugmentKind::None {
+            bail!("full-batch GD sees a fixed training set: set `data.augment = \"none\"`");
+        }
+        if !self.model.contains_key("family") {
+            bail!("missing `model.family`");
+        }
+        Ok(())
+    }
+
+    /// The run directory: `out` if given, else `out_dir` from the file, else `runs/<name>`.
+    pub fn run_dir(&self, out: Option<&Path>) -> PathBuf {
+        match (out, &self.out_dir) {
+            (Some(o), _) => o.to_path_buf(),
+            (None, Some(o)) => o.clone(),
+            (None, None) => Path::new("runs").join(&self.name),
+        }
+    }
+
+    /// The config as TOML text (what a run directory's `config.toml` holds).
+    ///
+    /// # Errors
+    /// Only if a value cannot be represented in TOML.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        toml::to_string(self).context("serializing the resolved config")
+    }
+}
+
+/// Applies `key=value` overrides to a parsed TOML table.
+///
+/// The key is dotted (`model.depth`, `optim.schedule.step.gamma`); missing intermediate
+/// tables are created. The value is parsed as a TOML value (`110`, `0.5`, `true`,
+/// `"text"`, `[100, 150]`, `{ balanced_k = 10 }`) and, when that fails, taken as a
+/// string, so `--set model.tau=0.5/sqrt(L)` works without quotes.
+///
+/// # Errors
+/// A missing `=`, an empty key segment, or a key that walks through a non-table value.
+pub fn apply_overrides(table: &mut toml::Table, sets: &[String]) -> anyhow::Result<()> {
+    for set in sets {
+        let (key, raw) = set
+            .split_once('=')
+            .with_context(|| format!("override `{set}` is not of the form key=value"))?;
+        let key = key.trim();
+        let value = parse_value(raw.trim());
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.trim().is_empty()) {
+            bail!("override `{set}`: empty key segment in `{key}`");
+        }
+        let (last, parents) = parts.split_last().context("empty key")?;
+        let mut cur = &mut *table;
+        for (i, part) in parents.iter().enumerate() {
+            let entry = cur
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                other => bail!(
+                    "override `{set}`: `{}` is {}, not a table",
+                    parts[..=i].join("."),
+                    other.type_str()
+                ),
+            };
+        }
+        cur.insert(last.to_string(), value);
+    }
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    // Parse `v = <raw>` as a one-line document so every TOML value form is accepted.
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) if t.len() == 1 => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Turns a (possibly overridden) table into a validated [`RunConfig`].
+///
+/// # Errors
+/// An unknown key or an ill-typed value, naming the dotted key; or a failed
+/// [`RunConfig::validate`].
+pub fn config_from_table(table: toml::Table) -> anyhow::Result<RunConfig> {
+    let cfg: RunConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                anyhow::anyhow!("{inner}")
+            } else {
+                anyhow::anyhow!("key `{path}`: {inner}")
+            }
+        })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Reads a run config file, applies `--set` overrides and validates the result.
+///
+/// # Errors
+/// A missing or unreadable file, malformed TOML, a bad override, an unknown key or an
+/// ill-typed value (naming the key), or a failed validation. Each names the file.
+pub fn load_config(path: &Path, sets: &[String]) -> anyhow::Result<RunConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing config {}", path.display()))?;
+    apply_overrides(&mut table, sets)?;
+    config_from_table(table).with_context(|| format!("config {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const THEORY: &str = r#"
+name = "t"
+seed = 3
+steps = 10
+[model]
+family = "theory"
+depth = 4
+width = 16
+input_dim = 8
+output_dim = 1
+tau = "1/sqrt(L)"
+[data]
+source = "synthetic"
+n = 8
+p = 8
+d = 1
+batch_size = 8
+[loss]
+kind = "squared"
+[optim]
+kind = "gd"
+lr = 0.02
+"#;
+
+    fn table(s: &str) -> toml::Table {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn overrides_parse_toml_values_and_fall_back_to_strings() {
+        let mut t = table("[model]\ndepth = 4\n");
+        let sets = [
+            "model.depth=110".to_string(),
+            "model.tau=0.5/sqrt(L)".to_string(),
+            "optim.schedule.step.milestones=[100, 150]".to_string(),
+            "data.subset={ balanced_k = 10 }".to_string(),
+            "log.quoted=\"x y\"".to_string(),
+        ];
+        apply_overrides(&mut t, &sets).unwrap();
+        assert_eq!(t["model"]["depth"].as_integer(), Some(110));
+        assert_eq!(t["model"]["tau"].as_str(), Some("0.5/sqrt(L)"));
+        assert_eq!(
+            t["optim"]["schedule"]["step"]["milestones"]
+                .as_array()
+                .map(|a| a.len()),
+            Some(2)
+        );
+        assert_eq!(t["data"]["subset"]["balanced_k"].as_integer(), Some(10));
+        assert_eq!(t["log"]["quoted"].as_str(), Some("x y"));
+    }
+
+    #[test]
+    fn override_through_a_scalar_is_an_error_naming_the_key() {
+        let mut t = table("seed = 1\n");
+        let err = apply_overrides(&mut t, &["seed.x=2".into()]).unwrap_err();
+        assert!(err.to_string().contains("`seed` is integer"), "{err}");
+        let err = apply_overrides(&mut t, &["nonsense".into()]).unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn theory_config_parses_and_round_trips() {
+        let cfg = config_from_table(table(THEORY)).unwrap();
+        assert_eq!(cfg.optim.kind, OptimKind::Gd);
+        assert_eq!(cfg.loss.kind, LossKind::Squared);
+        assert_eq!(cfg.device, DeviceSpec::Auto);
+        let again = config_from_table(table(&cfg.to_toml().unwrap())).unwrap();
+        assert_eq!(cfg, again);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &["optim.lrr=0.1".into()]).unwrap();
+        let err = format!("{:#}", config_from_table(t).unwrap_err());
+        assert!(err.contains("optim") && err.contains("lrr"), "{err}");
+    }
+
+    #[test]
+    fn ill_typed_value_is_an_error_naming_the_key() {
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &["optim.lr=fast".into()]).unwrap();
+        let err = format!("{:#}", config_from_table(t).unwrap_err());
+        assert!(err.contains("optim.lr"), "{err}");
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &["data.batch_size=-3".into()]).unwrap();
+        let err = format!("{:#}", config_from_table(t).unwrap_err());
+        assert!(err.contains("data.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn epochs_and_steps_are_exclusive() {
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &["epochs=3".into()]).unwrap();
+        let err = config_from_table(t).unwrap_err().to_string();
+        assert!(err.contains("only one of"), "{err}");
+    }
+
+    #[test]
+    fn schedules_parse() {
+        for (s, want) in [
+            ("\"constant\"", ScheduleConfig::Constant),
+            ("\"cosine\"", ScheduleConfig::Cosine),
+            (
+                "{ step = { milestones = [2, 5], gamma = 0.1 } }",
+                ScheduleConfig::Step {
+                    milestones: vec![2, 5],
+                    gamma: 0.1,
+                },
+            ),
+        ] {
+            let mut t = table(THEORY);
+            apply_overrides(&mut t, &[format!("optim.schedule={s}")]).unwrap();
+            assert_eq!(config_from_table(t).unwrap().optim.schedule, want);
+        }
+    }
+
+    #[test]
+    fn device_strings() {
+        assert_eq!("cuda:2".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(2)));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn missing_file_names_it() {
+        let err = load_config(Path::new("no/such/config.toml"), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("no/such/config.toml"));
+    }
+}
