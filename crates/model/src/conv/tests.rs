@@ -1,0 +1,262 @@
+//! The CPU convolution against candle's reference `conv2d` and against direct loops, both
+//! computed in `f64`: forward output and the gradients of both inputs, on random shapes.
+//!
+//! candle 0.11.1's own `conv2d` backward fails (a shape mismatch) when the height and the
+//! width leave different remainders modulo the stride: it derives the `conv_transpose2d`
+//! output padding from the height alone. There, only the direct loops are the reference.
+
+use candle::{DType, Device, Tensor, Var};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::conv2d;
+
+/// max |a − b| / max |b| over all elements.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let a = a.to_vec1::<f64>().unwrap();
+    let b = b.to_vec1::<f64>().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
+    let n = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+/// Output, input gradient and weight gradient of Σ r ⊙ conv(x, w) by direct loops in `f64`,
+/// straight from the definition y[n,o,i,j] = Σ_{c,a,b} x[n,c,i·s+a−p,j·s+b−p] w[o,c,a,b].
+fn direct_loops(
+    x: &Tensor,
+    w: &Tensor,
+    r: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> (Tensor, Tensor, Tensor) {
+    let (n, c_in, h, wd) = x.dims4().unwrap();
+    let (c_out, _, k, _) = w.dims4().unwrap();
+    let (_, _, h_out, w_out) = r.dims4().unwrap();
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (xv, wv, rv) = (flat(x), flat(w), flat(r));
+    let mut y = vec![0f64; n * c_out * h_out * w_out];
+    let mut dx = vec![0f64; xv.len()];
+    let mut dw = vec![0f64; wv.len()];
+    for b in 0..n {
+        for o in 0..c_out {
+            for i in 0..h_out {
+                for j in 0..w_out {
+                    let yi = ((b * c_out + o) * h_out + i) * w_out + j;
+                    for c in 0..c_in {
+                        for a in 0..k {
+                            for e in 0..k {
+                                let (ih, iw) = (i * stride + a, j * stride + e);
+                                if ih < padding || iw < padding {
+                                    continue;
+                                }
+                                let (ih, iw) = (ih - padding, iw - padding);
+                                if ih >= h || iw >= wd {
+                                    continue;
+                                }
+                                let xi = ((b * c_in + c) * h + ih) * wd + iw;
+                                let wi = ((o * c_in + c) * k + a) * k + e;
+                                y[yi] += xv[xi] * wv[wi];
+                                dx[xi] += rv[yi] * wv[wi];
+                                dw[wi] += rv[yi] * xv[xi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let t = |v: Vec<f64>, d: &[usize]| Tensor::from_vec(v, d, &Device::Cpu).unwrap();
+    (
+        t(y, &[n, c_out, h_out, w_out]),
+        t(dx, x.dims()),
+        t(dw, w.dims()),
+    )
+}
+
+/// Output and gradients (input, weight) of Σ r ⊙ conv(xs, w) with [`conv2d`] in `f32`, and
+/// their worst relative errors against [`direct_loops`] and (where its backward works)
+/// candle's `conv2d`, both in `f64`.
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    seed: u64,
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    non_contiguous: bool,
+) -> [f64; 3] {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // A non-contiguous input: stored as (N, C, W, H) and transposed.
+    let x0 = if non_contiguous {
+        random(&mut rng, &[n, c_in, w, h])
+    } else {
+        random(&mut rng, &[n, c_in, h, w])
+    };
+    let w0 = random(&mut rng, &[c_out, c_in, k, k]);
+    let h_out = (h + 2 * padding - k) / stride + 1;
+    let w_out = (w + 2 * padding - k) / stride + 1;
+    let r = random(&mut rng, &[n, c_out, h_out, w_out]);
+
+    let run = |dtype: DType, reference: bool| {
+        let xv = Var::from_tensor(&x0.to_dtype(dtype).unwrap()).unwrap();
+        let wv = Var::from_tensor(&w0.to_dtype(dtype).unwrap()).unwrap();
+        let xs = if non_contiguous {
+            xv.as_tensor().transpose(2, 3).unwrap()
+        } else {
+            xv.as_tensor().clone()
+        };
+        if non_contiguous && h > 1 && w > 1 {
+            assert!(!xs.is_contiguous());
+        }
+        let ys = if reference {
+            xs.conv2d(wv.as_tensor(), padding, stride, 1, 1).unwrap()
+        } else {
+            conv2d(&xs, wv.as_tensor(), stride, padding).unwrap()
+        };
+        let loss = (&ys * r.to_dtype(dtype).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let dx = grads.get(xv.as_tensor()).unwrap().clone();
+        // the gradient of the NCHW view xs
+        let dx = if non_contiguous {
+            dx.transpose(2, 3).unwrap()
+        } else {
+            dx
+        };
+        let dw = grads.get(wv.as_tensor()).unwrap().clone();
+        (ys, dx, dw)
+    };
+    let (ys, dx, dw) = run(DType::F32, false);
+    let errs = |(ys_ref, dx_ref, dw_ref): (Tensor, Tensor, Tensor)| {
+        assert_eq!(ys.dims(), ys_ref.dims());
+        assert_eq!(dx.dims(), dx_ref.dims());
+        assert_eq!(dw.dims(), dw_ref.dims());
+        [
+            rel_err(&ys, &ys_ref),
+            rel_err(&dx, &dx_ref),
+            rel_err(&dw, &dw_ref),
+        ]
+    };
+    let x_nchw = if non_contiguous {
+        x0.transpose(2, 3).unwrap()
+    } else {
+        x0.clone()
+    };
+    let mut worst = errs(direct_loops(&x_nchw, &w0, &r, stride, padding));
+    let candle_backward_works = (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride;
+    if candle_backward_works {
+        let vs_candle = errs(run(DType::F64, true));
+        for (a, b) in worst.iter_mut().zip(vs_candle) {
+            *a = a.max(b);
+        }
+    }
+    worst
+}
+
+const TOL: f64 = 1e-5;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matches_candle_reference(
+        seed in any::<u64>(),
+        n in 1usize..4,
+        c_in in 1usize..6,
+        c_out in 1usize..6,
+        h in 1usize..10,
+        w in 1usize..10,
+        k in prop::sample::select(vec![1usize, 3]),
+        stride in 1usize..3,
+        padding in 0usize..2,
+        non_contiguous in any::<bool>(),
+    ) {
+        prop_assume!(h + 2 * padding >= k && w + 2 * padding >= k);
+        let errs = compare(seed, n, c_in, c_out, h, w, k, stride, padding, non_contiguous);
+        prop_assert!(errs.iter().all(|e| *e <= TOL), "relative errors (y, dx, dw) {errs:?}");
+    }
+}
+
+#[test]
+fn matches_candle_reference_at_resnet_shapes() {
+    // A stage-1 block convolution (16 → 16, 3×3, stride 1) and a stage transition
+    // (16 → 32, stride 2) at the CIFAR resolution, batch 2 and batch 1.
+    for (n, c_in, c_out, hw, stride) in [(2, 16, 16, 32, 1), (1, 16, 32, 32, 2)] {
+        let errs = compare(7, n, c_in, c_out, hw, hw, 3, stride, 1, false);
+        assert!(errs.iter().all(|e| *e <= TOL), "{errs:?}");
+    }
+}
+
+#[test]
+fn pointwise_and_large_kernel() {
+    // 1×1 stride 2 (the im2col path for k = 1) and a 5×5 kernel with padding 2.
+    let errs = compare(3, 2, 4, 6, 7, 9, 1, 2, 0, false);
+    assert!(errs.iter().all(|e| *e <= TOL), "{errs:?}");
+    let errs = compare(4, 3, 3, 2, 8, 5, 5, 1, 2, true);
+    assert!(errs.iter().all(|e| *e <= TOL), "{errs:?}");
+}
+
+#[test]
+fn input_without_gradient_still_gives_the_weight_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let xs = random(&mut rng, &[2, 3, 6, 6]);
+    let wv = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3])).unwrap();
+    let loss = conv2d(&xs, wv.as_tensor(), 1, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let ours = grads.get(wv.as_tensor()).unwrap().clone();
+    // data needs no gradient: none is computed
+    assert!(grads.get(&xs).is_none());
+    let reference = xs
+        .conv2d(wv.as_tensor(), 1, 1, 1, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = reference.backward().unwrap();
+    let reference = grads.get(wv.as_tensor()).unwrap();
+    assert!(rel_err(&ours, reference) <= TOL);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let xs = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w_wrong_channels = Tensor::zeros((2, 5, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&xs, &w_wrong_channels, 1, 1).is_err());
+    let w_too_big = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&xs, &w_too_big, 1, 1).is_err());
+    let w = Tensor::zeros((2, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&xs, &w, 0, 1).is_err());
+    let w_rect = Tensor::zeros((2, 3, 3, 1), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&xs, &w_rect, 1, 1).is_err());
+}
