@@ -1,0 +1,588 @@
+//! The paper's fully connected analysis network (PAPER.md, "The theory network"):
+//! h_0 = φ(A x), h_l = φ(h_{l−1} + τ W_l h_{l−1}) for l = 1..L, y = B h_L, φ = ReLU.
+//!
+//! Besides the plain [`TheoryNet::forward`], it has a traced forward pass that reports
+//! ln‖h_l‖ for every layer and input, and per-layer gradient norms of the squared loss.
+//! Both stay finite where the norms themselves overflow f32 or even f64 (τ = 1 at
+//! L = 1024 gives ‖h_L‖/‖h_0‖ ≈ 1e123): the blocks are positively homogeneous
+//! (block(c·h) = c·block(h) for c > 0), so the hidden state of every input is rescaled
+//! to unit norm after each block and the logarithm of the scale is accumulated in f64.
+
+use candle::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
+use crate::tau::TauRule;
+
+/// Largest depth and width accepted (guards configs against unbounded allocation).
+const MAX_DIM: usize = 1 << 24;
+
+/// Hyper-parameters of the theory network.
+///
+/// The variances are multipliers of 1/m (A, W) and 1/d (B): `a_var = 2.0` means entries of
+/// A are N(0, 2/m), PAPER.md's setting, which the defaults reproduce.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TheoryConfig {
+    /// p, the input dimension (default 32).
+    pub input_dim: usize,
+    /// m, the width of every hidden layer (default 256).
+    pub width: usize,
+    /// L, the number of residual blocks (default 16).
+    pub depth: usize,
+    /// d, the output dimension (default 1).
+    pub output_dim: usize,
+    /// The τ rule (default `1/sqrt(L)`).
+    pub tau: TauRule,
+    /// A's entries are N(0, a_var / m) (default 2).
+    pub a_var: f64,
+    /// W_l's entries are N(0, w_var / m) (default 1).
+    pub w_var: f64,
+    /// B's entries are N(0, b_var / d) (default 1).
+    pub b_var: f64,
+    /// Whether A is trained (default false: it stays at its initial value).
+    pub train_a: bool,
+    /// Whether B is trained (default false).
+    pub train_b: bool,
+}
+
+impl Default for TheoryConfig {
+    fn default() -> Self {
+        Self {
+            input_dim: 32,
+            width: 256,
+            depth: 16,
+            output_dim: 1,
+            tau: TauRule::default(),
+            a_var: 2.0,
+            w_var: 1.0,
+            b_var: 1.0,
+            train_a: false,
+            train_b: false,
+        }
+    }
+}
+
+impl TheoryConfig {
+    /// Checks sizes, variances and τ.
+    ///
+    /// # Errors
+    /// Names the bad setting.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("input_dim", self.input_dim),
+            ("width", self.width),
+            ("depth", self.depth),
+            ("output_dim", self.output_dim),
+        ] {
+            if v == 0 {
+                candle::bail!("theory network: {name} must be at least 1, got 0")
+            }
+            if v > MAX_DIM {
+                candle::bail!("theory network: {name} = {v} is beyond the maximum {MAX_DIM}")
+            }
+        }
+        for (name, v) in [
+            ("a_var", self.a_var),
+            ("w_var", self.w_var),
+            ("b_var", self.b_var),
+        ] {
+            if !v.is_finite() || v <= 0.0 {
+                candle::bail!("theory network: {name} must be finite and > 0, got {v}")
+            }
+        }
+        self.tau.validate().map_err(candle::Error::wrap)?;
+        let (p, m, l, d) = (
+            self.input_dim as u128,
+            self.width as u128,
+            self.depth as u128,
+            self.output_dim as u128,
+        );
+        check_size("theory network", m * p + l * m * m + d * m)
+    }
+
+    /// τ resolved at L = depth.
+    pub fn tau_value(&self) -> f64 {
+        self.tau.resolve(self.depth)
+    }
+
+    pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
+        let (p, m, d) = (self.input_dim, self.width, self.output_dim);
+        let frozen = |train: bool| {
+            if train {
+                ParamKind::Weight
+            } else {
+                ParamKind::Frozen
+            }
+        };
+        let mut specs = Vec::with_capacity(self.depth + 2);
+        specs.push(ParamSpec::new(
+            "input.weight".into(),
+            vec![m, p],
+            ParamInit::Normal {
+                std: (self.a_var / m as f64).sqrt(),
+            },
+            frozen(self.train_a),
+        ));
+        for l in 0..self.depth {
+            specs.push(ParamSpec::new(
+                format!("blocks.{l}.weight"),
+                vec![m, m],
+                ParamInit::Normal {
+                    std: (self.w_var / m as f64).sqrt(),
+                },
+                ParamKind::Weight,
+            ));
+        }
+        specs.push(ParamSpec::new(
+            "output.weight".into(),
+            vec![d, m],
+            ParamInit::Normal {
+                std: (self.b_var / d as f64).sqrt(),
+            },
+            frozen(self.train_b),
+        ));
+        specs
+    }
+
+    pub(crate) fn param_kind(&self, name: &str) -> ParamKind {
+        match name {
+            "input.weight" if self.train_a => ParamKind::Weight,
+            "output.weight" if self.train_b => ParamKind::Weight,
+            "input.weight" | "output.weight" => ParamKind::Frozen,
+            _ if name.starts_with("blocks.") && name.ends_with(".weight") => ParamKind::Weight,
+            _ => ParamKind::Buffer,
+        }
+    }
+}
+
+/// The theory network: A (m×p), W_1..W_L (m×m), B (d×m), and τ.
+///
+/// Parameter names: `input.weight` (A), `blocks.{l−1}.weight` (W_l), `output.weight` (B).
+#[derive(Debug, Clone)]
+pub struct TheoryNet {
+    cfg: TheoryConfig,
+    a: Tensor,
+    ws: Vec<Tensor>,
+    b: Tensor,
+    tau: f64,
+}
+
+/// ln‖h_l(x_i)‖ for every layer l = 0..=L and input i, from [`TheoryNet::forward_traced`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TheoryTrace {
+    /// `log_norms[l][i]` = ln‖h_l(x_i)‖. A hidden state that is exactly zero (every unit
+    /// dead) has log-norm −∞, and so do all later layers for that input; see
+    /// [`TheoryTrace::collapsed_at`]. Never NaN.
+    pub log_norms: Vec<Vec<f64>>,
+}
+
+impl TheoryTrace {
+    /// L, the number of blocks traced.
+    pub fn depth(&self) -> usize {
+        self.log_norms.len().saturating_sub(1)
+    }
+
+    /// Number of inputs.
+    pub fn n_inputs(&self) -> usize {
+        self.log_norms.first().map_or(0, Vec::len)
+    }
+
+    /// The first layer at which input `i`'s hidden state is exactly zero, if any.
+    pub fn collapsed_at(&self, i: usize) -> Option<usize> {
+        self.log_norms
+            .iter()
+            .position(|row| row.get(i).is_some_and(|v| *v == f64::NEG_INFINITY))
+    }
+
+    /// ln(‖h_L(x_i)‖ / ‖h_0(x_i)‖); `None` when h_0(x_i) is zero (the ratio is undefined).
+    /// −∞ when h_L(x_i) is zero.
+    pub fn log_ratio(&self, i: usize) -> Option<f64> {
+        let first = *self.log_norms.first()?.get(i)?;
+        let last = *self.log_norms.last()?.get(i)?;
+        (first.is_finite()).then_some(last - first)
+    }
+
+    /// ln(‖h_l(x_i)‖ / ‖h_0(x_i)‖) for every input with a nonzero h_0, at layer `l`.
+    pub fn log_ratios_at(&self, l: usize) -> Vec<f64> {
+        let (Some(first), Some(row)) = (self.log_norms.first(), self.log_norms.get(l)) else {
+            return Vec::new();
+        };
+        first
+            .iter()
+            .zip(row)
+            .filter(|(f, _)| f.is_finite())
+            .map(|(f, r)| r - f)
+            .collect()
+    }
+
+    /// Mean over inputs of ‖h_L‖/‖h_0‖, in f64: `+∞` only beyond f64's range (≈1e308);
+    /// use [`Self::log_mean_ratio`] there. `None` when no input has a nonzero h_0.
+    pub fn mean_ratio(&self) -> Option<f64> {
+        let rs = self.log_ratios_at(self.depth());
+        if rs.is_empty() {
+            return None;
+        }
+        Some(rs.iter().map(|r| r.exp()).sum::<f64>() / rs.len() as f64)
+    }
+
+    /// ln of the mean ratio ‖h_L‖/‖h_0‖, by log-sum-exp: finite for any depth (−∞ only
+    /// when every h_L is zero). `None` when no input has a nonzero h_0.
+    pub fn log_mean_ratio(&self) -> Option<f64> {
+        log_mean_exp(&self.log_ratios_at(self.depth()))
+    }
+
+    /// Mean over inputs of ln(‖h_L‖/‖h_0‖). `None` when no input has a nonzero h_0.
+    pub fn mean_log_ratio(&self) -> Option<f64> {
+        let rs = self.log_ratios_at(self.depth());
+        (!rs.is_empty()).then(|| rs.iter().sum::<f64>() / rs.len() as f64)
+    }
+
+    /// The largest ln‖h_l(x_i)‖ over every layer and input (−∞ if all are zero).
+    pub fn max_log_norm(&self) -> f64 {
+        self.log_norms
+            .iter()
+            .flatten()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Whether some hidden state's norm exceeds what `dtype` can hold, i.e. a plain
+    /// (untraced) forward pass in that dtype would overflow to infinity.
+    pub fn overflows(&self, dtype: DType) -> bool {
+        let max = match dtype {
+            DType::F16 => f64::from(half::f16::MAX),
+            DType::BF16 => f64::from(half::bf16::MAX),
+            DType::F32 => f64::from(f32::MAX),
+            _ => f64::MAX,
+        };
+        self.max_log_norm() > max.ln()
+    }
+}
+
+/// ln(mean(exp(xs))) without overflow; `None` for an empty slice.
+fn log_mean_exp(xs: &[f64]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return Some(m);
+    }
+    let s: f64 = xs.iter().map(|x| (x - m).exp()).sum();
+    Some(m + (s / xs.len() as f64).ln())
+}
+
+/// A tiny positive floor for divisions by a norm, representable in `dtype`.
+fn norm_floor(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 1e-7,
+        _ => 1e-30,
+    }
+}
+
+/// Row norms (n, 1) of `h`, and `h` with every nonzero row scaled to unit norm.
+fn normalize_rows(h: &Tensor) -> Result<(Tensor, Tensor)> {
+    let norms = h.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let unit = h.broadcast_div(&norms.maximum(norm_floor(h.dtype()))?)?;
+    Ok((unit, norms))
+}
+
+/// Pulls a list of (n, 1) norm tensors to the CPU as f64 and turns them into cumulative
+/// log-norms, failing on a non-finite norm (an overflow inside one block or a NaN input).
+fn cumulative_log_norms(norms: &[Tensor], what: &str) -> Result<Vec<Vec<f64>>> {
+    let stacked = Tensor::cat(norms, 1)?.to_dtype(DType::F64)?.t()?;
+    let rows = stacked.to_vec2::<f64>()?;
+    let mut out: Vec<Vec<f64>> = Vec::with_capacity(rows.len());
+    for (l, row) in rows.into_iter().enumerate() {
+        let mut logs = Vec::with_capacity(row.len());
+        for (i, v) in row.into_iter().enumerate() {
+            if !v.is_finite() {
+                candle::bail!(
+                    "{what}: non-finite norm {v} of the hidden state at layer {l} for input {i} \
+                     (overflow inside one block, or a non-finite input)"
+                )
+            }
+            let prev = out.last().map_or(0.0, |p| p[i]);
+            logs.push(prev + v.ln());
+        }
+        out.push(logs);
+    }
+    Ok(out)
+}
+
+impl TheoryNet {
+    /// Builds the network from `vb` (names as in the type docs).
+    ///
+    /// # Errors
+    /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
+    pub fn new(cfg: &TheoryConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (p, m, d) = (cfg.input_dim, cfg.width, cfg.output_dim);
+        let a = vb.get((m, p), "input.weight")?;
+        let ws = (0..cfg.depth)
+            .map(|l| vb.pp("blocks").pp(l).get((m, m), "weight"))
+            .collect::<Result<Vec<_>>>()?;
+        let b = vb.get((d, m), "output.weight")?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            a,
+            ws,
+            b,
+            tau: cfg.tau_value(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TheoryConfig {
+        &self.cfg
+    }
+
+    /// The resolved τ.
+    pub fn tau(&self) -> f64 {
+        self.tau
+    }
+
+    /// L.
+    pub fn n_blocks(&self) -> usize {
+        self.ws.len()
+    }
+
+    /// The block weights W_1..W_L, each (m, m).
+    pub fn weights(&self) -> &[Tensor] {
+        &self.ws
+    }
+
+    /// The input layer A, (m, p).
+    pub fn input_weight(&self) -> &Tensor {
+        &self.a
+    }
+
+    /// The output layer B, (d, m).
+    pub fn output_weight(&self) -> &Tensor {
+        &self.b
+    }
+
+    fn check_input(&self, xs: &Tensor) -> Result<usize> {
+        let (n, p) = xs.dims2()?;
+        if p != self.cfg.input_dim {
+            candle::bail!(
+                "theory network: input has {p} features, the network expects {}",
+                self.cfg.input_dim
+            )
+        }
+        if xs.dtype() != self.a.dtype() {
+            candle::bail!(
+                "theory network: input dtype {:?} differs from the weights' {:?}",
+                xs.dtype(),
+                self.a.dtype()
+            )
+        }
+        Ok(n)
+    }
+
+    /// One residual block: φ(h + τ W h), rows of `h` as hidden states.
+    fn block(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let branch = (h.matmul(&w.t()?)? * self.tau)?;
+        (h + branch)?.relu()
+    }
+
+    /// h_0 = φ(A x) for the rows of `xs`.
+    fn stem(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.matmul(&self.a.t()?)?.relu()
+    }
+
+    /// The network output.
+    ///
+    /// # Shapes
+    /// `xs` (n, p) → (n, d).
+    ///
+    /// # Errors
+    /// Wrong input shape or dtype.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.check_input(xs)?;
+        let mut h = self.stem(xs)?;
+        for w in &self.ws {
+            h = self.block(&h, w)?;
+        }
+        h.matmul(&self.b.t()?)
+    }
+
+    /// ln‖h_l(x_i)‖ for l = 0..=L and every row x_i of `xs`, finite at any depth and τ.
+    ///
+    /// # Errors
+    /// Wrong input shape or dtype; a non-finite input, or a norm that overflows within a
+    /// single block (not within the whole network), is reported as an error.
+    pub fn forward_traced(&self, xs: &Tensor) -> Result<TheoryTrace> {
+        self.check_input(xs)?;
+        let (mut h, n0) = normalize_rows(&self.stem(xs)?)?;
+        let mut norms = Vec::with_capacity(self.ws.len() + 1);
+        norms.push(n0);
+        for w in &self.ws {
+            let (unit, nl) = normalize_rows(&self.block(&h, w)?)?;
+            h = unit;
+            norms.push(nl);
+        }
+        Ok(TheoryTrace {
+            log_norms: cumulative_log_norms(&norms, "theory network trace")?,
+        })
+    }
+
+    /// ln‖∂loss/∂W_l‖_F for l = 1..L (index l−1), for the squared loss
+    /// ½ Σ_i ‖y(x_i) − y*_i‖², with A and B fixed.
+    ///
+    /// The backward pass is done by hand on unit-norm rescaled hidden states and
+    /// back-propagated signals, carrying each input's log-scale in f64; the per-input
+    /// contributions g_i h_iᵀ to a layer's gradient are combined with weights
+    /// exp(s_i − max s), so no intermediate overflows. −∞ means an exactly zero gradient.
+    ///
+    /// # Errors
+    /// Shapes of `xs` (n, p) and `ys` (n, d) that do not fit; non-finite norms as in
+    /// [`Self::forward_traced`].
+    pub fn layer_grad_log_norms(&self, xs: &Tensor, ys: &Tensor) -> Result<Vec<f64>> {
+        let n = self.check_input(xs)?;
+        let d = self.cfg.output_dim;
+        let (ny, dy) = ys.dims2()?;
+        if (ny, dy) != (n, d) {
+            candle::bail!("theory network: targets have shape ({ny}, {dy}), expected ({n}, {d})")
+        }
+        let dtype = self.a.dtype();
+        let device = xs.device().clone();
+
+        // Forward, keeping the unit-norm hidden states ĥ_0..ĥ_L.
+        let (h0, n0) = normalize_rows(&self.stem(xs)?)?;
+        let mut hs = Vec::with_capacity(self.ws.len() + 1);
+        let mut norms = Vec::with_capacity(self.ws.len() + 1);
+        let mut h = h0;
+        norms.push(n0);
+        for w in &self.ws {
+            let (unit, nl) = normalize_rows(&self.block(&h, w)?)?;
+            hs.push(std::mem::replace(&mut h, unit));
+            norms.push(nl);
+        }
+        hs.push(h);
+        let log_h = cumulative_log_norms(&norms, "theory network gradient")?;
+        let last = self.ws.len();
+
+        // Residual r_i = e^{c_i} ŷ_i − y*_i, kept as a unit vector r̂_i and a log-scale γ_i.
+        let y_hat = hs[last]
+            .matmul(&self.b.t()?)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        let y_star = ys.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let mut gamma = vec![0.0f64; n];
+        let mut r_unit = Vec::with_capacity(n * d);
+        for i in 0..n {
+            let c = log_h[last][i];
+            let (scale, r): (f64, Vec<f64>) = if c > 0.0 {
+                let k = (-c).exp();
+                (c, (0..d).map(|j| y_hat[i][j] - y_star[i][j] * k).collect())
+            } else {
+                let k = c.exp();
+                (
+                    0.0,
+                    (0..d).map(|j| y_hat[i][j] * k - y_star[i][j]).collect(),
+                )
+            };
+            let nu = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if !nu.is_finite() {
+                candle::bail!("theory network gradient: non-finite residual for input {i}")
+            }
+            gamma[i] = scale + nu.ln();
+            let inv = if nu > 0.0 { 1.0 / nu } else { 0.0 };
+            r_unit.extend(r.iter().map(|v| v * inv));
+        }
+        let r_unit = Tensor::from_vec(r_unit, (n, d), &device)?.to_dtype(dtype)?;
+        // ĝ_L = r̂ B, the (rescaled) gradient with respect to h_L.
+        let mut g = r_unit.matmul(&self.b)?;
+        let (gu, gn) = normalize_rows(&g)?;
+        g = gu;
+        add_logs(&mut gamma, &gn)?;
+
+        let mut out = vec![0.0; last];
+        for l in (1..=last).rev() {
+            let mask = hs[l].gt(0.0)?.to_dtype(dtype)?;
+            let gz = (&g * mask)?;
+            // ∂loss/∂W_l = τ Σ_i e^{γ_i + c_{l−1,i}} ĝz_i ĥ_{l−1,i}ᵀ.
+            let s: Vec<f64> = (0..n).map(|i| gamma[i] + log_h[l - 1][i]).collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            out[l - 1] = if m == f64::NEG_INFINITY {
+                f64::NEG_INFINITY
+            } else {
+                let wts: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                let f = weighted_outer_sum_norm(&gz, &hs[l - 1], &wts)?;
+                self.tau.ln() + m + f.ln()
+            };
+            // ĝ_{l−1} = ĝz (I + τ W_l), renormalized.
+            let back = (&gz + (gz.matmul(&self.ws[l - 1])? * self.tau)?)?;
+            let (gu, gn) = normalize_rows(&back)?;
+            g = gu;
+            add_logs(&mut gamma, &gn)?;
+        }
+        Ok(out)
+    }
+
+    /// ‖∂loss/∂W_l‖_F for l = 1..L: the exponential of [`Self::layer_grad_log_norms`],
+    /// so `+∞` only beyond f64's range (≈1e308); use the log form for such networks.
+    ///
+    /// # Errors
+    /// As [`Self::layer_grad_log_norms`].
+    pub fn layer_grad_norms(&self, xs: &Tensor, ys: &Tensor) -> Result<Vec<f64>> {
+        Ok(self
+            .layer_grad_log_norms(xs, ys)?
+            .into_iter()
+            .map(f64::exp)
+            .collect())
+    }
+}
+
+/// γ_i += ln ν_i for the (n, 1) norms ν.
+fn add_logs(gamma: &mut [f64], norms: &Tensor) -> Result<()> {
+    let v = norms
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    for (i, (g, nu)) in gamma.iter_mut().zip(v).enumerate() {
+        if !nu.is_finite() {
+            candle::bail!("theory network gradient: non-finite back-propagated norm for input {i}")
+        }
+        *g += nu.ln();
+    }
+    Ok(())
+}
+
+/// ‖Σ_i w_i a_i b_iᵀ‖_F for rows a_i, b_i of `a`, `b` (n, m) and weights w (n), in f64 at
+/// the end: through the n×n Gram matrices when n ≤ m, else through the m×m sum itself.
+fn weighted_outer_sum_norm(a: &Tensor, b: &Tensor, w: &[f64]) -> Result<f64> {
+    let (n, m) = a.dims2()?;
+    if n <= m {
+        let ka = a.matmul(&a.t()?)?;
+        let kb = b.matmul(&b.t()?)?;
+        let k = (ka * kb)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let mut total = 0.0;
+        for i in 0..n {
+            for j in 0..n {
+                total += w[i] * w[j] * k[i][j];
+            }
+        }
+        Ok(total.max(0.0).sqrt())
+    } else {
+        let wt = Tensor::from_vec(w.to_vec(), (n, 1), &Device::Cpu)?
+            .to_device(a.device())?
+            .to_dtype(a.dtype())?;
+        let g = a.broadcast_mul(&wt)?.t()?.matmul(b)?;
+        let s = g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        Ok(s.sqrt())
+    }
+}
+
+impl Module for TheoryNet {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        TheoryNet::forward(self, xs)
+    }
+}
