@@ -5,6 +5,20 @@ pub mod eval;
 pub mod probe;
 pub mod train;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Turns progress bars off (`--quiet`) or on for the commands of this process.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether commands should draw progress bars (not under `--quiet`).
+pub fn progress_enabled() -> bool {
+    !QUIET.load(Ordering::Relaxed)
+}
+
 /// How a command ended, as the process exit code tells a calling script or sweep.
 ///
 /// A run that ends with a result (finished, or diverged: divergence is data) is not a

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 /// The architecture part of a run config, `[model]` in the file: the model crate's config,
 /// tagged by `family` (`theory`, `cifar_resnet`, `bottleneck_resnet`).
-pub type ModelSection = toml::Table;
+pub type ModelSection = tau_model::ModelConfig;
 
 /// One training run, as written in a `configs/*.toml` file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +53,9 @@ pub struct RunConfig {
     /// Number of optimizer steps. Exactly one of `epochs` and `steps` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
+    /// Stop (status `finished`) as soon as a step's training loss is below this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_loss: Option<f64>,
     /// Where to compute: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     #[serde(default)]
     pub device: DeviceSpec,
@@ -123,11 +126,17 @@ pub enum Subset {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetsKind {
-    /// Independent standard Gaussian targets.
+    /// Independent standard Gaussian targets: `targets = "gaussian"`.
     #[default]
     Gaussian,
-    /// Targets from a random teacher network.
-    Teacher,
+    /// Outputs of a random ReLU teacher network:
+    /// `targets = { teacher = { width = 64, depth = 1 } }`.
+    Teacher {
+        /// Hidden width of the teacher.
+        width: usize,
+        /// Number of hidden ReLU layers (0: a linear teacher).
+        depth: usize,
+    },
 }
 
 /// Per-channel input normalization.
@@ -477,6 +486,11 @@ impl RunConfig {
             (Some(0), _) | (_, Some(0)) => bail!("`epochs`/`steps` must be positive"),
             _ => {}
         }
+        if let Some(t) = self.target_loss
+            && !(t.is_finite() && t > 0.0)
+        {
+            bail!("`target_loss` must be a positive number, got {t}");
+        }
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
             bail!("`name` must be a non-empty name without path separators");
         }
@@ -540,9 +554,9 @@ impl RunConfig {
         if o.kind == OptimKind::Gd && d.augment != AugmentKind::None {
             bail!("full-batch GD sees a fixed training set: set `data.augment = \"none\"`");
         }
-        if !self.model.contains_key("family") {
-            bail!("missing `model.family`");
-        }
+        self.model
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid `model`: {e}"))?;
         Ok(())
     }
 

@@ -7,3 +7,5 @@ pub mod loss;
 pub mod optim;
 pub mod records;
 pub mod schedule;
+pub mod setup;
+pub mod trainer;

@@ -4,18 +4,37 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tau_train::cmd;
+use tracing_indicatif::IndicatifLayer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Train, probe and evaluate deep ResNets whose residual branches are scaled by τ.
 #[derive(Debug, Parser)]
-#[command(name = "tau-resnet", version, about, long_about = None)]
+#[command(
+    name = "tau-resnet",
+    version,
+    about,
+    long_about = None,
+    after_help = "\
+Examples:
+  tau-resnet train --config configs/theory-gd.toml
+  tau-resnet eval --checkpoint runs/mnist-resnet20-nobn --data mnist
+
+Logs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) sets their level.
+Exit status: 0 finished, 3 diverged (a result), 130 interrupted, 1 error, 2 usage."
+)]
 struct Cli {
+    /// No progress bars and only warnings and errors in the log.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train a model from a TOML run config.
+    /// Train a model from a TOML run config, or resume a run.
     Train(cmd::train::TrainArgs),
     /// Forward/backward stability of a model at initialization.
     Probe(cmd::probe::ProbeArgs),
@@ -25,8 +44,34 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
 }
 
+fn init_logging(quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    if quiet {
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .try_init();
+    } else {
+        let bars = IndicatifLayer::new();
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(bars.get_stderr_writer())
+                    .with_filter(filter),
+            )
+            .with(bars)
+            .try_init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cmd::set_quiet(cli.quiet);
+    init_logging(cli.quiet);
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Probe(args) => cmd::probe::run(args),

@@ -195,6 +195,9 @@ pub struct Summary {
     pub steps: u64,
     /// Epochs completed.
     pub epochs_completed: u64,
+    /// The number of steps after which the training loss fell below the config's
+    /// `target_loss` (the run stops there).
+    pub reached_target_at_step: Option<u64>,
     /// The last record written.
     pub final_metrics: Option<MetricsRecord>,
     /// Lowest training loss seen in a record.

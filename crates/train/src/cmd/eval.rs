@@ -1,15 +1,207 @@
-//! `tau-resnet eval`.
+//! `tau-resnet eval`: test loss and accuracy of a checkpoint on a data set.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tau_model::ModelConfig;
 
 use super::Outcome;
+use crate::config::{
+    AugmentKind, DTypeSpec, DataConfig, DeviceSpec, LogConfig, LossConfig, LossKind, OptimConfig,
+    OptimKind, Reduction, RunConfig, ScheduleConfig, SourceKind, Subset, WeightDecayMode,
+};
+use crate::setup::{TauModel, check_fit, load_data, read_checkpoint};
+use crate::trainer::{evaluate, last_checkpoint};
+
+/// The data sets `eval` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalData {
+    /// MNIST test set.
+    Mnist,
+    /// CIFAR-10 test set.
+    Cifar10,
+    /// CIFAR-100 test set (fine labels).
+    Cifar100,
+    /// The `test/` part of an image folder (needs --data-dir).
+    Folder,
+}
 
 /// Arguments of `tau-resnet eval`.
 #[derive(Debug, clap::Args)]
-pub struct EvalArgs {}
+#[command(after_help = "\
+Examples:
+  tau-resnet eval --checkpoint runs/mnist-resnet20-nobn --data mnist --data-dir ../data/mnist
+  tau-resnet eval --checkpoint runs/mnist-resnet20-nobn/checkpoints/last --data mnist --json")]
+pub struct EvalArgs {
+    /// A checkpoint directory (`config.json` + `model.safetensors`), a run directory
+    /// (its last checkpoint), or a Hugging Face hub model id.
+    #[arg(long, value_name = "DIR_OR_HUB_ID")]
+    pub checkpoint: String,
+    /// The data set whose test split is evaluated.
+    #[arg(long, value_enum)]
+    pub data: EvalData,
+    /// Directory of the data files (else `TAU_DATA_DIR`, else the hub).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Loss to report: `squared` or `cross_entropy` (default: squared for the theory
+    /// network, cross-entropy otherwise).
+    #[arg(long, value_name = "KIND")]
+    pub loss: Option<String>,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Where to compute: auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct EvalResult {
+    checkpoint: String,
+    data: String,
+    examples: usize,
+    loss_kind: String,
+    test_loss: Option<f64>,
+    test_acc: Option<f64>,
+}
+
+/// Finds the checkpoint directory `arg` names.
+fn resolve_checkpoint(arg: &str) -> anyhow::Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.join("config.json").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    if p.is_dir() {
+        return last_checkpoint(p).with_context(|| {
+            format!("{arg} is neither a checkpoint (config.json) nor a run directory with checkpoints/last")
+        });
+    }
+    bail!(
+        "checkpoint {arg} not found (a directory with config.json and model.safetensors, or a run directory; loading from the hub is not available in this build)"
+    )
+}
 
 /// Runs `tau-resnet eval`.
 ///
 /// # Errors
-/// Not built yet: always an error.
-pub fn run(_args: EvalArgs) -> anyhow::Result<Outcome> {
-    anyhow::bail!("`tau-resnet eval` is not built yet")
+/// A missing or corrupt checkpoint or data set, a model that does not fit the data.
+pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let dir = resolve_checkpoint(&args.checkpoint)?;
+    let device = args.device.device()?;
+    let (model_cfg, _) = read_checkpoint(&dir, &device)?;
+    let loss = match args.loss.as_deref() {
+        None if matches!(model_cfg, ModelConfig::Theory(_)) => LossKind::Squared,
+        None | Some("cross_entropy") => LossKind::CrossEntropy,
+        Some("squared") => LossKind::Squared,
+        Some(other) => bail!("unknown --loss `{other}`: expected squared or cross_entropy"),
+    };
+    let source = match args.data {
+        EvalData::Mnist => SourceKind::Mnist,
+        EvalData::Cifar10 => SourceKind::Cifar10,
+        EvalData::Cifar100 => SourceKind::Cifar100,
+        EvalData::Folder => SourceKind::Folder,
+    };
+    let cfg = eval_config(
+        model_cfg.clone(),
+        source,
+        args.data_dir.clone(),
+        loss,
+        args.batch_size,
+    );
+    let flat = matches!(model_cfg, ModelConfig::Theory(_));
+    let data = load_data(&cfg, cfg.dtype.dtype(), &device, flat)?;
+    check_fit(&model_cfg, &data, loss)?;
+    let test = data.test.context("the data set has no test split")?;
+    let model = TauModel::init(&model_cfg, 0, cfg.dtype.dtype(), &device)?;
+    model.load_weights(&dir)?;
+    let (test_loss, test_acc) = evaluate(&model, test.as_ref(), loss, args.batch_size)?;
+    let result = EvalResult {
+        checkpoint: dir.display().to_string(),
+        data: source.to_string(),
+        examples: test.len(),
+        loss_kind: match loss {
+            LossKind::Squared => "squared".into(),
+            LossKind::CrossEntropy => "cross_entropy".into(),
+        },
+        test_loss,
+        test_acc,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!("checkpoint  {}", result.checkpoint);
+        println!(
+            "data        {} test ({} examples)",
+            result.data, result.examples
+        );
+        if let Some(l) = test_loss {
+            println!("test loss   {l:.6} ({})", result.loss_kind);
+        }
+        if let Some(a) = test_acc {
+            println!("test acc    {:.2}%", 100.0 * a);
+        }
+    }
+    Ok(Outcome::Finished)
+}
+
+fn eval_config(
+    model: ModelConfig,
+    source: SourceKind,
+    dir: Option<PathBuf>,
+    loss: LossKind,
+    batch_size: usize,
+) -> RunConfig {
+    RunConfig {
+        name: "eval".into(),
+        seed: 0,
+        epochs: Some(1),
+        steps: None,
+        target_loss: None,
+        device: DeviceSpec::Cpu,
+        dtype: DTypeSpec::F32,
+        out_dir: None,
+        model,
+        data: DataConfig {
+            source,
+            dir,
+            n: None,
+            p: None,
+            d: None,
+            targets: Default::default(),
+            n_test: 0,
+            // Only the test split is used; keep one training example to load cheaply.
+            subset: Subset::FirstN(1),
+            test_subset: Subset::All,
+            normalize: None,
+            augment: AugmentKind::None,
+            batch_size,
+            drop_last: false,
+            cifar100_fine: true,
+            one_hot: true,
+        },
+        loss: LossConfig {
+            kind: loss,
+            reduction: Reduction::Mean,
+        },
+        optim: OptimConfig {
+            kind: OptimKind::Sgd,
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            weight_decay_mode: WeightDecayMode::Coupled,
+            schedule: ScheduleConfig::Constant,
+            warmup: 0.0,
+            small_lr_factor: 0.1,
+            freeze: Vec::new(),
+        },
+        log: LogConfig::default(),
+    }
 }

@@ -1,15 +1,118 @@
-//! `tau-resnet train`.
+//! `tau-resnet train`: start a run from a TOML config, or resume one from its last
+//! checkpoint.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
 
 use super::Outcome;
+use crate::config::{DeviceSpec, load_config};
+use crate::records::RunStatus;
+use crate::setup::{prepare, resume, run_config, start};
+use crate::trainer::RunOptions;
 
 /// Arguments of `tau-resnet train`.
 #[derive(Debug, clap::Args)]
-pub struct TrainArgs {}
+#[command(after_help = "\
+Examples:
+  tau-resnet train --config configs/theory-gd.toml
+  tau-resnet train --config configs/theory-gd.toml --set model.depth=64 --set 'model.tau=1/L' --out runs/theory-L64-invL
+  tau-resnet train --resume runs/theory-gd
+
+Exit status: 0 finished, 3 diverged (a result, recorded in summary.json),
+130 interrupted (checkpoint written; continue with --resume), 1 error, 2 usage.")]
+pub struct TrainArgs {
+    /// The run config (TOML); see docs/training.md.
+    #[arg(long, value_name = "FILE", required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set optim.lr=0.05` or `--set 'model.tau=0.5/sqrt(L)'`
+    /// (repeatable; the value is TOML, or else a string).
+    #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
+    pub sets: Vec<String>,
+    /// The run directory (default: the config's `out_dir`, else `runs/<name>`).
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in DIR from its last checkpoint.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    /// Where to compute: auto, cpu, cuda, cuda:N or metal (overrides the config's `device`).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<DeviceSpec>,
+    /// Stop as on Ctrl-C once this many steps are done (checkpoint, status `interrupted`).
+    #[arg(long, value_name = "STEPS", hide = true)]
+    pub stop_after_steps: Option<u64>,
+}
 
 /// Runs `tau-resnet train`.
 ///
 /// # Errors
-/// Not built yet: always an error.
-pub fn run(_args: TrainArgs) -> anyhow::Result<Outcome> {
-    anyhow::bail!("`tau-resnet train` is not built yet")
+/// A bad config, data or checkpoint, an unwritable run directory, or I/O errors while
+/// training. Divergence is not an error: it returns [`Outcome::Diverged`].
+pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
+    let (mut cfg, run_dir, resuming) = match (&args.resume, &args.config) {
+        (Some(dir), _) => (run_config(dir)?, dir.clone(), true),
+        (None, Some(path)) => {
+            let cfg = load_config(path, &args.sets)?;
+            let dir = cfg.run_dir(args.out.as_deref());
+            (cfg, dir, false)
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --resume DIR"),
+    };
+    if let Some(d) = args.device {
+        cfg.device = d;
+    }
+    let device = cfg.device.device()?;
+    let prepared = prepare(&cfg, &device)?;
+
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = RunOptions {
+        interrupt,
+        stop_after_steps: args.stop_after_steps,
+        progress: super::progress_enabled(),
+    };
+    let summary = if resuming {
+        resume(prepared, &run_dir, &opts)?
+    } else {
+        start(prepared, &run_dir, &opts)?
+    };
+    let last = summary.final_metrics.as_ref();
+    let mut line = format!(
+        "{}: {} after {} steps",
+        run_dir.display(),
+        match summary.status {
+            RunStatus::Finished => "finished",
+            RunStatus::Diverged => "diverged",
+            RunStatus::Interrupted => "interrupted",
+        },
+        summary.steps
+    );
+    if let Some(l) = last.and_then(|r| r.train_loss) {
+        line.push_str(&format!(", train loss {l:.4e}"));
+    }
+    if let Some(a) = last.and_then(|r| r.test_acc) {
+        line.push_str(&format!(", test accuracy {:.2}%", 100.0 * a));
+    }
+    if let Some(s) = summary.diverged_at_step {
+        line.push_str(&format!(
+            " (diverged at step {s}: {})",
+            summary.divergence_reason.as_deref().unwrap_or("")
+        ));
+    }
+    println!("{line}");
+    Ok(match summary.status {
+        RunStatus::Finished => Outcome::Finished,
+        RunStatus::Diverged => Outcome::Diverged,
+        RunStatus::Interrupted => Outcome::Interrupted,
+    })
 }

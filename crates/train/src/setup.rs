@@ -1,0 +1,616 @@
+//! Turning a validated [`RunConfig`] into a run: loading the data, building the model and
+//! its optimizer, creating the run directory, and resuming a run from its last checkpoint.
+//!
+//! Everything that can fail on bad input (config, data files, model/data mismatch,
+//! checkpoint) is checked before the run directory is created, so a failed start leaves
+//! nothing behind.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use tau_model::{Model, ModelConfig, ParamKind};
+
+use crate::config::{
+    AugmentKind, LossKind, NormalizeKind, RunConfig, SourceKind, Subset, TargetsKind,
+};
+use crate::loss::Targets;
+use crate::optim::{Param, ParamSpec, Sgd, SgdConfig};
+use crate::records::{MetricsWriter, Summary};
+use crate::trainer::{
+    ModelStore, RunOptions, Session, TensorData, TrainData, TrainModel, TrainState,
+    last_checkpoint, load_checkpoint_state, natural_cmp, run_loop, write_config,
+};
+
+/// A τ-ResNet of the model crate, as the loop sees it.
+pub struct TauModel {
+    /// The architecture.
+    pub cfg: ModelConfig,
+    /// The model's tensors (weights and BatchNorm statistics).
+    pub varmap: VarMap,
+    /// The built model, reading its tensors from `varmap`.
+    pub model: Model,
+    /// The device the tensors live on.
+    pub device: Device,
+}
+
+impl TauModel {
+    /// Initializes a model with `seed`.
+    ///
+    /// # Errors
+    /// An invalid config or device errors.
+    pub fn init(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let varmap =
+            tau_model::init_varmap(cfg, seed, dtype, device).context("initializing the model")?;
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let model = Model::new(cfg, vb).context("building the model")?;
+        Ok(TauModel {
+            cfg: cfg.clone(),
+            varmap,
+            model,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads the weights of a checkpoint directory (`config.json` + `model.safetensors`)
+    /// into this model, after checking that the checkpoint has this architecture.
+    ///
+    /// # Errors
+    /// Missing or corrupt files, another architecture, a missing tensor or one of another
+    /// shape.
+    pub fn load_weights(&self, dir: &Path) -> anyhow::Result<()> {
+        let (ck_cfg, weights) = read_checkpoint(dir, &self.device)?;
+        if ck_cfg != self.cfg {
+            bail!(
+                "{} holds a different architecture ({}) than the run ({})",
+                dir.display(),
+                describe(&ck_cfg),
+                describe(&self.cfg)
+            );
+        }
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("model lock poisoned"))?;
+        for (name, var) in data.iter() {
+            let t = weights
+                .get(name)
+                .with_context(|| format!("{}: tensor `{name}` is missing", dir.display()))?;
+            if t.dims() != var.dims() {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, the model needs {:?}",
+                    dir.display(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_dtype(var.dtype())?)
+                .with_context(|| format!("{}: loading `{name}`", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A one-line description of an architecture for error messages.
+pub fn describe(cfg: &ModelConfig) -> String {
+    serde_json::to_string(cfg).unwrap_or_else(|_| cfg.family().to_string())
+}
+
+/// Reads a checkpoint directory: `config.json` (the model config) and `model.safetensors`.
+///
+/// # Errors
+/// Missing or corrupt files, naming them.
+pub fn read_checkpoint(
+    dir: &Path,
+    device: &Device,
+) -> anyhow::Result<(ModelConfig, std::collections::HashMap<String, Tensor>)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: ModelConfig =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let w_path = dir.join("model.safetensors");
+    let weights = candle::safetensors::load(&w_path, device)
+        .with_context(|| format!("reading {}", w_path.display()))?;
+    Ok((cfg, weights))
+}
+
+impl TrainModel for TauModel {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle::Result<Tensor> {
+        self.model.forward_t(xs, train)
+    }
+
+    fn learnable_tau(&self) -> candle::Result<Option<f64>> {
+        if self.cfg.learnable_tau() {
+            Ok(Some(self.model.tau()?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn h_ratio(&self, xs: &Tensor) -> candle::Result<Option<f64>> {
+        match self.model.as_theory() {
+            Some(t) => Ok(t.forward_traced(xs)?.mean_ratio()),
+            None => Ok(None),
+        }
+    }
+}
+
+impl ModelStore for TauModel {
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let cfg_path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&self.cfg)?;
+        std::fs::write(&cfg_path, text)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        let w_path = dir.join("model.safetensors");
+        self.varmap
+            .save(&w_path)
+            .with_context(|| format!("writing {}", w_path.display()))
+    }
+}
+
+impl TauModel {
+    /// The optimizer's parameters: every trainable tensor (by the model's [`ParamKind`]),
+    /// minus the config's `optim.freeze` prefixes, in natural name order, with its group:
+    /// τ and the scalar biases at `small_lr_factor` × lr, τ's gradient divided by L, no
+    /// weight decay on τ.
+    ///
+    /// # Errors
+    /// A poisoned lock (not expected).
+    pub fn params(&self, cfg: &RunConfig) -> anyhow::Result<Vec<Param>> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("model lock poisoned"))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort_by(|a, b| natural_cmp(a, b));
+        let small = cfg.optim.small_lr_factor;
+        let l = self.cfg.n_blocks().max(1) as f64;
+        let mut params = Vec::new();
+        for name in names {
+            if cfg
+                .optim
+                .freeze
+                .iter()
+                .any(|f| name.starts_with(f.as_str()))
+            {
+                continue;
+            }
+            let spec = match self.cfg.param_kind(name) {
+                ParamKind::Weight | ParamKind::BnAffine => ParamSpec::WEIGHT,
+                ParamKind::ScalarBias => ParamSpec {
+                    lr_mult: small,
+                    grad_scale: 1.0,
+                    weight_decay: true,
+                },
+                ParamKind::Tau => ParamSpec {
+                    lr_mult: small,
+                    grad_scale: 1.0 / l,
+                    weight_decay: false,
+                },
+                ParamKind::Buffer | ParamKind::Frozen => continue,
+            };
+            params.push(Param {
+                name: name.clone(),
+                var: data[name].clone(),
+                spec,
+            });
+        }
+        Ok(params)
+    }
+}
+
+/// An image data set drawn into batches by the data crate (normalization, augmentation).
+pub struct ImageData {
+    ds: tau_data::ImageDataset,
+    normalize: tau_data::Normalize,
+    augment: tau_data::Augment,
+    seed: u64,
+    dtype: DType,
+    device: Device,
+}
+
+impl TrainData for ImageData {
+    fn len(&self) -> usize {
+        self.ds.len()
+    }
+
+    fn batch(&self, indices: &[usize], augment: Option<u64>) -> anyhow::Result<(Tensor, Targets)> {
+        let (aug, epoch) = match augment {
+            Some(e) => (self.augment, e),
+            None => (tau_data::Augment::None, 0),
+        };
+        let (xs, ys) = tau_data::make_batch(
+            &self.ds,
+            indices,
+            &self.normalize,
+            aug,
+            self.seed,
+            epoch,
+            &self.device,
+        )?;
+        Ok((
+            xs.to_dtype(self.dtype)?,
+            Targets::Classes(ys, self.ds.num_classes),
+        ))
+    }
+}
+
+/// The data of a run.
+pub struct RunData {
+    /// Training set.
+    pub train: Box<dyn TrainData>,
+    /// Test set, if any.
+    pub test: Option<Box<dyn TrainData>>,
+    /// Shape of one input: `[features]` or `[C, H, W]`.
+    pub input_shape: Vec<usize>,
+    /// Output dimension the model needs (classes, or the targets' dimension).
+    pub outputs: usize,
+}
+
+/// The largest synthetic data set accepted (elements of inputs plus targets).
+const MAX_SYNTHETIC_ELEMENTS: usize = 1 << 30;
+
+fn subset(ds: &tau_data::ImageDataset, s: Subset, seed: u64) -> tau_data::ImageDataset {
+    match s {
+        Subset::All => ds.clone(),
+        Subset::FirstN(n) => ds.first_n(n),
+        Subset::BalancedK(k) => ds.balanced_first_k(k),
+        Subset::RandomN(n) => ds.random_n(n, seed),
+    }
+}
+
+fn flat_tensor_data(
+    ds: &tau_data::ImageDataset,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<TensorData> {
+    let (xs, _) = tau_data::flatten_unit_norm(ds, dtype, device)?;
+    let labels = Tensor::new(ds.labels.as_slice(), device)?;
+    TensorData::new(xs, Targets::Classes(labels, ds.num_classes))
+}
+
+/// Loads the data of a run: the source, the subsets, preprocessing. `flat` gives each
+/// example as a unit-norm vector (the theory network's input).
+///
+/// # Errors
+/// Missing or corrupt data files (naming the file), impossible sizes, settings that do not
+/// fit together.
+pub fn load_data(
+    cfg: &RunConfig,
+    dtype: DType,
+    device: &Device,
+    flat: bool,
+) -> anyhow::Result<RunData> {
+    let d = &cfg.data;
+    if d.source == SourceKind::Synthetic {
+        let (n, p, out) = (d.n.unwrap_or(0), d.p.unwrap_or(0), d.d.unwrap_or(0));
+        let total = n.saturating_add(d.n_test);
+        if total.saturating_mul(p.saturating_add(out)) > MAX_SYNTHETIC_ELEMENTS {
+            bail!("synthetic data of {total} points × {p} inputs is too large");
+        }
+        let targets = match d.targets {
+            TargetsKind::Gaussian => tau_data::Targets::Gaussian,
+            TargetsKind::Teacher { width, depth } => tau_data::Targets::Teacher { width, depth },
+        };
+        let all = tau_data::sphere(total, p, out, targets, cfg.seed);
+        let (xs, ys) = all.to_tensors(dtype, device)?;
+        let train = TensorData::new(xs.narrow(0, 0, n)?, Targets::Values(ys.narrow(0, 0, n)?))?;
+        let test: Option<Box<dyn TrainData>> = if d.n_test > 0 {
+            Some(Box::new(TensorData::new(
+                xs.narrow(0, n, d.n_test)?,
+                Targets::Values(ys.narrow(0, n, d.n_test)?),
+            )?))
+        } else {
+            None
+        };
+        return Ok(RunData {
+            train: Box::new(train),
+            test,
+            input_shape: vec![p],
+            outputs: out,
+        });
+    }
+    let source = match d.source {
+        SourceKind::Mnist => tau_data::DataSource::Mnist,
+        SourceKind::Cifar10 => tau_data::DataSource::Cifar10,
+        SourceKind::Cifar100 => tau_data::DataSource::Cifar100,
+        SourceKind::Folder => tau_data::DataSource::Folder,
+        SourceKind::Synthetic => unreachable_synthetic()?,
+    };
+    let opts = tau_data::LoadOptions {
+        dir: d.dir.clone(),
+        cifar100_labels: if d.cifar100_fine {
+            tau_data::Cifar100Labels::Fine
+        } else {
+            tau_data::Cifar100Labels::Coarse
+        },
+    };
+    let split = tau_data::load(&source, &opts).with_context(|| format!("loading {}", d.source))?;
+    let train = subset(&split.train, d.subset, cfg.seed);
+    let test = subset(&split.test, d.test_subset, cfg.seed.wrapping_add(1));
+    if train.is_empty() {
+        bail!("the training set is empty after `data.subset`");
+    }
+    let [c, h, w] = train.shape;
+    let outputs = train.num_classes;
+    let normalize = d.normalize.unwrap_or(match (flat, d.source) {
+        (true, _) => NormalizeKind::UnitNorm,
+        (false, SourceKind::Mnist) => NormalizeKind::Mnist,
+        (false, SourceKind::Cifar10 | SourceKind::Cifar100) => NormalizeKind::Cifar10,
+        (false, _) => NormalizeKind::None,
+    });
+    if flat != (normalize == NormalizeKind::UnitNorm) {
+        if flat {
+            bail!(
+                "the theory network takes unit-norm vectors: set `data.normalize = \"unit_norm\"` (or leave it out)"
+            );
+        }
+        bail!(
+            "`data.normalize = \"unit_norm\"` is for the theory network; convolutional models take images"
+        );
+    }
+    if flat {
+        let train = flat_tensor_data(&train, dtype, device)?;
+        let test: Option<Box<dyn TrainData>> = if test.is_empty() {
+            None
+        } else {
+            Some(Box::new(flat_tensor_data(&test, dtype, device)?))
+        };
+        return Ok(RunData {
+            train: Box::new(train),
+            test,
+            input_shape: vec![c * h * w],
+            outputs,
+        });
+    }
+    let norm = match normalize {
+        NormalizeKind::Mnist => tau_data::Normalize::mnist(),
+        NormalizeKind::Cifar10 => tau_data::Normalize::cifar10(),
+        NormalizeKind::None | NormalizeKind::UnitNorm => tau_data::Normalize::identity(c),
+    };
+    if norm.mean.len() != c {
+        bail!(
+            "`data.normalize = {normalize:?}` has {} channels, the images have {c}",
+            norm.mean.len()
+        );
+    }
+    let augment = match d.augment {
+        AugmentKind::None => tau_data::Augment::None,
+        AugmentKind::CifarStandard => tau_data::Augment::CifarStandard,
+    };
+    let make = |ds: tau_data::ImageDataset| ImageData {
+        ds,
+        normalize: norm.clone(),
+        augment,
+        seed: cfg.seed,
+        dtype,
+        device: device.clone(),
+    };
+    let test: Option<Box<dyn TrainData>> = if test.is_empty() {
+        None
+    } else {
+        Some(Box::new(make(test)))
+    };
+    Ok(RunData {
+        train: Box::new(make(train)),
+        test,
+        input_shape: vec![c, h, w],
+        outputs,
+    })
+}
+
+fn unreachable_synthetic() -> anyhow::Result<tau_data::DataSource> {
+    bail!("synthetic data is handled before loading files")
+}
+
+/// Checks that the model takes the data's inputs and produces its outputs.
+///
+/// # Errors
+/// A mismatch, naming the model key to change.
+pub fn check_fit(model: &ModelConfig, data: &RunData, loss: LossKind) -> anyhow::Result<()> {
+    match model {
+        ModelConfig::Theory(t) => {
+            if data.input_shape != [t.input_dim] {
+                bail!(
+                    "`model.input_dim` is {}, the data has {} features per example",
+                    t.input_dim,
+                    data.input_shape.iter().product::<usize>()
+                );
+            }
+            if t.output_dim != data.outputs {
+                bail!(
+                    "`model.output_dim` is {}, the data has {} {}",
+                    t.output_dim,
+                    data.outputs,
+                    if loss == LossKind::CrossEntropy {
+                        "classes"
+                    } else {
+                        "target dimensions"
+                    }
+                );
+            }
+        }
+        ModelConfig::CifarResnet(c) => check_image_model(c.in_channels, c.num_classes, data)?,
+        ModelConfig::BottleneckResnet(c) => check_image_model(c.in_channels, c.num_classes, data)?,
+    }
+    Ok(())
+}
+
+fn check_image_model(in_channels: usize, num_classes: usize, data: &RunData) -> anyhow::Result<()> {
+    match data.input_shape.as_slice() {
+        [c, _, _] if *c == in_channels => {}
+        [c, _, _] => bail!("`model.in_channels` is {in_channels}, the images have {c} channels"),
+        _ => bail!("convolutional models need image data, not vectors"),
+    }
+    if num_classes != data.outputs {
+        bail!(
+            "`model.num_classes` is {num_classes}, the data has {} classes",
+            data.outputs
+        );
+    }
+    Ok(())
+}
+
+/// A run ready to start or continue: everything loaded and checked.
+pub struct Prepared {
+    /// The resolved config.
+    pub cfg: RunConfig,
+    /// The device.
+    pub device: Device,
+    /// The model.
+    pub model: TauModel,
+    /// The optimizer over its trained parameters.
+    pub optimizer: Sgd,
+    /// The data.
+    pub data: RunData,
+}
+
+/// Loads the data and builds the model and optimizer of a validated config, on `device`.
+///
+/// # Errors
+/// Bad data, a model that does not fit the data, device errors.
+pub fn prepare(cfg: &RunConfig, device: &Device) -> anyhow::Result<Prepared> {
+    let dtype = cfg.dtype.dtype();
+    let flat = matches!(cfg.model, ModelConfig::Theory(_));
+    if cfg.loss.kind == LossKind::CrossEntropy && cfg.data.source == SourceKind::Synthetic {
+        bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
+    }
+    let data = load_data(cfg, dtype, device, flat)?;
+    Prepared::from_parts(cfg, device, data)
+}
+
+impl Prepared {
+    /// Builds the model and optimizer of a validated config for data already loaded
+    /// (for data sets that do not come from `[data]`, such as test fixtures).
+    ///
+    /// # Errors
+    /// A model that does not fit the data, device errors.
+    pub fn from_parts(cfg: &RunConfig, device: &Device, data: RunData) -> anyhow::Result<Prepared> {
+        check_fit(&cfg.model, &data, cfg.loss.kind)?;
+        let model = TauModel::init(&cfg.model, cfg.seed, cfg.dtype.dtype(), device)?;
+        let params = model.params(cfg)?;
+        if params.is_empty() {
+            bail!("the model has no trained parameters (see `optim.freeze`)");
+        }
+        let optimizer = Sgd::new(
+            params,
+            SgdConfig {
+                momentum: cfg.optim.momentum,
+                nesterov: cfg.optim.nesterov,
+                weight_decay: cfg.optim.weight_decay,
+                weight_decay_mode: cfg.optim.weight_decay_mode,
+            },
+        );
+        Ok(Prepared {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            model,
+            optimizer,
+            data,
+        })
+    }
+}
+
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+fn session<'a>(p: &'a mut Prepared) -> Session<'a> {
+    Session {
+        cfg: &p.cfg,
+        model: &p.model,
+        optimizer: &mut p.optimizer,
+        train: p.data.train.as_ref(),
+        test: p.data.test.as_deref(),
+        store: &p.model,
+        device_name: device_name(&p.device),
+    }
+}
+
+/// Starts a new run in `run_dir`: refuses a directory that already holds a run, creates
+/// it, writes `config.toml`, then trains.
+///
+/// # Errors
+/// An existing run in `run_dir`, an unwritable directory, and the errors of the loop.
+pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> anyhow::Result<Summary> {
+    let text = prepared.cfg.to_toml()?;
+    if run_dir.join("config.toml").exists() || run_dir.join("metrics.jsonl").exists() {
+        bail!(
+            "{} already holds a run: resume it with `--resume {}` or choose another `--out`",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    write_config(run_dir, &text)?;
+    let metrics = MetricsWriter::create(run_dir)?;
+    let state = TrainState {
+        seed: prepared.cfg.seed,
+        ..TrainState::default()
+    };
+    run_loop(session(&mut prepared), run_dir, state, metrics, opts)
+}
+
+/// The resolved config of an existing run directory.
+///
+/// # Errors
+/// A missing or invalid `config.toml`.
+pub fn run_config(run_dir: &Path) -> anyhow::Result<RunConfig> {
+    let path = run_dir.join("config.toml");
+    if !path.exists() {
+        bail!(
+            "{} is not a run directory (no config.toml)",
+            run_dir.display()
+        );
+    }
+    crate::config::load_config(&path, &[])
+}
+
+/// Continues the run in `run_dir` from its last checkpoint.
+///
+/// # Errors
+/// No checkpoint, a checkpoint of another architecture or a corrupt one, and the errors
+/// of the loop.
+pub fn resume(
+    mut prepared: Prepared,
+    run_dir: &Path,
+    opts: &RunOptions,
+) -> anyhow::Result<Summary> {
+    let ckpt = last_checkpoint(run_dir).with_context(|| {
+        format!(
+            "{} has no checkpoint to resume from (checkpoints/last)",
+            run_dir.display()
+        )
+    })?;
+    prepared.model.load_weights(&ckpt)?;
+    let state = load_checkpoint_state(&ckpt, &mut prepared.optimizer)?;
+    if state.seed != prepared.cfg.seed {
+        bail!(
+            "{}: checkpoint seed {} differs from the config's seed {}",
+            ckpt.display(),
+            state.seed,
+            prepared.cfg.seed
+        );
+    }
+    let metrics = MetricsWriter::resume(run_dir, state.metrics_len)?;
+    run_loop(session(&mut prepared), run_dir, state, metrics, opts)
+}
+
+/// The default run directory for a config and an optional `--out`.
+pub fn run_dir_for(cfg: &RunConfig, out: Option<&Path>) -> PathBuf {
+    cfg.run_dir(out)
+}

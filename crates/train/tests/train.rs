@@ -1,0 +1,464 @@
+//! End-to-end tests of training runs: full-batch GD convergence on the theory network,
+//! exact resume, divergence as a result, parameter groups, and the CLI's handling of bad
+//! input. Tiny widths, depths and data so the suite stays fast.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle::{DType, Device, Tensor};
+use tau_train::config::{RunConfig, apply_overrides, config_from_table};
+use tau_train::loss::Targets;
+use tau_train::records::{MetricsRecord, RunStatus, read_metrics};
+use tau_train::setup::{Prepared, RunData, TauModel, prepare, resume, start};
+use tau_train::trainer::{RunOptions, TensorData};
+
+const THEORY: &str = r#"
+name = "t"
+seed = 7
+steps = 12
+device = "cpu"
+[model]
+family = "theory"
+input_dim = 8
+width = 32
+depth = 4
+output_dim = 1
+tau = "1/sqrt(L)"
+[data]
+source = "synthetic"
+n = 16
+p = 8
+d = 1
+n_test = 8
+batch_size = 4
+[loss]
+kind = "squared"
+[optim]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+nesterov = true
+weight_decay = 1e-3
+schedule = "cosine"
+warmup = 2
+[log]
+every = 1
+eval_every = 3
+checkpoint_every = 2
+"#;
+
+fn config(base: &str, sets: &[&str]) -> RunConfig {
+    let mut t: toml::Table = base.parse().unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    apply_overrides(&mut t, &sets).unwrap();
+    config_from_table(t).unwrap()
+}
+
+fn records_without_timing(dir: &Path) -> Vec<MetricsRecord> {
+    read_metrics(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(MetricsRecord::without_timing)
+        .collect()
+}
+
+fn stop_after(k: u64) -> RunOptions {
+    RunOptions {
+        stop_after_steps: Some(k),
+        ..RunOptions::default()
+    }
+}
+
+/// Runs `cfg` once straight through and once stopped after `k` steps and resumed, and
+/// checks the records are bitwise equal apart from wall-clock fields.
+fn check_resume_is_exact(cfg: &RunConfig, k: u64, make: impl Fn(&RunConfig) -> Prepared) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let s = start(make(cfg), &a, &RunOptions::default()).unwrap();
+    assert_eq!(s.status, RunStatus::Finished);
+    let s = start(make(cfg), &b, &stop_after(k)).unwrap();
+    assert_eq!(s.status, RunStatus::Interrupted);
+    assert_eq!(s.steps, k);
+    let s = resume(make(cfg), &b, &RunOptions::default()).unwrap();
+    assert_eq!(s.status, RunStatus::Finished);
+    let (ra, rb) = (records_without_timing(&a), records_without_timing(&b));
+    assert!(ra.len() > k as usize, "{} records", ra.len());
+    assert_eq!(ra, rb);
+    // The line bytes too (apart from timing), and the final weights.
+    let wa = std::fs::read(a.join("checkpoints/last/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/last/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ after resume");
+}
+
+#[test]
+fn sgd_resume_after_interrupt_is_bitwise_equal() {
+    let cfg = config(THEORY, &[]);
+    // Stop between checkpoints (5 is odd, checkpoints every 2): the interrupt writes its
+    // own checkpoint, including the momentum buffers and the running metrics.
+    check_resume_is_exact(&cfg, 5, |c| prepare(c, &Device::Cpu).unwrap());
+}
+
+/// A tiny BN ResNet on random 8×8 single-channel images: BatchNorm running statistics,
+/// momentum and the data order must all resume exactly.
+#[test]
+fn batchnorm_resnet_resume_is_bitwise_equal() {
+    let cfg = config(
+        THEORY,
+        &[
+            "model={ family = \"cifar_resnet\", depth = 8, in_channels = 1, num_classes = 3 }",
+            "steps=6",
+            "log.checkpoint_every=4",
+        ],
+    );
+    let make = |c: &RunConfig| {
+        let vals: Vec<f32> = (0..12 * 64)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let xs = Tensor::from_vec(vals, (12, 1, 8, 8), &Device::Cpu).unwrap();
+        let ys = Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2], &Device::Cpu).unwrap();
+        let data = RunData {
+            train: Box::new(TensorData::new(xs.clone(), Targets::Classes(ys.clone(), 3)).unwrap()),
+            test: Some(Box::new(
+                TensorData::new(xs, Targets::Classes(ys, 3)).unwrap(),
+            )),
+            input_shape: vec![1, 8, 8],
+            outputs: 3,
+        };
+        Prepared::from_parts(c, &Device::Cpu, data).unwrap()
+    };
+    check_resume_is_exact(&cfg, 3, make);
+}
+
+#[test]
+fn full_batch_gd_drives_the_loss_below_target() {
+    // Theory network, width 64, depth 4, τ = 1/√L, 8 points: the loss falls below 1e-3.
+    let cfg = config(
+        THEORY,
+        &[
+            "model.width=64",
+            "data.n=8",
+            "data.n_test=0",
+            "data.batch_size=3",
+            "optim={ kind = \"gd\", lr = 0.05 }",
+            "steps=3000",
+            "target_loss=1e-3",
+            "log.every=100",
+        ],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(
+        prepare(&cfg, &Device::Cpu).unwrap(),
+        tmp.path(),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(s.status, RunStatus::Finished);
+    let reached = s.reached_target_at_step.expect("target loss not reached");
+    assert!(reached < 3000);
+    let last = s.final_metrics.unwrap();
+    assert!(last.train_loss.unwrap() < 1e-3);
+    // h_L/h_0 stays near 1 at τ = 1/√L.
+    let r = last.h_ratio.unwrap();
+    assert!(r > 0.5 && r < 2.0, "{r}");
+}
+
+/// The full gradient summed over chunks equals the gradient of one big batch: the same
+/// first GD step (up to float32 summation order).
+#[test]
+fn gd_gradient_is_the_same_in_chunks() {
+    let base = [
+        "data.n_test=0",
+        "optim={ kind = \"gd\", lr = 0.05 }",
+        "steps=3",
+        "dtype=\"f64\"",
+    ];
+    let run = |bs: &str| {
+        let mut sets = base.to_vec();
+        sets.push(bs);
+        let cfg = config(THEORY, &sets);
+        let tmp = tempfile::tempdir().unwrap();
+        start(
+            prepare(&cfg, &Device::Cpu).unwrap(),
+            tmp.path(),
+            &RunOptions::default(),
+        )
+        .unwrap();
+        records_without_timing(tmp.path())
+    };
+    let (one, chunked) = (run("data.batch_size=16"), run("data.batch_size=5"));
+    assert_eq!(one.len(), chunked.len());
+    for (a, b) in one.iter().zip(&chunked) {
+        let (la, lb) = (a.train_loss.unwrap(), b.train_loss.unwrap());
+        assert!((la - lb).abs() <= 1e-12 * la.abs(), "{la} vs {lb}");
+        let (ga, gb) = (a.grad_norm.unwrap(), b.grad_norm.unwrap());
+        assert!((ga - gb).abs() <= 1e-12 * ga.abs(), "{ga} vs {gb}");
+    }
+}
+
+#[test]
+fn parameter_groups_follow_the_model_kinds() {
+    // Theory: only the W_l are trained.
+    let cfg = config(THEORY, &[]);
+    let p = prepare(&cfg, &Device::Cpu).unwrap();
+    let names: Vec<&str> = p
+        .optimizer
+        .params()
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "blocks.0.weight",
+            "blocks.1.weight",
+            "blocks.2.weight",
+            "blocks.3.weight"
+        ]
+    );
+    // No-BN ResNet: τ at lr/10 with its gradient over L = 3 blocks, scalar biases at lr/10.
+    let model: tau_model::ModelConfig = serde_json::from_str(
+        r#"{"family": "cifar_resnet", "depth": 8, "norm": "none", "learnable_tau": true, "in_channels": 1, "num_classes": 3}"#,
+    )
+    .unwrap();
+    let m = TauModel::init(&model, 0, DType::F32, &Device::Cpu).unwrap();
+    let params = m.params(&cfg).unwrap();
+    let tau = params.iter().find(|p| p.name == "tau").unwrap();
+    assert_eq!(tau.spec.lr_mult, 0.1);
+    assert!((tau.spec.grad_scale - 1.0 / 3.0).abs() < 1e-15);
+    assert!(!tau.spec.weight_decay);
+    let bias = params.iter().find(|p| p.name.ends_with("bias1a")).unwrap();
+    assert_eq!(bias.spec.lr_mult, 0.1);
+    let conv = params.iter().find(|p| p.name == "conv1.weight").unwrap();
+    assert_eq!(conv.spec.lr_mult, 1.0);
+}
+
+// --- The CLI -------------------------------------------------------------------------
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
+    c.arg("--quiet");
+    c
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn deep_tau_one_diverges_with_exit_code_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            "model.depth=64",
+            "--set",
+            "model.tau=1",
+            "--set",
+            "optim.lr=0.5",
+        ])
+        .args(["--set", "model.width=16", "--set", "steps=50", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "diverged");
+    assert!(s["diverged_at_step"].as_u64().unwrap() < 50);
+    assert!(
+        s["divergence_reason"]
+            .as_str()
+            .unwrap()
+            .contains("non-finite")
+    );
+}
+
+#[test]
+fn stop_then_resume_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let o = bin()
+        .args(["train", "--stop-after-steps", "4", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "interrupted");
+    // Starting again into the same directory is refused: it already holds a run.
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = bin()
+        .args(["eval", "--checkpoint"])
+        .arg(&out)
+        .args(["--data", "mnist", "--data-dir"])
+        .arg(tmp.path().join("nothing-here"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}
+
+fn assert_fails_cleanly(args: &[&str], cfg_text: Option<&str>, expect: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut c = bin();
+    c.arg("train");
+    if let Some(text) = cfg_text {
+        c.arg("--config").arg(write(tmp.path(), "c.toml", text));
+    }
+    let o = c.args(args).arg("--out").arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(expect), "expected `{expect}` in: {err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed start left {}", out.display());
+}
+
+#[test]
+fn bad_input_fails_with_one_message_and_writes_nothing() {
+    assert_fails_cleanly(&["--config", "no/such.toml"], None, "no/such.toml");
+    assert_fails_cleanly(&[], Some("name = \"x\"\nseed = [1"), "parsing config");
+    assert_fails_cleanly(&["--set", "optim.momentom=0.9"], Some(THEORY), "momentom");
+    assert_fails_cleanly(&["--set", "optim.lr=\"fast\""], Some(THEORY), "optim.lr");
+    assert_fails_cleanly(
+        &["--set", "model.input_dim=9"],
+        Some(THEORY),
+        "model.input_dim",
+    );
+    assert_fails_cleanly(
+        &["--set", "data.source=\"mnist\"", "--set", "data.n=1"],
+        Some(THEORY),
+        "data.n",
+    );
+}
+
+#[test]
+fn corrupt_data_dir_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mnist");
+    std::fs::create_dir(&data).unwrap();
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(data.join(f), b"\x00\x00\x08\x03garbage").unwrap();
+    }
+    let set_dir = format!("data.dir={:?}", data.display().to_string());
+    assert_fails_cleanly(
+        &[
+            "--set",
+            "data={ source = \"mnist\", batch_size = 4 }",
+            "--set",
+            &set_dir,
+            "--set",
+            "model.input_dim=784",
+            "--set",
+            "model.output_dim=10",
+        ],
+        Some(THEORY),
+        "mnist",
+    );
+}
+
+#[test]
+fn unwritable_out_dir_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(tmp.path(), "a-file", "");
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(file.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("creating the run directory"), "{err}");
+}
+
+#[test]
+fn resume_with_a_checkpoint_of_another_architecture_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(THEORY, &[]);
+    let run = tmp.path().join("run");
+    start(prepare(&cfg, &Device::Cpu).unwrap(), &run, &stop_after(2)).unwrap();
+    // Someone edits the run's config to another depth.
+    let text = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        text.replace("depth = 4", "depth = 5"),
+    )
+    .unwrap();
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("different architecture"), "{err}");
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+}
+
+#[test]
+fn every_command_help_has_an_example() {
+    for cmd in [
+        vec!["--help"],
+        vec!["train", "--help"],
+        vec!["eval", "--help"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tau-resnet"))
+            .args(&cmd)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("Example"), "{cmd:?}: {text}");
+    }
+}
