@@ -1,0 +1,440 @@
+//! Checkpoints: a directory holding `config.json` (the architecture, τ rule and resolved
+//! τ) and `model.safetensors` (every parameter and buffer, PyTorch names), the Hugging
+//! Face layout. Both files are written atomically (temporary file, then rename), and
+//! loading checks every tensor's name, shape and dtype against the config.
+//!
+//! `config.json` is either the wrapper this module writes,
+//! `{"model": {"family": "cifar_resnet", ...}, "n_blocks": 54, "tau_resolved": 0.136,
+//! "dtype": "f32"}` (all fields but `model` optional), or a bare model config
+//! `{"family": "cifar_resnet", "depth": 110, ...}`, handy when exporting from PyTorch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+
+/// The architecture file of a checkpoint.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights file of a checkpoint.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Largest `config.json` read (a config is a few hundred bytes).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Everything that can go wrong saving or loading a checkpoint; each names the file and,
+/// where there is one, the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `config.json` does not parse or describes an invalid model.
+    #[error("{}: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// `model.safetensors` is not a valid safetensors file (truncated, garbage, bad header).
+    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    Safetensors {
+        /// The weights file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A tensor the config requires is absent.
+    #[error("{}: missing tensor {name:?} (required by the {family} config)", path.display())]
+    MissingTensor {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The model family.
+        family: String,
+    },
+    /// A tensor the config does not know.
+    #[error("{}: unexpected tensor {name:?} (not part of the {family} config)", path.display())]
+    UnexpectedTensor {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The model family.
+        family: String,
+    },
+    /// A tensor whose shape differs from the config's.
+    #[error("{}: tensor {name:?} has shape {found:?}, the config expects {expected:?}", path.display())]
+    Shape {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// Shape in the file.
+        found: Vec<usize>,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A tensor of a non-float dtype, or of a dtype different from the others.
+    #[error("{}: tensor {name:?} has dtype {found}, expected {expected}", path.display())]
+    Dtype {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// Dtype in the file.
+        found: String,
+        /// What was expected.
+        expected: String,
+    },
+    /// The hub could not provide the checkpoint.
+    #[error("hub repo {id:?}: {message}")]
+    Hub {
+        /// The repo id.
+        id: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A tensor operation failed (device errors).
+    #[error(transparent)]
+    Candle(#[from] candle::Error),
+}
+
+/// The `config.json` this module writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// The architecture.
+    pub model: ModelConfig,
+    /// L, informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_blocks: Option<usize>,
+    /// τ resolved at L (a learnable τ's current value is the `tau` tensor); checked
+    /// against the rule on load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau_resolved: Option<f64>,
+    /// The weights' dtype (`f32`, `f64`, `f16`, `bf16`); checked on load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn dtype_name(dtype: DType) -> String {
+    dtype.as_str().to_string()
+}
+
+fn st_dtype_name(dtype: safetensors::Dtype) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
+/// Writes `bytes` (or what `write` produces) to `path` atomically: a temporary file in the
+/// same directory, synced, then renamed over `path`.
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("checkpoint");
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The tensors of `varmap`, by name.
+fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>, CheckpointError> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle::Error::Msg("the VarMap lock is poisoned".into()))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect())
+}
+
+/// The dtype shared by the tensors of a `VarMap` (`None` when it is empty).
+pub fn varmap_dtype(varmap: &VarMap) -> Option<DType> {
+    let data = varmap.data().lock().ok()?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names.first().map(|n| data[*n].dtype())
+}
+
+/// Checks names, shapes and one common float dtype of `(name, shape, dtype)` entries
+/// against `cfg`; returns that dtype.
+fn check_tensors<'a>(
+    cfg: &ModelConfig,
+    path: &Path,
+    entries: impl Iterator<Item = (&'a str, Vec<usize>, Result<DType, String>)>,
+    expected_dtype: Option<DType>,
+) -> Result<DType, CheckpointError> {
+    let specs = cfg.param_specs();
+    let by_name: HashMap<&str, &[usize]> = specs
+        .iter()
+        .map(|s| (s.name.as_str(), s.shape.as_slice()))
+        .collect();
+    let family = cfg.family().to_string();
+    let mut seen = std::collections::HashSet::new();
+    let mut dtype = expected_dtype;
+    let mut entries: Vec<_> = entries.collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, shape, dt) in entries {
+        if name.ends_with(".num_batches_tracked") {
+            continue;
+        }
+        let Some(expected) = by_name.get(name) else {
+            return Err(CheckpointError::UnexpectedTensor {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                family,
+            });
+        };
+        if shape != *expected {
+            return Err(CheckpointError::Shape {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                found: shape,
+                expected: expected.to_vec(),
+            });
+        }
+        let dt = match dt {
+            Ok(dt) if dt.is_float() => dt,
+            Ok(dt) => {
+                return Err(CheckpointError::Dtype {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    found: dtype_name(dt),
+                    expected: "a float dtype (f32, f64, f16, bf16)".into(),
+                });
+            }
+            Err(found) => {
+                return Err(CheckpointError::Dtype {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    found,
+                    expected: "a float dtype (f32, f64, f16, bf16)".into(),
+                });
+            }
+        };
+        match dtype {
+            Some(want) if want != dt => {
+                return Err(CheckpointError::Dtype {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    found: dtype_name(dt),
+                    expected: format!("{} like the other tensors", dtype_name(want)),
+                });
+            }
+            _ => dtype = Some(dt),
+        }
+        seen.insert(name.to_string());
+    }
+    if let Some(spec) = specs.iter().find(|s| !seen.contains(&s.name)) {
+        return Err(CheckpointError::MissingTensor {
+            path: path.to_path_buf(),
+            name: spec.name.clone(),
+            family,
+        });
+    }
+    dtype.ok_or_else(|| CheckpointError::Config {
+        path: path.to_path_buf(),
+        message: "the model has no tensors".into(),
+    })
+}
+
+/// Saves `varmap` as a checkpoint of `cfg` into `dir` (created if needed): `config.json`
+/// and `model.safetensors`, each written atomically.
+///
+/// # Errors
+/// An invalid config, a `varmap` that does not match it (missing, unexpected or
+/// misshapen tensor, mixed dtypes), or an I/O error; nothing is written then.
+pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap) -> Result<(), CheckpointError> {
+    let weights_path = dir.join(WEIGHTS_FILE);
+    cfg.validate().map_err(|e| CheckpointError::Config {
+        path: dir.join(CONFIG_FILE),
+        message: e.to_string(),
+    })?;
+    let tensors = varmap_tensors(varmap)?;
+    let dtype = check_tensors(
+        cfg,
+        &weights_path,
+        tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.dims().to_vec(), Ok(t.dtype()))),
+        None,
+    )?;
+    let config = CheckpointConfig {
+        model: cfg.clone(),
+        n_blocks: Some(cfg.n_blocks()),
+        tau_resolved: Some(cfg.tau_init()),
+        dtype: Some(dtype_name(dtype)),
+    };
+    let json = serde_json::to_string_pretty(&config)
+        .map_err(|e| candle::Error::Msg(format!("serializing config.json: {e}")))?;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cpu: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle::Result<_>>()?;
+    write_atomic(&weights_path, |tmp| {
+        safetensors::tensor::serialize_to_file(cpu.iter().map(|(k, t)| (k, t)), None, tmp).map_err(
+            |e| CheckpointError::Safetensors {
+                path: tmp.to_path_buf(),
+                message: e.to_string(),
+            },
+        )
+    })?;
+    let config_path = dir.join(CONFIG_FILE);
+    write_atomic(&config_path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(io_err(tmp))?;
+        f.write_all(json.as_bytes())
+            .and_then(|()| f.write_all(b"\n"))
+            .map_err(io_err(tmp))
+    })
+}
+
+/// Reads and validates a `config.json` (either form, see the module docs).
+///
+/// # Errors
+/// [`CheckpointError::Io`] when unreadable, [`CheckpointError::Config`] when it does not
+/// parse, is not a valid model, or its `tau_resolved` disagrees with its τ rule.
+pub fn load_config(path: &Path) -> Result<CheckpointConfig, CheckpointError> {
+    let cfg_err = |message: String| CheckpointError::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    let len = std::fs::metadata(path).map_err(io_err(path))?.len();
+    if len > MAX_CONFIG_BYTES {
+        return Err(cfg_err(format!(
+            "{len} bytes is too large for a config (limit {MAX_CONFIG_BYTES})"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| cfg_err(format!("invalid JSON: {e}")))?;
+    let config = if value.get("family").is_some() {
+        let model: ModelConfig =
+            serde_json::from_value(value).map_err(|e| cfg_err(format!("invalid model: {e}")))?;
+        CheckpointConfig {
+            model,
+            n_blocks: None,
+            tau_resolved: None,
+            dtype: None,
+        }
+    } else {
+        serde_json::from_value(value).map_err(|e| cfg_err(format!("invalid config: {e}")))?
+    };
+    config
+        .model
+        .validate()
+        .map_err(|e| cfg_err(e.to_string()))?;
+    if let Some(n) = config.n_blocks
+        && n != config.model.n_blocks()
+    {
+        return Err(cfg_err(format!(
+            "n_blocks is {n} but the model has {} blocks",
+            config.model.n_blocks()
+        )));
+    }
+    if let Some(tau) = config.tau_resolved {
+        let want = config.model.tau_init();
+        if !tau.is_finite() || (tau - want).abs() > 1e-9 * want.abs() {
+            return Err(cfg_err(format!(
+                "tau_resolved is {tau} but rule {} gives {want} at L = {}",
+                config.model.tau_rule(),
+                config.model.n_blocks()
+            )));
+        }
+    }
+    Ok(config)
+}
+
+/// Loads a checkpoint directory onto `device`: the config and a `VarMap` holding every
+/// tensor in the file's dtype (see [`varmap_dtype`]). `*.num_batches_tracked` tensors of
+/// PyTorch exports are accepted and dropped.
+///
+/// # Errors
+/// See [`CheckpointError`]: unreadable files, a bad config, a truncated or garbage
+/// safetensors file, and any missing, unexpected, misshapen or mistyped tensor, by name.
+pub fn load(dir: &Path, device: &Device) -> Result<(ModelConfig, VarMap), CheckpointError> {
+    load_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE), device)
+}
+
+/// [`load`] from explicit file paths.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_files(
+    config_path: &Path,
+    weights_path: &Path,
+    device: &Device,
+) -> Result<(ModelConfig, VarMap), CheckpointError> {
+    let config = load_config(config_path)?;
+    let cfg = config.model;
+    let expected_dtype = match &config.dtype {
+        None => None,
+        Some(s) => Some(s.parse::<DType>().map_err(|_| CheckpointError::Config {
+            path: config_path.to_path_buf(),
+            message: format!("unknown dtype {s:?}"),
+        })?),
+    };
+    let bytes = std::fs::read(weights_path).map_err(io_err(weights_path))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        CheckpointError::Safetensors {
+            path: weights_path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
+    let views = st.tensors();
+    check_tensors(
+        &cfg,
+        weights_path,
+        views.iter().map(|(name, view)| {
+            let dt = DType::try_from(view.dtype()).map_err(|_| st_dtype_name(view.dtype()));
+            (name.as_str(), view.shape().to_vec(), dt)
+        }),
+        expected_dtype,
+    )?;
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("the VarMap lock is poisoned".into()))?;
+        for (name, view) in &views {
+            if name.ends_with(".num_batches_tracked") {
+                continue;
+            }
+            let t = candle::safetensors::Load::load(view, device)?;
+            data.insert(name.clone(), Var::from_tensor(&t)?);
+        }
+    }
+    Ok((cfg, varmap))
+}
