@@ -1,5 +1,74 @@
 //! τ-ResNets in candle: the paper's theory network, CIFAR ResNets with and without
-//! BatchNorm, and ImageNet bottleneck ResNets, each with its residual branch scaled by τ.
+//! BatchNorm, and ImageNet bottleneck ResNets, each with its residual branch scaled by τ
+//! (Zhang et al., "Stabilize Deep ResNet with A Sharp Scaling Factor τ", 2022).
+//!
+//! - [`TauRule`]: τ as a function of the number of residual blocks L, parsed from strings
+//!   such as `"1/sqrt(L)"`, `"0.5/sqrt(L)"`, `"L^-0.25"`, `"1/L"` or `"0.136"`.
+//! - [`ModelConfig`]: the architecture, a serde enum tagged by `family` (`theory`,
+//!   `cifar_resnet`, `bottleneck_resnet`); reads straight from a TOML `[model]` table.
+//! - [`init_varmap`]: every parameter and buffer drawn from one seed, bit-identical for
+//!   the same seed on any machine (see [`init`] for the exact order).
+//! - [`Model`]: the built network, `forward_t(xs, train)`; [`TheoryNet`] adds a traced
+//!   forward pass ([`TheoryNet::forward_traced`]) with log-norms of every hidden state
+//!   and per-layer gradient norms ([`TheoryNet::layer_grad_norms`]), finite at any depth.
+//! - [`checkpoint`]: `config.json` + `model.safetensors` directories; [`hub`]: the same
+//!   from the Hugging Face hub, cache first.
+//!
+//! Device and dtype are the caller's (through the `VarBuilder` / `init_varmap`); the CPU
+//! always works.
+//!
+//! # Example
+//!
+//! ```
+//! use candle::{DType, Device, Tensor};
+//! use candle_nn::VarBuilder;
+//! use tau_model::{Model, ModelConfig, init_varmap};
+//!
+//! # fn main() -> candle::Result<()> {
+//! let cfg: ModelConfig = serde_json::from_str(
+//!     r#"{"family": "cifar_resnet", "depth": 8, "norm": "none",
+//!         "tau": "1/sqrt(L)", "learnable_tau": true, "in_channels": 1}"#,
+//! ).map_err(candle::Error::wrap)?;
+//! let dev = Device::Cpu;
+//! let varmap = init_varmap(&cfg, 42, DType::F32, &dev)?;
+//! let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+//! let logits = model.forward_t(&Tensor::zeros((2, 1, 28, 28), DType::F32, &dev)?, true)?;
+//! assert_eq!(logits.dims(), [2, 10]);
+//! assert!((model.tau()? - 1.0 / 3f64.sqrt()).abs() < 1e-6); // L = 3 blocks
+//!
+//! // The theory network's norms, in log form: no overflow even where ‖h_L‖ would.
+//! let cfg = ModelConfig::Theory(tau_model::TheoryConfig {
+//!     input_dim: 4, width: 32, depth: 64, tau: "1".parse().map_err(candle::Error::wrap)?,
+//!     ..Default::default()
+//! });
+//! let varmap = init_varmap(&cfg, 0, DType::F32, &dev)?;
+//! let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+//! let xs = Tensor::ones((3, 4), DType::F32, &dev)?;
+//! let trace = model.as_theory().unwrap().forward_traced(&xs)?;
+//! assert!(trace.log_mean_ratio().unwrap().is_finite());
+//! # Ok(()) }
+//! ```
+//!
+//! # Parameter names
+//!
+//! Tensors are named like PyTorch `state_dict` keys, so a PyTorch model exported with
+//! `safetensors.torch.save_file(model.state_dict(), "model.safetensors")` next to a
+//! `config.json` such as `{"family": "cifar_resnet", "depth": 110, "norm": "batch_norm",
+//! "tau": "1/sqrt(L)"}` loads with [`checkpoint::load`] (tensors must be float, all of one
+//! dtype; integer `*.num_batches_tracked` buffers are accepted and dropped).
+//!
+//! | family | names |
+//! | --- | --- |
+//! | `theory` | `input.weight` (A, m×p), `blocks.{l}.weight` (W_{l+1}, m×m, l = 0..L−1), `output.weight` (B, d×m) |
+//! | `cifar_resnet`, BN | `conv1.weight`, `bn1.{weight,bias,running_mean,running_var}`, `layer{s}.{b}.conv{1,2}.weight`, `layer{s}.{b}.bn{1,2}.{…}` (s = 1..3, b = 0..n−1), `fc.weight`, `fc.bias` |
+//! | `cifar_resnet`, no norm | `conv1.weight`, `layer{s}.{b}.bias{1a,1b,2a,2b}` (shape [1]), `layer{s}.{b}.conv{1,2}.weight`, `fc.weight`, `fc.bias` |
+//! | `bottleneck_resnet` | torchvision's: `conv1.weight`, `bn1.…`, `layer{s}.{b}.conv{1,2,3}.weight`, `layer{s}.{b}.bn{1,2,3}.…`, `layer{s}.0.downsample.0.weight` (1×1 conv), `layer{s}.0.downsample.1.…` (its BN), `fc.…`; without norm `bias{1,2,3}{a,b}` instead of the BNs and no `downsample.1` |
+//! | any ResNet with `learnable_tau` | `tau` (shape [1], shared by all blocks) |
+//!
+//! The CIFAR shortcut is option A (stride-2 subsample, zero channels appended), which has
+//! no parameters; a model with a BN in its shortcut (as the companion code's BN variant)
+//! does not match this layout. [`ModelConfig::param_specs`] lists every name with its
+//! shape, and [`ModelConfig::param_kind`] says how an optimizer treats it.
 
 pub mod checkpoint;
 pub mod config;
