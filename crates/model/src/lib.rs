@@ -61,9 +61,9 @@
 //! | --- | --- |
 //! | `theory` | `input.weight` (A, m×p), `blocks.{l}.weight` (W_{l+1}, m×m, l = 0..L−1), `output.weight` (B, d×m) |
 //! | `cifar_resnet`, BN | `conv1.weight`, `bn1.{weight,bias,running_mean,running_var}`, `layer{s}.{b}.conv{1,2}.weight`, `layer{s}.{b}.bn{1,2}.{…}` (s = 1..3, b = 0..n−1), `fc.weight`, `fc.bias` |
-//! | `cifar_resnet`, no norm | `conv1.weight`, `layer{s}.{b}.bias{1a,1b,2a,2b}` (shape [1]), `layer{s}.{b}.conv{1,2}.weight`, `fc.weight`, `fc.bias` |
+//! | `cifar_resnet`, no norm | `conv1.weight`, `layer{s}.{b}.bias{1a,1b,2a,2b}` (shape `[1]`), `layer{s}.{b}.conv{1,2}.weight`, `fc.weight`, `fc.bias` |
 //! | `bottleneck_resnet` | torchvision's: `conv1.weight`, `bn1.…`, `layer{s}.{b}.conv{1,2,3}.weight`, `layer{s}.{b}.bn{1,2,3}.…`, `layer{s}.0.downsample.0.weight` (1×1 conv), `layer{s}.0.downsample.1.…` (its BN), `fc.…`; without norm `bias{1,2,3}{a,b}` instead of the BNs and no `downsample.1` |
-//! | any ResNet with `learnable_tau` | `tau` (shape [1], shared by all blocks) |
+//! | any ResNet with `learnable_tau` | `tau` (shape `[1]`, shared by all blocks) |
 //!
 //! The CIFAR shortcut is option A (stride-2 subsample, zero channels appended), which has
 //! no parameters; a model with a BN in its shortcut (as the companion code's BN variant)
