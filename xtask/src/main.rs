@@ -3,8 +3,13 @@
 //! xtask never computes a gradient: it launches `tau-resnet` processes and aggregates
 //! their run records.
 
+mod analysis;
 mod bench;
+mod figures;
+mod pool;
+mod records;
 mod report;
+mod spec;
 mod sweep;
 
 use std::process::ExitCode;

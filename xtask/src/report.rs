@@ -1,10 +1,794 @@
-//! `cargo xtask report`.
+//! `cargo xtask report runs/<sweep>`: regenerates `results.csv`, `report.md` and
+//! `figures/` from a sweep's stored config and its run records alone.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::analysis::{self, RuleCurve, fmt_log10};
+use crate::figures::{Chart, Series, YAxis};
+use crate::records::{self, PointState, SWEEP_COPY, Status, write_atomic};
+use crate::spec::{RunCommand, SweepSpec, display_value};
 
 /// Arguments of `cargo xtask report`.
 #[derive(Debug, clap::Args)]
-pub struct ReportArgs {}
+pub struct ReportArgs {
+    /// The sweep's output folder, e.g. `runs/stability`.
+    pub dir: PathBuf,
+}
 
 /// Runs `cargo xtask report`.
-pub fn run(_args: ReportArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`cargo xtask report` is not built yet")
+///
+/// # Errors
+/// A folder without a stored sweep config, or I/O errors.
+pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let out = generate(&args.dir)?;
+    println!("{}", out.summary_line);
+    println!("wrote {}", args.dir.join("results.csv").display());
+    println!("wrote {}", args.dir.join("report.md").display());
+    println!(
+        "wrote {} figures under {}",
+        out.n_figures,
+        args.dir.join("figures").display()
+    );
+    Ok(())
+}
+
+/// What [`generate`] produced.
+#[derive(Debug)]
+pub struct Generated {
+    /// Every point's state, in grid order.
+    pub states: Vec<PointState>,
+    /// One line: counts per status.
+    pub summary_line: String,
+    /// Figures drawn (each as PNG and SVG).
+    pub n_figures: usize,
+}
+
+/// Loads the stored sweep config of a sweep folder.
+///
+/// # Errors
+/// Missing or invalid `sweep.toml`.
+pub fn load_stored_spec(root: &Path) -> anyhow::Result<SweepSpec> {
+    let path = root.join(SWEEP_COPY);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} has no {SWEEP_COPY}: not a sweep folder written by `cargo xtask sweep`",
+            root.display()
+        );
+    }
+    SweepSpec::from_file(&path)
+}
+
+/// Writes `results.csv`, `report.md` and the figures of the sweep in `root`.
+///
+/// # Errors
+/// Missing stored config or I/O errors. A figure that cannot be drawn is reported in the
+/// report rather than failing the whole report.
+pub fn generate(root: &Path) -> anyhow::Result<Generated> {
+    let spec = load_stored_spec(root)?;
+    let states = records::read_sweep(&spec, root)?;
+    let csv = records::results_csv(&spec, &states)?;
+    write_atomic(&root.join("results.csv"), &csv)?;
+    let fig_dir = root.join("figures");
+    std::fs::create_dir_all(&fig_dir).with_context(|| format!("creating {}", fig_dir.display()))?;
+    let mut md = String::new();
+    let summary_line = status_line(&states);
+    let _ = writeln!(md, "# Sweep `{}`\n", spec.name);
+    if let Some(d) = &spec.description {
+        let _ = writeln!(md, "{}\n", d.trim());
+    }
+    let _ = writeln!(
+        md,
+        "Command: `tau-resnet {}` per point, {} points over {}. {summary_line}.\n\
+         Per-point records are in `<point>/`; one row per {} in `results.csv`.\n",
+        spec.command,
+        states.len(),
+        spec.axes
+            .iter()
+            .map(|a| format!("`{}` ({} values)", a.key, a.values.len()))
+            .collect::<Vec<_>>()
+            .join(" × "),
+        match spec.command {
+            RunCommand::Probe => "(point, τ rule)",
+            RunCommand::Train => "point",
+        }
+    );
+    let figures = match spec.command {
+        RunCommand::Probe => probe_report(&spec, &states, &fig_dir, &mut md),
+        RunCommand::Train => train_report(&spec, &states, &fig_dir, &mut md),
+    };
+    let mut n_figures = 0;
+    for (name, chart) in figures {
+        match chart.save(&fig_dir.join(&name)) {
+            Ok(()) => n_figures += 1,
+            Err(err) => {
+                let _ = writeln!(md, "\nFigure `{name}` could not be drawn: {err:#}\n");
+            }
+        }
+    }
+    failures_section(&states, &mut md);
+    write_atomic(&root.join("report.md"), md.as_bytes())?;
+    Ok(Generated {
+        states,
+        summary_line,
+        n_figures,
+    })
+}
+
+fn status_line(states: &[PointState]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in states {
+        *counts.entry(s.status.as_str()).or_default() += 1;
+    }
+    let order = ["finished", "diverged", "interrupted", "failed", "pending"];
+    order
+        .iter()
+        .filter_map(|k| counts.get(k).map(|n| format!("{n} {k}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn failures_section(states: &[PointState], md: &mut String) {
+    let bad: Vec<&PointState> = states
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.status,
+                Status::Failed | Status::Pending | Status::Interrupted
+            )
+        })
+        .collect();
+    if bad.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## Points without a result\n");
+    let _ = writeln!(md, "| point | status | cause |\n| --- | --- | --- |");
+    for s in bad {
+        let cause = s.message.clone().unwrap_or_else(|| match s.status {
+            Status::Pending => "not run yet (or stopped before it wrote a record)".into(),
+            Status::Interrupted => "interrupted; resumed by the next `cargo xtask sweep`".into(),
+            _ => String::new(),
+        });
+        let _ = writeln!(
+            md,
+            "| `{}` | {} | {} |",
+            s.point.name,
+            s.status,
+            cause.replace('|', "\\|")
+        );
+    }
+}
+
+fn rule_label(c: &RuleCurve) -> String {
+    let rule = match c.rule.as_str() {
+        "1" => "τ = 1".to_string(),
+        r => format!("τ = {r}"),
+    };
+    if c.group.is_empty() {
+        rule
+    } else {
+        format!("{rule} ({})", c.group)
+    }
+}
+
+fn probe_report(
+    spec: &SweepSpec,
+    states: &[PointState],
+    fig_dir: &Path,
+    md: &mut String,
+) -> Vec<(String, Chart)> {
+    let _ = fig_dir;
+    let curves = analysis::rule_curves(states);
+    let mut figs = Vec::new();
+    if curves.is_empty() {
+        let _ = writeln!(md, "No probe records yet.\n");
+        return figs;
+    }
+    let featured: Vec<&RuleCurve> = if spec.report.rules.is_empty() {
+        curves.iter().collect()
+    } else {
+        spec.report
+            .rules
+            .iter()
+            .flat_map(|r| curves.iter().filter(move |c| &c.rule == r))
+            .collect()
+    };
+    let depths: Vec<usize> = {
+        let mut d: Vec<usize> = curves
+            .iter()
+            .flat_map(|c| c.depths.iter().map(|d| d.n_blocks))
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    };
+    let n_samples = curves[0].depths.first().map_or(0, |d| d.forward.n);
+
+    // Forward table.
+    let _ = writeln!(md, "## Forward pass: ‖h_L‖/‖h_0‖ at initialization\n");
+    let _ = writeln!(
+        md,
+        "Mean over inputs and seeds ({n_samples} samples per cell at the smallest depth), with the \
+         10%–90% range of the per-input ratios in brackets. L is the number of residual blocks.\n"
+    );
+    table_by_depth(md, &featured, &depths, |d| {
+        format!(
+            "{} [{}, {}]",
+            fmt_log10(d.forward.log10_mean),
+            fmt_log10(d.forward.q10),
+            fmt_log10(d.forward.q90)
+        )
+    });
+    let _ = writeln!(
+        md,
+        "\n![norm ratio vs depth](figures/norm_ratio_vs_depth.png)\n"
+    );
+    let _ = writeln!(
+        md,
+        "![norm ratio vs depth, bounded range](figures/norm_ratio_vs_depth_zoom.png)\n"
+    );
+    let series = |f: &dyn Fn(&analysis::DepthStat) -> (f64, f64, f64), cs: &[&RuleCurve]| {
+        cs.iter()
+            .map(|c| Series {
+                label: rule_label(c),
+                points: c
+                    .depths
+                    .iter()
+                    .map(|d| (d.n_blocks as f64, f(d).0))
+                    .collect(),
+                band: c
+                    .depths
+                    .iter()
+                    .map(|d| (d.n_blocks as f64, f(d).1, f(d).2))
+                    .collect(),
+                dashed: false,
+            })
+            .collect::<Vec<_>>()
+    };
+    let fwd = |d: &analysis::DepthStat| (d.forward.log10_mean, d.forward.q10, d.forward.q90);
+    figs.push((
+        "norm_ratio_vs_depth".to_string(),
+        Chart {
+            title: "Forward norm at initialization vs depth".into(),
+            x_desc: "depth L (residual blocks, log scale)".into(),
+            y_desc: "mean ‖h_L‖/‖h_0‖ (log scale; band: 10–90% of inputs)".into(),
+            x_log: true,
+            y_axis: YAxis::Log10Values,
+            y_range: None,
+            series: series(&fwd, &featured),
+            vlines: Vec::new(),
+            hlines: vec![0.0],
+        },
+    ));
+    figs.push((
+        "norm_ratio_vs_depth_zoom".to_string(),
+        Chart {
+            title: "Forward norm vs depth, bounded range (ratio 0.8–4)".into(),
+            x_desc: "depth L (residual blocks, log scale)".into(),
+            y_desc: "mean ‖h_L‖/‖h_0‖ (log scale)".into(),
+            x_log: true,
+            y_axis: YAxis::Log10Values,
+            y_range: Some((0.8f64.log10(), 4f64.log10())),
+            series: series(&fwd, &featured)
+                .into_iter()
+                .map(|mut s| {
+                    s.band.clear();
+                    s
+                })
+                .collect(),
+            vlines: Vec::new(),
+            hlines: vec![0.0],
+        },
+    ));
+
+    // Backward.
+    let has_grad = featured
+        .iter()
+        .any(|c| c.depths.iter().any(|d| d.backward.n > 0));
+    if has_grad {
+        let _ = writeln!(
+            md,
+            "## Backward pass: ‖∂ℓ/∂W_1‖/‖∂ℓ/∂W_L‖ at initialization\n"
+        );
+        let _ = writeln!(
+            md,
+            "Gradient norm of the first block's weights relative to the last block's, per input \
+             (the squared loss of one input; for one output the ratio does not depend on the \
+             target). Median over inputs and seeds, 10%–90% range in brackets.\n"
+        );
+        table_by_depth(md, &featured, &depths, |d| {
+            format!(
+                "{} [{}, {}]",
+                fmt_log10(d.backward.median),
+                fmt_log10(d.backward.q10),
+                fmt_log10(d.backward.q90)
+            )
+        });
+        let _ = writeln!(
+            md,
+            "\n![gradient ratio vs depth](figures/grad_ratio_vs_depth.png)\n"
+        );
+        let bwd = |d: &analysis::DepthStat| (d.backward.median, d.backward.q10, d.backward.q90);
+        figs.push((
+            "grad_ratio_vs_depth".to_string(),
+            Chart {
+                title: "Backward: first-block vs last-block gradient norm".into(),
+                x_desc: "depth L (residual blocks, log scale)".into(),
+                y_desc: "median ‖∂ℓ/∂W_1‖/‖∂ℓ/∂W_L‖ (log scale)".into(),
+                x_log: true,
+                y_axis: YAxis::Log10Values,
+                y_range: None,
+                series: series(&bwd, &featured),
+                vlines: Vec::new(),
+                hlines: vec![0.0],
+            },
+        ));
+    }
+
+    // Growth per rule.
+    let _ = writeln!(md, "## Growth with depth, per τ rule\n");
+    let _ = writeln!(
+        md,
+        "For each rule, ln E‖h_L‖/‖h_0‖ (E: the mean above) is fitted against depth over \
+         L ≥ {min} (all depths when fewer than three are that deep): the slope against L \
+         (nats per block: constant for an exponential blow-up), and the exponent γ of \
+         ln E‖h_L‖/‖h_0‖ ∝ L^γ (least squares of ln ln E ratio on ln L, points with \
+         E ratio > 1). A rule **grows** when γ > {tol}: its log-norm increases as a power of \
+         the depth, without bound. Otherwise it is **bounded**.\n",
+        min = analysis::FIT_MIN_DEPTH,
+        tol = analysis::GROWTH_TOLERANCE,
+    );
+    let _ = writeln!(
+        md,
+        "| τ rule | α | τ at L = {0} | E ratio at L = {0} | slope (nats/block) | γ ± s.e. (depths fitted) | verdict |\n| --- | --- | --- | --- | --- | --- | --- |",
+        depths.last().copied().unwrap_or(0)
+    );
+    for c in &curves {
+        let g = analysis::growth(c);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} | {} | {:.3e} | {} | {} |",
+            rule_label(c),
+            c.alpha.map_or("–".into(), |a| format!("{a:.2}")),
+            c.depths.last().map_or(f64::NAN, |d| d.tau),
+            fmt_log10(g.ln_ratio_at_max / std::f64::consts::LN_10),
+            g.slope_per_block,
+            if g.exponent.is_finite() {
+                format!("{:.3} ± {:.3} ({})", g.exponent, g.exponent_se, g.n_fit)
+            } else {
+                "– (ratio ≈ 1)".into()
+            },
+            if g.grows { "grows" } else { "bounded" }
+        );
+    }
+
+    // α*.
+    let groups: Vec<String> = {
+        let mut g: Vec<String> = curves.iter().map(|c| c.group.clone()).collect();
+        g.dedup();
+        g
+    };
+    for group in groups {
+        let power: Vec<&RuleCurve> = curves
+            .iter()
+            .filter(|c| c.group == group && c.alpha.is_some())
+            .collect();
+        if power.len() < 3 {
+            continue;
+        }
+        let crit = analysis::critical_exponent(&power);
+        let suffix = if group.is_empty() {
+            String::new()
+        } else {
+            format!(" ({group})")
+        };
+        let _ = writeln!(md, "\n## Critical exponent α*{suffix}\n");
+        let _ = writeln!(
+            md,
+            "Method: for every rule τ = L^-α the growth exponent γ(α) is fitted as above. The \
+             heuristic of PAPER.md (each block multiplies E‖h‖² by about 1 + cτ²) predicts \
+             ln E‖h_L‖/‖h_0‖ ≈ (c/2)·L^(1−2α), i.e. γ = 1 − 2α: growth for α < 1/2, bounded \
+             for α ≥ 1/2. α* is where the measured γ(α) first falls to zero, interpolated \
+             linearly between neighbouring grid values of α. As a check, a straight line \
+             γ ≈ a − b·α is fitted to γ(α) on α ∈ [{:.2}, {:.2}] (beyond, ln E ratio is too \
+             close to 0 for its logarithm to be measured), giving α* = a/b. The paper's \
+             claim: α* = 0.5.\n",
+            crit.line_range.0, crit.line_range.1
+        );
+        match crit.crossing {
+            Some(a) => {
+                let _ = writeln!(md, "**Measured α* = {a:.3}** (zero crossing of γ(α)).\n");
+            }
+            None => {
+                let _ = writeln!(
+                    md,
+                    "γ(α) does not change sign on this grid: α* is outside [{:.2}, {:.2}].\n",
+                    crit.gamma_by_alpha.first().map_or(f64::NAN, |p| p.0),
+                    crit.gamma_by_alpha.last().map_or(f64::NAN, |p| p.0)
+                );
+            }
+        }
+        if let Some((a, b)) = crit.line {
+            let _ = writeln!(
+                md,
+                "Line fit: γ ≈ {a:.3} − {b:.3}·α, so α* = {:.3} (theory: γ = 1 − 2α, α* = 0.5).\n",
+                a / b
+            );
+        }
+        let _ = writeln!(md, "| α | γ(α) |\n| --- | --- |");
+        for (a, g) in &crit.gamma_by_alpha {
+            let _ = writeln!(md, "| {a:.2} | {g:.3} |");
+        }
+        let stem = if group.is_empty() {
+            "growth_vs_alpha".to_string()
+        } else {
+            format!("growth_vs_alpha_{}", sanitize_file(&group))
+        };
+        let _ = writeln!(md, "\n![growth exponent vs alpha](figures/{stem}.png)\n");
+        let (lo, hi) = (
+            crit.gamma_by_alpha.first().map_or(0.0, |p| p.0),
+            crit.gamma_by_alpha.last().map_or(1.0, |p| p.0),
+        );
+        let mut vlines = Vec::new();
+        if let Some(a) = crit.crossing {
+            vlines.push((a, format!("measured α* = {a:.3}")));
+        }
+        figs.push((
+            stem,
+            Chart {
+                title: "Growth exponent of ln E‖h_L‖/‖h_0‖ vs α (τ = L^-α)".into(),
+                x_desc: "α (τ = L^-α)".into(),
+                y_desc: "γ: ln E‖h_L‖/‖h_0‖ ∝ L^γ".into(),
+                x_log: false,
+                y_axis: YAxis::Linear,
+                y_range: None,
+                series: vec![
+                    Series::new("measured γ(α)", crit.gamma_by_alpha.clone()),
+                    Series {
+                        label: "theory: γ = 1 − 2α".into(),
+                        points: vec![(lo, 1.0 - 2.0 * lo), (hi, 1.0 - 2.0 * hi)],
+                        band: Vec::new(),
+                        dashed: true,
+                    },
+                ],
+                vlines,
+                hlines: vec![0.0],
+            },
+        ));
+        // Every α on one chart: the transition at a glance.
+        let mut by_alpha = power.clone();
+        by_alpha.sort_by(|a, b| a.alpha.unwrap_or(0.0).total_cmp(&b.alpha.unwrap_or(0.0)));
+        by_alpha.dedup_by(|a, b| a.alpha == b.alpha);
+        let stem = if group.is_empty() {
+            "norm_ratio_vs_depth_alpha".to_string()
+        } else {
+            format!("norm_ratio_vs_depth_alpha_{}", sanitize_file(&group))
+        };
+        let _ = writeln!(
+            md,
+            "![norm ratio vs depth for every alpha](figures/{stem}.png)\n"
+        );
+        figs.push((
+            stem,
+            Chart {
+                title: "Forward norm vs depth for τ = L^-α".into(),
+                x_desc: "depth L (residual blocks, log scale)".into(),
+                y_desc: "mean ‖h_L‖/‖h_0‖ (log scale)".into(),
+                x_log: true,
+                y_axis: YAxis::Log10Values,
+                y_range: None,
+                series: by_alpha
+                    .iter()
+                    .map(|c| {
+                        Series::new(
+                            format!("α = {:.2}", c.alpha.unwrap_or(f64::NAN)),
+                            c.depths
+                                .iter()
+                                .map(|d| (d.n_blocks as f64, d.forward.log10_mean))
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+                vlines: Vec::new(),
+                hlines: vec![0.0],
+            },
+        ));
+    }
+    figs
+}
+
+fn table_by_depth(
+    md: &mut String,
+    curves: &[&RuleCurve],
+    depths: &[usize],
+    cell: impl Fn(&analysis::DepthStat) -> String,
+) {
+    let _ = write!(md, "| L |");
+    for c in curves {
+        let _ = write!(md, " {} |", rule_label(c));
+    }
+    let _ = write!(md, "\n| --- |");
+    for _ in curves {
+        let _ = write!(md, " --- |");
+    }
+    let _ = writeln!(md);
+    for &l in depths {
+        let _ = write!(md, "| {l} |");
+        for c in curves {
+            let text = c
+                .depths
+                .iter()
+                .find(|d| d.n_blocks == l)
+                .map_or("–".into(), &cell);
+            let _ = write!(md, " {text} |");
+        }
+        let _ = writeln!(md);
+    }
+}
+
+fn sanitize_file(s: &str) -> String {
+    crate::spec::sanitize(s)
+}
+
+/// Keys whose last component names the depth or the seed.
+fn axis_role(key: &str) -> Option<&'static str> {
+    match key.rsplit('.').next().unwrap_or(key) {
+        "depth" => Some("depth"),
+        "seed" => Some("seed"),
+        _ => None,
+    }
+}
+
+/// Reads `(step, train loss)` pairs from a run's `metrics.jsonl`.
+fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
+    let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let step = v.get("step")?.as_f64()?;
+            let loss = ["train_loss", "loss"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(|x| x.as_f64()))?;
+            Some((step, loss))
+        })
+        .collect()
+}
+
+/// Picks a test-accuracy number out of a flattened summary.
+fn accuracy(flat: &BTreeMap<String, String>, preferred: Option<&str>) -> Option<(String, f64)> {
+    let keys: Vec<&str> = match preferred {
+        Some(k) => vec![k],
+        None => vec![
+            "final.test_acc",
+            "final.test_accuracy",
+            "best.test_acc",
+            "best.test_accuracy",
+        ],
+    };
+    keys.iter()
+        .find_map(|k| {
+            flat.get(*k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| (k.to_string(), v))
+        })
+        .or_else(|| {
+            flat.iter()
+                .filter(|(k, _)| k.contains("test") && k.contains("acc"))
+                .find_map(|(k, v)| v.parse::<f64>().ok().map(|x| (k.clone(), x)))
+        })
+}
+
+fn train_report(
+    spec: &SweepSpec,
+    states: &[PointState],
+    _fig_dir: &Path,
+    md: &mut String,
+) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
+    // Results table: axes, status, loss/accuracy numbers.
+    let flat: Vec<BTreeMap<String, String>> = states
+        .iter()
+        .map(|s| {
+            let mut m = BTreeMap::new();
+            if let Some(summary) = &s.summary {
+                records::flatten_scalars(summary, "", &mut m);
+            }
+            m
+        })
+        .collect();
+    let mut cols: Vec<String> = flat
+        .iter()
+        .flat_map(|m| m.keys())
+        .filter(|k| {
+            (k.contains("loss") || k.contains("acc") || k.contains("diverged")) && !k.contains("lr")
+        })
+        .cloned()
+        .collect();
+    cols.sort();
+    cols.dedup();
+    cols.truncate(8);
+    let _ = writeln!(md, "## Results\n");
+    let _ = write!(md, "| point |");
+    for a in &spec.axes {
+        let _ = write!(md, " {} |", a.key);
+    }
+    let _ = write!(md, " status |");
+    for c in &cols {
+        let _ = write!(md, " {c} |");
+    }
+    let _ = write!(md, "\n| --- |");
+    for _ in 0..spec.axes.len() + 1 + cols.len() {
+        let _ = write!(md, " --- |");
+    }
+    let _ = writeln!(md);
+    for (s, m) in states.iter().zip(&flat) {
+        let _ = write!(md, "| `{}` |", s.point.name);
+        for (_, v) in &s.point.values {
+            let _ = write!(md, " {} |", display_value(v));
+        }
+        let _ = write!(md, " {} |", s.status);
+        for c in &cols {
+            let v = m.get(c).map(String::as_str).unwrap_or("");
+            let short = v
+                .parse::<f64>()
+                .map_or(v.to_string(), |x| format!("{x:.4}"));
+            let _ = write!(md, " {short} |");
+        }
+        let _ = writeln!(md);
+    }
+
+    // Group points by the axes other than depth and seed.
+    let group_of = |s: &PointState| {
+        s.point
+            .values
+            .iter()
+            .filter(|(k, _)| axis_role(k).is_none())
+            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), display_value(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let depth_of = |s: &PointState| {
+        s.point
+            .values
+            .iter()
+            .find(|(k, _)| axis_role(k) == Some("depth"))
+            .and_then(|(_, v)| v.as_integer())
+    };
+    let seed_of = |s: &PointState| {
+        s.point
+            .values
+            .iter()
+            .find(|(k, _)| axis_role(k) == Some("seed"))
+            .map(|(_, v)| display_value(v))
+    };
+    let mut groups: Vec<String> = states.iter().map(group_of).collect();
+    groups.sort();
+    groups.dedup();
+
+    // Loss vs step: one figure per group, one line per depth (first seed).
+    for g in &groups {
+        let mut series = Vec::new();
+        let first_seed = states
+            .iter()
+            .filter(|s| &group_of(s) == g)
+            .find_map(seed_of);
+        for s in states
+            .iter()
+            .filter(|s| &group_of(s) == g && seed_of(s) == first_seed)
+        {
+            let curve: Vec<(f64, f64)> = loss_curve(&s.dir)
+                .into_iter()
+                .filter(|(_, l)| l.is_finite() && *l > 0.0)
+                .map(|(st, l)| (st.max(1.0), l.log10()))
+                .collect();
+            if curve.is_empty() {
+                continue;
+            }
+            let label = match depth_of(s) {
+                Some(d) => format!(
+                    "depth {d}{}",
+                    if s.status == Status::Diverged {
+                        " (diverged)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => s.point.name.clone(),
+            };
+            series.push(Series::new(label, curve));
+        }
+        if series.is_empty() {
+            continue;
+        }
+        let stem = if g.is_empty() {
+            "loss_vs_step".to_string()
+        } else {
+            format!("loss_vs_step_{}", sanitize_file(g))
+        };
+        let _ = writeln!(md, "\n![training loss vs step {g}](figures/{stem}.png)\n");
+        figs.push((
+            stem,
+            Chart {
+                title: if g.is_empty() {
+                    "Training loss vs step".into()
+                } else {
+                    format!("Training loss vs step ({g})")
+                },
+                x_desc: "step (log scale)".into(),
+                y_desc: "training loss (log scale)".into(),
+                x_log: true,
+                y_axis: YAxis::Log10Values,
+                y_range: None,
+                series,
+                vlines: Vec::new(),
+                hlines: Vec::new(),
+            },
+        ));
+    }
+
+    // Test accuracy vs depth: one line per group, mean over seeds.
+    let mut acc_series = Vec::new();
+    let mut metric_name = None;
+    for g in &groups {
+        let mut by_depth: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+        for (s, m) in states.iter().zip(&flat).filter(|(s, _)| &group_of(s) == g) {
+            let (Some(d), Some((k, a))) = (
+                depth_of(s),
+                accuracy(m, spec.report.accuracy_metric.as_deref()),
+            ) else {
+                continue;
+            };
+            metric_name.get_or_insert(k);
+            by_depth
+                .entry(d)
+                .or_default()
+                .push(if a <= 1.0 { 100.0 * a } else { a });
+        }
+        if by_depth.is_empty() {
+            continue;
+        }
+        let pts = by_depth
+            .into_iter()
+            .map(|(d, v)| (d as f64, v.iter().sum::<f64>() / v.len() as f64))
+            .collect();
+        acc_series.push(Series::new(
+            if g.is_empty() {
+                "all".to_string()
+            } else {
+                g.clone()
+            },
+            pts,
+        ));
+    }
+    if !acc_series.is_empty() {
+        let metric = metric_name.unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "\n![test accuracy vs depth](figures/accuracy_vs_depth.png)\n"
+        );
+        let _ = writeln!(
+            md,
+            "Accuracy: `{metric}` from each run's summary, mean over seeds; diverged runs have no accuracy.\n"
+        );
+        figs.push((
+            "accuracy_vs_depth".to_string(),
+            Chart {
+                title: "Test accuracy vs depth".into(),
+                x_desc: "network depth (log scale)".into(),
+                y_desc: format!("test accuracy (%) [{metric}]"),
+                x_log: true,
+                y_axis: YAxis::Linear,
+                y_range: None,
+                series: acc_series,
+                vlines: Vec::new(),
+                hlines: Vec::new(),
+            },
+        ));
+    }
+    figs
 }

@@ -1,10 +1,697 @@
-//! `cargo xtask sweep`.
+//! `cargo xtask sweep [configs/NAME.toml]`: expands a sweep into points, runs each as its
+//! own `tau-resnet` process (bounded parallelism, resume, skip of finished points), then
+//! writes `results.csv`, `report.md` and the figures.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::pool::{self, Job, JobResult};
+use crate::records::{
+    self, FAILURE_RECORD, FailureRecord, PROBE_RECORD, SUMMARY_RECORD, SWEEP_COPY, Status,
+    write_atomic,
+};
+use crate::report;
+use crate::spec::{RunCommand, SweepSpec};
+
+/// The default sweep (`cargo xtask sweep` with no config): the theory network's stability
+/// at initialization, depth × τ, on CPU in about a minute.
+pub const DEFAULT_SWEEP: &str = include_str!("../../configs/sweep-stability.toml");
 
 /// Arguments of `cargo xtask sweep`.
 #[derive(Debug, clap::Args)]
-pub struct SweepArgs {}
+#[command(
+    after_help = "Examples:\n  cargo xtask sweep                                  # the default stability sweep\n  cargo xtask sweep configs/sweep-gd-convergence.toml --jobs 2\n  cargo xtask report runs/stability                  # rebuild CSV, report, figures"
+)]
+pub struct SweepArgs {
+    /// The sweep config (default: the stability sweep, configs/sweep-stability.toml).
+    pub config: Option<PathBuf>,
+    /// Processes run at once (default: the number of CPU cores). Each gets
+    /// cores / jobs compute threads (RAYON_NUM_THREADS).
+    #[arg(long, short)]
+    pub jobs: Option<usize>,
+    /// Redo every point, even finished ones (earlier outputs are moved aside, not deleted).
+    #[arg(long)]
+    pub force: bool,
+    /// Where sweeps write their folders (default: runs/ at the workspace root).
+    #[arg(long)]
+    pub runs_dir: Option<PathBuf>,
+    /// The tau-resnet binary to run (default: build it with cargo in release mode and use
+    /// the one next to this xtask). Also read from TAU_RESNET_BIN.
+    #[arg(long, env = "TAU_RESNET_BIN")]
+    pub bin: Option<PathBuf>,
+    /// Do not run `cargo build` for tau-resnet first.
+    #[arg(long)]
+    pub no_build: bool,
+    /// List the points and what would run, and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// Runs `cargo xtask sweep`.
-pub fn run(_args: SweepArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`cargo xtask sweep` is not built yet")
+///
+/// # Errors
+/// A bad sweep config, a missing binary, I/O errors; and, after everything is written,
+/// points that failed or a sweep stopped by Ctrl-C.
+pub fn run(args: SweepArgs) -> anyhow::Result<()> {
+    let spec = match &args.config {
+        Some(path) => SweepSpec::from_file(path)?,
+        None => SweepSpec::from_str_in(DEFAULT_SWEEP, &workspace_root().join("configs"))
+            .context("the default sweep config")?,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond Ctrl-C: exiting now; running points are left to finish");
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: no new points start; waiting for running ones (Ctrl-C again to leave now)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let runs_dir = args
+        .runs_dir
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("runs"));
+    let bin = if args.dry_run {
+        args.bin
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("tau-resnet"))
+    } else {
+        find_binary(&args)?
+    };
+    let outcome = run_sweep(&spec, &runs_dir, &bin, &args, &stop)?;
+    outcome.into_result()
+}
+
+/// What a sweep run ended with.
+#[derive(Debug)]
+pub struct SweepOutcome {
+    /// The sweep's folder.
+    pub root: PathBuf,
+    /// Points that ended failed.
+    pub failed: usize,
+    /// Points without a result because the sweep was stopped.
+    pub unfinished: usize,
+    /// Whether Ctrl-C stopped it.
+    pub interrupted: bool,
+}
+
+impl SweepOutcome {
+    fn into_result(self) -> anyhow::Result<()> {
+        if self.interrupted {
+            bail!(
+                "sweep stopped by Ctrl-C with {} points left; run the same command again to resume",
+                self.unfinished
+            );
+        }
+        if self.failed > 0 {
+            bail!(
+                "{} point(s) failed; causes in {}",
+                self.failed,
+                self.root.join("report.md").display()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn find_binary(args: &SweepArgs) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = &args.bin {
+        if !bin.exists() {
+            bail!("tau-resnet binary {} does not exist", bin.display());
+        }
+        return Ok(bin.clone());
+    }
+    let exe_name = format!("tau-resnet{}", std::env::consts::EXE_SUFFIX);
+    if !args.no_build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!("building tau-resnet (cargo build --release -p tau-train --bin tau-resnet)");
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "tau-train",
+                "--bin",
+                "tau-resnet",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .context("running cargo build for tau-resnet")?;
+        if !status.success() {
+            bail!("cargo build of tau-resnet failed ({status})");
+        }
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(&exe_name));
+        // Under target/<profile>/deps (tests) or target/debug: the release build beside it.
+        if let Some(target) = dir
+            .ancestors()
+            .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        {
+            candidates.push(target.join("release").join(&exe_name));
+        }
+    }
+    candidates.push(workspace_root().join("target/release").join(&exe_name));
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no tau-resnet binary found (looked at {}); build it with `cargo build --release -p tau-train` or pass --bin",
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// The TOML text of a resolved sweep (base merged in, no `base_config`), stored as
+/// `runs/<sweep>/sweep.toml` so the report needs nothing else.
+fn resolved_sweep_toml(spec: &SweepSpec) -> anyhow::Result<String> {
+    let mut t = toml::Table::new();
+    t.insert("name".into(), spec.name.clone().into());
+    t.insert("command".into(), spec.command.as_str().into());
+    if let Some(d) = &spec.description {
+        t.insert("description".into(), d.clone().into());
+    }
+    t.insert("base".into(), toml::Value::Table(spec.base.clone()));
+    let mut grid = toml::Table::new();
+    for a in &spec.axes {
+        grid.insert(a.key.clone(), toml::Value::Array(a.values.clone()));
+    }
+    t.insert("grid".into(), toml::Value::Table(grid));
+    let report = toml::Table::try_from(&spec.report).context("serializing [report]")?;
+    if !report.is_empty() {
+        t.insert("report".into(), toml::Value::Table(report));
+    }
+    Ok(format!(
+        "# The resolved sweep config, written by `cargo xtask sweep`; `cargo xtask report` reads it.\n{}",
+        toml::to_string(&t).context("serializing the sweep config")?
+    ))
+}
+
+/// Runs a parsed sweep into `runs_dir/<name>` with `bin` as the tau-resnet binary.
+///
+/// # Errors
+/// I/O errors, or a base config that differs from the one the finished points ran with.
+pub fn run_sweep(
+    spec: &SweepSpec,
+    runs_dir: &Path,
+    bin: &Path,
+    args: &SweepArgs,
+    stop: &AtomicBool,
+) -> anyhow::Result<SweepOutcome> {
+    let points = spec.points()?;
+    let root = runs_dir.join(&spec.name);
+    let base_path = root.join("base.toml");
+    let base_text = toml::to_string(&spec.base).context("serializing the base config")?;
+    let states = records::read_sweep(spec, &root)?;
+    let n_done = states.iter().filter(|s| s.status.is_done()).count();
+    if let Ok(old) = std::fs::read_to_string(root.join(SWEEP_COPY))
+        && let Ok(old) = SweepSpec::from_str_in(&old, &root)
+        && (old.base != spec.base || old.command != spec.command)
+        && n_done > 0
+        && !args.force
+    {
+        bail!(
+            "{} holds {n_done} finished points run with a different base config or command; \
+             use --force to redo them, or give the sweep another name",
+            root.display()
+        );
+    }
+    let jobs_n = args.jobs.unwrap_or_else(cores).max(1);
+    let threads = (cores() / jobs_n).max(1);
+    let mut jobs = Vec::new();
+    let mut skipped = 0;
+    for (i, (p, s)) in points.iter().zip(&states).enumerate() {
+        if s.status.is_done() && !args.force {
+            skipped += 1;
+            continue;
+        }
+        let dir = root.join(&p.name);
+        let resume = spec.command == RunCommand::Train
+            && !args.force
+            && dir.join("config.toml").exists()
+            && dir.join("checkpoints").is_dir();
+        let mut a = vec![spec.command.as_str().to_string()];
+        if resume {
+            a.extend(["--resume".to_string(), dir.display().to_string()]);
+        } else {
+            a.extend(["--config".to_string(), base_path.display().to_string()]);
+            for set in p.set_args() {
+                a.extend(["--set".to_string(), set]);
+            }
+            a.extend(["--out".to_string(), dir.display().to_string()]);
+        }
+        jobs.push(Job {
+            index: i,
+            dir,
+            args: a,
+        });
+    }
+    println!(
+        "sweep `{}`: {} points ({} already done{}), {} to run with {} parallel `tau-resnet {}` processes × {} threads",
+        spec.name,
+        points.len(),
+        skipped,
+        if args.force {
+            ", redone with --force"
+        } else {
+            ", skipped"
+        },
+        jobs.len(),
+        jobs_n.min(jobs.len().max(1)),
+        spec.command,
+        threads
+    );
+    if args.dry_run {
+        for j in &jobs {
+            println!("  {} {}", bin.display(), j.args.join(" "));
+        }
+        return Ok(SweepOutcome {
+            root,
+            failed: 0,
+            unfinished: jobs.len(),
+            interrupted: false,
+        });
+    }
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    write_atomic(
+        &root.join(SWEEP_COPY),
+        resolved_sweep_toml(spec)?.as_bytes(),
+    )?;
+    write_atomic(&base_path, base_text.as_bytes())?;
+    for j in &jobs {
+        prepare_point(spec, &points[j.index], &j.dir, args.force)?;
+    }
+
+    let pb = ProgressBar::with_draw_target(Some(points.len() as u64), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} points  {msg}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(skipped as u64);
+    let mut failed = 0usize;
+    let mut diverged = 0usize;
+    let mut rows: Vec<(String, Status, Duration, String)> = Vec::new();
+    let start = Instant::now();
+    let results = pool::run_pool(bin, &jobs, jobs_n, threads, stop, |r: &JobResult| {
+        let job = jobs.iter().find(|j| j.index == r.index);
+        let Some(job) = job else { return };
+        let point = &points[r.index];
+        let state = finalize_point(spec, point, job, r, stop.load(Ordering::SeqCst));
+        match state.status {
+            Status::Failed => {
+                failed += 1;
+                pb.suspend(|| {
+                    eprintln!(
+                        "point {} failed: {}",
+                        point.name,
+                        state.message.as_deref().unwrap_or("")
+                    )
+                });
+            }
+            Status::Diverged => diverged += 1,
+            _ => {}
+        }
+        pb.inc(1);
+        pb.set_message(format!("{failed} failed, {diverged} diverged"));
+        rows.push((
+            point.name.clone(),
+            state.status,
+            r.wall,
+            state.message.clone().unwrap_or_default(),
+        ));
+    });
+    pb.finish_and_clear();
+    let interrupted = stop.load(Ordering::SeqCst);
+    let generated = report::generate(&root)?;
+    let unfinished = generated
+        .states
+        .iter()
+        .filter(|s| !s.status.is_done())
+        .count();
+    print_summary(&rows, results.len(), start.elapsed());
+    println!("{}: {}", spec.name, generated.summary_line);
+    println!("results: {}", root.join("results.csv").display());
+    println!("report:  {}", root.join("report.md").display());
+    println!(
+        "figures: {} ({} charts, PNG and SVG)",
+        root.join("figures").display(),
+        generated.n_figures
+    );
+    let failed_total = generated
+        .states
+        .iter()
+        .filter(|s| s.status == Status::Failed)
+        .count();
+    Ok(SweepOutcome {
+        root,
+        failed: failed_total,
+        unfinished,
+        interrupted,
+    })
+}
+
+/// Clears xtask's own stale records of a point about to run (and with `--force`, moves
+/// the earlier outputs aside), then writes `point.json`.
+fn prepare_point(
+    spec: &SweepSpec,
+    point: &crate::spec::Point,
+    dir: &Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    if force && dir.exists() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".replaced")
+            .join(format!("{}-{stamp}", point.name));
+        std::fs::create_dir_all(aside.parent().unwrap_or(Path::new(".")))?;
+        std::fs::rename(dir, &aside)
+            .with_context(|| format!("moving {} aside to {}", dir.display(), aside.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let failure = dir.join(FAILURE_RECORD);
+    if failure.exists() {
+        std::fs::remove_file(&failure)
+            .with_context(|| format!("removing {}", failure.display()))?;
+    }
+    let values: serde_json::Map<String, serde_json::Value> = point
+        .values
+        .iter()
+        .map(|(k, v)| {
+            let json = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+            (k.clone(), json)
+        })
+        .collect();
+    let json = serde_json::json!({
+        "sweep": spec.name,
+        "point": point.name,
+        "command": spec.command.as_str(),
+        "values": values,
+    });
+    write_atomic(
+        &dir.join("point.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
+}
+
+/// Turns a finished process into the point's final records: a failure record when it
+/// failed without a result.
+fn finalize_point(
+    spec: &SweepSpec,
+    point: &crate::spec::Point,
+    job: &Job,
+    r: &JobResult,
+    stopping: bool,
+) -> records::PointState {
+    let state = records::read_point(spec.command, point, &job.dir);
+    let record = match spec.command {
+        RunCommand::Probe => PROBE_RECORD,
+        RunCommand::Train => SUMMARY_RECORD,
+    };
+    let message = match (r.exit_code, &r.spawn_error) {
+        (_, Some(err)) => Some(err.clone()),
+        (Some(0), _) | (Some(3), _) if state.status.is_done() => None,
+        (Some(130), _) if state.status == Status::Interrupted => None,
+        // Killed by Ctrl-C (signal, or 130 without a record): resumable, not a failure.
+        (None, _) | (Some(130), _) if stopping => None,
+        (Some(code @ (0 | 3)), _) => Some(format!(
+            "exited with {code} but left no valid {record}{}",
+            state
+                .message
+                .as_deref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        )),
+        (Some(code), _) => Some(format!(
+            "exit code {code}: {}",
+            pool::error_line(&job.dir).unwrap_or_else(|| "no error message".into())
+        )),
+        (None, _) => Some("killed by a signal".to_string()),
+    };
+    if let Some(message) = message {
+        let f = FailureRecord {
+            exit_code: r.exit_code,
+            message,
+        };
+        if let Ok(text) = serde_json::to_string_pretty(&f) {
+            // Move a half-valid record out of the way so the failure is what counts.
+            if state.status.is_done() || state.status == Status::Failed {
+                let rec = job.dir.join(record);
+                let _ = std::fs::rename(&rec, job.dir.join(format!("{record}.invalid")));
+            }
+            let _ = write_atomic(&job.dir.join(FAILURE_RECORD), text.as_bytes());
+        }
+        return records::read_point(spec.command, point, &job.dir);
+    }
+    state
+}
+
+fn print_summary(rows: &[(String, Status, Duration, String)], ran: usize, wall: Duration) {
+    if rows.is_empty() {
+        println!("nothing to run: every point is done (use --force to redo)");
+        return;
+    }
+    let show_all = rows.len() <= 40;
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
+    println!("\n{:width$}  {:11}  {:>8}  note", "point", "status", "time");
+    let mut sorted: Vec<_> = rows.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hidden = 0;
+    for (name, status, wall, msg) in sorted {
+        if !show_all && matches!(status, Status::Finished) {
+            hidden += 1;
+            continue;
+        }
+        println!(
+            "{name:width$}  {:11}  {:>7.1}s  {msg}",
+            status.as_str(),
+            wall.as_secs_f64()
+        );
+    }
+    if hidden > 0 {
+        println!("({hidden} finished points not listed)");
+    }
+    println!("{ran} points run in {:.1}s", wall.as_secs_f64());
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in for tau-resnet: fails on depth 999 (a bad config), diverges on τ = "1",
+    /// stops with status interrupted on depth 77 once, otherwise finishes. It counts its
+    /// runs per point in `count`.
+    const FAKE: &str = r#"#!/bin/sh
+cmd=$1; shift
+out=""; sets=""; resume=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out=$2; shift 2;;
+    --resume) out=$2; resume=1; shift 2;;
+    --set) sets="$sets $2"; shift 2;;
+    *) shift;;
+  esac
+done
+case "$sets" in *depth=999*) echo "error: config base.toml: key \`model.depth\`: 999 is not 6n+2" >&2; exit 1;; esac
+mkdir -p "$out"
+echo "$cmd resume=$resume" >> "$out/count"
+case "$sets" in *depth=77*)
+  if [ ! -f "$out/was-interrupted" ]; then
+    touch "$out/was-interrupted"; mkdir -p "$out/checkpoints"; touch "$out/config.toml"
+    printf '{"status":"interrupted","step":5}' > "$out/summary.json"; exit 130
+  fi;;
+esac
+printf '{"step":1,"train_loss":2.0}\n{"step":10,"train_loss":0.5}\n{"step":100,"train_loss":0.01}\n' > "$out/metrics.jsonl"
+case "$sets" in *'tau="1"'*)
+  printf '{"status":"diverged","diverged_at_step":7,"final":{"train_loss":null}}' > "$out/summary.json"; exit 3;;
+esac
+printf '{"status":"finished","final":{"train_loss":0.01,"test_acc":0.9}}' > "$out/summary.json"
+exit 0
+"#;
+
+    fn fake_bin(dir: &Path) -> PathBuf {
+        let path = dir.join("fake-tau-resnet");
+        std::fs::write(&path, FAKE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn args(force: bool) -> SweepArgs {
+        SweepArgs {
+            config: None,
+            jobs: Some(2),
+            force,
+            runs_dir: None,
+            bin: None,
+            no_build: true,
+            dry_run: false,
+        }
+    }
+
+    fn spec(depths: &str) -> SweepSpec {
+        let text = format!(
+            "name = \"t\"\ncommand = \"train\"\n[base]\nseed = 0\n[grid]\n\"model.depth\" = [{depths}]\n\"model.tau\" = [\"1/sqrt(L)\", \"1\"]\n"
+        );
+        SweepSpec::from_str_in(&text, Path::new(".")).unwrap()
+    }
+
+    fn runs(root: &Path, point: &str) -> usize {
+        std::fs::read_to_string(root.join(point).join("count")).map_or(0, |t| t.lines().count())
+    }
+
+    #[test]
+    fn failures_and_divergence_do_not_stop_the_sweep_and_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = fake_bin(tmp.path());
+        let stop = AtomicBool::new(false);
+        let spec = spec("4, 999, 16");
+        let out = run_sweep(&spec, tmp.path(), &bin, &args(false), &stop).unwrap();
+        let root = tmp.path().join("t");
+        assert_eq!(out.failed, 2, "depth 999 fails for both τ");
+        let states = records::read_sweep(&spec, &root).unwrap();
+        let by = |n: &str| states.iter().find(|s| s.point.name == n).unwrap();
+        assert_eq!(by("depth-4_tau-1_sqrt_L").status, Status::Finished);
+        assert_eq!(by("depth-16_tau-1_sqrt_L").status, Status::Finished);
+        assert_eq!(by("depth-16_tau-1").status, Status::Diverged);
+        let bad = by("depth-999_tau-1_sqrt_L");
+        assert_eq!(bad.status, Status::Failed);
+        assert!(
+            bad.message.as_deref().unwrap().contains("model.depth"),
+            "{:?}",
+            bad.message
+        );
+        let csv = std::fs::read_to_string(root.join("results.csv")).unwrap();
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .starts_with("point,model.depth,model.tau,status,message")
+        );
+        assert!(csv.contains("depth-16_tau-1,16,1,diverged,,7,"), "{csv}");
+        assert!(
+            csv.contains("depth-999_tau-1_sqrt_L,999,1/sqrt(L),failed,exit code 1: error: config")
+        );
+        let report = std::fs::read_to_string(root.join("report.md")).unwrap();
+        assert!(
+            report.contains("4 finished, 2 diverged, 2 failed") || report.contains("failed"),
+            "{report}"
+        );
+        assert!(report.contains("Points without a result"));
+        assert!(report.contains("not 6n+2"));
+        let figs: Vec<String> = std::fs::read_dir(root.join("figures"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            figs.contains(&"loss_vs_step_tau_1_sqrt_L.png".to_string()),
+            "{figs:?}"
+        );
+        assert!(root.join("figures/accuracy_vs_depth.svg").exists());
+    }
+
+    #[test]
+    fn rerun_skips_finished_points_retries_failed_and_resumes_interrupted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = fake_bin(tmp.path());
+        let stop = AtomicBool::new(false);
+        let root = tmp.path().join("t");
+        let first = run_sweep(&spec("4, 77, 999"), tmp.path(), &bin, &args(false), &stop).unwrap();
+        assert_eq!(first.failed, 2);
+        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
+        let s = records::read_sweep(&spec("4, 77, 999"), &root).unwrap();
+        assert_eq!(s[2].status, Status::Interrupted);
+        // Second run: finished/diverged skipped, interrupted resumed, failed retried.
+        let second = run_sweep(&spec("4, 77, 999"), tmp.path(), &bin, &args(false), &stop).unwrap();
+        assert_eq!(second.failed, 2);
+        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
+        assert_eq!(runs(&root, "depth-4_tau-1"), 1);
+        let count = std::fs::read_to_string(root.join("depth-77_tau-1_sqrt_L/count")).unwrap();
+        assert_eq!(count, "train resume=0\ntrain resume=1\n");
+        let s = records::read_sweep(&spec("4, 77, 999"), &root).unwrap();
+        assert_eq!(s[2].status, Status::Finished);
+        // A grown grid runs only the new points.
+        run_sweep(
+            &spec("4, 77, 999, 8"),
+            tmp.path(),
+            &bin,
+            &args(false),
+            &stop,
+        )
+        .unwrap();
+        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
+        assert_eq!(runs(&root, "depth-8_tau-1_sqrt_L"), 1);
+        // --force redoes everything, keeping the old outputs aside.
+        run_sweep(&spec("4"), tmp.path(), &bin, &args(true), &stop).unwrap();
+        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
+        assert!(std::fs::read_dir(root.join(".replaced")).unwrap().count() >= 2);
+    }
+
+    #[test]
+    fn report_reproduces_results_csv_byte_for_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = fake_bin(tmp.path());
+        let stop = AtomicBool::new(false);
+        let root = tmp.path().join("t");
+        let _ = run_sweep(&spec("2, 999, 8"), tmp.path(), &bin, &args(false), &stop).unwrap();
+        let csv = std::fs::read(root.join("results.csv")).unwrap();
+        let md = std::fs::read(root.join("report.md")).unwrap();
+        std::fs::remove_file(root.join("results.csv")).unwrap();
+        std::fs::remove_file(root.join("report.md")).unwrap();
+        std::fs::remove_dir_all(root.join("figures")).unwrap();
+        report::generate(&root).unwrap();
+        assert_eq!(std::fs::read(root.join("results.csv")).unwrap(), csv);
+        assert_eq!(std::fs::read(root.join("report.md")).unwrap(), md);
+        assert!(root.join("figures/accuracy_vs_depth.png").exists());
+    }
+
+    #[test]
+    fn changed_base_config_with_finished_points_needs_force() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = fake_bin(tmp.path());
+        let stop = AtomicBool::new(false);
+        run_sweep(&spec("4"), tmp.path(), &bin, &args(false), &stop).unwrap();
+        let mut changed = spec("4");
+        changed.base.insert("seed".into(), toml::Value::Integer(5));
+        let err = run_sweep(&changed, tmp.path(), &bin, &args(false), &stop).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+    }
+
+    #[test]
+    fn default_sweep_config_parses() {
+        let spec =
+            SweepSpec::from_str_in(DEFAULT_SWEEP, &workspace_root().join("configs")).unwrap();
+        assert_eq!(spec.command, RunCommand::Probe);
+        assert!(spec.n_points() >= 13);
+        spec.points().unwrap();
+    }
 }
