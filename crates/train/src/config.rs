@@ -338,35 +338,47 @@ fn default_small_lr_factor() -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// Write a training record every this many steps (0: only at the end of each epoch,
-    /// and at the end of the run).
+    /// Write a training record every this many steps (0: only at the end of each epoch of
+    /// an SGD run, and at the end of the run).
     #[serde(default = "default_every")]
     pub every: u64,
-    /// Evaluate on the test set every this many epochs (or steps, for a run counted in
-    /// steps); 0: only at the end.
-    #[serde(default = "default_one")]
-    pub eval_every: u64,
-    /// Write a checkpoint every this many epochs (or steps, for a run counted in steps);
-    /// 0: only at the end (and on Ctrl-C).
-    #[serde(default = "default_one")]
-    pub checkpoint_every: u64,
+    /// Evaluate on the test set every this many epochs (run counted in `epochs`) or steps
+    /// (run counted in `steps`); 0: only at the end. Default: every epoch, or with every
+    /// training record for a run counted in steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<u64>,
+    /// Write a checkpoint every this many epochs (run counted in `epochs`) or steps (run
+    /// counted in `steps`); 0: only at the end (and on Ctrl-C). Default: every epoch, or
+    /// every 1000 steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
 }
 
 fn default_every() -> u64 {
     100
 }
 
-fn default_one() -> u64 {
-    1
-}
-
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             every: default_every(),
-            eval_every: default_one(),
-            checkpoint_every: default_one(),
+            eval_every: None,
+            checkpoint_every: None,
         }
+    }
+}
+
+impl LogConfig {
+    /// The evaluation cadence in the run's unit (see [`LogConfig::eval_every`]).
+    pub fn eval_every(&self, by_epochs: bool) -> u64 {
+        self.eval_every
+            .unwrap_or(if by_epochs { 1 } else { self.every })
+    }
+
+    /// The checkpoint cadence in the run's unit (see [`LogConfig::checkpoint_every`]).
+    pub fn checkpoint_every(&self, by_epochs: bool) -> u64 {
+        self.checkpoint_every
+            .unwrap_or(if by_epochs { 1 } else { 1000 })
     }
 }
 

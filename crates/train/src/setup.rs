@@ -58,6 +58,22 @@ impl TauModel {
         })
     }
 
+    /// Wraps a model config and its tensors (for example a loaded checkpoint).
+    ///
+    /// # Errors
+    /// Tensors that do not fit the config.
+    pub fn from_varmap(cfg: &ModelConfig, varmap: VarMap, device: &Device) -> anyhow::Result<Self> {
+        let dtype = tau_model::checkpoint::varmap_dtype(&varmap).unwrap_or(DType::F32);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let model = Model::new(cfg, vb).context("building the model")?;
+        Ok(TauModel {
+            cfg: cfg.clone(),
+            varmap,
+            model,
+            device: device.clone(),
+        })
+    }
+
     /// Loads the weights of a checkpoint directory (`config.json` + `model.safetensors`)
     /// into this model, after checking that the checkpoint has this architecture.
     ///
@@ -65,7 +81,8 @@ impl TauModel {
     /// Missing or corrupt files, another architecture, a missing tensor or one of another
     /// shape.
     pub fn load_weights(&self, dir: &Path) -> anyhow::Result<()> {
-        let (ck_cfg, weights) = read_checkpoint(dir, &self.device)?;
+        let (ck_cfg, weights) = tau_model::checkpoint::load(dir, &self.device)
+            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
         if ck_cfg != self.cfg {
             bail!(
                 "{} holds a different architecture ({}) than the run ({})",
@@ -74,6 +91,11 @@ impl TauModel {
                 describe(&self.cfg)
             );
         }
+        let weights = weights
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("checkpoint lock poisoned"))?
+            .clone();
         let data = self
             .varmap
             .data()
@@ -91,7 +113,7 @@ impl TauModel {
                     var.dims()
                 );
             }
-            var.set(&t.to_dtype(var.dtype())?)
+            var.set(&t.as_tensor().to_dtype(var.dtype())?)
                 .with_context(|| format!("{}: loading `{name}`", dir.display()))?;
         }
         Ok(())
@@ -101,25 +123,6 @@ impl TauModel {
 /// A one-line description of an architecture for error messages.
 pub fn describe(cfg: &ModelConfig) -> String {
     serde_json::to_string(cfg).unwrap_or_else(|_| cfg.family().to_string())
-}
-
-/// Reads a checkpoint directory: `config.json` (the model config) and `model.safetensors`.
-///
-/// # Errors
-/// Missing or corrupt files, naming them.
-pub fn read_checkpoint(
-    dir: &Path,
-    device: &Device,
-) -> anyhow::Result<(ModelConfig, std::collections::HashMap<String, Tensor>)> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: ModelConfig =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
-    let w_path = dir.join("model.safetensors");
-    let weights = candle::safetensors::load(&w_path, device)
-        .with_context(|| format!("reading {}", w_path.display()))?;
-    Ok((cfg, weights))
 }
 
 impl TrainModel for TauModel {
@@ -145,14 +148,8 @@ impl TrainModel for TauModel {
 
 impl ModelStore for TauModel {
     fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        let cfg_path = dir.join("config.json");
-        let text = serde_json::to_string_pretty(&self.cfg)?;
-        std::fs::write(&cfg_path, text)
-            .with_context(|| format!("writing {}", cfg_path.display()))?;
-        let w_path = dir.join("model.safetensors");
-        self.varmap
-            .save(&w_path)
-            .with_context(|| format!("writing {}", w_path.display()))
+        tau_model::checkpoint::save(dir, &self.cfg, &self.varmap)
+            .with_context(|| format!("writing the model checkpoint into {}", dir.display()))
     }
 }
 

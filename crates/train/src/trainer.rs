@@ -372,8 +372,8 @@ pub fn run_loop(
         .map(|p| p.name.clone())
         .collect();
     let every = cfg.log.every;
-    let eval_every = cfg.log.eval_every;
-    let ckpt_every = cfg.log.checkpoint_every;
+    let eval_every = cfg.log.eval_every(by_epochs);
+    let ckpt_every = cfg.log.checkpoint_every(by_epochs);
 
     let session_start = Instant::now();
     let wall_before = state.wall_s;

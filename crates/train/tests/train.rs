@@ -462,3 +462,82 @@ fn every_command_help_has_an_example() {
         assert!(text.contains("Example"), "{cmd:?}: {text}");
     }
 }
+
+#[test]
+fn shipped_run_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".toml") && !name.starts_with("sweep-") {
+            tau_train::config::load_config(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "only {n} run configs found in {}", dir.display());
+}
+
+/// Trains a tiny theory network on a few MNIST images and evaluates its checkpoint on
+/// the MNIST test set through `tau-resnet eval --json`. Skips when MNIST is absent.
+#[test]
+fn eval_reads_a_run_checkpoint() {
+    let mnist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist");
+    if !mnist.join("t10k-images-idx3-ubyte.gz").exists() {
+        eprintln!("skipped: MNIST not found at {}", mnist.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let data = format!(
+        "data={{ source = \"mnist\", dir = {:?}, subset = {{ balanced_k = 2 }}, test_subset = {{ first_n = 10 }}, batch_size = 20 }}",
+        mnist.display().to_string()
+    );
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            &data,
+            "--set",
+            "model.input_dim=784",
+            "--set",
+            "model.output_dim=10",
+        ])
+        .args([
+            "--set",
+            "optim={ kind = \"gd\", lr = 0.1 }",
+            "--set",
+            "steps=3",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = bin()
+        .args(["eval", "--json", "--data", "mnist", "--checkpoint"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(&mnist)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["examples"], 10_000);
+    assert_eq!(r["loss_kind"], "squared");
+    let acc = r["test_acc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(r["test_loss"].as_f64().unwrap().is_finite());
+}

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use candle::DType;
 use serde::Serialize;
 use tau_model::ModelConfig;
 
@@ -11,7 +12,7 @@ use crate::config::{
     AugmentKind, DTypeSpec, DataConfig, DeviceSpec, LogConfig, LossConfig, LossKind, OptimConfig,
     OptimKind, Reduction, RunConfig, ScheduleConfig, SourceKind, Subset, WeightDecayMode,
 };
-use crate::setup::{TauModel, check_fit, load_data, read_checkpoint};
+use crate::setup::{TauModel, check_fit, load_data};
 use crate::trainer::{evaluate, last_checkpoint};
 
 /// The data sets `eval` reads.
@@ -44,6 +45,9 @@ pub struct EvalArgs {
     /// Directory of the data files (else `TAU_DATA_DIR`, else the hub).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Revision (branch, tag or commit) of a hub checkpoint.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
     /// Loss to report: `squared` or `cross_entropy` (default: squared for the theory
     /// network, cross-entropy otherwise).
     #[arg(long, value_name = "KIND")]
@@ -69,20 +73,26 @@ struct EvalResult {
     test_acc: Option<f64>,
 }
 
-/// Finds the checkpoint directory `arg` names.
-fn resolve_checkpoint(arg: &str) -> anyhow::Result<PathBuf> {
+/// Loads the checkpoint `arg` names: a checkpoint directory, a run directory (its last
+/// checkpoint), or a hub model id.
+fn load_checkpoint(
+    arg: &str,
+    revision: Option<&str>,
+    device: &candle::Device,
+) -> anyhow::Result<(String, ModelConfig, candle_nn::VarMap)> {
     let p = Path::new(arg);
-    if p.join("config.json").is_file() {
-        return Ok(p.to_path_buf());
-    }
-    if p.is_dir() {
-        return last_checkpoint(p).with_context(|| {
+    let (place, id) = if p.is_dir() && !p.join("config.json").is_file() {
+        let dir = last_checkpoint(p).with_context(|| {
             format!("{arg} is neither a checkpoint (config.json) nor a run directory with checkpoints/last")
-        });
-    }
-    bail!(
-        "checkpoint {arg} not found (a directory with config.json and model.safetensors, or a run directory; loading from the hub is not available in this build)"
-    )
+        })?;
+        (dir.display().to_string(), dir)
+    } else {
+        (arg.to_string(), PathBuf::from(arg))
+    };
+    let id = id.to_string_lossy().to_string();
+    let (cfg, varmap) = tau_model::hub::from_pretrained(&id, revision, device)
+        .with_context(|| format!("loading checkpoint {place}"))?;
+    Ok((place, cfg, varmap))
 }
 
 /// Runs `tau-resnet eval`.
@@ -93,9 +103,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    let dir = resolve_checkpoint(&args.checkpoint)?;
     let device = args.device.device()?;
-    let (model_cfg, _) = read_checkpoint(&dir, &device)?;
+    let (place, model_cfg, varmap) =
+        load_checkpoint(&args.checkpoint, args.revision.as_deref(), &device)?;
     let loss = match args.loss.as_deref() {
         None if matches!(model_cfg, ModelConfig::Theory(_)) => LossKind::Squared,
         None | Some("cross_entropy") => LossKind::CrossEntropy,
@@ -108,22 +118,25 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         EvalData::Cifar100 => SourceKind::Cifar100,
         EvalData::Folder => SourceKind::Folder,
     };
-    let cfg = eval_config(
-        model_cfg.clone(),
-        source,
-        args.data_dir.clone(),
-        loss,
-        args.batch_size,
-    );
+    let dtype = tau_model::checkpoint::varmap_dtype(&varmap).unwrap_or(DType::F32);
+    let cfg = cfg_with_dtype(
+        eval_config(
+            model_cfg.clone(),
+            source,
+            args.data_dir.clone(),
+            loss,
+            args.batch_size,
+        ),
+        dtype,
+    )?;
     let flat = matches!(model_cfg, ModelConfig::Theory(_));
-    let data = load_data(&cfg, cfg.dtype.dtype(), &device, flat)?;
+    let data = load_data(&cfg, dtype, &device, flat)?;
     check_fit(&model_cfg, &data, loss)?;
     let test = data.test.context("the data set has no test split")?;
-    let model = TauModel::init(&model_cfg, 0, cfg.dtype.dtype(), &device)?;
-    model.load_weights(&dir)?;
+    let model = TauModel::from_varmap(&model_cfg, varmap, &device)?;
     let (test_loss, test_acc) = evaluate(&model, test.as_ref(), loss, args.batch_size)?;
     let result = EvalResult {
-        checkpoint: dir.display().to_string(),
+        checkpoint: place,
         data: source.to_string(),
         examples: test.len(),
         loss_kind: match loss {
@@ -149,6 +162,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Finished)
+}
+
+fn cfg_with_dtype(mut cfg: RunConfig, dtype: DType) -> anyhow::Result<RunConfig> {
+    cfg.dtype = match dtype {
+        DType::F32 => DTypeSpec::F32,
+        DType::F64 => DTypeSpec::F64,
+        other => bail!("checkpoints in {other:?} are not supported by eval (f32 or f64)"),
+    };
+    Ok(cfg)
 }
 
 fn eval_config(
