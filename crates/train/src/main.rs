@@ -1,5 +1,6 @@
 //! `tau-resnet`: train, probe and evaluate τ-ResNets.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -46,11 +47,13 @@ enum Command {
 
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
+    let color = std::io::stderr().is_terminal();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     if quiet {
         let _ = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(color)
                     .with_writer(std::io::stderr)
                     .with_filter(filter),
             )
@@ -60,6 +63,7 @@ fn init_logging(quiet: bool) {
         let _ = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(color)
                     .with_writer(bars.get_stderr_writer())
                     .with_filter(filter),
             )
