@@ -509,7 +509,11 @@ pub fn run_loop(
 
         if opts.progress {
             span.pb_set_position(state.step);
-            span.pb_set_message(&format!("loss {loss:.4e} lr {lr:.3e}"));
+            span.pb_set_message(&format!(
+                "epoch {}/{} loss {loss:.4e} lr {lr:.3e}",
+                state.step.div_ceil(spe),
+                total.div_ceil(spe)
+            ));
         }
 
         if log_now || eval_now {
