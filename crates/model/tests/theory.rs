@@ -317,3 +317,29 @@ fn toml_style_model_table_and_bad_settings() {
     });
     assert!(bad.validate().unwrap_err().to_string().contains("tau"));
 }
+
+/// The `[model]` table of a run config, as TOML.
+#[test]
+fn model_table_from_toml() {
+    let cfg: ModelConfig =
+        toml::from_str("family = \"theory\"\ndepth = 16\nwidth = 512\ntau = \"1/sqrt(L)\"\n")
+            .unwrap();
+    let ModelConfig::Theory(t) = &cfg else {
+        panic!("not a theory config: {cfg:?}")
+    };
+    assert_eq!((t.depth, t.width, t.input_dim, t.a_var), (16, 512, 32, 2.0));
+    let cfg: ModelConfig = toml::from_str(
+        "family = \"cifar_resnet\"\ndepth = 110\nnorm = \"none\"\ntau = 0.136\nlearnable_tau = true\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.n_blocks(), 54);
+    assert_eq!(cfg.tau_init(), 0.136);
+    let err = toml::from_str::<ModelConfig>("family = \"theory\"\ndepht = 16\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("depht"), "{err}");
+    let err = toml::from_str::<ModelConfig>("family = \"theory\"\ntau = \"1/sqrt(K)\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("accepted forms"), "{err}");
+}
