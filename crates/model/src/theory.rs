@@ -239,6 +239,17 @@ impl TheoryTrace {
         (!rs.is_empty()).then(|| rs.iter().sum::<f64>() / rs.len() as f64)
     }
 
+    /// For every layer l = 0..=L, the mean over inputs of ln(‖h_l‖/‖h_0‖) (inputs with a
+    /// zero h_0 left out; −∞ where some input's h_l is zero). Empty when no input counts.
+    pub fn mean_log_ratio_per_layer(&self) -> Vec<f64> {
+        (0..self.log_norms.len())
+            .map_while(|l| {
+                let rs = self.log_ratios_at(l);
+                (!rs.is_empty()).then(|| rs.iter().sum::<f64>() / rs.len() as f64)
+            })
+            .collect()
+    }
+
     /// The largest ln‖h_l(x_i)‖ over every layer and input (−∞ if all are zero).
     pub fn max_log_norm(&self) -> f64 {
         self.log_norms

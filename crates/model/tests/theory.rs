@@ -53,6 +53,10 @@ fn norm_growth_matches_the_paper_table_at_depth_256() {
     let (net, xs) = paper_net("1/sqrt(L)");
     let trace = net.forward_traced(&xs).unwrap();
     assert_eq!(trace.depth(), 256);
+    let per_layer = trace.mean_log_ratio_per_layer();
+    assert_eq!(per_layer.len(), 257);
+    assert_eq!(per_layer[0], 0.0);
+    assert!((per_layer[256] - trace.mean_log_ratio().unwrap()).abs() < 1e-12);
     assert_eq!(trace.n_inputs(), 64);
     let r = trace.mean_ratio().unwrap();
     eprintln!("L = 256, tau = 1/sqrt(L): mean ratio {r}");
