@@ -5,6 +5,7 @@ pub mod cmd;
 pub mod config;
 pub mod loss;
 pub mod optim;
+pub mod probe;
 pub mod records;
 pub mod schedule;
 pub mod setup;

@@ -1,0 +1,570 @@
+//! Stability at initialization (PAPER.md, claims 1 and 2): ‖h_l‖/‖h_0‖ per block and
+//! per-layer gradient norms for many τ values on the same seeded weights.
+//!
+//! The theory network takes a fast path that evaluates every τ at once on the weights
+//! of [`tau_model::init_varmap`] (common random numbers: the weights are drawn once per
+//! seed, whatever the number of τ values): the hidden states of all (τ, input) pairs are
+//! the rows of one matrix, each block is one f32 GEMM, and every row is rescaled to unit
+//! norm after each block with its log-scale accumulated in f64. The blocks are positively
+//! homogeneous (block(c·h) = c·block(h) for c > 0), so the rescaling is exact and the
+//! ratios stay finite far beyond f64's range (τ = 1 at L = 4096 gives about 1e490).
+//!
+//! The backward pass is linear once the ReLU masks are fixed, so it is rescaled the same
+//! way. For input i the gradient of its squared loss with respect to W_l is the rank-one
+//! matrix τ·r_i·(D_l g_l)(h_{l−1})ᵀ, whose norm is τ·|r_i|·‖D_l g_l‖·‖h_{l−1}‖, with g_l
+//! back-propagated from g_L = Bᵀ1 (for one output, the residual r_i is a scalar that
+//! cancels from every ratio between layers).
+
+use candle::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use tau_model::{ModelConfig, TauRule, TheoryConfig, TheoryNet};
+
+/// One τ rule to probe, as written and parsed.
+#[derive(Debug, Clone)]
+pub struct ProbeTauRule {
+    /// The rule as written (`1/sqrt(L)`).
+    pub text: String,
+    /// The parsed rule.
+    pub rule: TauRule,
+}
+
+/// α when the rule is exactly L^-α (1/√L: 0.5, 1/L: 1, `L^-0.3`: 0.3), else `None`.
+pub fn rule_alpha(rule: &TauRule) -> Option<f64> {
+    match *rule {
+        TauRule::InvSqrtDepth { scale } if scale == 1.0 => Some(0.5),
+        TauRule::InvDepth { scale } if scale == 1.0 => Some(1.0),
+        TauRule::Power { scale, exponent } if scale == 1.0 => Some(-exponent),
+        _ => None,
+    }
+}
+
+/// The results for one τ, pooled over seeds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeTau {
+    /// The rule as written.
+    pub rule: String,
+    /// α when the rule is L^-α.
+    pub alpha: Option<f64>,
+    /// τ resolved at this depth.
+    pub tau: f64,
+    /// log10 ‖h_L‖/‖h_0‖ per (seed, input), seeds outermost. Inputs whose h_0 is zero are
+    /// left out.
+    pub log10_ratio: Vec<f64>,
+    /// log10 ‖∂ℓ/∂W_1‖/‖∂ℓ/∂W_L‖ per (seed, input) (empty for families without a
+    /// per-input backward probe).
+    pub log10_grad_ratio: Vec<f64>,
+    /// Median over inputs and seeds of log10 ‖h_l‖/‖h_0‖ at the blocks of
+    /// [`ProbeRecord::blocks`].
+    pub block_log10_ratio_median: Vec<f64>,
+    /// Median over inputs and seeds of log10 ‖∂ℓ/∂W_l‖/‖∂ℓ/∂W_L‖ at those blocks (theory
+    /// network), or log10 of the gradient norm of each block's parameters relative to the
+    /// last block's (ResNets, whole batch).
+    pub block_log10_grad_median: Vec<f64>,
+}
+
+/// `probe.json`: the whole probe of one model config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeRecord {
+    /// Record format tag.
+    pub format: String,
+    /// Model family.
+    pub family: String,
+    /// L, the number of residual blocks.
+    pub n_blocks: usize,
+    /// The seeds, in the order of the per-input arrays.
+    pub seeds: Vec<u64>,
+    /// Inputs per seed.
+    pub n_inputs: usize,
+    /// Blocks (1-based) at which per-block values are reported: powers of two and L.
+    pub blocks: Vec<usize>,
+    /// One entry per τ rule.
+    pub taus: Vec<ProbeTau>,
+    /// Wall time of the probe, seconds.
+    pub wall_s: f64,
+    /// The crate version that wrote the record.
+    pub version: String,
+}
+
+/// Blocks 1, 2, 4, …, and L (1-based).
+pub fn sample_blocks(n_blocks: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..usize::BITS)
+        .map(|k| 1usize << k)
+        .take_while(|&b| b <= n_blocks)
+        .collect();
+    if n_blocks > 0 && v.last() != Some(&n_blocks) {
+        v.push(n_blocks);
+    }
+    v
+}
+
+/// Median of the finite values (NaN when none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut xs: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let k = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[k]
+    } else {
+        0.5 * (xs[k - 1] + xs[k])
+    }
+}
+
+/// Per-seed output of the theory fast path for one τ column (natural logs).
+#[derive(Debug, Clone, Default)]
+pub struct TheorySeedResult {
+    /// ln ‖h_L‖/‖h_0‖ per input (−∞ for a hidden state that died; NaN if h_0 is zero).
+    pub log_ratio: Vec<f64>,
+    /// ln ‖∂W_1‖/‖∂W_L‖ per input.
+    pub log_grad_ratio: Vec<f64>,
+    /// ln ‖h_l‖/‖h_0‖ per sampled block, per input.
+    pub block_log_ratio: Vec<Vec<f64>>,
+    /// ln ‖∂W_l‖/‖∂W_L‖ per sampled block, per input.
+    pub block_log_grad: Vec<Vec<f64>>,
+}
+
+fn cpu_f32(t: &Tensor) -> candle::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Scales every row of `xs` (rows of length `m`) to unit norm; adds ln(norm) to `logs`.
+/// A zero row stays zero and its log becomes −∞.
+fn normalize_rows(xs: &mut [f32], m: usize, logs: &mut [f64]) {
+    for (row, log) in xs.chunks_mut(m).zip(logs.iter_mut()) {
+        let n2: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        if n2 > 0.0 && n2.is_finite() {
+            let n = n2.sqrt();
+            let inv = (1.0 / n) as f32;
+            row.iter_mut().for_each(|v| *v *= inv);
+            *log += n.ln();
+        } else {
+            row.iter_mut().for_each(|v| *v = 0.0);
+            *log = if n2 == 0.0 {
+                f64::NEG_INFINITY
+            } else {
+                f64::NAN
+            };
+        }
+    }
+}
+
+/// The theory network's forward and backward probe for many τ at once, on `net`'s
+/// weights (its own τ is ignored) and the inputs `xs` (n × p, row-major, f64).
+///
+/// Returns one [`TheorySeedResult`] per entry of `taus`.
+///
+/// # Errors
+/// Tensor errors (shapes that do not match the network).
+pub fn theory_probe_seed(
+    net: &TheoryNet,
+    xs: &[f64],
+    n: usize,
+    taus: &[f64],
+    blocks: &[usize],
+) -> candle::Result<Vec<TheorySeedResult>> {
+    let cfg = net.config();
+    let (p, m, n_blocks) = (cfg.input_dim, cfg.width, net.n_blocks());
+    if xs.len() != n * p {
+        candle::bail!(
+            "probe: {} input values for {n} inputs of dimension {p}",
+            xs.len()
+        )
+    }
+    let n_tau = taus.len();
+    let rows = n_tau * n;
+    // h_0 = φ(A x) in f64, then unit rows.
+    let a = cpu_f32(net.input_weight())?;
+    let mut h0 = vec![0f64; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            let s: f64 = (0..p)
+                .map(|k| f64::from(a[j * p + k]) * xs[i * p + k])
+                .sum();
+            h0[i * m + j] = s.max(0.0);
+        }
+    }
+    let mut log0 = vec![0f64; n];
+    for i in 0..n {
+        let n2: f64 = h0[i * m..(i + 1) * m].iter().map(|v| v * v).sum();
+        log0[i] = if n2 > 0.0 {
+            0.5 * n2.ln()
+        } else {
+            f64::NEG_INFINITY
+        };
+        let inv = if n2 > 0.0 { 1.0 / n2.sqrt() } else { 0.0 };
+        h0[i * m..(i + 1) * m].iter_mut().for_each(|v| *v *= inv);
+    }
+    let mut h = vec![0f32; rows * m];
+    for t in 0..n_tau {
+        for i in 0..n {
+            let dst = &mut h[(t * n + i) * m..(t * n + i + 1) * m];
+            for (d, s) in dst.iter_mut().zip(&h0[i * m..(i + 1) * m]) {
+                *d = *s as f32;
+            }
+        }
+    }
+    let tau_of_row: Vec<f32> = (0..rows).map(|r| taus[r / n] as f32).collect();
+    let words = m.div_ceil(64);
+    let mut masks = vec![0u64; n_blocks * rows * words];
+    // prev_log[l][r] = ln‖h_l‖/‖h_0‖ for the input of block l (0-based).
+    let mut prev_log = vec![0f64; n_blocks * rows];
+    let mut logn = vec![0f64; rows];
+    for (r, log) in logn.iter_mut().enumerate() {
+        if !log0[r % n].is_finite() {
+            *log = f64::NAN;
+        }
+    }
+    let mut block_fwd: Vec<Vec<f64>> = Vec::with_capacity(blocks.len());
+    let mut next_sample = blocks.iter().peekable();
+    let device = Device::Cpu;
+    for (l, w) in net.weights().iter().enumerate() {
+        prev_log[l * rows..(l + 1) * rows].copy_from_slice(&logn);
+        let w = w.to_dtype(DType::F32)?;
+        let ht = Tensor::from_vec(std::mem::take(&mut h), (rows, m), &device)?;
+        let pw = ht.matmul(&w.t()?)?;
+        let mut z = ht.flatten_all()?.to_vec1::<f32>()?;
+        let pw = pw.flatten_all()?.to_vec1::<f32>()?;
+        let mask = &mut masks[l * rows * words..(l + 1) * rows * words];
+        for r in 0..rows {
+            let tau = tau_of_row[r];
+            let zr = &mut z[r * m..(r + 1) * m];
+            let pr = &pw[r * m..(r + 1) * m];
+            let mr = &mut mask[r * words..(r + 1) * words];
+            for j in 0..m {
+                let v = zr[j] + tau * pr[j];
+                if v > 0.0 {
+                    zr[j] = v;
+                    mr[j / 64] |= 1u64 << (j % 64);
+                } else {
+                    zr[j] = 0.0;
+                }
+            }
+        }
+        normalize_rows(&mut z, m, &mut logn);
+        h = z;
+        if next_sample.peek() == Some(&&(l + 1)) {
+            next_sample.next();
+            block_fwd.push(logn.clone());
+        }
+    }
+    // Backward from g_L = Bᵀ1 for every row.
+    let b = cpu_f32(net.output_weight())?;
+    let d = cfg.output_dim;
+    let mut g_dir = vec![0f32; m];
+    for k in 0..d {
+        for j in 0..m {
+            g_dir[j] += b[k * m + j];
+        }
+    }
+    let mut g = Vec::with_capacity(rows * m);
+    for _ in 0..rows {
+        g.extend_from_slice(&g_dir);
+    }
+    let mut gamma = vec![0f64; rows];
+    normalize_rows(&mut g, m, &mut gamma);
+    // grad_log[r] at sampled blocks, ln‖∂W_l‖ up to the common factor |r_i|.
+    let mut grad_at: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
+    let mut grad_first = vec![0f64; rows];
+    let mut grad_last = vec![0f64; rows];
+    for l in (0..n_blocks).rev() {
+        let mask = &masks[l * rows * words..(l + 1) * rows * words];
+        for r in 0..rows {
+            let gr = &mut g[r * m..(r + 1) * m];
+            let mr = &mask[r * words..(r + 1) * words];
+            for j in 0..m {
+                if mr[j / 64] & (1u64 << (j % 64)) == 0 {
+                    gr[j] = 0.0;
+                }
+            }
+        }
+        normalize_rows(&mut g, m, &mut gamma);
+        let grad: Vec<f64> = (0..rows)
+            .map(|r| f64::from(tau_of_row[r]).ln() + gamma[r] + prev_log[l * rows + r])
+            .collect();
+        if l + 1 == n_blocks {
+            grad_last.clone_from(&grad);
+        }
+        if l == 0 {
+            grad_first.clone_from(&grad);
+        }
+        if let Some(k) = blocks.iter().position(|&bk| bk == l + 1) {
+            grad_at[k] = grad;
+        }
+        if l == 0 {
+            break;
+        }
+        let w = net.weights()[l].to_dtype(DType::F32)?;
+        let gt = Tensor::from_vec(std::mem::take(&mut g), (rows, m), &device)?;
+        let q = gt.matmul(&w)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut gz = gt.flatten_all()?.to_vec1::<f32>()?;
+        for r in 0..rows {
+            let tau = tau_of_row[r];
+            for j in 0..m {
+                gz[r * m + j] += tau * q[r * m + j];
+            }
+        }
+        normalize_rows(&mut gz, m, &mut gamma);
+        g = gz;
+    }
+    let mut out = Vec::with_capacity(n_tau);
+    for t in 0..n_tau {
+        let range = t * n..(t + 1) * n;
+        out.push(TheorySeedResult {
+            log_ratio: logn[range.clone()].to_vec(),
+            log_grad_ratio: range
+                .clone()
+                .map(|r| grad_first[r] - grad_last[r])
+                .collect(),
+            block_log_ratio: block_fwd
+                .iter()
+                .map(|v| v[range.clone()].to_vec())
+                .collect(),
+            block_log_grad: grad_at
+                .iter()
+                .map(|v| {
+                    range
+                        .clone()
+                        .map(|r| v.get(r).copied().unwrap_or(f64::NAN) - grad_last[r])
+                        .collect()
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Probes the theory network `cfg` for every τ in `rules`, over `seeds`, with `n_inputs`
+/// unit-norm synthetic inputs per seed (tau-data's sphere data for that seed).
+///
+/// # Errors
+/// An invalid config or tensor errors.
+pub fn probe_theory(
+    cfg: &TheoryConfig,
+    rules: &[ProbeTauRule],
+    seeds: &[u64],
+    n_inputs: usize,
+) -> anyhow::Result<Vec<ProbeTau>> {
+    let l = cfg.depth;
+    let blocks = sample_blocks(l);
+    let resolved: Vec<f64> = rules.iter().map(|r| r.rule.resolve(l)).collect();
+    // Distinct τ values are computed once (at L = 1 every L^-α is 1).
+    let mut distinct: Vec<f64> = Vec::new();
+    let column: Vec<usize> = resolved
+        .iter()
+        .map(|&t| match distinct.iter().position(|&d| d == t) {
+            Some(k) => k,
+            None => {
+                distinct.push(t);
+                distinct.len() - 1
+            }
+        })
+        .collect();
+    let mut acc: Vec<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>)> = (0..distinct.len())
+        .map(|_| {
+            (
+                Vec::new(),
+                Vec::new(),
+                vec![Vec::new(); blocks.len()],
+                vec![Vec::new(); blocks.len()],
+            )
+        })
+        .collect();
+    let ln10 = std::f64::consts::LN_10;
+    for &seed in seeds {
+        let model_cfg = ModelConfig::Theory(cfg.clone());
+        let varmap = tau_model::init_varmap(&model_cfg, seed, DType::F32, &Device::Cpu)?;
+        let net = TheoryNet::new(
+            cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )?;
+        let data = tau_data::synthetic::sphere(
+            n_inputs,
+            cfg.input_dim,
+            cfg.output_dim,
+            tau_data::synthetic::Targets::Gaussian,
+            seed,
+        );
+        let results = theory_probe_seed(&net, &data.xs, n_inputs, &distinct, &blocks)?;
+        for (a, r) in acc.iter_mut().zip(results) {
+            let keep: Vec<bool> = r.log_ratio.iter().map(|v| !v.is_nan()).collect();
+            let pick = |v: &[f64]| -> Vec<f64> {
+                v.iter()
+                    .zip(&keep)
+                    .filter(|(_, k)| **k)
+                    .map(|(x, _)| x / ln10)
+                    .collect()
+            };
+            a.0.extend(pick(&r.log_ratio));
+            a.1.extend(pick(&r.log_grad_ratio));
+            for (dst, src) in a.2.iter_mut().zip(&r.block_log_ratio) {
+                dst.extend(pick(src));
+            }
+            for (dst, src) in a.3.iter_mut().zip(&r.block_log_grad) {
+                dst.extend(pick(src));
+            }
+        }
+    }
+    Ok(rules
+        .iter()
+        .zip(&column)
+        .map(|(rule, &c)| {
+            let a = &acc[c];
+            ProbeTau {
+                rule: rule.text.clone(),
+                alpha: rule_alpha(&rule.rule),
+                tau: distinct[c],
+                log10_ratio: a.0.clone(),
+                log10_grad_ratio: a.1.clone(),
+                block_log10_ratio_median: a.2.iter().map(|v| median(v)).collect(),
+                block_log10_grad_median: a.3.iter().map(|v| median(v)).collect(),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(
+        width: usize,
+        depth: usize,
+        tau: &str,
+        seed: u64,
+    ) -> (TheoryNet, candle_nn::VarMap, TheoryConfig) {
+        let cfg = TheoryConfig {
+            input_dim: 8,
+            width,
+            depth,
+            tau: tau.parse().unwrap(),
+            ..Default::default()
+        };
+        let vm = tau_model::init_varmap(
+            &ModelConfig::Theory(cfg.clone()),
+            seed,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let net =
+            TheoryNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        (net, vm, cfg)
+    }
+
+    #[test]
+    fn fast_path_matches_the_library_trace_and_gradients() {
+        let n = 5;
+        for tau in ["1", "1/sqrt(L)", "1/L"] {
+            let (net, _vm, cfg) = net(32, 12, tau, 3);
+            let data =
+                tau_data::synthetic::sphere(n, 8, 1, tau_data::synthetic::Targets::Gaussian, 3);
+            let blocks = sample_blocks(12);
+            let ours = theory_probe_seed(&net, &data.xs, n, &[cfg.tau_value()], &blocks).unwrap();
+            let (xs, ys) = data.to_tensors(DType::F32, &Device::Cpu).unwrap();
+            let trace = net.forward_traced(&xs).unwrap();
+            for i in 0..n {
+                let want = trace.log_ratio(i).unwrap();
+                let got = ours[0].log_ratio[i];
+                assert!(
+                    (want - got).abs() < 1e-4 * want.abs().max(1.0),
+                    "{tau} input {i}: {want} vs {got}"
+                );
+                // Block 4's ratio.
+                let want4 = trace.log_norms[4][i] - trace.log_norms[0][i];
+                assert!(
+                    (ours[0].block_log_ratio[2][i] - want4).abs() < 1e-4 * want4.abs().max(1.0)
+                );
+                // One input at a time, the library's gradient norms give the same ratio.
+                let x = xs.narrow(0, i, 1).unwrap();
+                let y = ys.narrow(0, i, 1).unwrap();
+                let g = net.layer_grad_log_norms(&x, &y).unwrap();
+                let want = g[0] - g[11];
+                let got = ours[0].log_grad_ratio[i];
+                assert!(
+                    (want - got).abs() < 1e-3 * want.abs().max(1.0),
+                    "{tau} grad {i}: {want} vs {got}"
+                );
+                let want8 = g[7] - g[11];
+                assert!((ours[0].block_log_grad[3][i] - want8).abs() < 1e-3 * want8.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn many_taus_on_shared_weights_equal_one_tau_at_a_time() {
+        let n = 3;
+        let (net, _vm, _) = net(16, 6, "1", 1);
+        let data = tau_data::synthetic::sphere(n, 8, 1, tau_data::synthetic::Targets::Gaussian, 1);
+        let taus = [1.0, 0.5, 0.1];
+        let blocks = sample_blocks(6);
+        let all = theory_probe_seed(&net, &data.xs, n, &taus, &blocks).unwrap();
+        for (k, &t) in taus.iter().enumerate() {
+            let one = theory_probe_seed(&net, &data.xs, n, &[t], &blocks).unwrap();
+            for i in 0..n {
+                assert!((one[0].log_ratio[i] - all[k].log_ratio[i]).abs() < 1e-5);
+                assert!((one[0].log_grad_ratio[i] - all[k].log_grad_ratio[i]).abs() < 1e-5);
+            }
+        }
+    }
+
+    /// PAPER.md's table (independent float64 simulation, width 256, 64 inputs): mean
+    /// ‖h_L‖/‖h_0‖ at L = 64 is 6.3e7 (τ = 1), 30 (L^-1/4), 1.65 (1/√L), 1.01 (1/L).
+    /// One seed of 64 inputs scatters around those; the bounds allow for that.
+    #[test]
+    fn mean_ratios_at_depth_64_match_the_paper_table() {
+        let cfg = TheoryConfig {
+            input_dim: 64,
+            width: 256,
+            depth: 64,
+            ..Default::default()
+        };
+        let rules: Vec<ProbeTauRule> = ["1", "L^-0.25", "1/sqrt(L)", "1/L"]
+            .iter()
+            .map(|s| ProbeTauRule {
+                text: s.to_string(),
+                rule: s.parse().unwrap(),
+            })
+            .collect();
+        let out = probe_theory(&cfg, &rules, &[0], 64).unwrap();
+        let mean = |t: &ProbeTau| {
+            let m = t
+                .log10_ratio
+                .iter()
+                .copied()
+                .fold(f64::NEG_INFINITY, f64::max);
+            m + (t.log10_ratio.iter().map(|v| 10f64.powf(v - m)).sum::<f64>()
+                / t.log10_ratio.len() as f64)
+                .log10()
+        };
+        let got: Vec<f64> = out.iter().map(mean).collect();
+        assert!((got[0] - 6.3e7f64.log10()).abs() < 0.5, "τ=1: 1e{}", got[0]);
+        assert!(
+            (got[1] - 30f64.log10()).abs() < 0.15,
+            "L^-1/4: 1e{}",
+            got[1]
+        );
+        assert!(
+            (10f64.powf(got[2]) - 1.65).abs() < 0.15,
+            "1/√L: {}",
+            10f64.powf(got[2])
+        );
+        assert!(
+            (10f64.powf(got[3]) - 1.01).abs() < 0.02,
+            "1/L: {}",
+            10f64.powf(got[3])
+        );
+        assert_eq!(out[2].alpha, Some(0.5));
+        assert_eq!(out[0].alpha, None);
+        assert_eq!(out[0].log10_ratio.len(), 64);
+    }
+
+    #[test]
+    fn sampled_blocks_are_powers_of_two_and_the_last() {
+        assert_eq!(sample_blocks(1), vec![1]);
+        assert_eq!(sample_blocks(6), vec![1, 2, 4, 6]);
+        assert_eq!(sample_blocks(8), vec![1, 2, 4, 8]);
+    }
+}
