@@ -144,39 +144,23 @@ pub enum RunStatus {
 pub struct CodeVersion {
     /// The `tau-train` crate version.
     pub crate_version: String,
-    /// The git commit of the working tree, when known (at build time or run time).
+    /// The git commit the binary was built from, when known. (Uncommitted changes in
+    /// the working tree at build time are not recorded.)
     pub git_commit: Option<String>,
-    /// Whether the working tree had uncommitted changes, when known.
-    pub git_dirty: Option<bool>,
 }
 
 impl CodeVersion {
-    /// The version of this build: crate version, and the git commit captured at build
-    /// time, else asked of `git` in the current directory, else unknown.
+    /// The version of this build: the crate version and the git commit captured when the
+    /// binary was built (unknown outside a git checkout).
     pub fn current() -> CodeVersion {
-        let build_commit = option_env!("TAU_GIT_COMMIT").filter(|s| !s.is_empty());
-        let (git_commit, git_dirty) = match build_commit {
-            Some(c) => (
-                Some(c.to_string()),
-                option_env!("TAU_GIT_DIRTY").map(|d| d == "1"),
-            ),
-            None => (git(&["rev-parse", "HEAD"]), None),
-        };
+        let git_commit = option_env!("TAU_GIT_COMMIT")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
         CodeVersion {
             crate_version: env!("CARGO_PKG_VERSION").to_string(),
             git_commit,
-            git_dirty,
         }
     }
-}
-
-fn git(args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new("git").args(args).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    (!s.is_empty()).then_some(s)
 }
 
 /// `summary.json`: the run's status and numbers.
