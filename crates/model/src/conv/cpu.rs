@@ -192,6 +192,32 @@ fn sgemm(
     }
 }
 
+/// Calls `one(buf, (i, &mut dst_i))` for every image i, where dst_i is image i's block of
+/// `image_len` floats in `dst`: the images split into one contiguous run per thread, each
+/// with one scratch buffer of `buf_len` floats reused over its images (a fresh buffer per
+/// image would page-fault on every first touch).
+fn per_thread_images<F>(g: &Geom, dst: &mut [f32], image_len: usize, buf_len: usize, one: F)
+where
+    F: Fn(&mut Vec<f32>, (usize, &mut [f32])) + Sync,
+{
+    if g.per_image_parallel() {
+        let per = g.n.div_ceil(rayon::current_num_threads());
+        dst.par_chunks_mut(per * image_len)
+            .enumerate()
+            .for_each(|(t, run)| {
+                let mut buf = vec![0f32; buf_len];
+                for (j, dst_i) in run.chunks_mut(image_len).enumerate() {
+                    one(&mut buf, (t * per + j, dst_i));
+                }
+            });
+    } else {
+        let mut buf = vec![0f32; buf_len];
+        for item in dst.chunks_mut(image_len).enumerate() {
+            one(&mut buf, item);
+        }
+    }
+}
+
 /// Forward: `out` (n × c_out × h_out × w_out) = conv(`x`, `w`).
 pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32], out: &mut [f32]) {
     let (ckk, hw_out, hw_in) = (g.ckk(), g.hw_out(), g.hw_in());
@@ -219,14 +245,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32], out: &mut [f32]) {
         );
     };
     let buf_len = if g.is_pointwise() { 0 } else { ckk * hw_out };
-    if g.per_image_parallel() {
-        let chunks = out.par_chunks_mut(g.c_out * hw_out).enumerate();
-        chunks.for_each_init(|| vec![0f32; buf_len], one);
-    } else {
-        let mut cols = vec![0f32; buf_len];
-        let chunks = out.chunks_mut(g.c_out * hw_out).enumerate();
-        chunks.for_each(|item| one(&mut cols, item));
-    }
+    per_thread_images(g, out, g.c_out * hw_out, buf_len, one);
 }
 
 /// Input gradient: `dx` (n × c_in × h × w) = convᵀ(`dy`, `w`), i.e. col2im(wᵀ · dy).
@@ -255,14 +274,7 @@ pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         }
     };
     let buf_len = if g.is_pointwise() { 0 } else { ckk * hw_out };
-    if g.per_image_parallel() {
-        let chunks = dx.par_chunks_mut(g.c_in * hw_in).enumerate();
-        chunks.for_each_init(|| vec![0f32; buf_len], one);
-    } else {
-        let mut cols = vec![0f32; buf_len];
-        let chunks = dx.chunks_mut(g.c_in * hw_in).enumerate();
-        chunks.for_each(|item| one(&mut cols, item));
-    }
+    per_thread_images(g, dx, g.c_in * hw_in, buf_len, one);
 }
 
 /// Weight gradient: `dw` (c_out × c_in × k × k) = Σ_images dy_i · im2col(x_i)ᵀ.
