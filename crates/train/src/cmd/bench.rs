@@ -1,15 +1,317 @@
-//! `tau-resnet bench`.
+//! `tau-resnet bench`: training-step throughput (images/s and GFLOP/s) of the CIFAR
+//! ResNets, with and without BatchNorm, and of the theory network, on random data.
+//!
+//! A step is forward, cross-entropy (squared loss for the theory network), backward and a
+//! plain SGD update of every parameter. Each point runs `--warmup` untimed steps, then
+//! `--steps` timed ones, and reports the median.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle::{DType, Device, Tensor};
+use candle_nn::{Optimizer, SGD, VarBuilder};
+use serde::Serialize;
+use tau_model::conv::{CpuConvBackend, set_cpu_backend};
+use tau_model::{CifarResNetConfig, Model, ModelConfig, Norm, TheoryConfig, init_varmap};
 
 use super::Outcome;
 
+/// Normalization of a benchmarked CIFAR ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchNorm {
+    /// BatchNorm after every convolution.
+    Bn,
+    /// No normalization (scalar biases, learnable τ).
+    None,
+}
+
+/// The CPU convolution to benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchConv {
+    /// im2col + GEMM forward and backward (the default).
+    Gemm,
+    /// Stock candle `conv2d` and its autograd (the baseline).
+    Candle,
+}
+
 /// Arguments of `tau-resnet bench`.
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// CIFAR ResNet depths (6n+2) to benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "20,56,110")]
+    pub depths: Vec<usize>,
+    /// Skip the CIFAR ResNets (benchmark only the theory network).
+    #[arg(long)]
+    pub skip_resnets: bool,
+    /// Normalizations to benchmark for each depth.
+    #[arg(long, value_delimiter = ',', default_value = "none,bn")]
+    pub norms: Vec<BenchNorm>,
+    /// Batch size of the CIFAR ResNets (3×32×32 inputs).
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Depth L of the theory network; 0 skips it.
+    #[arg(long, default_value_t = 1024)]
+    pub theory_depth: usize,
+    /// Width m of the theory network.
+    #[arg(long, default_value_t = 512)]
+    pub theory_width: usize,
+    /// Number of inputs (the full batch) of the theory network.
+    #[arg(long, default_value_t = 256)]
+    pub theory_inputs: usize,
+    /// Timed steps per point (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps before timing.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// CPU convolution implementation.
+    #[arg(long, value_enum, default_value_t = BenchConv::Gemm)]
+    pub conv: BenchConv,
+    /// Print one JSON object per point instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured point.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRecord {
+    /// `cifar_resnet` or `theory`.
+    pub model: String,
+    /// Depth: 6n+2 for the CIFAR ResNets, L for the theory network.
+    pub depth: usize,
+    /// `bn` or `none` (the theory network has no normalization).
+    pub norm: String,
+    /// What one timed iteration does: `train_step`, or for the theory network `forward`
+    /// and `gd_step`.
+    pub phase: String,
+    /// Images (inputs) per step.
+    pub batch: usize,
+    /// `gemm` or `candle`.
+    pub conv: String,
+    /// Median seconds per step.
+    pub median_s: f64,
+    /// Fastest step, seconds.
+    pub min_s: f64,
+    /// batch / median_s.
+    pub images_per_s: f64,
+    /// Arithmetic of one step counted from the layer shapes (convolutions and matrix
+    /// products; a backward pass counted as twice the forward), GFLOP.
+    pub gflop: f64,
+    /// gflop / median_s.
+    pub gflop_per_s: f64,
+    /// Timed steps.
+    pub steps: usize,
+}
 
 /// Runs `tau-resnet bench`.
 ///
 /// # Errors
-/// Not built yet: always an error.
-pub fn run(_args: BenchArgs) -> anyhow::Result<Outcome> {
-    anyhow::bail!("`tau-resnet bench` is not built yet")
+/// An impossible setting (a depth that is not 6n+2, zero steps or batch), or a failure
+/// inside a step.
+pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
+    if args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    if args.batch == 0 || args.theory_inputs == 0 {
+        anyhow::bail!("--batch and --theory-inputs must be at least 1");
+    }
+    for &d in &args.depths {
+        if d < 8 || (d - 2) % 6 != 0 {
+            anyhow::bail!("--depths: a CIFAR ResNet depth is 6n+2 (20, 56, 110, ...), got {d}");
+        }
+    }
+    set_cpu_backend(match args.conv {
+        BenchConv::Gemm => CpuConvBackend::Gemm,
+        BenchConv::Candle => CpuConvBackend::Candle,
+    });
+    let device = Device::Cpu;
+    let conv = format!("{:?}", args.conv).to_lowercase();
+    if !args.json {
+        println!(
+            "{:<13} {:>5} {:>5} {:>9} {:>6} {:>7} {:>10} {:>9} {:>9}",
+            "model", "depth", "norm", "phase", "batch", "conv", "median s", "images/s", "GFLOP/s"
+        );
+    }
+    let report = |r: &BenchRecord| -> anyhow::Result<()> {
+        if args.json {
+            println!("{}", serde_json::to_string(r)?);
+        } else {
+            println!(
+                "{:<13} {:>5} {:>5} {:>9} {:>6} {:>7} {:>10.4} {:>9.1} {:>9.1}",
+                r.model,
+                r.depth,
+                r.norm,
+                r.phase,
+                r.batch,
+                r.conv,
+                r.median_s,
+                r.images_per_s,
+                r.gflop_per_s
+            );
+        }
+        Ok(())
+    };
+    let depths: &[usize] = if args.skip_resnets { &[] } else { &args.depths };
+    for &depth in depths {
+        for &norm in &args.norms {
+            let r = bench_cifar(depth, norm, &args, &conv, &device)
+                .with_context(|| format!("benchmarking CIFAR ResNet-{depth} ({norm:?})"))?;
+            report(&r)?;
+        }
+    }
+    if args.theory_depth > 0 {
+        for r in bench_theory(&args, &conv, &device).context("benchmarking the theory network")? {
+            report(&r)?;
+        }
+    }
+    Ok(Outcome::Finished)
+}
+
+/// Median and minimum of `steps` timings of `f`, after `warmup` untimed calls.
+fn time_steps(
+    warmup: usize,
+    steps: usize,
+    mut f: impl FnMut() -> candle::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
+}
+
+/// Forward FLOPs of one 32×32 image through a CIFAR ResNet of `depth`: its convolutions
+/// and the linear head.
+fn cifar_forward_flops(depth: usize, num_classes: usize) -> f64 {
+    let n = (depth - 2) / 6;
+    let conv = |c_in: usize, c_out: usize, hw_out: usize| {
+        2.0 * (c_in * 9 * c_out * hw_out * hw_out) as f64
+    };
+    let mut flops = conv(3, 16, 32);
+    let mut c_in = 16;
+    for (s, c_out) in [16usize, 32, 64].into_iter().enumerate() {
+        let hw = 32 >> s;
+        for b in 0..n {
+            flops += conv(if b == 0 { c_in } else { c_out }, c_out, hw);
+            flops += conv(c_out, c_out, hw);
+        }
+        c_in = c_out;
+    }
+    flops + 2.0 * (64 * num_classes) as f64
+}
+
+fn bench_cifar(
+    depth: usize,
+    norm: BenchNorm,
+    args: &BenchArgs,
+    conv: &str,
+    device: &Device,
+) -> anyhow::Result<BenchRecord> {
+    let cfg = CifarResNetConfig {
+        depth,
+        norm: match norm {
+            BenchNorm::Bn => Norm::BatchNorm,
+            BenchNorm::None => Norm::None,
+        },
+        learnable_tau: norm == BenchNorm::None,
+        ..CifarResNetConfig::default()
+    };
+    let num_classes = cfg.num_classes;
+    let cfg = ModelConfig::CifarResnet(cfg);
+    let varmap = init_varmap(&cfg, 0, DType::F32, device)?;
+    let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
+    let xs = Tensor::randn(0f32, 1f32, (args.batch, 3, 32, 32), device)?;
+    let labels: Vec<u32> = (0..args.batch).map(|i| (i % num_classes) as u32).collect();
+    let labels = Tensor::new(labels, device)?;
+    let (median_s, min_s) = time_steps(args.warmup, args.steps, || {
+        let logits = model.forward_t(&xs, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        opt.backward_step(&loss)
+    })?;
+    let gflop = 3.0 * cifar_forward_flops(depth, num_classes) * args.batch as f64 / 1e9;
+    Ok(BenchRecord {
+        model: "cifar_resnet".into(),
+        depth,
+        norm: format!("{norm:?}").to_lowercase(),
+        phase: "train_step".into(),
+        batch: args.batch,
+        conv: conv.into(),
+        median_s,
+        min_s,
+        images_per_s: args.batch as f64 / median_s,
+        gflop,
+        gflop_per_s: gflop / median_s,
+        steps: args.steps,
+    })
+}
+
+fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result<Vec<BenchRecord>> {
+    let tcfg = TheoryConfig {
+        depth: args.theory_depth,
+        width: args.theory_width,
+        train_a: true,
+        train_b: true,
+        ..TheoryConfig::default()
+    };
+    let (p, m, d, l, n) = (
+        tcfg.input_dim,
+        tcfg.width,
+        tcfg.output_dim,
+        tcfg.depth,
+        args.theory_inputs,
+    );
+    let cfg = ModelConfig::Theory(tcfg);
+    let varmap = init_varmap(&cfg, 0, DType::F32, device)?;
+    let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
+    let xs = Tensor::randn(0f32, 1f32, (n, p), device)?;
+    let ys = Tensor::randn(0f32, 1f32, (n, d), device)?;
+    // Per input: A (m×p), L blocks of W (m×m), B (d×m), 2 flops per multiply-add.
+    let forward_gflop = 2.0 * (m * p + l * m * m + d * m) as f64 * n as f64 / 1e9;
+    let record = |phase: &str, gflop: f64, (median_s, min_s): (f64, f64)| BenchRecord {
+        model: "theory".into(),
+        depth: l,
+        norm: "none".into(),
+        phase: phase.into(),
+        batch: n,
+        conv: conv.into(),
+        median_s,
+        min_s,
+        images_per_s: n as f64 / median_s,
+        gflop,
+        gflop_per_s: gflop / median_s,
+        steps: args.steps,
+    };
+    let forward = time_steps(args.warmup, args.steps, || {
+        model.forward_t(&xs, false)?;
+        Ok(())
+    })?;
+    let step = time_steps(args.warmup, args.steps, || {
+        let loss = candle_nn::loss::mse(&model.forward_t(&xs, true)?, &ys)?;
+        opt.backward_step(&loss)
+    })?;
+    Ok(vec![
+        record("forward", forward_gflop, forward),
+        record("gd_step", 3.0 * forward_gflop, step),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resnet20_forward_flops_match_the_known_count() {
+        // Σ c_in·9·c_out·H·W over the layers of ResNet-20 plus the 64×10 head:
+        // 442 368 + 6·2 359 296 + (1 179 648 + 5·2 359 296)·2 + 640 = 40 551 040 multiply-adds.
+        let f = cifar_forward_flops(20, 10);
+        assert_eq!(f, 2.0 * 40_551_040.0);
+    }
 }
