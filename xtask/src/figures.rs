@@ -188,7 +188,7 @@ impl Chart {
             .x_label_area_size(52)
             .y_label_area_size(84);
         let y_fmt = |v: &f64| match self.y_axis {
-            YAxis::Linear => format!("{v}"),
+            YAxis::Linear => format!("{}", (v * 1000.0).round() / 1000.0),
             YAxis::Log10Values => fmt_log10(*v),
         };
         let n = self.series.iter().filter(|s| !s.dashed).count();

@@ -792,3 +792,50 @@ fn train_report(
     }
     figs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_report_from_planted_records_finds_alpha_star() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("planted");
+        let spec_text = "name = \"planted\"\ncommand = \"probe\"\n[grid]\n\"model.depth\" = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]\nseed = [0, 1, 2]\n[report]\nrules = [\"L^-0.25\", \"L^-0.50\", \"L^-1.00\"]\n";
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join(SWEEP_COPY), spec_text).unwrap();
+        for s in crate::analysis::tests::planted(0.5) {
+            let dir = root.join(&s.point.name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let json = serde_json::to_string(s.probe.as_ref().unwrap()).unwrap();
+            std::fs::write(dir.join(records::PROBE_RECORD), json).unwrap();
+        }
+        let out = generate(&root).unwrap();
+        assert_eq!(out.summary_line, "39 finished");
+        let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+        assert!(md.contains("**Measured α* = 0.5"), "{md}");
+        assert!(md.contains("| τ = L^-0.25 | 0.25 |"), "{md}");
+        for fig in [
+            "norm_ratio_vs_depth",
+            "norm_ratio_vs_depth_zoom",
+            "grad_ratio_vs_depth",
+            "growth_vs_alpha",
+            "norm_ratio_vs_depth_alpha",
+        ] {
+            assert!(
+                root.join("figures").join(format!("{fig}.png")).exists(),
+                "{fig}"
+            );
+            assert!(
+                root.join("figures").join(format!("{fig}.svg")).exists(),
+                "{fig}"
+            );
+        }
+        let csv = std::fs::read_to_string(root.join("results.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 1 + 39 * 16);
+        if let Ok(keep) = std::env::var("XTASK_KEEP_PLANTED_REPORT") {
+            let _ = std::fs::remove_dir_all(&keep);
+            std::fs::rename(&root, keep).unwrap();
+        }
+    }
+}

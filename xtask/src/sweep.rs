@@ -270,6 +270,16 @@ pub fn run_sweep(
             args: a,
         });
     }
+    // Deepest points first: the long runs start early and the pool ends balanced.
+    let depth_of = |j: &Job| {
+        points[j.index]
+            .values
+            .iter()
+            .find(|(k, _)| k.rsplit('.').next() == Some("depth"))
+            .and_then(|(_, v)| v.as_integer())
+            .unwrap_or(0)
+    };
+    jobs.sort_by_key(|j| std::cmp::Reverse(depth_of(j)));
     println!(
         "sweep `{}`: {} points ({} already done{}), {} to run with {} parallel `tau-resnet {}` processes × {} threads",
         spec.name,
