@@ -97,6 +97,7 @@ fn is_pooled_axis(key: &str) -> bool {
 }
 
 /// Groups probe records into curves: one per (other axes, τ rule), pooling seeds.
+#[allow(clippy::type_complexity)]
 pub fn rule_curves(states: &[PointState]) -> Vec<RuleCurve> {
     type Key = (String, String);
     let mut acc: BTreeMap<Key, (Option<f64>, BTreeMap<usize, (f64, Vec<f64>, Vec<f64>)>)> =

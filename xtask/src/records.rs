@@ -349,8 +349,8 @@ pub fn results_csv(spec: &SweepSpec, states: &[PointState]) -> anyhow::Result<Ve
             }
         }
     }
-    Ok(w.into_inner()
-        .map_err(|e| anyhow::anyhow!("encoding results.csv: {e}"))?)
+    w.into_inner()
+        .map_err(|e| anyhow::anyhow!("encoding results.csv: {e}"))
 }
 
 #[cfg(test)]
