@@ -32,9 +32,12 @@ pub struct ProbeTauRule {
 /// α when the rule is exactly L^-α (1/√L: 0.5, 1/L: 1, `L^-0.3`: 0.3), else `None`.
 pub fn rule_alpha(rule: &TauRule) -> Option<f64> {
     match *rule {
-        TauRule::InvSqrtDepth { scale } if scale == 1.0 => Some(0.5),
-        TauRule::InvDepth { scale } if scale == 1.0 => Some(1.0),
-        TauRule::Power { scale, exponent } if scale == 1.0 => Some(-exponent),
+        TauRule::InvSqrtDepth { scale: 1.0 } => Some(0.5),
+        TauRule::InvDepth { scale: 1.0 } => Some(1.0),
+        TauRule::Power {
+            scale: 1.0,
+            exponent,
+        } => Some(-exponent),
         _ => None,
     }
 }
@@ -341,6 +344,7 @@ pub fn theory_probe_seed(
 ///
 /// # Errors
 /// An invalid config or tensor errors.
+#[allow(clippy::type_complexity)]
 pub fn probe_theory(
     cfg: &TheoryConfig,
     rules: &[ProbeTauRule],

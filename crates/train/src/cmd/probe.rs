@@ -485,7 +485,7 @@ fn probe_resnet(
             let has_bn = varmap
                 .data()
                 .lock()
-                .map_or(false, |d| d.contains_key("bn1.weight"));
+                .is_ok_and(|d| d.contains_key("bn1.weight"));
             if has_bn {
                 let bn = candle_nn::batch_norm(
                     conv1.dim(0)?,
