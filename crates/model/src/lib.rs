@@ -76,6 +76,7 @@ pub mod conv;
 pub mod hub;
 pub mod init;
 pub mod model;
+pub mod ops;
 pub mod resnet;
 pub mod tau;
 pub mod theory;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::conv2d;
+use crate::ops::batch_norm_t;
 use crate::tau::TauRule;
 
 /// Normalization inside the residual blocks.
@@ -401,9 +402,9 @@ impl BasicBlock {
         match (&self.bns, &self.biases) {
             (Some((bn1, bn2)), _) => {
                 let out = conv2d(xs, &self.conv1, self.stride, 1)?;
-                let out = bn1.forward_t(&out, train)?.relu()?;
+                let out = batch_norm_t(bn1, &out, train, true)?;
                 let out = conv2d(&out, &self.conv2, 1, 1)?;
-                bn2.forward_t(&out, train)
+                batch_norm_t(bn2, &out, train, false)
             }
             (None, Some(b)) => {
                 let out = conv2d(&xs.broadcast_add(&b.bias1a)?, &self.conv1, self.stride, 1)?;
@@ -515,10 +516,10 @@ impl ModuleT for CifarResNet {
     /// (N, in_channels, H, W) → (N, num_classes) logits.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = conv2d(xs, &self.conv1, 1, 1)?;
-        if let Some(bn) = &self.bn1 {
-            h = bn.forward_t(&h, train)?;
-        }
-        h = h.relu()?;
+        h = match &self.bn1 {
+            Some(bn) => batch_norm_t(bn, &h, train, true)?,
+            None => h.relu()?,
+        };
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
@@ -718,9 +719,12 @@ impl ConvUnit {
     /// BN(conv(x)), or conv(x + a) + b.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match (&self.bn, &self.biases) {
-            (Some(bn), _) => {
-                bn.forward_t(&conv2d(xs, &self.weight, self.stride, self.padding)?, train)
-            }
+            (Some(bn), _) => batch_norm_t(
+                bn,
+                &conv2d(xs, &self.weight, self.stride, self.padding)?,
+                train,
+                false,
+            ),
             (None, Some((a, b))) => conv2d(
                 &xs.broadcast_add(a)?,
                 &self.weight,
@@ -794,7 +798,7 @@ impl ModuleT for BottleneckBlock {
             Some((w, bn)) => {
                 let s = conv2d(xs, w, self.stride, 0)?;
                 match bn {
-                    Some(bn) => bn.forward_t(&s, train)?,
+                    Some(bn) => batch_norm_t(bn, &s, train, false)?,
                     None => s,
                 }
             }
@@ -886,7 +890,7 @@ impl ModuleT for BottleneckResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = conv2d(xs, &self.conv1, 2, 3)?;
         if let Some(bn) = &self.bn1 {
-            h = bn.forward_t(&h, train)?;
+            h = batch_norm_t(bn, &h, train, false)?;
         }
         h = max_pool_3x3_s2(&h.relu()?)?;
         for block in &self.blocks {

@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// CPU convolution implementation.
     #[arg(long, value_enum, default_value_t = BenchConv::Gemm)]
     pub conv: BenchConv,
+    /// With `--conv gemm`, run BatchNorm and the other layers as candle-nn's composed ops
+    /// instead of tau-model's fused CPU ops (`--conv candle` always does).
+    #[arg(long)]
+    pub unfused: bool,
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -124,8 +128,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         BenchConv::Gemm => CpuConvBackend::Gemm,
         BenchConv::Candle => CpuConvBackend::Candle,
     });
+    let fused = args.conv == BenchConv::Gemm && !args.unfused;
+    tau_model::ops::set_fused_cpu_ops(fused);
     let device = Device::Cpu;
-    let conv = format!("{:?}", args.conv).to_lowercase();
+    let conv = match (args.conv, fused) {
+        (BenchConv::Gemm, true) => "gemm".to_string(),
+        (BenchConv::Gemm, false) => "gemm-unfused".to_string(),
+        (BenchConv::Candle, _) => "candle".to_string(),
+    };
     if !args.json {
         println!(
             "{:<13} {:>5} {:>5} {:>9} {:>6} {:>7} {:>10} {:>9} {:>9}",
