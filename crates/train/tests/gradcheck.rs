@@ -209,3 +209,63 @@ weight_decay = 1e-4
     assert!((get(&tau, 0) - want_tau).abs() < 1e-12);
     assert!((get(&bias, 0) - want_bias).abs() < 1e-12);
 }
+
+/// The f32 forward and backward (the dtype of real runs, with its own CPU kernels) agree
+/// with the f64 ones on the same weights, on a batch large enough to be split across
+/// threads: 32 images of 1 × 16 × 16.
+#[test]
+fn f32_gradients_match_f64() {
+    let m64 = model();
+    let vm32 = candle_nn::VarMap::new();
+    {
+        let src = m64.varmap.data().lock().unwrap();
+        let mut dst = vm32.data().lock().unwrap();
+        for (name, v) in src.iter() {
+            let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+            dst.insert(name.clone(), Var::from_tensor(&t).unwrap());
+        }
+    }
+    let m32 = TauModel::from_varmap(&m64.cfg, vm32, &Device::Cpu).unwrap();
+    let n = 32;
+    let xs: Vec<f64> = (0..n * 256)
+        .map(|i| (i as f64 * 0.731).sin() * 1.5 + 0.2 * (i as f64 * 0.013).cos())
+        .collect();
+    let xs = Tensor::from_vec(xs, (n, 1, 16, 16), &Device::Cpu).unwrap();
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7) % 4).collect();
+    let ys = Targets::Classes(Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(), 4);
+    let grads_of = |m: &TauModel, xs: &Tensor| {
+        let l = loss_sum(LossKind::CrossEntropy, &m.forward_t_for_test(xs), &ys).unwrap();
+        let g = l.backward().unwrap();
+        let data = m.varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let out: Vec<(String, Vec<f64>)> = names
+            .iter()
+            .map(|name| {
+                let t = g.get(data[*name].as_tensor()).unwrap();
+                let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                (name.to_string(), t.to_vec1::<f64>().unwrap())
+            })
+            .collect();
+        (
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+            out,
+        )
+    };
+    let (l64, g64) = grads_of(&m64, &xs);
+    let (l32, g32) = grads_of(&m32, &xs.to_dtype(DType::F32).unwrap());
+    assert!((l64 - l32).abs() < 1e-4 * l64.abs(), "loss {l64} vs {l32}");
+    for ((name, a), (_, b)) in g64.iter().zip(&g32) {
+        let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            diff <= 1e-4 * norm + 1e-6,
+            "`{name}`: f32 gradient differs from f64 by {diff:e} (norm {norm:e})"
+        );
+    }
+}
