@@ -1,5 +1,7 @@
 //! Fused CPU kernels for the ResNets' layers besides the convolution: BatchNorm in
-//! training mode (optionally followed by ReLU) as one candle custom op.
+//! training mode (optionally followed by ReLU), a scalar bias (optionally followed by
+//! ReLU), and the end of a residual block relu(τ·(branch + b) + shortcut), each one candle
+//! custom op with a hand-written backward.
 //!
 //! candle-nn's `BatchNorm` in training mode is a chain of about fifteen small tensor ops
 //! forward and more backward, each allocating a fresh tensor and each a round trip through
@@ -10,6 +12,10 @@
 //! updated outside the graph exactly as candle-nn does (momentum, unbiased variance, as
 //! PyTorch). Elsewhere (other devices or dtypes, evaluation mode, no affine parameters)
 //! candle-nn's `BatchNorm` runs.
+//!
+//! [`add_scalar`] and [`residual_relu`] replace chains of candle's broadcast ops (each a
+//! fresh tensor and a pass over memory, and in the backward a reduction per scalar) with
+//! one pass forward and one backward; on other devices and dtypes they run those chains.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -407,6 +413,304 @@ impl CustomOp2 for BnBwd {
             rest[c + ch] = sums[ch].0 as f32;
         }
         Ok((CpuStorage::F32(out), Shape::from(len + 2 * c)))
+    }
+}
+
+/// Whether the fused elementwise path applies: `f32` CPU tensors, fused ops on.
+fn fused_f32(ts: &[&Tensor]) -> bool {
+    fused_cpu_ops()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `xs + b` for a one-element `b` (a scalar bias), optionally followed by ReLU.
+///
+/// On the CPU for `f32`, one custom op (forward and backward) instead of candle's
+/// broadcast add, ReLU, and the reductions of their backward.
+///
+/// # Errors
+/// `b` with more than one element, or a device error.
+pub fn add_scalar(xs: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    if b.elem_count() != 1 {
+        candle::bail!("add_scalar: bias must have one element, got {:?}", b.dims());
+    }
+    if !fused_f32(&[xs, b]) {
+        let ys = xs.broadcast_add(b)?;
+        return if relu { ys.relu() } else { Ok(ys) };
+    }
+    xs.contiguous()?
+        .apply_op2(&b.flatten_all()?, AddScalar { relu })
+}
+
+/// relu(τ · (branch + b) + shortcut) for one-element `tau` and `b`: the end of a residual
+/// block, one custom op on the CPU for `f32`.
+///
+/// # Errors
+/// Shapes that differ, a `tau` or `b` with more than one element, or a device error.
+pub fn residual_relu(
+    branch: &Tensor,
+    tau: &Tensor,
+    b: Option<&Tensor>,
+    shortcut: &Tensor,
+) -> Result<Tensor> {
+    if tau.elem_count() != 1 || b.is_some_and(|b| b.elem_count() != 1) {
+        candle::bail!("residual_relu: tau and the bias must have one element each");
+    }
+    if branch.dims() != shortcut.dims() {
+        candle::bail!(
+            "residual_relu: branch {:?} and shortcut {:?} differ in shape",
+            branch.dims(),
+            shortcut.dims()
+        );
+    }
+    let mut all = vec![branch, tau, shortcut];
+    all.extend(b);
+    if !fused_f32(&all) {
+        let branch = match b {
+            Some(b) => branch.broadcast_add(b)?,
+            None => branch.clone(),
+        };
+        return (branch.broadcast_mul(tau)? + shortcut)?.relu();
+    }
+    let ab = match b {
+        Some(b) => Tensor::cat(&[tau.flatten_all()?, b.flatten_all()?], 0)?,
+        None => tau.flatten_all()?,
+    };
+    branch
+        .contiguous()?
+        .apply_op3(&ab, &shortcut.contiguous()?, ResidualRelu)
+}
+
+/// Reads the one or two scalars of a small storage.
+fn scalars(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(data[start..end].to_vec()),
+        None => candle::bail!("{what} is not contiguous"),
+    }
+}
+
+/// Values per parallel work item of the elementwise ops.
+const CHUNK: usize = 1 << 14;
+
+/// Forward of [`add_scalar`]: (x, b) → x + b, optionally ReLU'd.
+struct AddScalar {
+    relu: bool,
+}
+
+impl CustomOp2 for AddScalar {
+    fn name(&self) -> &'static str {
+        "add-scalar-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let x = f32_data(s1, l1, len, "input")?;
+        let b = f32_data(s2, l2, 1, "bias")?[0];
+        let mut y = vec![0f32; len];
+        let relu = self.relu;
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(yc, xc)| {
+                if relu {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = (v + b).max(0.0);
+                    }
+                } else {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = v + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let len = grad.elem_count();
+        // [masked dy (len), Σ masked dy]
+        let out = grad
+            .contiguous()?
+            .apply_op2_no_bwd(&res.contiguous()?, &MaskSum { relu: self.relu })?;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let db = out.narrow(0, len, 1)?.reshape(b.shape())?;
+        Ok((xs.track_op().then_some(dx), b.track_op().then_some(db)))
+    }
+}
+
+/// Backward of [`AddScalar`]: (dy, y) → [dy ⊙ 1(y > 0) (or dy), its sum].
+struct MaskSum {
+    relu: bool,
+}
+
+impl CustomOp2 for MaskSum {
+    fn name(&self) -> &'static str {
+        "add-scalar-fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let dy = f32_data(s1, l1, len, "output gradient")?;
+        let y = f32_data(s2, l2, len, "output")?;
+        let mut out = vec![0f32; len + 1];
+        let relu = self.relu;
+        let sum: f64 = out[..len]
+            .par_chunks_mut(CHUNK)
+            .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .map(|(oc, (gc, yc))| {
+                if relu {
+                    for ((o, &g), &v) in oc.iter_mut().zip(gc).zip(yc) {
+                        *o = if v > 0.0 { g } else { 0.0 };
+                    }
+                } else {
+                    oc.copy_from_slice(gc);
+                }
+                sum_f64(oc)
+            })
+            .sum();
+        out[len] = sum as f32;
+        Ok((CpuStorage::F32(out), Shape::from(len + 1)))
+    }
+}
+
+/// Forward of [`residual_relu`]: (x, [τ, b?], s) → relu(τ·(x + b) + s).
+struct ResidualRelu;
+
+impl CustomOp3 for ResidualRelu {
+    fn name(&self) -> &'static str {
+        "residual-relu-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let x = f32_data(s1, l1, len, "branch")?;
+        let ab = scalars(s2, l2, "tau")?;
+        let s = f32_data(s3, l3, len, "shortcut")?;
+        let a = ab[0];
+        let c = a * ab.get(1).copied().unwrap_or(0.0);
+        let mut y = vec![0f32; len];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
+            .for_each(|(yc, (xc, sc))| {
+                for ((o, &v), &t) in yc.iter_mut().zip(xc).zip(sc) {
+                    *o = (a * v + c + t).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        ab: &Tensor,
+        shortcut: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let len = grad.elem_count();
+        // [dx (len), ds (len), Σ m·(x + b), Σ m] with m = dy ⊙ 1(y > 0)
+        let out = grad.contiguous()?.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &xs.contiguous()?,
+            &ResidualReluBwd { ab: ab.to_vec1()? },
+        )?;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let ds = out.narrow(0, len, len)?.reshape(shortcut.shape())?;
+        let dab = out.narrow(0, 2 * len, ab.elem_count())?;
+        Ok((
+            xs.track_op().then_some(dx),
+            ab.track_op().then_some(dab),
+            shortcut.track_op().then_some(ds),
+        ))
+    }
+}
+
+/// Backward of [`ResidualRelu`]: (dy, y, x) → [τ·m, m, Σ m·(x + b), τ·Σ m (if b)].
+struct ResidualReluBwd {
+    ab: Vec<f32>,
+}
+
+impl CustomOp3 for ResidualReluBwd {
+    fn name(&self) -> &'static str {
+        "residual-relu-fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let dy = f32_data(s1, l1, len, "output gradient")?;
+        let y = f32_data(s2, l2, len, "output")?;
+        let x = f32_data(s3, l3, len, "branch")?;
+        let a = self.ab[0];
+        let b = self.ab.get(1).copied().unwrap_or(0.0);
+        let mut out = vec![0f32; 2 * len + self.ab.len()];
+        let (dx, rest) = out.split_at_mut(len);
+        let (ds, tail) = rest.split_at_mut(len);
+        let (sum_mx, sum_m) = dx
+            .par_chunks_mut(CHUNK)
+            .zip(ds.par_chunks_mut(CHUNK))
+            .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .zip(x.par_chunks(CHUNK))
+            .map(|(((dxc, dsc), (gc, yc)), xc)| {
+                let mut s1 = [0f32; 16];
+                let mut s2 = [0f32; 16];
+                for (i, (((o, q), &g), &v)) in dxc
+                    .iter_mut()
+                    .zip(dsc.iter_mut())
+                    .zip(gc)
+                    .zip(yc)
+                    .enumerate()
+                {
+                    let m = if v > 0.0 { g } else { 0.0 };
+                    *q = m;
+                    *o = a * m;
+                    s1[i % 16] += m * (xc[i] + b);
+                    s2[i % 16] += m;
+                }
+                (
+                    s1.iter().map(|&v| v as f64).sum::<f64>(),
+                    s2.iter().map(|&v| v as f64).sum::<f64>(),
+                )
+            })
+            .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
+        tail[0] = sum_mx as f32;
+        if tail.len() > 1 {
+            tail[1] = (a as f64 * sum_m) as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * len + self.ab.len())))
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::conv2d;
-use crate::ops::batch_norm_t;
+use crate::ops::{add_scalar, batch_norm_t, residual_relu};
 use crate::tau::TauRule;
 
 /// Normalization inside the residual blocks.
@@ -396,21 +396,27 @@ impl BasicBlock {
         })
     }
 
-    /// The residual branch before τ: BN2(conv2(relu(BN1(conv1 x)))) with BatchNorm,
-    /// conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b without.
-    fn branch(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    /// The residual branch before τ, and a scalar bias still to be added to it:
+    /// (BN2(conv2(relu(BN1(conv1 x)))), none) with BatchNorm,
+    /// (conv2(relu(conv1(x + b1a) + b1b) + b2a), b2b) without.
+    fn branch(&self, xs: &Tensor, train: bool) -> Result<(Tensor, Option<&Tensor>)> {
         match (&self.bns, &self.biases) {
             (Some((bn1, bn2)), _) => {
                 let out = conv2d(xs, &self.conv1, self.stride, 1)?;
                 let out = batch_norm_t(bn1, &out, train, true)?;
                 let out = conv2d(&out, &self.conv2, 1, 1)?;
-                batch_norm_t(bn2, &out, train, false)
+                Ok((batch_norm_t(bn2, &out, train, false)?, None))
             }
             (None, Some(b)) => {
-                let out = conv2d(&xs.broadcast_add(&b.bias1a)?, &self.conv1, self.stride, 1)?;
-                let out = out.broadcast_add(&b.bias1b)?.relu()?;
-                let out = conv2d(&out.broadcast_add(&b.bias2a)?, &self.conv2, 1, 1)?;
-                out.broadcast_add(&b.bias2b)
+                let out = conv2d(
+                    &add_scalar(xs, &b.bias1a, false)?,
+                    &self.conv1,
+                    self.stride,
+                    1,
+                )?;
+                let out = add_scalar(&out, &b.bias1b, true)?;
+                let out = conv2d(&add_scalar(&out, &b.bias2a, false)?, &self.conv2, 1, 1)?;
+                Ok((out, Some(&b.bias2b)))
             }
             (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),
         }
@@ -425,9 +431,9 @@ impl BasicBlock {
 impl ModuleT for BasicBlock {
     /// relu(τ · branch(x) + shortcut(x)).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let branch = self.branch(xs, train)?.broadcast_mul(&self.tau)?;
+        let (branch, bias) = self.branch(xs, train)?;
         let shortcut = shortcut_a(xs, self.stride, self.c_out)?;
-        (branch + shortcut)?.relu()
+        residual_relu(&branch, &self.tau, bias, &shortcut)
     }
 }
 

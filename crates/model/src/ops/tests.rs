@@ -1,5 +1,6 @@
-//! The fused BatchNorm against candle-nn's composed `BatchNorm` computed in `f64`: output,
-//! the gradients of input, γ and β, and the running statistics, with and without ReLU.
+//! The fused ops against candle's composed ops computed in `f64` (candle-nn's `BatchNorm`
+//! for the BatchNorm): outputs, the gradients of every input, and BatchNorm's running
+//! statistics, with and without ReLU.
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{BatchNorm, ModuleT};
@@ -144,4 +145,107 @@ fn wrong_channel_count_is_an_error() {
     let p = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
     let (bn, _, _) = make_bn(&p, &p, &p, &p, DType::F32);
     assert!(batch_norm_t(&bn, &x, true, false).is_err());
+}
+
+/// Output and gradients of `f` (fused, f32) and `reference` (composed candle ops, f64) of
+/// Σ r ⊙ f(inputs), compared within 1e-5 relative.
+fn compare<F, G>(inputs: &[Tensor], f: F, reference: G, what: &str)
+where
+    F: Fn(&[&Tensor]) -> Tensor,
+    G: Fn(&[&Tensor]) -> Tensor,
+{
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let vars64: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap())
+        .collect();
+    let y = f(&vars.iter().map(|v| v.as_tensor()).collect::<Vec<_>>());
+    let y64 = reference(&vars64.iter().map(|v| v.as_tensor()).collect::<Vec<_>>());
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let r = random(&mut rng, y.dims(), -1.0, 1.0);
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let r64 = r.to_dtype(DType::F64).unwrap();
+    let grads64 = (&y64 * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let e = rel_err(&y, &y64);
+    assert!(e < 1e-5, "{what}: output rel err {e}");
+    for (i, (v, v64)) in vars.iter().zip(&vars64).enumerate() {
+        let g = grads.get(v.as_tensor()).unwrap();
+        let g64 = grads64.get(v64.as_tensor()).unwrap();
+        assert_eq!(g.dims(), v.dims(), "{what}: gradient {i} shape");
+        let e = rel_err(g, g64);
+        assert!(e < 1e-5, "{what}: gradient {i} rel err {e}");
+    }
+}
+
+#[test]
+fn add_scalar_matches_composed_ops() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    // Sizes around the parallel chunk (2^14) and odd ones.
+    for dims in [[2, 3, 5, 7], [4, 16, 16, 17], [1, 1, 1, 1]] {
+        let x = random(&mut rng, &dims, -1.0, 1.0);
+        let b = random(&mut rng, &[1], -0.3, 0.3);
+        for relu in [false, true] {
+            compare(
+                &[x.clone(), b.clone()],
+                |t| super::add_scalar(t[0], t[1], relu).unwrap(),
+                |t| {
+                    let y = t[0].broadcast_add(t[1]).unwrap();
+                    if relu { y.relu().unwrap() } else { y }
+                },
+                &format!("add_scalar {dims:?} relu={relu}"),
+            );
+        }
+    }
+    let x = random(&mut rng, &[2, 2], -1.0, 1.0);
+    assert!(super::add_scalar(&x, &x, false).is_err());
+}
+
+#[test]
+fn residual_relu_matches_composed_ops() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for dims in [[2, 3, 5, 7], [3, 16, 16, 17]] {
+        let x = random(&mut rng, &dims, -1.0, 1.0);
+        let s = random(&mut rng, &dims, -1.0, 1.0);
+        // τ as a scalar (rank 0) tensor and as a one-element vector.
+        let tau0 = Tensor::new(0.7f32, &Device::Cpu).unwrap();
+        let tau1 = random(&mut rng, &[1], 0.2, 1.0);
+        let b = random(&mut rng, &[1], -0.3, 0.3);
+        for tau in [tau0, tau1] {
+            compare(
+                &[x.clone(), tau.clone(), s.clone()],
+                |t| super::residual_relu(t[0], t[1], None, t[2]).unwrap(),
+                |t| {
+                    (t[0].broadcast_mul(t[1]).unwrap() + t[2])
+                        .unwrap()
+                        .relu()
+                        .unwrap()
+                },
+                &format!("residual_relu {dims:?}"),
+            );
+            compare(
+                &[x.clone(), tau.clone(), s.clone(), b.clone()],
+                |t| super::residual_relu(t[0], t[1], Some(t[3]), t[2]).unwrap(),
+                |t| {
+                    let br = t[0].broadcast_add(t[3]).unwrap();
+                    (br.broadcast_mul(t[1]).unwrap() + t[2])
+                        .unwrap()
+                        .relu()
+                        .unwrap()
+                },
+                &format!("residual_relu with bias {dims:?}"),
+            );
+        }
+    }
+    let x = random(&mut rng, &[2, 3], -1.0, 1.0);
+    let y = random(&mut rng, &[3, 2], -1.0, 1.0);
+    let tau = Tensor::new(1f32, &Device::Cpu).unwrap();
+    assert!(super::residual_relu(&x, &tau, None, &y).is_err());
 }

@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// instead of tau-model's fused CPU ops (`--conv candle` always does).
     #[arg(long)]
     pub unfused: bool,
+    /// Threads of candle's own pool for its elementwise ops (the `CANDLE_NUM_THREADS`
+    /// environment variable, when set, wins). 1 runs them on the calling thread: candle's
+    /// spin-waiting workers otherwise compete with rayon's for the cores.
+    #[arg(long, default_value_t = 1)]
+    pub candle_threads: usize,
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -128,6 +133,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         BenchConv::Gemm => CpuConvBackend::Gemm,
         BenchConv::Candle => CpuConvBackend::Candle,
     });
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: nothing else runs yet (candle reads the variable when it first starts its
+        // pool, on the first elementwise op below); no other thread reads the environment.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.candle_threads.to_string()) };
+    }
     let fused = args.conv == BenchConv::Gemm && !args.unfused;
     tau_model::ops::set_fused_cpu_ops(fused);
     let device = Device::Cpu;
