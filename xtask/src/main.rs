@@ -9,6 +9,8 @@ mod figures;
 mod pool;
 mod records;
 mod report;
+#[cfg(test)]
+mod shipped_configs;
 mod spec;
 mod sweep;
 

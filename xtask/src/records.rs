@@ -213,7 +213,7 @@ pub fn num(x: f64) -> String {
     }
 }
 
-/// Flattens the scalar fields of a JSON object into dotted keys (`final.test_acc`).
+/// Flattens the scalar fields of a JSON object into dotted keys (`final_metrics.test_acc`).
 /// Arrays are skipped.
 pub fn flatten_scalars(
     value: &serde_json::Value,
@@ -359,12 +359,12 @@ mod tests {
 
     #[test]
     fn flatten_keeps_scalars_with_dotted_keys() {
-        let v = serde_json::json!({"status": "finished", "final": {"train_loss": 0.5, "step": 3},
+        let v = serde_json::json!({"status": "finished", "final_metrics": {"train_loss": 0.5, "step": 3},
             "hist": [1, 2], "ok": true, "none": null});
         let mut m = BTreeMap::new();
         flatten_scalars(&v, "", &mut m);
-        assert_eq!(m["final.train_loss"], "0.5");
-        assert_eq!(m["final.step"], "3");
+        assert_eq!(m["final_metrics.train_loss"], "0.5");
+        assert_eq!(m["final_metrics.step"], "3");
         assert_eq!(m["ok"], "true");
         assert!(!m.contains_key("hist") && !m.contains_key("none"));
     }

@@ -563,12 +563,9 @@ fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
 fn accuracy(flat: &BTreeMap<String, String>, preferred: Option<&str>) -> Option<(String, f64)> {
     let keys: Vec<&str> = match preferred {
         Some(k) => vec![k],
-        None => vec![
-            "final.test_acc",
-            "final.test_accuracy",
-            "best.test_acc",
-            "best.test_accuracy",
-        ],
+        // tau-resnet train's summary.json: the last metrics record, then the best test
+        // accuracy over the run.
+        None => vec!["final_metrics.test_acc", "best_test_acc"],
     };
     keys.iter()
         .find_map(|k| {
@@ -634,9 +631,12 @@ fn train_report(
         let _ = write!(md, " {} |", s.status);
         for c in &cols {
             let v = m.get(c).map(String::as_str).unwrap_or("");
-            let short = v
-                .parse::<f64>()
-                .map_or(v.to_string(), |x| format!("{x:.4}"));
+            let short = if v.parse::<i64>().is_ok() {
+                v.to_string()
+            } else {
+                v.parse::<f64>()
+                    .map_or(v.to_string(), |x| format!("{x:.4}"))
+            };
             let _ = write!(md, " {short} |");
         }
         let _ = writeln!(md);

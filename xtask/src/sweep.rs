@@ -543,9 +543,9 @@ case "$sets" in *depth=77*)
 esac
 printf '{"step":1,"train_loss":2.0}\n{"step":10,"train_loss":0.5}\n{"step":100,"train_loss":0.01}\n' > "$out/metrics.jsonl"
 case "$sets" in *'tau="1"'*)
-  printf '{"status":"diverged","diverged_at_step":7,"final":{"train_loss":null}}' > "$out/summary.json"; exit 3;;
+  printf '{"status":"diverged","diverged_at_step":7,"final_metrics":{"train_loss":null}}' > "$out/summary.json"; exit 3;;
 esac
-printf '{"status":"finished","final":{"train_loss":0.01,"test_acc":0.9}}' > "$out/summary.json"
+printf '{"status":"finished","final_metrics":{"train_loss":0.01,"test_acc":0.9},"best_test_acc":0.92}' > "$out/summary.json"
 exit 0
 "#;
 
@@ -607,7 +607,7 @@ exit 0
                 .unwrap()
                 .starts_with("point,model.depth,model.tau,status,message")
         );
-        assert!(csv.contains("depth-16_tau-1,16,1,diverged,,7,"), "{csv}");
+        assert!(csv.contains("depth-16_tau-1,16,1,diverged,,,7,"), "{csv}");
         assert!(
             csv.contains("depth-999_tau-1_sqrt_L,999,1/sqrt(L),failed,exit code 1: error: config")
         );

@@ -27,6 +27,9 @@ pub struct ProbeTauRule {
     pub text: String,
     /// The parsed rule.
     pub rule: TauRule,
+    /// Whether the backward probe (gradient ratios) is computed for this rule (theory
+    /// network; the ResNet probe always computes it).
+    pub backward: bool,
 }
 
 /// α when the rule is exactly L^-α (1/√L: 0.5, 1/L: 1, `L^-0.3`: 0.3), else `None`.
@@ -157,15 +160,20 @@ fn normalize_rows(xs: &mut [f32], m: usize, logs: &mut [f64]) {
 /// The theory network's forward and backward probe for many τ at once, on `net`'s
 /// weights (its own τ is ignored) and the inputs `xs` (n × p, row-major, f64).
 ///
+/// The backward pass runs only for the τ with `backward[t]` true (its rows are a
+/// separate, smaller matrix); the others get empty gradient fields.
+///
 /// Returns one [`TheorySeedResult`] per entry of `taus`.
 ///
 /// # Errors
-/// Tensor errors (shapes that do not match the network).
+/// Tensor errors (shapes that do not match the network), or `backward` not of the length
+/// of `taus`.
 pub fn theory_probe_seed(
     net: &TheoryNet,
     xs: &[f64],
     n: usize,
     taus: &[f64],
+    backward: &[bool],
     blocks: &[usize],
 ) -> candle::Result<Vec<TheorySeedResult>> {
     let cfg = net.config();
@@ -177,7 +185,21 @@ pub fn theory_probe_seed(
         )
     }
     let n_tau = taus.len();
+    if backward.len() != n_tau {
+        candle::bail!(
+            "probe: {} backward flags for {n_tau} tau values",
+            backward.len()
+        )
+    }
     let rows = n_tau * n;
+    // Backward rows: the τ columns with `backward`, in order; grad_col[t] is the index of
+    // column t among them.
+    let grad_taus: Vec<usize> = (0..n_tau).filter(|&t| backward[t]).collect();
+    let mut grad_col = vec![None; n_tau];
+    for (k, &t) in grad_taus.iter().enumerate() {
+        grad_col[t] = Some(k);
+    }
+    let grows = grad_taus.len() * n;
     // h_0 = φ(A x) in f64, then unit rows.
     let a = cpu_f32(net.input_weight())?;
     let mut h0 = vec![0f64; n * m];
@@ -211,9 +233,10 @@ pub fn theory_probe_seed(
     }
     let tau_of_row: Vec<f32> = (0..rows).map(|r| taus[r / n] as f32).collect();
     let words = m.div_ceil(64);
-    let mut masks = vec![0u64; n_blocks * rows * words];
-    // prev_log[l][r] = ln‖h_l‖/‖h_0‖ for the input of block l (0-based).
-    let mut prev_log = vec![0f64; n_blocks * rows];
+    // ReLU masks and prev_log[l][g] = ln‖h_l‖/‖h_0‖ at the input of block l (0-based),
+    // kept for the backward rows only.
+    let mut masks = vec![0u64; n_blocks * grows * words];
+    let mut prev_log = vec![0f64; n_blocks * grows];
     let mut logn = vec![0f64; rows];
     for (r, log) in logn.iter_mut().enumerate() {
         if !log0[r % n].is_finite() {
@@ -224,25 +247,40 @@ pub fn theory_probe_seed(
     let mut next_sample = blocks.iter().peekable();
     let device = Device::Cpu;
     for (l, w) in net.weights().iter().enumerate() {
-        prev_log[l * rows..(l + 1) * rows].copy_from_slice(&logn);
+        for (t, gc) in grad_col.iter().enumerate() {
+            if let Some(k) = gc {
+                prev_log[l * grows + k * n..l * grows + (k + 1) * n]
+                    .copy_from_slice(&logn[t * n..(t + 1) * n]);
+            }
+        }
         let w = w.to_dtype(DType::F32)?;
         let ht = Tensor::from_vec(std::mem::take(&mut h), (rows, m), &device)?;
         let pw = ht.matmul(&w.t()?)?;
         let mut z = ht.flatten_all()?.to_vec1::<f32>()?;
         let pw = pw.flatten_all()?.to_vec1::<f32>()?;
-        let mask = &mut masks[l * rows * words..(l + 1) * rows * words];
+        let mask = &mut masks[l * grows * words..(l + 1) * grows * words];
         for r in 0..rows {
             let tau = tau_of_row[r];
             let zr = &mut z[r * m..(r + 1) * m];
             let pr = &pw[r * m..(r + 1) * m];
-            let mr = &mut mask[r * words..(r + 1) * words];
-            for j in 0..m {
-                let v = zr[j] + tau * pr[j];
-                if v > 0.0 {
-                    zr[j] = v;
-                    mr[j / 64] |= 1u64 << (j % 64);
-                } else {
-                    zr[j] = 0.0;
+            match grad_col[r / n] {
+                Some(k) => {
+                    let g = k * n + r % n;
+                    let mr = &mut mask[g * words..(g + 1) * words];
+                    for j in 0..m {
+                        let v = zr[j] + tau * pr[j];
+                        if v > 0.0 {
+                            zr[j] = v;
+                            mr[j / 64] |= 1u64 << (j % 64);
+                        } else {
+                            zr[j] = 0.0;
+                        }
+                    }
+                }
+                None => {
+                    for (zj, pj) in zr.iter_mut().zip(pr) {
+                        *zj = (*zj + tau * pj).max(0.0);
+                    }
                 }
             }
         }
@@ -253,7 +291,7 @@ pub fn theory_probe_seed(
             block_fwd.push(logn.clone());
         }
     }
-    // Backward from g_L = Bᵀ1 for every row.
+    // Backward from g_L = Bᵀ1 for every backward row.
     let b = cpu_f32(net.output_weight())?;
     let d = cfg.output_dim;
     let mut g_dir = vec![0f32; m];
@@ -262,19 +300,21 @@ pub fn theory_probe_seed(
             g_dir[j] += b[k * m + j];
         }
     }
-    let mut g = Vec::with_capacity(rows * m);
-    for _ in 0..rows {
+    let tau_of_grow: Vec<f32> = (0..grows).map(|g| taus[grad_taus[g / n]] as f32).collect();
+    let mut g = Vec::with_capacity(grows * m);
+    for _ in 0..grows {
         g.extend_from_slice(&g_dir);
     }
-    let mut gamma = vec![0f64; rows];
+    let mut gamma = vec![0f64; grows];
     normalize_rows(&mut g, m, &mut gamma);
     // grad_log[r] at sampled blocks, ln‖∂W_l‖ up to the common factor |r_i|.
     let mut grad_at: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
-    let mut grad_first = vec![0f64; rows];
-    let mut grad_last = vec![0f64; rows];
-    for l in (0..n_blocks).rev() {
-        let mask = &masks[l * rows * words..(l + 1) * rows * words];
-        for r in 0..rows {
+    let mut grad_first = vec![0f64; grows];
+    let mut grad_last = vec![0f64; grows];
+    let backward_blocks = if grows == 0 { 0 } else { n_blocks };
+    for l in (0..backward_blocks).rev() {
+        let mask = &masks[l * grows * words..(l + 1) * grows * words];
+        for r in 0..grows {
             let gr = &mut g[r * m..(r + 1) * m];
             let mr = &mask[r * words..(r + 1) * words];
             for j in 0..m {
@@ -284,8 +324,8 @@ pub fn theory_probe_seed(
             }
         }
         normalize_rows(&mut g, m, &mut gamma);
-        let grad: Vec<f64> = (0..rows)
-            .map(|r| f64::from(tau_of_row[r]).ln() + gamma[r] + prev_log[l * rows + r])
+        let grad: Vec<f64> = (0..grows)
+            .map(|r| f64::from(tau_of_grow[r]).ln() + gamma[r] + prev_log[l * grows + r])
             .collect();
         if l + 1 == n_blocks {
             grad_last.clone_from(&grad);
@@ -300,11 +340,11 @@ pub fn theory_probe_seed(
             break;
         }
         let w = net.weights()[l].to_dtype(DType::F32)?;
-        let gt = Tensor::from_vec(std::mem::take(&mut g), (rows, m), &device)?;
+        let gt = Tensor::from_vec(std::mem::take(&mut g), (grows, m), &device)?;
         let q = gt.matmul(&w)?.flatten_all()?.to_vec1::<f32>()?;
         let mut gz = gt.flatten_all()?.to_vec1::<f32>()?;
-        for r in 0..rows {
-            let tau = tau_of_row[r];
+        for r in 0..grows {
+            let tau = tau_of_grow[r];
             for j in 0..m {
                 gz[r * m + j] += tau * q[r * m + j];
             }
@@ -313,11 +353,24 @@ pub fn theory_probe_seed(
         g = gz;
     }
     let mut out = Vec::with_capacity(n_tau);
-    for t in 0..n_tau {
+    for (t, gc) in grad_col.iter().enumerate() {
         let range = t * n..(t + 1) * n;
+        let Some(k) = *gc else {
+            out.push(TheorySeedResult {
+                log_ratio: logn[range.clone()].to_vec(),
+                log_grad_ratio: Vec::new(),
+                block_log_ratio: block_fwd
+                    .iter()
+                    .map(|v| v[range.clone()].to_vec())
+                    .collect(),
+                block_log_grad: Vec::new(),
+            });
+            continue;
+        };
+        let grange = k * n..(k + 1) * n;
         out.push(TheorySeedResult {
             log_ratio: logn[range.clone()].to_vec(),
-            log_grad_ratio: range
+            log_grad_ratio: grange
                 .clone()
                 .map(|r| grad_first[r] - grad_last[r])
                 .collect(),
@@ -328,7 +381,7 @@ pub fn theory_probe_seed(
             block_log_grad: grad_at
                 .iter()
                 .map(|v| {
-                    range
+                    grange
                         .clone()
                         .map(|r| v.get(r).copied().unwrap_or(f64::NAN) - grad_last[r])
                         .collect()
@@ -366,6 +419,11 @@ pub fn probe_theory(
             }
         })
         .collect();
+    // A distinct τ gets the backward pass when any rule resolving to it asks for it.
+    let mut backward = vec![false; distinct.len()];
+    for (rule, &c) in rules.iter().zip(&column) {
+        backward[c] |= rule.backward;
+    }
     let mut acc: Vec<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>)> = (0..distinct.len())
         .map(|_| {
             (
@@ -391,7 +449,7 @@ pub fn probe_theory(
             tau_data::synthetic::Targets::Gaussian,
             seed,
         );
-        let results = theory_probe_seed(&net, &data.xs, n_inputs, &distinct, &blocks)?;
+        let results = theory_probe_seed(&net, &data.xs, n_inputs, &distinct, &backward, &blocks)?;
         for (a, r) in acc.iter_mut().zip(results) {
             let keep: Vec<bool> = r.log_ratio.iter().map(|v| !v.is_nan()).collect();
             let pick = |v: &[f64]| -> Vec<f64> {
@@ -423,7 +481,11 @@ pub fn probe_theory(
                 log10_ratio: a.0.clone(),
                 log10_grad_ratio: a.1.clone(),
                 block_log10_ratio_median: a.2.iter().map(|v| median(v)).collect(),
-                block_log10_grad_median: a.3.iter().map(|v| median(v)).collect(),
+                block_log10_grad_median: if a.1.is_empty() {
+                    Vec::new()
+                } else {
+                    a.3.iter().map(|v| median(v)).collect()
+                },
             }
         })
         .collect())
@@ -466,7 +528,8 @@ mod tests {
             let data =
                 tau_data::synthetic::sphere(n, 8, 1, tau_data::synthetic::Targets::Gaussian, 3);
             let blocks = sample_blocks(12);
-            let ours = theory_probe_seed(&net, &data.xs, n, &[cfg.tau_value()], &blocks).unwrap();
+            let ours =
+                theory_probe_seed(&net, &data.xs, n, &[cfg.tau_value()], &[true], &blocks).unwrap();
             let (xs, ys) = data.to_tensors(DType::F32, &Device::Cpu).unwrap();
             let trace = net.forward_traced(&xs).unwrap();
             for i in 0..n {
@@ -504,12 +567,29 @@ mod tests {
         let data = tau_data::synthetic::sphere(n, 8, 1, tau_data::synthetic::Targets::Gaussian, 1);
         let taus = [1.0, 0.5, 0.1];
         let blocks = sample_blocks(6);
-        let all = theory_probe_seed(&net, &data.xs, n, &taus, &blocks).unwrap();
+        let all = theory_probe_seed(&net, &data.xs, n, &taus, &[true; 3], &blocks).unwrap();
+        // The backward pass for the middle τ only: same values, the others without.
+        let middle =
+            theory_probe_seed(&net, &data.xs, n, &taus, &[false, true, false], &blocks).unwrap();
         for (k, &t) in taus.iter().enumerate() {
-            let one = theory_probe_seed(&net, &data.xs, n, &[t], &blocks).unwrap();
+            let one = theory_probe_seed(&net, &data.xs, n, &[t], &[true], &blocks).unwrap();
             for i in 0..n {
                 assert!((one[0].log_ratio[i] - all[k].log_ratio[i]).abs() < 1e-5);
                 assert!((one[0].log_grad_ratio[i] - all[k].log_grad_ratio[i]).abs() < 1e-5);
+                assert!((middle[k].log_ratio[i] - all[k].log_ratio[i]).abs() < 1e-5);
+            }
+            if k == 1 {
+                assert_eq!(middle[k].block_log_grad.len(), blocks.len());
+                for i in 0..n {
+                    assert!((middle[k].log_grad_ratio[i] - all[k].log_grad_ratio[i]).abs() < 1e-5);
+                    for b in 0..blocks.len() {
+                        let (x, y) = (middle[k].block_log_grad[b][i], all[k].block_log_grad[b][i]);
+                        assert!((x - y).abs() < 1e-5, "block {b} input {i}: {x} vs {y}");
+                    }
+                }
+            } else {
+                assert!(middle[k].log_grad_ratio.is_empty());
+                assert!(middle[k].block_log_grad.is_empty());
             }
         }
     }
@@ -530,6 +610,7 @@ mod tests {
             .map(|s| ProbeTauRule {
                 text: s.to_string(),
                 rule: s.parse().unwrap(),
+                backward: true,
             })
             .collect();
         let out = probe_theory(&cfg, &rules, &[0], 64).unwrap();

@@ -18,7 +18,7 @@ use crate::probe::{
 /// Arguments of `tau-resnet probe`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tau-resnet probe --depth 256 --tau 1 --tau 'L^-0.25' --tau '1/sqrt(L)' --tau 1/L\n  tau-resnet probe --config configs/theory-gd.toml --set model.depth=1024 --json\n  tau-resnet probe --family cifar_resnet --depth 110 --set model.norm=none --tau 1 --tau '1/sqrt(L)'\n\nThe config may be a run config (its [model] table and seed are used) or a probe config:\n  seed = 0\n  [model]  family = \"theory\", width = 256, depth = 64, ...\n  [probe]  n_inputs = 64, n_seeds = 3, taus = [\"1\", \"1/sqrt(L)\"], image_size = 32"
+    after_help = "Examples:\n  tau-resnet probe --depth 256 --tau 1 --tau 'L^-0.25' --tau '1/sqrt(L)' --tau 1/L\n  tau-resnet probe --config configs/theory-gd.toml --set model.depth=1024 --json\n  tau-resnet probe --family cifar_resnet --depth 110 --set model.norm=none --tau 1 --tau '1/sqrt(L)'\n\nThe config may be a run config (its [model] table and seed are used) or a probe config:\n  seed = 0\n  [model]  family = \"theory\", width = 256, depth = 64, ...\n  [probe]  n_inputs = 64, n_seeds = 3, taus = [\"1\", \"1/sqrt(L)\"], image_size = 32\n           grad_taus = [\"1/sqrt(L)\"]  (theory network: backward probe for these only; default all)"
 )]
 pub struct ProbeArgs {
     /// A TOML file with a `[model]` table (a run config works), optional `seed` and `[probe]`.
@@ -68,6 +68,10 @@ struct ProbeSettings {
     taus: Vec<String>,
     #[serde(default)]
     image_size: Option<usize>,
+    /// The τ rules (a subset of `taus`, as written there) that get the backward probe of
+    /// the theory network; absent: all of them.
+    #[serde(default)]
+    grad_taus: Option<Vec<String>>,
 }
 
 fn default_seeds() -> usize {
@@ -87,8 +91,31 @@ struct Resolved {
     table: toml::Table,
 }
 
+/// Checks that `table` with the `--set` overrides `sets` applied is a valid probe config
+/// (the keys, the model, the `[probe]` settings and every τ rule), as `tau-resnet probe
+/// --config FILE --set ...` would read it, without probing anything.
+///
+/// # Errors
+/// The first problem found, naming the key.
+pub fn validate_config(table: toml::Table, sets: &[String]) -> anyhow::Result<()> {
+    let args = ProbeArgs {
+        config: None,
+        sets: sets.to_vec(),
+        family: None,
+        depth: None,
+        width: None,
+        taus: Vec::new(),
+        seed: None,
+        seeds: None,
+        inputs: None,
+        json: false,
+        out: None,
+    };
+    resolve_table(table, &args).map(|_| ())
+}
+
 fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
-    let mut table = match &args.config {
+    let table = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config {}", path.display()))?;
@@ -97,6 +124,10 @@ fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
         }
         None => toml::Table::new(),
     };
+    resolve_table(table, args)
+}
+
+fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Resolved> {
     let mut sets = Vec::new();
     if let Some(f) = &args.family {
         sets.push(format!("model.family=\"{f}\""));
@@ -169,6 +200,7 @@ fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
             n_seeds: default_seeds(),
             taus: Vec::new(),
             image_size: None,
+            grad_taus: None,
         },
     };
     if settings.n_seeds == 0 || settings.n_seeds > 1000 {
@@ -187,6 +219,7 @@ fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
         vec![ProbeTauRule {
             text: rule.to_string(),
             rule,
+            backward: true,
         }]
     } else {
         settings
@@ -197,10 +230,24 @@ fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
                 Ok(ProbeTauRule {
                     text: t.clone(),
                     rule,
+                    backward: settings
+                        .grad_taus
+                        .as_ref()
+                        .is_none_or(|g| g.iter().any(|x| x == t)),
                 })
             })
-            .collect::<anyhow::Result<_>>()?
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
+    if let Some(g) = &settings.grad_taus {
+        for t in g {
+            if !rules.iter().any(|r| &r.text == t) {
+                bail!(
+                    "key `probe.grad_taus`: `{t}` is not one of the probed rules {:?}",
+                    rules.iter().map(|r| r.text.as_str()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
     Ok(Resolved {
         model,
         seed,
