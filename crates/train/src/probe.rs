@@ -136,6 +136,17 @@ fn cpu_f32(t: &Tensor) -> candle::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Calls `f` on the values of a contiguous f32 CPU tensor, without copying them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle::Storage::Cpu(candle::CpuStorage::F32(v)), Some((start, end))) => {
+            Ok(f(&v[start..end]))
+        }
+        _ => candle::bail!("probe: expected a contiguous f32 CPU tensor"),
+    }
+}
+
 /// Scales every row of `xs` (rows of length `m`) to unit norm; adds ln(norm) to `logs`.
 /// A zero row stays zero and its log becomes −∞.
 fn normalize_rows(xs: &mut [f32], m: usize, logs: &mut [f64]) {
@@ -254,38 +265,36 @@ pub fn theory_probe_seed(
             }
         }
         let w = w.to_dtype(DType::F32)?;
-        let ht = Tensor::from_vec(std::mem::take(&mut h), (rows, m), &device)?;
-        let pw = ht.matmul(&w.t()?)?;
-        let mut z = ht.flatten_all()?.to_vec1::<f32>()?;
-        let pw = pw.flatten_all()?.to_vec1::<f32>()?;
+        let pw = Tensor::from_slice(&h, (rows, m), &device)?.matmul(&w.t()?)?;
         let mask = &mut masks[l * grows * words..(l + 1) * grows * words];
-        for r in 0..rows {
-            let tau = tau_of_row[r];
-            let zr = &mut z[r * m..(r + 1) * m];
-            let pr = &pw[r * m..(r + 1) * m];
-            match grad_col[r / n] {
-                Some(k) => {
-                    let g = k * n + r % n;
-                    let mr = &mut mask[g * words..(g + 1) * words];
-                    for j in 0..m {
-                        let v = zr[j] + tau * pr[j];
-                        if v > 0.0 {
-                            zr[j] = v;
-                            mr[j / 64] |= 1u64 << (j % 64);
-                        } else {
-                            zr[j] = 0.0;
+        with_f32(&pw, |pw| {
+            for r in 0..rows {
+                let tau = tau_of_row[r];
+                let zr = &mut h[r * m..(r + 1) * m];
+                let pr = &pw[r * m..(r + 1) * m];
+                match grad_col[r / n] {
+                    Some(k) => {
+                        let g = k * n + r % n;
+                        let mr = &mut mask[g * words..(g + 1) * words];
+                        for j in 0..m {
+                            let v = zr[j] + tau * pr[j];
+                            if v > 0.0 {
+                                zr[j] = v;
+                                mr[j / 64] |= 1u64 << (j % 64);
+                            } else {
+                                zr[j] = 0.0;
+                            }
+                        }
+                    }
+                    None => {
+                        for (zj, pj) in zr.iter_mut().zip(pr) {
+                            *zj = (*zj + tau * pj).max(0.0);
                         }
                     }
                 }
-                None => {
-                    for (zj, pj) in zr.iter_mut().zip(pr) {
-                        *zj = (*zj + tau * pj).max(0.0);
-                    }
-                }
             }
-        }
-        normalize_rows(&mut z, m, &mut logn);
-        h = z;
+        })?;
+        normalize_rows(&mut h, m, &mut logn);
         if next_sample.peek() == Some(&&(l + 1)) {
             next_sample.next();
             block_fwd.push(logn.clone());
@@ -340,17 +349,16 @@ pub fn theory_probe_seed(
             break;
         }
         let w = net.weights()[l].to_dtype(DType::F32)?;
-        let gt = Tensor::from_vec(std::mem::take(&mut g), (grows, m), &device)?;
-        let q = gt.matmul(&w)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut gz = gt.flatten_all()?.to_vec1::<f32>()?;
-        for r in 0..grows {
-            let tau = tau_of_grow[r];
-            for j in 0..m {
-                gz[r * m + j] += tau * q[r * m + j];
+        let q = Tensor::from_slice(&g, (grows, m), &device)?.matmul(&w)?;
+        with_f32(&q, |q| {
+            for (r, &tau) in tau_of_grow.iter().enumerate() {
+                let (gr, qr) = (&mut g[r * m..(r + 1) * m], &q[r * m..(r + 1) * m]);
+                for (gj, qj) in gr.iter_mut().zip(qr) {
+                    *gj += tau * qj;
+                }
             }
-        }
-        normalize_rows(&mut gz, m, &mut gamma);
-        g = gz;
+        })?;
+        normalize_rows(&mut g, m, &mut gamma);
     }
     let mut out = Vec::with_capacity(n_tau);
     for (t, gc) in grad_col.iter().enumerate() {
