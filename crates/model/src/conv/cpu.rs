@@ -110,6 +110,55 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
+/// Lowers one image `x` (c_in × h × w) into the transposed column matrix `rows`
+/// ((h_out·w_out) × (c_in·k·k)): row p holds the receptive field of output position p.
+///
+/// The weight gradient multiplies by this matrix: in this layout the `gemm` crate reads it
+/// in place, where the (c_in·k·k) × (h_out·w_out) layout of [`im2col`] would be repacked
+/// on every call, with strided reads that cost more than the multiplication at the narrow
+/// stages.
+fn im2col_t(g: &Geom, x: &[f32], rows: &mut [f32]) {
+    let (k, s, p) = (g.k, g.stride, g.padding);
+    let ckk = g.ckk();
+    let hw_in = g.hw_in();
+    for oh in 0..g.h_out {
+        for ow in 0..g.w_out {
+            let row = &mut rows[(oh * g.w_out + ow) * ckk..(oh * g.w_out + ow + 1) * ckk];
+            let iw0 = (ow * s) as isize - p as isize;
+            for ki in 0..k {
+                let ih = (oh * s + ki) as isize - p as isize;
+                if ih < 0 || ih >= g.h as isize {
+                    for c in 0..g.c_in {
+                        row[(c * k + ki) * k..(c * k + ki + 1) * k].fill(0.0);
+                    }
+                    continue;
+                }
+                let ih = ih as usize;
+                if iw0 >= 0 && iw0 as usize + k <= g.w {
+                    let iw0 = iw0 as usize;
+                    for c in 0..g.c_in {
+                        let src = &x[c * hw_in + ih * g.w + iw0..c * hw_in + ih * g.w + iw0 + k];
+                        row[(c * k + ki) * k..(c * k + ki + 1) * k].copy_from_slice(src);
+                    }
+                } else {
+                    for c in 0..g.c_in {
+                        let src = &x[c * hw_in + ih * g.w..(c * hw_in + (ih + 1) * g.w)];
+                        let dst = &mut row[(c * k + ki) * k..(c * k + ki + 1) * k];
+                        for (kj, d) in dst.iter_mut().enumerate() {
+                            let iw = iw0 + kj as isize;
+                            *d = if iw >= 0 && (iw as usize) < g.w {
+                                src[iw as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Adds the columns `cols` ((c_in·k·k) × (h_out·w_out)) back into one image `dx`
 /// (c_in × h × w): the adjoint of [`im2col`].
 fn col2im_add(g: &Geom, cols: &[f32], dx: &mut [f32]) {
@@ -285,13 +334,13 @@ pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], dw: &mut [f32]) {
         for i in lo..hi {
             let x_i = &x[i * g.c_in * hw_in..(i + 1) * g.c_in * hw_in];
             let dy_i = &dy[i * g.c_out * hw_out..(i + 1) * g.c_out * hw_out];
-            let cols: &[f32] = if g.is_pointwise() {
-                x_i
-            } else {
-                im2col(g, x_i, cols);
-                cols
-            };
             // acc (c_out × ckk) += dy_i (c_out × hw_out) · colsᵀ (hw_out × ckk)
+            let (rows, strides): (&[f32], _) = if g.is_pointwise() {
+                (x_i, (hw_out, 1))
+            } else {
+                im2col_t(g, x_i, cols);
+                (cols, (1, ckk))
+            };
             sgemm(
                 g.c_out,
                 ckk,
@@ -300,8 +349,8 @@ pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], dw: &mut [f32]) {
                 i > lo,
                 dy_i,
                 (1, hw_out),
-                cols,
-                (hw_out, 1),
+                rows,
+                strides,
                 par,
             );
         }
