@@ -74,6 +74,14 @@ fn init_logging(quiet: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Bench(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
+        // candle runs its elementwise ops on a spinning thread pool of its own, which
+        // fights rayon's (convolution, GEMM, fused ops) for the cores: keep it on the
+        // calling thread unless the user says otherwise (`tau-resnet bench` has a flag).
+        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     cmd::set_quiet(cli.quiet);
     init_logging(cli.quiet);
     let result = match cli.command {
