@@ -213,4 +213,4 @@ impl CustomOp2 for Conv2dGemmGradWeight {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

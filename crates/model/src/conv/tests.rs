@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::conv2d;
 
 /// max |a − b| / max |b| over all elements.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let a = a.to_vec1::<f64>().unwrap();

@@ -8,24 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batch_norm_t;
-
-/// max |a − b| / max |b| over all elements.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let a = a.to_vec1::<f64>().unwrap();
-    let b = b.to_vec1::<f64>().unwrap();
-    assert_eq!(a.len(), b.len());
-    let scale = b
-        .iter()
-        .fold(0f64, |m, v| m.max(v.abs()))
-        .max(f64::MIN_POSITIVE);
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
-}
+use crate::conv::tests::rel_err;
 
 fn random(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
     let n = dims.iter().product();
