@@ -269,6 +269,24 @@ fn check_tensors<'a>(
     })
 }
 
+/// Checks that `varmap` holds exactly the tensors `cfg` describes: every name present,
+/// none extra, each of its config shape, all of one float dtype; returns that dtype.
+/// Errors name the tensor (the path they carry is `VarMap`).
+///
+/// # Errors
+/// A missing, unexpected, misshapen or mistyped tensor.
+pub fn check_varmap(cfg: &ModelConfig, varmap: &VarMap) -> Result<DType, CheckpointError> {
+    let tensors = varmap_tensors(varmap)?;
+    check_tensors(
+        cfg,
+        Path::new("VarMap"),
+        tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.dims().to_vec(), Ok(t.dtype()))),
+        None,
+    )
+}
+
 /// Saves `varmap` as a checkpoint of `cfg` into `dir` (created if needed): `config.json`
 /// and `model.safetensors`, each written atomically.
 ///

@@ -21,7 +21,6 @@
 //!
 //! ```
 //! use candle::{DType, Device, Tensor};
-//! use candle_nn::VarBuilder;
 //! use tau_model::{Model, ModelConfig, init_varmap};
 //!
 //! # fn main() -> candle::Result<()> {
@@ -31,7 +30,7 @@
 //! ).map_err(candle::Error::wrap)?;
 //! let dev = Device::Cpu;
 //! let varmap = init_varmap(&cfg, 42, DType::F32, &dev)?;
-//! let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+//! let model = Model::from_varmap(&cfg, &varmap, &dev)?;
 //! let logits = model.forward_t(&Tensor::zeros((2, 1, 28, 28), DType::F32, &dev)?, true)?;
 //! assert_eq!(logits.dims(), [2, 10]);
 //! assert!((model.tau()? - 1.0 / 3f64.sqrt()).abs() < 1e-6); // L = 3 blocks
@@ -42,7 +41,7 @@
 //!     ..Default::default()
 //! });
 //! let varmap = init_varmap(&cfg, 0, DType::F32, &dev)?;
-//! let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+//! let model = Model::from_varmap(&cfg, &varmap, &dev)?;
 //! let xs = Tensor::ones((3, 4), DType::F32, &dev)?;
 //! let trace = model.as_theory().unwrap().forward_traced(&xs)?;
 //! assert!(trace.log_mean_ratio().unwrap().is_finite());

@@ -1,7 +1,7 @@
 //! [`Model`]: any τ-ResNet family behind one type, built from a [`ModelConfig`].
 
-use candle::{ModuleT, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle::{Device, ModuleT, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
 use crate::resnet::{BottleneckResNet, CifarResNet};
@@ -22,6 +22,10 @@ impl Model {
     /// Builds the model `cfg` describes from the tensors in `vb` (device and dtype are
     /// `vb`'s).
     ///
+    /// A `vb` made by `VarBuilder::from_varmap` *creates* any tensor the `VarMap` lacks
+    /// (candle's `get_or_init`), so a partial map silently gets default tensors; use
+    /// [`Model::from_varmap`], which checks the map first.
+    ///
     /// # Errors
     /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
@@ -33,6 +37,18 @@ impl Model {
                 Model::BottleneckResNet(BottleneckResNet::new(c, vb)?)
             }
         })
+    }
+
+    /// Builds the model `cfg` describes on the tensors of `varmap`, after checking that the
+    /// map holds exactly the config's tensors (names, shapes, one float dtype, which is the
+    /// model's dtype). The model shares the map's variables: training them trains it.
+    ///
+    /// # Errors
+    /// An invalid config, or a missing, unexpected, misshapen or mistyped tensor, named.
+    pub fn from_varmap(cfg: &ModelConfig, varmap: &VarMap, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let dtype = crate::checkpoint::check_varmap(cfg, varmap).map_err(candle::Error::wrap)?;
+        Self::new(cfg, VarBuilder::from_varmap(varmap, dtype, device))
     }
 
     /// The output for a batch: BatchNorm uses batch statistics and updates its running

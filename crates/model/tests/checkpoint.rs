@@ -333,6 +333,57 @@ fn save_refuses_a_varmap_that_does_not_match_the_config() {
     assert!(!dir.exists());
 }
 
+#[test]
+fn model_from_varmap_refuses_a_partial_map_that_new_would_fill_in() {
+    let cfg = small_cifar(Norm::None);
+    let dev = Device::Cpu;
+    let vm = init_varmap(&cfg, 0, DType::F32, &dev).unwrap();
+    let x = input();
+    let full = Model::from_varmap(&cfg, &vm, &dev).unwrap();
+    let reference = Model::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let (a, b) = (
+        full.forward_t(&x, false).unwrap(),
+        reference.forward_t(&x, false).unwrap(),
+    );
+    assert_eq!(dump_tensor(&a), dump_tensor(&b));
+
+    vm.data().lock().unwrap().remove("layer2.0.conv1.weight");
+    let msg = Model::from_varmap(&cfg, &vm, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("missing tensor \"layer2.0.conv1.weight\""),
+        "{msg}"
+    );
+    // The map is left as it was: nothing was created in it.
+    assert!(
+        !vm.data()
+            .lock()
+            .unwrap()
+            .contains_key("layer2.0.conv1.weight")
+    );
+
+    let f64_map = init_varmap(&cfg, 0, DType::F64, &dev).unwrap();
+    let m = Model::from_varmap(&cfg, &f64_map, &dev).unwrap();
+    assert_eq!(
+        m.forward_t(&x.to_dtype(DType::F64).unwrap(), false)
+            .unwrap()
+            .dtype(),
+        DType::F64
+    );
+}
+
+fn dump_tensor(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// A hub cache laid out as hf-hub (and Python's huggingface_hub) write it, read with no
 /// network: the endpoint is a closed loopback port and retries are off.
 #[test]
