@@ -328,6 +328,10 @@ pub struct OptimConfig {
     /// frozen, e.g. `freeze = ["fc."]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
+    /// Clip the gradient's global L2 norm to this value before each update (PyTorch
+    /// `clip_grad_norm_` after τ's gradient is divided by L); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
 }
 
 fn default_small_lr_factor() -> f64 {
@@ -554,6 +558,11 @@ impl RunConfig {
         }
         if !(o.small_lr_factor.is_finite() && o.small_lr_factor >= 0.0) {
             bail!("`optim.small_lr_factor` must be ≥ 0");
+        }
+        if let Some(c) = o.clip_grad_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            bail!("`optim.clip_grad_norm` must be a positive number, got {c}");
         }
         if let ScheduleConfig::Step { milestones, gamma } = &o.schedule {
             if !(gamma.is_finite() && *gamma > 0.0) {
@@ -792,6 +801,29 @@ lr = 0.02
             let mut t = table(THEORY);
             apply_overrides(&mut t, &[format!("optim.schedule={s}")]).unwrap();
             assert_eq!(config_from_table(t).unwrap().optim.schedule, want);
+        }
+    }
+
+    #[test]
+    fn clip_grad_norm_is_optional_and_positive() {
+        assert_eq!(
+            config_from_table(table(THEORY))
+                .unwrap()
+                .optim
+                .clip_grad_norm,
+            None
+        );
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &["optim.clip_grad_norm=1.5".into()]).unwrap();
+        assert_eq!(
+            config_from_table(t).unwrap().optim.clip_grad_norm,
+            Some(1.5)
+        );
+        for bad in ["0", "-1.0", "nan"] {
+            let mut t = table(THEORY);
+            apply_overrides(&mut t, &[format!("optim.clip_grad_norm={bad}")]).unwrap();
+            let err = format!("{:#}", config_from_table(t).unwrap_err());
+            assert!(err.contains("optim.clip_grad_norm"), "{bad}: {err}");
         }
     }
 

@@ -316,6 +316,39 @@ fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> anyhow::Result<Grad
     })
 }
 
+/// Scales the gradients so that their global L2 norm, as the optimizer sees them (each
+/// times its parameter's `grad_scale`: τ's divided by L), is at most `max_norm`, exactly
+/// as PyTorch's `clip_grad_norm_` (factor `max_norm / (norm + 1e-6)` when below 1).
+/// Returns the norm before clipping.
+///
+/// # Errors
+/// Device errors.
+pub fn clip_grad_norm(
+    opt: &Sgd,
+    grads: &mut [Option<Tensor>],
+    max_norm: f64,
+) -> candle::Result<f64> {
+    let mut sq = 0f64;
+    for (p, g) in opt.params().iter().zip(grads.iter()) {
+        if let Some(g) = g {
+            let s = g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle::DType::F64)?
+                .to_scalar::<f64>()?;
+            sq += s * p.spec.grad_scale * p.spec.grad_scale;
+        }
+    }
+    let norm = sq.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = g.affine(coef, 0.0)?;
+        }
+    }
+    Ok(norm)
+}
+
 fn collect_grads(
     opt: &Sgd,
     store: &candle::backprop::GradStore,
@@ -423,7 +456,7 @@ pub fn run_loop(
         let lr = schedule.lr_at(s);
 
         // Gradient of the step.
-        let sg = match cfg.optim.kind {
+        let mut sg = match cfg.optim.kind {
             OptimKind::Gd => gd_grads(&sess, n, epoch)?,
             OptimKind::Sgd => {
                 if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -473,6 +506,9 @@ pub fn run_loop(
         }
         let reached_target = cfg.target_loss.is_some_and(|t| loss < t);
         if !reached_target {
+            if let Some(max_norm) = cfg.optim.clip_grad_norm {
+                clip_grad_norm(sess.optimizer, &mut sg.grads, max_norm)?;
+            }
             sess.optimizer.step(&sg.grads, lr)?;
             state.step += 1;
         }
@@ -841,4 +877,72 @@ pub fn load_checkpoint_state(ckpt: &Path, optimizer: &mut Sgd) -> anyhow::Result
 /// I/O errors.
 pub fn write_config(run_dir: &Path, text: &str) -> anyhow::Result<()> {
     atomic_write(&run_dir.join("config.toml"), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WeightDecayMode;
+    use crate::optim::{Param, ParamSpec, SgdConfig};
+    use candle::{Device, Var};
+
+    fn opt() -> Sgd {
+        let var = |v: &[f64]| Var::from_slice(v, v.len(), &Device::Cpu).unwrap();
+        let tau = ParamSpec {
+            lr_mult: 0.1,
+            grad_scale: 0.25,
+            weight_decay: false,
+        };
+        Sgd::new(
+            vec![
+                Param {
+                    name: "w".into(),
+                    var: var(&[0.0, 0.0]),
+                    spec: ParamSpec::WEIGHT,
+                },
+                Param {
+                    name: "tau".into(),
+                    var: var(&[0.0]),
+                    spec: tau,
+                },
+            ],
+            SgdConfig {
+                momentum: 0.0,
+                nesterov: false,
+                weight_decay: 0.0,
+                weight_decay_mode: WeightDecayMode::Coupled,
+            },
+        )
+    }
+
+    fn grads(w: [f64; 2], tau: f64) -> Vec<Option<Tensor>> {
+        vec![
+            Some(Tensor::new(&w, &Device::Cpu).unwrap()),
+            Some(Tensor::new(&[tau], &Device::Cpu).unwrap()),
+        ]
+    }
+
+    fn values(g: &[Option<Tensor>]) -> Vec<f64> {
+        g.iter()
+            .flat_map(|t| t.as_ref().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    }
+
+    /// The norm is that of the gradients the optimizer applies (τ's ÷ 4 here):
+    /// ‖(3, 0, 16/4)‖ = 5, so a limit of 1 scales every raw gradient by 1/(5 + 1e-6),
+    /// and a limit above 5 leaves them as they are.
+    #[test]
+    fn clipping_scales_to_the_limit_like_pytorch() {
+        let o = opt();
+        let mut g = grads([3.0, 0.0], 16.0);
+        let norm = clip_grad_norm(&o, &mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-12, "{norm}");
+        let c = 1.0 / (5.0 + 1e-6);
+        for (got, want) in values(&g).iter().zip([3.0 * c, 0.0, 16.0 * c]) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        let mut g = grads([3.0, 0.0], 16.0);
+        clip_grad_norm(&o, &mut g, 6.0).unwrap();
+        assert_eq!(values(&g), vec![3.0, 0.0, 16.0]);
+    }
 }

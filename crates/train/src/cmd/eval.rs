@@ -223,6 +223,7 @@ fn eval_config(
             warmup: 0.0,
             small_lr_factor: 0.1,
             freeze: Vec::new(),
+            clip_grad_norm: None,
         },
         log: LogConfig::default(),
     }
