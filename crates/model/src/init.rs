@@ -18,26 +18,78 @@ use rayon::prelude::*;
 
 use crate::config::{ModelConfig, ParamInit, ParamSpec};
 
-/// Draws the values of one tensor, as f64, from its own stream.
-fn draw(spec: &ParamSpec, seed: u64, stream: u64) -> Result<Vec<f64>> {
+/// Draws the values of one tensor, as f64, from its own stream, element by element in
+/// row-major order, passing each to `put`.
+fn draw_each(spec: &ParamSpec, seed: u64, stream: u64, mut put: impl FnMut(f64)) -> Result<()> {
     let n = spec.elem_count();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);
-    Ok(match spec.init {
-        ParamInit::Const(v) => vec![v; n],
-        ParamInit::Normal { std } => (0..n)
-            .map(|_| {
-                let z: f64 = StandardNormal.sample(&mut rng);
-                z * std
-            })
-            .collect(),
+    match spec.init {
+        ParamInit::Const(v) => (0..n).for_each(|_| put(v)),
+        ParamInit::Normal { std } => (0..n).for_each(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            put(z * std)
+        }),
         ParamInit::Uniform { bound } => {
             let dist = Uniform::new(-bound, bound).map_err(|e| {
                 candle::Error::Msg(format!("{}: bad uniform bound {bound}: {e}", spec.name))
             })?;
-            (0..n).map(|_| rng.sample(dist)).collect()
+            (0..n).for_each(|_| put(rng.sample(dist)))
+        }
+    }
+    Ok(())
+}
+
+/// Draws the values of one tensor, as f64, from its own stream.
+fn draw(spec: &ParamSpec, seed: u64, stream: u64) -> Result<Vec<f64>> {
+    let mut values = Vec::with_capacity(spec.elem_count());
+    draw_each(spec, seed, stream, |v| values.push(v))?;
+    Ok(values)
+}
+
+/// Writes into `out` (row-major) the values that [`init_varmap`] with `DType::F32` gives
+/// the tensor `spec`, which is entry `index` (0-based) of `cfg.param_specs()` for the
+/// model config `cfg` and the same `seed`: the same stream, the same f64 draws, rounded
+/// to f32. One tensor can be drawn without drawing the others (the stability probe draws
+/// the theory network's W_l this way, into one reused buffer).
+///
+/// # Errors
+/// `out` not of `spec`'s element count, or a bad uniform bound.
+pub fn draw_param_f32(spec: &ParamSpec, seed: u64, index: usize, out: &mut [f32]) -> Result<()> {
+    if out.len() != spec.elem_count() {
+        candle::bail!(
+            "init: {} has {} elements, the buffer {}",
+            spec.name,
+            spec.elem_count(),
+            out.len()
+        )
+    }
+    let mut slots = out.iter_mut();
+    draw_each(spec, seed, index as u64, |v| {
+        if let Some(slot) = slots.next() {
+            *slot = v as f32;
         }
     })
+}
+
+/// The values of every parameter and buffer of `cfg` that [`init_varmap`] with
+/// `DType::F32` gives for `seed`, bit for bit, as plain row-major arrays in the order of
+/// `cfg.param_specs()`, drawn in parallel on rayon's pool (for code that runs its own
+/// kernels on the weights, such as the theory network's stability probe).
+///
+/// # Errors
+/// An invalid config.
+pub fn init_values_f32(cfg: &ModelConfig, seed: u64) -> Result<Vec<Vec<f32>>> {
+    cfg.validate()?;
+    cfg.param_specs()
+        .par_iter()
+        .enumerate()
+        .map(|(k, spec)| {
+            let mut values = vec![0f32; spec.elem_count()];
+            draw_param_f32(spec, seed, k, &mut values)?;
+            Ok(values)
+        })
+        .collect()
 }
 
 /// A variable of `dtype` on `device` holding `values`, copied once where possible.
@@ -179,6 +231,44 @@ mod tests {
                 .unwrap();
             assert_eq!(&got[..4], &want[..], "{name}");
         }
+    }
+
+    #[test]
+    fn draw_param_f32_and_init_values_f32_give_the_varmap_values_bit_for_bit() {
+        let cfg = ModelConfig::Theory(TheoryConfig {
+            input_dim: 3,
+            width: 5,
+            depth: 4,
+            ..Default::default()
+        });
+        let vm = init_varmap(&cfg, 11, DType::F32, &Device::Cpu).unwrap();
+        let data = vm.data().lock().unwrap();
+        for (k, spec) in cfg.param_specs().iter().enumerate() {
+            let mut got = vec![0f32; spec.elem_count()];
+            draw_param_f32(spec, 11, k, &mut got).unwrap();
+            let want = data[&spec.name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{}", spec.name);
+        }
+        let all = init_values_f32(&cfg, 11).unwrap();
+        assert_eq!(all.len(), cfg.param_specs().len());
+        for (spec, got) in cfg.param_specs().iter().zip(&all) {
+            let want = data[&spec.name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got, &want, "{}", spec.name);
+        }
+        let spec = &cfg.param_specs()[1];
+        let mut short = vec![0f32; 3];
+        assert!(draw_param_f32(spec, 11, 1, &mut short).is_err());
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! per-layer gradient norms for many τ values on the same seeded weights.
 //!
 //! The theory network takes a fast path that evaluates every τ at once on the weights
-//! of [`tau_model::init_varmap`] (common random numbers: the weights are drawn once per
-//! seed, whatever the number of τ values): the hidden states of all (τ, input) pairs are
-//! the rows of one matrix, each block is one f32 GEMM, and every row is rescaled to unit
-//! norm after each block with its log-scale accumulated in f64. The blocks are positively
-//! homogeneous (block(c·h) = c·block(h) for c > 0), so the rescaling is exact and the
-//! ratios stay finite far beyond f64's range (τ = 1 at L = 4096 gives about 1e490).
+//! [`tau_model::init_varmap`] gives in f32, bit for bit (drawn as plain arrays with
+//! [`tau_model::init::init_values_f32`]; common random numbers: the weights are drawn
+//! once per seed, whatever the number of τ values): the hidden states of all (τ, input)
+//! pairs are the rows of one matrix, each block is one f32 GEMM into a reused buffer
+//! followed by one element-wise pass (residual, ReLU, sum of squares), and every row is
+//! rescaled to unit norm at each block with its log-scale accumulated in f64. The blocks
+//! are positively homogeneous (block(c·h) = c·block(h) for c > 0), so the rescaling is
+//! exact and the ratios stay finite far beyond f64's range (τ = 1 at L = 4096 gives
+//! about 1e490).
 //!
 //! The backward pass is linear once the ReLU masks are fixed, so it is rescaled the same
 //! way. For input i the gradient of its squared loss with respect to W_l is the rank-one
@@ -15,8 +18,7 @@
 //! back-propagated from g_L = Bᵀ1 (for one output, the residual r_i is a scalar that
 //! cancels from every ratio between layers).
 
-use candle::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use tau_model::{ModelConfig, TauRule, TheoryConfig, TheoryNet};
 
@@ -136,59 +138,177 @@ fn cpu_f32(t: &Tensor) -> candle::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// Calls `f` on the values of a contiguous f32 CPU tensor, without copying them.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle::Storage::Cpu(candle::CpuStorage::F32(v)), Some((start, end))) => {
-            Ok(f(&v[start..end]))
+/// The theory network's weights as row-major f32 arrays, the input of the fast probe.
+#[derive(Debug, Clone)]
+pub struct TheoryWeights {
+    /// p, the input dimension.
+    pub input_dim: usize,
+    /// m, the width.
+    pub width: usize,
+    /// d, the output dimension.
+    pub output_dim: usize,
+    /// A, m × p.
+    pub input: Vec<f32>,
+    /// W_1..W_L, each m × m.
+    pub blocks: Vec<Vec<f32>>,
+    /// B, d × m.
+    pub output: Vec<f32>,
+}
+
+impl TheoryWeights {
+    /// The weights `tau_model::init_varmap(cfg, seed, DType::F32, cpu)` gives, bit for bit
+    /// (drawn with [`tau_model::init::init_values_f32`], without building tensors).
+    ///
+    /// # Errors
+    /// An invalid config.
+    pub fn draw(cfg: &TheoryConfig, seed: u64) -> candle::Result<Self> {
+        let mut values = tau_model::init::init_values_f32(&ModelConfig::Theory(cfg.clone()), seed)?;
+        // param_specs order: A, W_1..W_L, B.
+        let output = values.pop().unwrap_or_default();
+        let mut rest = values.into_iter();
+        let input = rest.next().unwrap_or_default();
+        let blocks: Vec<Vec<f32>> = rest.collect();
+        let w = Self {
+            input_dim: cfg.input_dim,
+            width: cfg.width,
+            output_dim: cfg.output_dim,
+            input,
+            blocks,
+            output,
+        };
+        w.check()?;
+        Ok(w)
+    }
+
+    /// The weights of `net`, as f32.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn from_net(net: &TheoryNet) -> candle::Result<Self> {
+        let cfg = net.config();
+        let w = Self {
+            input_dim: cfg.input_dim,
+            width: cfg.width,
+            output_dim: cfg.output_dim,
+            input: cpu_f32(net.input_weight())?,
+            blocks: net
+                .weights()
+                .iter()
+                .map(cpu_f32)
+                .collect::<candle::Result<_>>()?,
+            output: cpu_f32(net.output_weight())?,
+        };
+        w.check()?;
+        Ok(w)
+    }
+
+    fn check(&self) -> candle::Result<()> {
+        let (p, m, d) = (self.input_dim, self.width, self.output_dim);
+        if self.input.len() != m * p
+            || self.output.len() != d * m
+            || self.blocks.iter().any(|w| w.len() != m * m)
+        {
+            candle::bail!("probe: weights do not match width {m}, input dim {p}, output dim {d}")
         }
-        _ => candle::bail!("probe: expected a contiguous f32 CPU tensor"),
+        Ok(())
     }
 }
 
-/// Scales every row of `xs` (rows of length `m`) to unit norm; adds ln(norm) to `logs`.
-/// A zero row stays zero and its log becomes −∞.
-fn normalize_rows(xs: &mut [f32], m: usize, logs: &mut [f64]) {
-    for (row, log) in xs.chunks_mut(m).zip(logs.iter_mut()) {
-        let n2: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        if n2 > 0.0 && n2.is_finite() {
-            let n = n2.sqrt();
-            let inv = (1.0 / n) as f32;
-            row.iter_mut().for_each(|v| *v *= inv);
-            *log += n.ln();
-        } else {
-            row.iter_mut().for_each(|v| *v = 0.0);
-            *log = if n2 == 0.0 {
-                f64::NEG_INFINITY
-            } else {
-                f64::NAN
-            };
-        }
+/// ln of the norm whose square is `n2`, and the factor that scales the row to unit norm:
+/// a zero row gives (−∞, 0), a non-finite one (NaN, 0).
+fn log_norm(n2: f64) -> (f64, f32) {
+    if n2 > 0.0 && n2.is_finite() {
+        (0.5 * n2.ln(), (1.0 / n2.sqrt()) as f32)
+    } else if n2 == 0.0 {
+        (f64::NEG_INFINITY, 0.0)
+    } else {
+        (f64::NAN, 0.0)
     }
 }
 
-/// The theory network's forward and backward probe for many τ at once, on `net`'s
-/// weights (its own τ is ignored) and the inputs `xs` (n × p, row-major, f64).
+/// Lanes of the vectorizable per-row loops.
+const LANES: usize = 16;
+
+/// `z ← max(s·z + (s·τ)·p, 0)` element-wise; returns ‖z‖² of the result.
+fn relu_step(z: &mut [f32], p: &[f32], s: f32, tau: f32) -> f64 {
+    let st = s * tau;
+    let mut acc = [0f32; LANES];
+    let mut zc = z.chunks_exact_mut(LANES);
+    let mut pc = p.chunks_exact(LANES);
+    for (zs, ps) in (&mut zc).zip(&mut pc) {
+        for k in 0..LANES {
+            let v = (s * zs[k] + st * ps[k]).max(0.0);
+            zs[k] = v;
+            acc[k] += v * v;
+        }
+    }
+    let mut tail = 0f32;
+    for (zj, pj) in zc.into_remainder().iter_mut().zip(pc.remainder()) {
+        let v = (s * *zj + st * pj).max(0.0);
+        *zj = v;
+        tail += v * v;
+    }
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail)
+}
+
+/// `g ← s·g + (s·τ)·q` element-wise.
+fn linear_step(g: &mut [f32], q: &[f32], s: f32, tau: f32) {
+    let st = s * tau;
+    for (gj, qj) in g.iter_mut().zip(q) {
+        *gj = s * *gj + st * qj;
+    }
+}
+
+/// The ReLU mask of `z` (bit j of word j/64 set where z_j > 0).
+fn set_mask(z: &[f32], mask: &mut [u64]) {
+    for (word, chunk) in mask.iter_mut().zip(z.chunks(64)) {
+        let mut bits = 0u64;
+        for (j, &v) in chunk.iter().enumerate() {
+            bits |= u64::from(v > 0.0) << j;
+        }
+        *word = bits;
+    }
+}
+
+/// Zeroes `g` where the mask is clear; returns ‖g‖² of the result.
+fn apply_mask(g: &mut [f32], mask: &[u64]) -> f64 {
+    let mut total = 0f64;
+    for (chunk, &word) in g.chunks_mut(64).zip(mask) {
+        let mut acc = [0f32; LANES];
+        for (k, v) in chunk.iter_mut().enumerate() {
+            let kept = if (word >> k) & 1 == 1 { *v } else { 0.0 };
+            *v = kept;
+            acc[k % LANES] += kept * kept;
+        }
+        total += acc.iter().map(|&a| f64::from(a)).sum::<f64>();
+    }
+    total
+}
+
+/// The theory network's forward and backward probe for many τ at once, on the weights
+/// `wts` and the inputs `xs` (n × p, row-major, f64).
 ///
 /// The backward pass runs only for the τ with `backward[t]` true (its rows are a
 /// separate, smaller matrix); the others get empty gradient fields.
 ///
+/// Every row is kept at about unit norm: each block's product is computed from the rows
+/// as the previous block left them, and the scaling to unit norm is folded into the next
+/// block's element-wise step (exact: the block is positively homogeneous).
+///
 /// Returns one [`TheorySeedResult`] per entry of `taus`.
 ///
 /// # Errors
-/// Tensor errors (shapes that do not match the network), or `backward` not of the length
-/// of `taus`.
+/// Inputs that do not match the weights, or `backward` not of the length of `taus`.
 pub fn theory_probe_seed(
-    net: &TheoryNet,
+    wts: &TheoryWeights,
     xs: &[f64],
     n: usize,
     taus: &[f64],
     backward: &[bool],
     blocks: &[usize],
 ) -> candle::Result<Vec<TheorySeedResult>> {
-    let cfg = net.config();
-    let (p, m, n_blocks) = (cfg.input_dim, cfg.width, net.n_blocks());
+    wts.check()?;
+    let (p, m, n_blocks) = (wts.input_dim, wts.width, wts.blocks.len());
     if xs.len() != n * p {
         candle::bail!(
             "probe: {} input values for {n} inputs of dimension {p}",
@@ -212,7 +332,7 @@ pub fn theory_probe_seed(
     }
     let grows = grad_taus.len() * n;
     // h_0 = φ(A x) in f64, then unit rows.
-    let a = cpu_f32(net.input_weight())?;
+    let a = &wts.input;
     let mut h0 = vec![0f64; n * m];
     for i in 0..n {
         for j in 0..m {
@@ -248,61 +368,49 @@ pub fn theory_probe_seed(
     // kept for the backward rows only.
     let mut masks = vec![0u64; n_blocks * grows * words];
     let mut prev_log = vec![0f64; n_blocks * grows];
+    // logn[r]: ln‖h_l‖/‖h_0‖ of row r; the stored row is h_l / exp(logn[r] − ln‖row‖),
+    // and inv[r] = 1/‖row‖ scales it to unit norm (folded into the next block's step).
     let mut logn = vec![0f64; rows];
+    let mut inv = vec![1f32; rows];
     for (r, log) in logn.iter_mut().enumerate() {
         if !log0[r % n].is_finite() {
             *log = f64::NAN;
+            inv[r] = 0.0;
         }
     }
     let mut block_fwd: Vec<Vec<f64>> = Vec::with_capacity(blocks.len());
     let mut next_sample = blocks.iter().peekable();
-    let device = Device::Cpu;
-    for (l, w) in net.weights().iter().enumerate() {
+    let mut pw = vec![0f32; rows * m];
+    for (l, w) in wts.blocks.iter().enumerate() {
         for (t, gc) in grad_col.iter().enumerate() {
             if let Some(k) = gc {
                 prev_log[l * grows + k * n..l * grows + (k + 1) * n]
                     .copy_from_slice(&logn[t * n..(t + 1) * n]);
             }
         }
-        let w = w.to_dtype(DType::F32)?;
-        let pw = Tensor::from_slice(&h, (rows, m), &device)?.matmul(&w.t()?)?;
+        tau_model::theory::block_matmul_f32(&h, w, &mut pw, rows, m, true)?;
         let mask = &mut masks[l * grows * words..(l + 1) * grows * words];
-        with_f32(&pw, |pw| {
-            for r in 0..rows {
-                let tau = tau_of_row[r];
-                let zr = &mut h[r * m..(r + 1) * m];
-                let pr = &pw[r * m..(r + 1) * m];
-                match grad_col[r / n] {
-                    Some(k) => {
-                        let g = k * n + r % n;
-                        let mr = &mut mask[g * words..(g + 1) * words];
-                        for j in 0..m {
-                            let v = zr[j] + tau * pr[j];
-                            if v > 0.0 {
-                                zr[j] = v;
-                                mr[j / 64] |= 1u64 << (j % 64);
-                            } else {
-                                zr[j] = 0.0;
-                            }
-                        }
-                    }
-                    None => {
-                        for (zj, pj) in zr.iter_mut().zip(pr) {
-                            *zj = (*zj + tau * pj).max(0.0);
-                        }
-                    }
-                }
+        for r in 0..rows {
+            let zr = &mut h[r * m..(r + 1) * m];
+            let n2 = relu_step(zr, &pw[r * m..(r + 1) * m], inv[r], tau_of_row[r]);
+            let (ln_norm, s) = log_norm(n2);
+            // The stored row had norm 1/inv[r] before the step: h_l's log-norm is the old
+            // one plus ln ‖row after the step‖ (the step divided by that norm).
+            logn[r] += ln_norm;
+            inv[r] = s;
+            if let Some(k) = grad_col[r / n] {
+                let g = k * n + r % n;
+                set_mask(zr, &mut mask[g * words..(g + 1) * words]);
             }
-        })?;
-        normalize_rows(&mut h, m, &mut logn);
+        }
         if next_sample.peek() == Some(&&(l + 1)) {
             next_sample.next();
             block_fwd.push(logn.clone());
         }
     }
     // Backward from g_L = Bᵀ1 for every backward row.
-    let b = cpu_f32(net.output_weight())?;
-    let d = cfg.output_dim;
+    let b = &wts.output;
+    let d = wts.output_dim;
     let mut g_dir = vec![0f32; m];
     for k in 0..d {
         for j in 0..m {
@@ -314,28 +422,29 @@ pub fn theory_probe_seed(
     for _ in 0..grows {
         g.extend_from_slice(&g_dir);
     }
+    // gamma[r]: the log-scale of the stored row r of g (true gradient = exp(gamma)·row).
     let mut gamma = vec![0f64; grows];
-    normalize_rows(&mut g, m, &mut gamma);
+    let mut ginv = vec![0f32; grows];
     // grad_log[r] at sampled blocks, ln‖∂W_l‖ up to the common factor |r_i|.
     let mut grad_at: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
     let mut grad_first = vec![0f64; grows];
     let mut grad_last = vec![0f64; grows];
     let backward_blocks = if grows == 0 { 0 } else { n_blocks };
+    let mut q = vec![0f32; grows * m];
     for l in (0..backward_blocks).rev() {
         let mask = &masks[l * grows * words..(l + 1) * grows * words];
+        let mut grad = vec![0f64; grows];
         for r in 0..grows {
-            let gr = &mut g[r * m..(r + 1) * m];
-            let mr = &mask[r * words..(r + 1) * words];
-            for j in 0..m {
-                if mr[j / 64] & (1u64 << (j % 64)) == 0 {
-                    gr[j] = 0.0;
-                }
-            }
+            let n2 = apply_mask(
+                &mut g[r * m..(r + 1) * m],
+                &mask[r * words..(r + 1) * words],
+            );
+            let (ln_norm, s) = log_norm(n2);
+            // The true gradient is exp(gamma)·row: ‖D_l g_l‖ = exp(gamma)·‖masked row‖.
+            gamma[r] += ln_norm;
+            ginv[r] = s;
+            grad[r] = f64::from(tau_of_grow[r]).ln() + gamma[r] + prev_log[l * grows + r];
         }
-        normalize_rows(&mut g, m, &mut gamma);
-        let grad: Vec<f64> = (0..grows)
-            .map(|r| f64::from(tau_of_grow[r]).ln() + gamma[r] + prev_log[l * grows + r])
-            .collect();
         if l + 1 == n_blocks {
             grad_last.clone_from(&grad);
         }
@@ -348,17 +457,17 @@ pub fn theory_probe_seed(
         if l == 0 {
             break;
         }
-        let w = net.weights()[l].to_dtype(DType::F32)?;
-        let q = Tensor::from_slice(&g, (grows, m), &device)?.matmul(&w)?;
-        with_f32(&q, |q| {
-            for (r, &tau) in tau_of_grow.iter().enumerate() {
-                let (gr, qr) = (&mut g[r * m..(r + 1) * m], &q[r * m..(r + 1) * m]);
-                for (gj, qj) in gr.iter_mut().zip(qr) {
-                    *gj += tau * qj;
-                }
-            }
-        })?;
-        normalize_rows(&mut g, m, &mut gamma);
+        tau_model::theory::block_matmul_f32(&g, &wts.blocks[l], &mut q, grows, m, false)?;
+        // g_{l−1} = D_l g_l + τ W_lᵀ D_l g_l, from the masked rows scaled to unit norm
+        // (gamma already holds their log-norm).
+        for r in 0..grows {
+            linear_step(
+                &mut g[r * m..(r + 1) * m],
+                &q[r * m..(r + 1) * m],
+                ginv[r],
+                tau_of_grow[r],
+            );
+        }
     }
     let mut out = Vec::with_capacity(n_tau);
     for (t, gc) in grad_col.iter().enumerate() {
@@ -444,12 +553,7 @@ pub fn probe_theory(
         .collect();
     let ln10 = std::f64::consts::LN_10;
     for &seed in seeds {
-        let model_cfg = ModelConfig::Theory(cfg.clone());
-        let varmap = tau_model::init_varmap(&model_cfg, seed, DType::F32, &Device::Cpu)?;
-        let net = TheoryNet::new(
-            cfg,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        )?;
+        let weights = TheoryWeights::draw(cfg, seed)?;
         let data = tau_data::synthetic::sphere(
             n_inputs,
             cfg.input_dim,
@@ -457,7 +561,8 @@ pub fn probe_theory(
             tau_data::synthetic::Targets::Gaussian,
             seed,
         );
-        let results = theory_probe_seed(&net, &data.xs, n_inputs, &distinct, &backward, &blocks)?;
+        let results =
+            theory_probe_seed(&weights, &data.xs, n_inputs, &distinct, &backward, &blocks)?;
         for (a, r) in acc.iter_mut().zip(results) {
             let keep: Vec<bool> = r.log_ratio.iter().map(|v| !v.is_nan()).collect();
             let pick = |v: &[f64]| -> Vec<f64> {
@@ -502,6 +607,8 @@ pub fn probe_theory(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle::Device;
+    use candle_nn::VarBuilder;
 
     fn net(
         width: usize,
@@ -533,11 +640,12 @@ mod tests {
         let n = 5;
         for tau in ["1", "1/sqrt(L)", "1/L"] {
             let (net, _vm, cfg) = net(32, 12, tau, 3);
+            let wts = TheoryWeights::from_net(&net).unwrap();
             let data =
                 tau_data::synthetic::sphere(n, 8, 1, tau_data::synthetic::Targets::Gaussian, 3);
             let blocks = sample_blocks(12);
             let ours =
-                theory_probe_seed(&net, &data.xs, n, &[cfg.tau_value()], &[true], &blocks).unwrap();
+                theory_probe_seed(&wts, &data.xs, n, &[cfg.tau_value()], &[true], &blocks).unwrap();
             let (xs, ys) = data.to_tensors(DType::F32, &Device::Cpu).unwrap();
             let trace = net.forward_traced(&xs).unwrap();
             for i in 0..n {
@@ -569,18 +677,32 @@ mod tests {
     }
 
     #[test]
+    fn drawn_weights_are_the_varmap_weights() {
+        let (net, _vm, cfg) = net(8, 5, "1", 4);
+        let from_net = TheoryWeights::from_net(&net).unwrap();
+        let drawn = TheoryWeights::draw(&cfg, 4).unwrap();
+        assert_eq!(drawn.blocks.len(), 5);
+        assert_eq!(drawn.input, from_net.input);
+        assert_eq!(drawn.blocks, from_net.blocks);
+        assert_eq!(drawn.output, from_net.output);
+        let other = TheoryWeights::draw(&cfg, 5).unwrap();
+        assert_ne!(other.blocks, from_net.blocks);
+    }
+
+    #[test]
     fn many_taus_on_shared_weights_equal_one_tau_at_a_time() {
         let n = 3;
         let (net, _vm, _) = net(16, 6, "1", 1);
+        let wts = TheoryWeights::from_net(&net).unwrap();
         let data = tau_data::synthetic::sphere(n, 8, 1, tau_data::synthetic::Targets::Gaussian, 1);
         let taus = [1.0, 0.5, 0.1];
         let blocks = sample_blocks(6);
-        let all = theory_probe_seed(&net, &data.xs, n, &taus, &[true; 3], &blocks).unwrap();
+        let all = theory_probe_seed(&wts, &data.xs, n, &taus, &[true; 3], &blocks).unwrap();
         // The backward pass for the middle τ only: same values, the others without.
         let middle =
-            theory_probe_seed(&net, &data.xs, n, &taus, &[false, true, false], &blocks).unwrap();
+            theory_probe_seed(&wts, &data.xs, n, &taus, &[false, true, false], &blocks).unwrap();
         for (k, &t) in taus.iter().enumerate() {
-            let one = theory_probe_seed(&net, &data.xs, n, &[t], &[true], &blocks).unwrap();
+            let one = theory_probe_seed(&wts, &data.xs, n, &[t], &[true], &blocks).unwrap();
             for i in 0..n {
                 assert!((one[0].log_ratio[i] - all[k].log_ratio[i]).abs() < 1e-5);
                 assert!((one[0].log_grad_ratio[i] - all[k].log_grad_ratio[i]).abs() < 1e-5);
