@@ -268,19 +268,22 @@ fn probe_report(
         Chart {
             title: "Forward norm vs depth, bounded range (ratio 0.8–4)".into(),
             x_desc: "depth L (residual blocks, log scale)".into(),
-            y_desc: "mean ‖h_L‖/‖h_0‖ (log scale)".into(),
+            y_desc: "mean ‖h_L‖/‖h_0‖ (linear scale)".into(),
             x_log: true,
-            y_axis: YAxis::Log10Values,
-            y_range: Some((0.8f64.log10(), 4f64.log10())),
+            y_axis: YAxis::Linear,
+            y_range: Some((0.8, 4.0)),
             series: series(&fwd, &featured)
                 .into_iter()
                 .map(|mut s| {
                     s.band.clear();
+                    for p in &mut s.points {
+                        p.1 = 10f64.powf(p.1);
+                    }
                     s
                 })
                 .collect(),
             vlines: Vec::new(),
-            hlines: vec![0.0],
+            hlines: vec![1.0],
         },
     ));
 
