@@ -9,6 +9,7 @@
 //! magnitude slower. On CUDA and Metal, and for other dtypes, candle's own `conv2d` runs.
 
 mod cpu;
+mod direct;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -133,7 +134,11 @@ impl CustomOp2 for Conv2dGemm {
         let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
         let mut out = vec![0f32; g.n * g.c_out * g.h_out * g.w_out];
-        cpu::forward(g, x, w, &mut out);
+        if direct::applies(g) {
+            direct::forward(g, x, w, &mut out);
+        } else {
+            cpu::forward(g, x, w, &mut out);
+        }
         let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
         Ok((CpuStorage::F32(out), shape))
     }
@@ -180,7 +185,11 @@ impl CustomOp2 for Conv2dGemmGradInput {
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
         let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
-        cpu::backward_input(g, dy, w, &mut dx);
+        if direct::applies(g) {
+            direct::backward_input(g, dy, w, &mut dx);
+        } else {
+            cpu::backward_input(g, dy, w, &mut dx);
+        }
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
     }
 }
@@ -204,7 +213,11 @@ impl CustomOp2 for Conv2dGemmGradWeight {
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let x = f32_data(s2, l2, g.n * g.c_in * g.h * g.w, "input")?;
         let mut dw = vec![0f32; g.c_out * g.c_in * g.k * g.k];
-        cpu::backward_weight(g, dy, x, &mut dw);
+        if direct::applies(g) {
+            direct::backward_weight(g, dy, x, &mut dw);
+        } else {
+            cpu::backward_weight(g, dy, x, &mut dw);
+        }
         Ok((
             CpuStorage::F32(dw),
             Shape::from((g.c_out, g.c_in, g.k, g.k)),

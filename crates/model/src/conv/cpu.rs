@@ -259,9 +259,14 @@ fn sgemm(
 /// Calls `one(buf, (i, &mut dst_i))` for every image i, where dst_i is image i's block of
 /// `image_len` floats in `dst`: the images split into one contiguous run per thread, each
 /// with one scratch buffer of `buf_len` floats reused over its images (a fresh buffer per
-/// image would page-fault on every first touch).
-fn per_thread_images<F>(g: &Geom, dst: &mut [f32], image_len: usize, buf_len: usize, one: F)
-where
+/// image would page-fault on every first touch). Each buffer starts zeroed.
+pub(crate) fn per_thread_images<F>(
+    g: &Geom,
+    dst: &mut [f32],
+    image_len: usize,
+    buf_len: usize,
+    one: F,
+) where
     F: Fn(&mut Vec<f32>, (usize, &mut [f32])) + Sync,
 {
     if g.per_image_parallel() {
