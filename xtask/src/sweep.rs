@@ -316,17 +316,27 @@ pub fn run_sweep(
         prepare_point(spec, &points[j.index], &j.dir, args.force)?;
     }
 
-    let pb = ProgressBar::with_draw_target(Some(points.len() as u64), ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} points  {msg}  ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    // The bar advances by each point's expected cost (its depth: the work of a probe or a
+    // training step grows linearly with it), so that the ETA holds although the deepest
+    // points run first.
+    let cost = |j: &Job| depth_of(j).max(1) as u64;
+    let pb = ProgressBar::with_draw_target(
+        Some(jobs.iter().map(cost).sum::<u64>()),
+        ProgressDrawTarget::stderr(),
     );
-    pb.set_position(skipped as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let total = points.len();
+    let mut done = skipped;
+    let progress = |done: usize, failed: usize, diverged: usize| {
+        format!("{done}/{total} points, {failed} failed, {diverged} diverged")
+    };
+    pb.set_message(progress(done, 0, 0));
     let mut failed = 0usize;
     let mut diverged = 0usize;
-    let mut rows: Vec<(String, Status, Duration, String)> = Vec::new();
+    let mut rows: Vec<(usize, String, Status, Duration, String)> = Vec::new();
     let start = Instant::now();
     let results = pool::run_pool(bin, &jobs, jobs_n, threads, stop, |r: &JobResult| {
         let job = jobs.iter().find(|j| j.index == r.index);
@@ -347,9 +357,11 @@ pub fn run_sweep(
             Status::Diverged => diverged += 1,
             _ => {}
         }
-        pb.inc(1);
-        pb.set_message(format!("{failed} failed, {diverged} diverged"));
+        done += 1;
+        pb.inc(cost(job));
+        pb.set_message(progress(done, failed, diverged));
         rows.push((
+            r.index,
             point.name.clone(),
             state.status,
             r.wall,
@@ -485,18 +497,20 @@ fn finalize_point(
     state
 }
 
-fn print_summary(rows: &[(String, Status, Duration, String)], ran: usize, wall: Duration) {
+/// The table printed at the end of a sweep: one row per point run, in grid order
+/// (finished points left out when there are more than 40 rows).
+fn print_summary(rows: &[(usize, String, Status, Duration, String)], ran: usize, wall: Duration) {
     if rows.is_empty() {
         println!("nothing to run: every point is done (use --force to redo)");
         return;
     }
     let show_all = rows.len() <= 40;
-    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
+    let width = rows.iter().map(|r| r.1.len()).max().unwrap_or(5).max(5);
     println!("\n{:width$}  {:11}  {:>8}  note", "point", "status", "time");
     let mut sorted: Vec<_> = rows.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.sort_by_key(|r| r.0);
     let mut hidden = 0;
-    for (name, status, wall, msg) in sorted {
+    for (_, name, status, wall, msg) in sorted {
         if !show_all && matches!(status, Status::Finished) {
             hidden += 1;
             continue;
