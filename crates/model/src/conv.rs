@@ -114,6 +114,18 @@ fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, len: usize, what: &str) -> Result
     }
 }
 
+/// A vector of `len` floats filled by `fill`, which must write every element of the slice
+/// it is given: the output buffers of the direct kernels are fully overwritten, so zeroing
+/// them first (megabytes per call, on the calling thread) is wasted.
+fn written(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialized all `len` elements (its contract; the direct kernels assert
+    // the length and write every element of it), and the capacity is at least `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Forward of the CPU convolution; its backward is [`Conv2dGemmGradInput`] and
 /// [`Conv2dGemmGradWeight`].
 struct Conv2dGemm(Geom);
@@ -133,12 +145,14 @@ impl CustomOp2 for Conv2dGemm {
         let g = &self.0;
         let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
-        let mut out = vec![0f32; g.n * g.c_out * g.h_out * g.w_out];
-        if direct::applies(g) {
-            direct::forward(g, x, w, &mut out);
+        let len = g.n * g.c_out * g.h_out * g.w_out;
+        let out = if direct::applies(g) {
+            written(len, |out| direct::forward(g, x, w, out))
         } else {
+            let mut out = vec![0f32; len];
             cpu::forward(g, x, w, &mut out);
-        }
+            out
+        };
         let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
         Ok((CpuStorage::F32(out), shape))
     }
@@ -184,12 +198,14 @@ impl CustomOp2 for Conv2dGemmGradInput {
         let g = &self.0;
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
-        let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
-        if direct::applies(g) {
-            direct::backward_input(g, dy, w, &mut dx);
+        let len = g.n * g.c_in * g.h * g.w;
+        let dx = if direct::applies(g) {
+            written(len, |dx| direct::backward_input(g, dy, w, dx))
         } else {
+            let mut dx = vec![0f32; len];
             cpu::backward_input(g, dy, w, &mut dx);
-        }
+            dx
+        };
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
     }
 }

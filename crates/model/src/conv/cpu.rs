@@ -260,14 +260,14 @@ fn sgemm(
 /// `image_len` floats in `dst`: the images split into one contiguous run per thread, each
 /// with one scratch buffer of `buf_len` floats reused over its images (a fresh buffer per
 /// image would page-fault on every first touch). Each buffer starts zeroed.
-pub(crate) fn per_thread_images<F>(
+pub(crate) fn per_thread_images<T: Send, F>(
     g: &Geom,
-    dst: &mut [f32],
+    dst: &mut [T],
     image_len: usize,
     buf_len: usize,
     one: F,
 ) where
-    F: Fn(&mut Vec<f32>, (usize, &mut [f32])) + Sync,
+    F: Fn(&mut Vec<f32>, (usize, &mut [T])) + Sync,
 {
     if g.per_image_parallel() {
         let per = g.n.div_ceil(rayon::current_num_threads());
