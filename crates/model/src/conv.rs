@@ -115,9 +115,13 @@ fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, len: usize, what: &str) -> Result
 }
 
 /// A vector of `len` floats filled by `fill`, which must write every element of the slice
-/// it is given: the output buffers of the direct kernels are fully overwritten, so zeroing
-/// them first (megabytes per call, on the calling thread) is wasted.
-fn written(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+/// it is given. The outputs of the direct kernels and of the fused ops are fully
+/// overwritten, so zeroing them first (megabytes per call, on the calling thread, where the
+/// other cores wait) is wasted.
+pub(crate) fn written(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill` initialized all `len` elements (its contract; the direct kernels assert

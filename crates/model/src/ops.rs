@@ -24,6 +24,8 @@ use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Ten
 use candle_nn::{BatchNorm, ModuleT};
 use rayon::prelude::*;
 
+use crate::conv::written;
+
 static FUSED_OFF: AtomicBool = AtomicBool::new(false);
 
 /// Turns the fused CPU ops of this module on (the default) or off for the whole process;
@@ -262,23 +264,24 @@ impl CustomOp3 for BnFwd {
         let shift: Vec<f32> = (0..c)
             .map(|ch| beta[ch] - mean[ch] as f32 * scale[ch])
             .collect();
-        let mut y = vec![0f32; n * c * hw];
         let relu = self.relu;
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(idx, (yb, xb))| {
-                let (a, b) = (scale[idx % c], shift[idx % c]);
-                if relu {
-                    for (o, &v) in yb.iter_mut().zip(xb) {
-                        *o = (v * a + b).max(0.0);
+        let y = written(n * c * hw, |y| {
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(idx, (yb, xb))| {
+                    let (a, b) = (scale[idx % c], shift[idx % c]);
+                    if relu {
+                        for (o, &v) in yb.iter_mut().zip(xb) {
+                            o.write((v * a + b).max(0.0));
+                        }
+                    } else {
+                        for (o, &v) in yb.iter_mut().zip(xb) {
+                            o.write(v * a + b);
+                        }
                     }
-                } else {
-                    for (o, &v) in yb.iter_mut().zip(xb) {
-                        *o = v * a + b;
-                    }
-                }
-            });
+                })
+        });
         let mut st = self
             .state
             .lock()
@@ -373,45 +376,46 @@ impl CustomOp2 for BnBwd {
                     .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
             })
             .collect();
-        let mut out = vec![0f32; len + 2 * c];
-        let (dx, rest) = out.split_at_mut(len);
-        // dx = γ·invstd·(dy − dβ/m − x̂·dγ/m), x̂ = (x − mean)·invstd.
-        let coef: Vec<(f32, f32, f32)> = (0..c)
-            .map(|ch| {
-                let inv = self.invstd[ch] as f64;
-                let k = self.gamma[ch] as f64 * inv;
-                let mean_dy = sums[ch].0 / m;
-                let dgamma = sums[ch].1 * inv;
-                // dx = k·dy − k·mean_dy − k·inv·dγ/m·(x − mean)
-                let a = (k * inv * dgamma / m) as f32;
-                (k as f32, (k * mean_dy) as f32, a)
-            })
-            .collect();
-        dx.par_chunks_mut(hw)
-            .zip(dy.par_chunks(hw).zip(x.par_chunks(hw)))
-            .enumerate()
-            .for_each(|(idx, (db, (gb, xb)))| {
-                let ch = idx % c;
-                let (k, b, a) = coef[ch];
-                let mean = self.mean[ch];
-                match relu_of(ch) {
-                    Some((s, t)) => {
-                        for ((o, &g), &v) in db.iter_mut().zip(gb).zip(xb) {
-                            let g = if v * s + t <= 0.0 { 0.0 } else { g };
-                            *o = k * g - b - a * (v - mean);
+        let out = written(len + 2 * c, |out| {
+            let (dx, rest) = out.split_at_mut(len);
+            // dx = γ·invstd·(dy − dβ/m − x̂·dγ/m), x̂ = (x − mean)·invstd.
+            let coef: Vec<(f32, f32, f32)> = (0..c)
+                .map(|ch| {
+                    let inv = self.invstd[ch] as f64;
+                    let k = self.gamma[ch] as f64 * inv;
+                    let mean_dy = sums[ch].0 / m;
+                    let dgamma = sums[ch].1 * inv;
+                    // dx = k·dy − k·mean_dy − k·inv·dγ/m·(x − mean)
+                    let a = (k * inv * dgamma / m) as f32;
+                    (k as f32, (k * mean_dy) as f32, a)
+                })
+                .collect();
+            dx.par_chunks_mut(hw)
+                .zip(dy.par_chunks(hw).zip(x.par_chunks(hw)))
+                .enumerate()
+                .for_each(|(idx, (db, (gb, xb)))| {
+                    let ch = idx % c;
+                    let (k, b, a) = coef[ch];
+                    let mean = self.mean[ch];
+                    match relu_of(ch) {
+                        Some((s, t)) => {
+                            for ((o, &g), &v) in db.iter_mut().zip(gb).zip(xb) {
+                                let g = if v * s + t <= 0.0 { 0.0 } else { g };
+                                o.write(k * g - b - a * (v - mean));
+                            }
+                        }
+                        None => {
+                            for ((o, &g), &v) in db.iter_mut().zip(gb).zip(xb) {
+                                o.write(k * g - b - a * (v - mean));
+                            }
                         }
                     }
-                    None => {
-                        for ((o, &g), &v) in db.iter_mut().zip(gb).zip(xb) {
-                            *o = k * g - b - a * (v - mean);
-                        }
-                    }
-                }
-            });
-        for ch in 0..c {
-            rest[ch] = (sums[ch].1 * self.invstd[ch] as f64) as f32;
-            rest[c + ch] = sums[ch].0 as f32;
-        }
+                });
+            for ch in 0..c {
+                rest[ch].write((sums[ch].1 * self.invstd[ch] as f64) as f32);
+                rest[c + ch].write(sums[ch].0 as f32);
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from(len + 2 * c)))
     }
 }
@@ -514,21 +518,22 @@ impl CustomOp2 for AddScalar {
         let len = l1.shape().elem_count();
         let x = f32_data(s1, l1, len, "input")?;
         let b = f32_data(s2, l2, 1, "bias")?[0];
-        let mut y = vec![0f32; len];
         let relu = self.relu;
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(yc, xc)| {
-                if relu {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = (v + b).max(0.0);
+        let y = written(len, |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(yc, xc)| {
+                    if relu {
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            o.write((v + b).max(0.0));
+                        }
+                    } else {
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            o.write(v + b);
+                        }
                     }
-                } else {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = v + b;
-                    }
-                }
-            });
+                })
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -570,23 +575,31 @@ impl CustomOp2 for MaskSum {
         let len = l1.shape().elem_count();
         let dy = f32_data(s1, l1, len, "output gradient")?;
         let y = f32_data(s2, l2, len, "output")?;
-        let mut out = vec![0f32; len + 1];
         let relu = self.relu;
-        let sum: f64 = out[..len]
-            .par_chunks_mut(CHUNK)
-            .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .map(|(oc, (gc, yc))| {
-                if relu {
-                    for ((o, &g), &v) in oc.iter_mut().zip(gc).zip(yc) {
-                        *o = if v > 0.0 { g } else { 0.0 };
+        let out = written(len + 1, |out| {
+            let (dx, tail) = out.split_at_mut(len);
+            let sum: f64 = dx
+                .par_chunks_mut(CHUNK)
+                .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .map(|(oc, (gc, yc))| {
+                    if relu {
+                        let mut acc = [0f32; 16];
+                        for (i, ((o, &g), &v)) in oc.iter_mut().zip(gc).zip(yc).enumerate() {
+                            let m = if v > 0.0 { g } else { 0.0 };
+                            o.write(m);
+                            acc[i % 16] += m;
+                        }
+                        acc.iter().map(|&v| v as f64).sum::<f64>()
+                    } else {
+                        for (o, &g) in oc.iter_mut().zip(gc) {
+                            o.write(g);
+                        }
+                        sum_f64(gc)
                     }
-                } else {
-                    oc.copy_from_slice(gc);
-                }
-                sum_f64(oc)
-            })
-            .sum();
-        out[len] = sum as f32;
+                })
+                .sum();
+            tail[0].write(sum as f32);
+        });
         Ok((CpuStorage::F32(out), Shape::from(len + 1)))
     }
 }
@@ -614,14 +627,15 @@ impl CustomOp3 for ResidualRelu {
         let s = f32_data(s3, l3, len, "shortcut")?;
         let a = ab[0];
         let c = a * ab.get(1).copied().unwrap_or(0.0);
-        let mut y = vec![0f32; len];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
-            .for_each(|(yc, (xc, sc))| {
-                for ((o, &v), &t) in yc.iter_mut().zip(xc).zip(sc) {
-                    *o = (a * v + c + t).max(0.0);
-                }
-            });
+        let y = written(len, |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
+                .for_each(|(yc, (xc, sc))| {
+                    for ((o, &v), &t) in yc.iter_mut().zip(xc).zip(sc) {
+                        o.write((a * v + c + t).max(0.0));
+                    }
+                })
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -676,40 +690,41 @@ impl CustomOp3 for ResidualReluBwd {
         let x = f32_data(s3, l3, len, "branch")?;
         let a = self.ab[0];
         let b = self.ab.get(1).copied().unwrap_or(0.0);
-        let mut out = vec![0f32; 2 * len + self.ab.len()];
-        let (dx, rest) = out.split_at_mut(len);
-        let (ds, tail) = rest.split_at_mut(len);
-        let (sum_mx, sum_m) = dx
-            .par_chunks_mut(CHUNK)
-            .zip(ds.par_chunks_mut(CHUNK))
-            .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .zip(x.par_chunks(CHUNK))
-            .map(|(((dxc, dsc), (gc, yc)), xc)| {
-                let mut s1 = [0f32; 16];
-                let mut s2 = [0f32; 16];
-                for (i, (((o, q), &g), &v)) in dxc
-                    .iter_mut()
-                    .zip(dsc.iter_mut())
-                    .zip(gc)
-                    .zip(yc)
-                    .enumerate()
-                {
-                    let m = if v > 0.0 { g } else { 0.0 };
-                    *q = m;
-                    *o = a * m;
-                    s1[i % 16] += m * (xc[i] + b);
-                    s2[i % 16] += m;
-                }
-                (
-                    s1.iter().map(|&v| v as f64).sum::<f64>(),
-                    s2.iter().map(|&v| v as f64).sum::<f64>(),
-                )
-            })
-            .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
-        tail[0] = sum_mx as f32;
-        if tail.len() > 1 {
-            tail[1] = (a as f64 * sum_m) as f32;
-        }
+        let out = written(2 * len + self.ab.len(), |out| {
+            let (dx, rest) = out.split_at_mut(len);
+            let (ds, tail) = rest.split_at_mut(len);
+            let (sum_mx, sum_m) = dx
+                .par_chunks_mut(CHUNK)
+                .zip(ds.par_chunks_mut(CHUNK))
+                .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .zip(x.par_chunks(CHUNK))
+                .map(|(((dxc, dsc), (gc, yc)), xc)| {
+                    let mut s1 = [0f32; 16];
+                    let mut s2 = [0f32; 16];
+                    for (i, (((o, q), &g), &v)) in dxc
+                        .iter_mut()
+                        .zip(dsc.iter_mut())
+                        .zip(gc)
+                        .zip(yc)
+                        .enumerate()
+                    {
+                        let m = if v > 0.0 { g } else { 0.0 };
+                        q.write(m);
+                        o.write(a * m);
+                        s1[i % 16] += m * (xc[i] + b);
+                        s2[i % 16] += m;
+                    }
+                    (
+                        s1.iter().map(|&v| v as f64).sum::<f64>(),
+                        s2.iter().map(|&v| v as f64).sum::<f64>(),
+                    )
+                })
+                .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
+            tail[0].write(sum_mx as f32);
+            if tail.len() > 1 {
+                tail[1].write((a as f64 * sum_m) as f32);
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from(2 * len + self.ab.len())))
     }
 }
