@@ -272,17 +272,27 @@ fn set_mask(z: &[f32], mask: &mut [u64]) {
 
 /// Zeroes `g` where the mask is clear; returns ‖g‖² of the result.
 fn apply_mask(g: &mut [f32], mask: &[u64]) -> f64 {
-    let mut total = 0f64;
+    let mut acc = [0f32; LANES];
+    let mut tail = 0f32;
     for (chunk, &word) in g.chunks_mut(64).zip(mask) {
-        let mut acc = [0f32; LANES];
-        for (k, v) in chunk.iter_mut().enumerate() {
-            let kept = if (word >> k) & 1 == 1 { *v } else { 0.0 };
-            *v = kept;
-            acc[k % LANES] += kept * kept;
+        for (s, sub) in chunk.chunks_mut(LANES).enumerate() {
+            let bits = word >> (s * LANES);
+            if let Ok(sub) = <&mut [f32; LANES]>::try_from(&mut *sub) {
+                for k in 0..LANES {
+                    let kept = if (bits >> k) & 1 == 1 { sub[k] } else { 0.0 };
+                    sub[k] = kept;
+                    acc[k] += kept * kept;
+                }
+            } else {
+                for (k, v) in sub.iter_mut().enumerate() {
+                    let kept = if (bits >> k) & 1 == 1 { *v } else { 0.0 };
+                    *v = kept;
+                    tail += kept * kept;
+                }
+            }
         }
-        total += acc.iter().map(|&a| f64::from(a)).sum::<f64>();
     }
-    total
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail)
 }
 
 /// The theory network's forward and backward probe for many τ at once, on the weights
@@ -674,6 +684,45 @@ mod tests {
                 assert!((ours[0].block_log_grad[3][i] - want8).abs() < 1e-3 * want8.abs().max(1.0));
             }
         }
+    }
+
+    #[test]
+    fn element_wise_passes_match_plain_loops() {
+        // Width 70: whole 16-lane groups, a partial group and a partial 64-bit word.
+        let m: usize = 70;
+        let z0: Vec<f32> = (0..m)
+            .map(|j| ((j * 37 % 23) as f32 - 11.0) * 0.1)
+            .collect();
+        let p: Vec<f32> = (0..m).map(|j| ((j * 11 % 17) as f32 - 8.0) * 0.2).collect();
+        let (s, tau) = (0.5f32, 0.3f32);
+        let mut z = z0.clone();
+        let n2 = relu_step(&mut z, &p, s, tau);
+        let want: Vec<f32> = z0
+            .iter()
+            .zip(&p)
+            .map(|(a, b)| (s * a + s * tau * b).max(0.0))
+            .collect();
+        assert_eq!(z, want);
+        let want_n2: f64 = want.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!((n2 - want_n2).abs() < 1e-5 * want_n2);
+        let mut mask = vec![0u64; m.div_ceil(64)];
+        set_mask(&z, &mut mask);
+        for (j, &v) in z.iter().enumerate() {
+            assert_eq!((mask[j / 64] >> (j % 64)) & 1 == 1, v > 0.0, "bit {j}");
+        }
+        let mut g = p.clone();
+        let n2 = apply_mask(&mut g, &mask);
+        let want: Vec<f32> = p
+            .iter()
+            .zip(&z)
+            .map(|(&gj, &zj)| if zj > 0.0 { gj } else { 0.0 })
+            .collect();
+        assert_eq!(g, want);
+        let want_n2: f64 = want.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!((n2 - want_n2).abs() < 1e-5 * want_n2);
+        assert_eq!(log_norm(0.0), (f64::NEG_INFINITY, 0.0));
+        assert!(log_norm(f64::NAN).0.is_nan());
+        assert_eq!(log_norm(4.0).1, 0.5);
     }
 
     #[test]

@@ -280,8 +280,11 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
             let rows = (c.width as u64)
                 * (r.settings.n_inputs.unwrap_or(64) as u64)
                 * r.rules.len() as u64;
-            // weights (f32) drawn once, plus the ReLU mask bits and log-norms of every block.
-            2 * 4 * r.model.num_parameters() as u64
+            // The weights in f32, drawn once and kept for the backward pass, two working
+            // matrices of all (τ, input) rows, and per block the ReLU mask bits and
+            // log-norms of the rows.
+            4 * r.model.num_parameters() as u64
+                + 2 * 4 * rows
                 + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8)
         }
         _ => 8 * r.model.num_parameters() as u64,
