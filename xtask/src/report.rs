@@ -720,7 +720,7 @@ fn train_report(
                 title: if g.is_empty() {
                     "Training loss vs step".into()
                 } else {
-                    format!("Training loss vs step ({g})")
+                    format!("Training loss vs step ({})", group_display(g))
                 },
                 x_desc: "step (log scale)".into(),
                 y_desc: "training loss (log scale)".into(),
@@ -763,7 +763,7 @@ fn train_report(
             if g.is_empty() {
                 "all".to_string()
             } else {
-                g.clone()
+                group_display(g)
             },
             pts,
         ));
@@ -794,6 +794,19 @@ fn train_report(
         ));
     }
     figs
+}
+
+/// A group of grid values (`tau=1/sqrt(L), lr=0.1`) as figure text:
+/// `τ = 1/sqrt(L), lr = 0.1`.
+fn group_display(g: &str) -> String {
+    g.split(", ")
+        .map(|kv| match kv.split_once('=') {
+            Some(("tau", v)) => format!("τ = {v}"),
+            Some((k, v)) => format!("{k} = {v}"),
+            None => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
