@@ -329,7 +329,8 @@ pub struct OptimConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
     /// Clip the gradient's global L2 norm to this value before each update (PyTorch
-    /// `clip_grad_norm_` after τ's gradient is divided by L); none by default.
+    /// `clip_grad_norm_` after τ's gradient is divided by L); none by default, and 0 also
+    /// means none (so `--set optim.clip_grad_norm=0` turns a config's clipping off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
 }
@@ -560,9 +561,9 @@ impl RunConfig {
             bail!("`optim.small_lr_factor` must be ≥ 0");
         }
         if let Some(c) = o.clip_grad_norm
-            && !(c.is_finite() && c > 0.0)
+            && !(c.is_finite() && c >= 0.0)
         {
-            bail!("`optim.clip_grad_norm` must be a positive number, got {c}");
+            bail!("`optim.clip_grad_norm` must be a number ≥ 0 (0: no clipping), got {c}");
         }
         if let ScheduleConfig::Step { milestones, gamma } = &o.schedule {
             if !(gamma.is_finite() && *gamma > 0.0) {
@@ -805,7 +806,7 @@ lr = 0.02
     }
 
     #[test]
-    fn clip_grad_norm_is_optional_and_positive() {
+    fn clip_grad_norm_is_optional_and_not_negative() {
         assert_eq!(
             config_from_table(table(THEORY))
                 .unwrap()
@@ -819,7 +820,13 @@ lr = 0.02
             config_from_table(t).unwrap().optim.clip_grad_norm,
             Some(1.5)
         );
-        for bad in ["0", "-1.0", "nan"] {
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &["optim.clip_grad_norm=0".into()]).unwrap();
+        assert_eq!(
+            config_from_table(t).unwrap().optim.clip_grad_norm,
+            Some(0.0)
+        );
+        for bad in ["-1.0", "nan", "inf"] {
             let mut t = table(THEORY);
             apply_overrides(&mut t, &[format!("optim.clip_grad_norm={bad}")]).unwrap();
             let err = format!("{:#}", config_from_table(t).unwrap_err());

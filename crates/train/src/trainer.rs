@@ -506,7 +506,7 @@ pub fn run_loop(
         }
         let reached_target = cfg.target_loss.is_some_and(|t| loss < t);
         if !reached_target {
-            if let Some(max_norm) = cfg.optim.clip_grad_norm {
+            if let Some(max_norm) = cfg.optim.clip_grad_norm.filter(|&c| c > 0.0) {
                 clip_grad_norm(sess.optimizer, &mut sg.grads, max_norm)?;
             }
             sess.optimizer.step(&sg.grads, lr)?;
