@@ -47,11 +47,11 @@ fn draw(spec: &ParamSpec, seed: u64, stream: u64) -> Result<Vec<f64>> {
     Ok(values)
 }
 
-/// Writes into `out` (row-major) the values that [`init_varmap`] with `DType::F32` gives
-/// the tensor `spec`, which is entry `index` (0-based) of `cfg.param_specs()` for the
-/// model config `cfg` and the same `seed`: the same stream, the same f64 draws, rounded
-/// to f32. One tensor can be drawn without drawing the others (the stability probe draws
-/// the theory network's W_l this way, into one reused buffer).
+/// Writes into `out` (row-major) the values that [`init_varmap`] with `DType::F32` and
+/// the same `seed` gives the tensor `spec`, when `spec` is entry `index` (0-based) of the
+/// config's [`ModelConfig::param_specs`]: the same stream, the same f64 draws, rounded
+/// to f32. One tensor can be drawn without drawing the others ([`init_values_f32`]
+/// draws every tensor this way).
 ///
 /// # Errors
 /// `out` not of `spec`'s element count, or a bad uniform bound.
