@@ -4,7 +4,8 @@
 //! CPU kernels real runs use). The finite-difference checks show that the model
 //! differentiates its own function; this shows that the function is the reference's
 //! (block order, where the scalar biases sit relative to τ, option-A shortcut on an odd
-//! size, global pooling, classifier).
+//! size, global pooling, classifier). A last test checks the MNIST batches the trainer
+//! feeds it (normalization, image/label alignment) against numpy.
 //!
 //! Reference values (PyTorch 2, float64), with `Net` a line-by-line copy of the companion
 //! code's `ResNet_NoBN` (`in_channels = 1`, shared learnable `tau`, `x[:, :, ::2, ::2]`
@@ -26,6 +27,8 @@
 //! out = net(x); loss = F.cross_entropy(out, torch.tensor([3, 7, 0, 9])); loss.backward()
 //! # out[0], loss.item(), and params[name].grad.norm() for every name
 //! ```
+
+use std::path::Path;
 
 use candle::{DType, Device, Tensor};
 use tau_model::ModelConfig;
@@ -196,4 +199,54 @@ fn f64_matches_pytorch_reference() {
 #[test]
 fn f32_matches_pytorch_reference() {
     check(DType::F32, 1e-4);
+}
+
+/// The training inputs as the trainer gets them, against numpy on the real MNIST files
+/// (skipped when they are absent): the first 128 training images normalized with mean
+/// 0.1307 and std 0.3081, and their labels.
+///
+/// ```python
+/// x = images[:128].astype(np.float64); z = (x / 255 - 0.1307) / 0.3081
+/// z.mean(), z.std(), z[0, 0, 14, :].sum(), labels[:16], labels[:128].sum()
+/// ```
+#[test]
+fn mnist_batches_match_numpy() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist");
+    if !dir.join("train-images-idx3-ubyte.gz").is_file() {
+        eprintln!("skipped: MNIST not found at {}", dir.display());
+        return;
+    }
+    let split = tau_data::mnist::load_dir(&dir).unwrap();
+    let idx: Vec<usize> = (0..128).collect();
+    let (xs, ys) = tau_data::make_batch(
+        &split.train,
+        &idx,
+        &tau_data::Normalize::mnist(),
+        tau_data::Augment::None,
+        0,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(xs.dims(), [128, 1, 28, 28]);
+    let v: Vec<f64> = xs
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+    let row: f64 = v[14 * 28..15 * 28].iter().sum();
+    assert!((mean - -0.010539379862623433).abs() < 1e-6, "mean {mean}");
+    assert!((std - 0.9879271423842059).abs() < 1e-6, "std {std}");
+    assert!((row - 0.4811526687922807).abs() < 1e-5, "row sum {row}");
+    let labels: Vec<u32> = ys.to_vec1().unwrap();
+    assert_eq!(
+        labels[..16],
+        [5, 0, 4, 1, 9, 2, 1, 3, 1, 4, 3, 5, 3, 6, 1, 7]
+    );
+    assert_eq!(labels.iter().sum::<u32>(), 519);
 }
