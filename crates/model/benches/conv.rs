@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the CPU convolution: one layer's forward + backward at the
 //! CIFAR ResNet-20 shapes (batch 128), and a whole training step of a no-BN ResNet-20, each
-//! with the im2col + GEMM path and with stock candle's `conv2d` for comparison.
+//! with tau-model's CPU convolution (labelled `gemm`: the direct 3×3 kernels where they
+//! apply, im2col + GEMM elsewhere) and with stock candle's `conv2d` for comparison.
 //!
 //! `cargo bench -p tau-model --bench conv`; add `-- gemm` to skip the slow candle baseline.
 
