@@ -206,7 +206,7 @@ impl CustomOp2 for Conv2dGemmGradInput {
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
         let len = g.n * g.c_in * g.h * g.w;
-        let dx = if direct::applies_to_input_grad(g) {
+        let dx = if direct::applies(g) {
             written(len, |dx| direct::backward_input(g, dy, w, dx))
         } else {
             let mut dx = vec![0f32; len];
@@ -250,5 +250,3 @@ impl CustomOp2 for Conv2dGemmGradWeight {
 
 #[cfg(test)]
 pub(crate) mod tests;
-#[cfg(test)]
-mod scratch;

@@ -29,21 +29,9 @@ use super::cpu::{Geom, per_thread_images};
 /// Lanes of one AVX-512 vector of `f32`.
 const LANES: usize = 16;
 
-/// Whether the direct kernels run the forward and the weight gradient of this convolution
-/// on this CPU: 3×3, padding 1, stride 1 or 2, AVX-512F.
+/// Whether the direct kernels handle this convolution on this CPU.
 pub(crate) fn applies(g: &Geom) -> bool {
-    g.k == 3
-        && g.padding == 1
-        && (g.stride == 1 || g.stride == 2)
-        && g.h_out == (g.h - 1) / g.stride + 1
-        && g.w_out == (g.w - 1) / g.stride + 1
-        && has_avx512()
-}
-
-/// Whether the direct kernels also run the input gradient (stride 1 only: there it is the
-/// forward kernel with the rotated weight).
-pub(crate) fn applies_to_input_grad(g: &Geom) -> bool {
-    g.stride == 1 && applies(g)
+    g.k == 3 && g.stride == 1 && g.padding == 1 && g.h_out == g.h && g.w_out == g.w && has_avx512()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -76,80 +64,33 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Sizes of the padded planes of an h × w image under a 3×3, padding-1 convolution of
-/// stride 1 or 2.
-///
-/// Stride 1: one plane per channel, rows of wq = w + 2, the image at row 1, column 1.
-/// Stride 2: the padded image split into four phase planes (even/odd rows × even/odd
-/// columns of the padded image), each of `pl` floats with rows of wq = w_out + 1; the tap
-/// (a, b) of output position q = oh·wq + ow is then at phase (a mod 2, b mod 2), offset
-/// q + ⌊a/2⌋·wq + ⌊b/2⌋, again one unaligned load at a fixed offset.
+/// Sizes of the padded planes of an h × w image.
 #[derive(Debug, Clone, Copy)]
 struct Plane {
     h: usize,
     w: usize,
-    stride: usize,
-    ho: usize,
-    wo: usize,
-    /// Row length of the output positions (and of the input planes).
-    wq: usize,
-    /// Output positions ho·wq, rounded up to whole vectors.
+    /// Row length of the padded plane: w + 2.
+    wp: usize,
+    /// Output positions on the padded width, rounded up to whole vectors.
     qp: usize,
-    /// Floats per phase plane (stride 2), or per plane (stride 1).
-    pl: usize,
-    /// Floats per channel of the padded input: every tap of every output vector lies
-    /// inside.
+    /// Floats per channel of the padded input plane: every tap of every output vector
+    /// (up to qp − 1 + 2·wp + 2) lies inside.
     xl: usize,
 }
 
 impl Plane {
-    fn new(h: usize, w: usize, stride: usize) -> Self {
-        let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-        if stride == 1 {
-            let wq = w + 2;
-            let qp = (h * wq).next_multiple_of(LANES);
-            // taps up to qp − 1 + 2·wq + 2
-            let xl = (qp + 2 * wq + 2).next_multiple_of(LANES);
-            Self {
-                h,
-                w,
-                stride,
-                ho,
-                wo,
-                wq,
-                qp,
-                pl: xl,
-                xl,
-            }
-        } else {
-            let wq = wo + 1;
-            let qp = (ho * wq).next_multiple_of(LANES);
-            // within a phase, taps up to qp − 1 + wq + 1; rows up to (ho + 1)·wq
-            let pl = (qp + wq + 1).next_multiple_of(LANES);
-            Self {
-                h,
-                w,
-                stride,
-                ho,
-                wo,
-                wq,
-                qp,
-                pl,
-                xl: 4 * pl,
-            }
-        }
+    fn new(h: usize, w: usize) -> Self {
+        let wp = w + 2;
+        let qp = (h * wp).next_multiple_of(LANES);
+        let xl = (qp + 2 * wp + 2).next_multiple_of(LANES);
+        Self { h, w, wp, qp, xl }
     }
 
     /// Offsets of the nine taps (a, b), row-major, from an output position.
     fn offsets(&self) -> [usize; 9] {
         let mut o = [0; 9];
         for (t, v) in o.iter_mut().enumerate() {
-            let (a, b) = (t / 3, t % 3);
-            *v = if self.stride == 1 {
-                a * self.wq + b
-            } else {
-                ((a % 2) * 2 + b % 2) * self.pl + (a / 2) * self.wq + b / 2
-            };
+            *v = (t / 3) * self.wp + t % 3;
         }
         o
     }
@@ -157,31 +98,21 @@ impl Plane {
     /// Copies `c` channels of an h × w image into the interiors of zeroed padded planes
     /// (the borders of `xp` must already be zero; they are never written).
     fn pad_input(&self, c: usize, x: &[f32], xp: &mut [f32]) {
-        let (h, w, wq) = (self.h, self.w, self.wq);
+        let (h, w, wp) = (self.h, self.w, self.wp);
         for ci in 0..c {
             let src = &x[ci * h * w..(ci + 1) * h * w];
             let dst = &mut xp[ci * self.xl..(ci + 1) * self.xl];
             for r in 0..h {
-                let row = &src[r * w..(r + 1) * w];
-                if self.stride == 1 {
-                    let d0 = (r + 1) * wq + 1;
-                    copy_row(&mut dst[d0..d0 + w], row);
-                } else {
-                    // padded row r + 1, padded column c + 1
-                    let (pa, pr) = ((r + 1) % 2, (r + 1) / 2);
-                    for (col, &v) in row.iter().enumerate() {
-                        let (pb, pc) = ((col + 1) % 2, (col + 1) / 2);
-                        dst[(pa * 2 + pb) * self.pl + pr * wq + pc] = v;
-                    }
-                }
+                let d0 = (r + 1) * wp + 1;
+                copy_row(&mut dst[d0..d0 + w], &src[r * w..(r + 1) * w]);
             }
         }
     }
 
-    /// Writes every element of the dense ho × wo image `y` (`c` channels) from an
-    /// output-position image (rows of wq, the columns past wo ignored).
+    /// Writes every element of the dense h × w image `y` (`c` channels) from an
+    /// output-position image (rows of wp, the two last columns ignored).
     fn unpad_output(&self, c: usize, yp: &[f32], y: &mut [MaybeUninit<f32>]) {
-        let (h, w, wq) = (self.ho, self.wo, self.wq);
+        let (h, w, wp) = (self.h, self.w, self.wp);
         assert_eq!(y.len(), c * h * w);
         for co in 0..c {
             let src = &yp[co * self.qp..(co + 1) * self.qp];
@@ -189,7 +120,7 @@ impl Plane {
             for r in 0..h {
                 for (d, s) in dst[r * w..(r + 1) * w]
                     .iter_mut()
-                    .zip(&src[r * wq..r * wq + w])
+                    .zip(&src[r * wp..r * wp + w])
                 {
                     d.write(*s);
                 }
@@ -197,15 +128,15 @@ impl Plane {
         }
     }
 
-    /// Copies `c` channels of a dense ho × wo image into output-position rows of wq whose
-    /// columns past wo (and the tail up to qp) must already be zero.
+    /// Copies `c` channels of a dense h × w image into output-position rows of wp whose
+    /// two last columns (and the tail up to qp) must already be zero.
     fn pad_output_grad(&self, c: usize, dy: &[f32], dyp: &mut [f32]) {
-        let (h, w, wq) = (self.ho, self.wo, self.wq);
+        let (h, w, wp) = (self.h, self.w, self.wp);
         for co in 0..c {
             let src = &dy[co * h * w..(co + 1) * h * w];
             let dst = &mut dyp[co * self.qp..(co + 1) * self.qp];
             for r in 0..h {
-                copy_row(&mut dst[r * wq..r * wq + w], &src[r * w..(r + 1) * w]);
+                copy_row(&mut dst[r * wp..r * wp + w], &src[r * w..(r + 1) * w]);
             }
         }
     }
@@ -319,16 +250,15 @@ unsafe fn conv_block<const CB: usize, const QB: usize>(_: ConvArgs<'_>) {
     unreachable!("the direct kernels run only where AVX-512F is present")
 }
 
-/// Forward: `out` (n × c_out × h_out × w_out) = conv(`x`, `w`) for a 3×3, padding-1
-/// convolution of stride 1 or 2 ([`applies`] must hold). Writes every element of `out`.
+/// Forward: `out` (n × c_out × h × w) = conv(`x`, `w`) for a 3×3, stride-1, padding-1
+/// convolution ([`applies`] must hold). Writes every element of `out`.
 pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32], out: &mut [MaybeUninit<f32>]) {
-    assert_eq!(out.len(), g.n * g.c_out * g.h_out * g.w_out);
-    let p = Plane::new(g.h, g.w, g.stride);
+    assert_eq!(out.len(), g.n * g.c_out * g.h * g.w);
+    let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
     let xp_len = g.c_in * p.xl;
     let buf_len = xp_len + g.c_out * p.qp;
-    let out_len = g.c_out * g.h_out * g.w_out;
-    per_thread_images(g, out, out_len, buf_len, |buf, (i, out_i)| {
+    per_thread_images(g, out, g.c_out * hw, buf_len, |buf, (i, out_i)| {
         let (xp, yp) = buf.split_at_mut(xp_len);
         p.pad_input(g.c_in, &x[i * g.c_in * hw..(i + 1) * g.c_in * hw], xp);
         conv_planes(&p, g.c_in, g.c_out, w, xp, yp);
@@ -337,8 +267,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32], out: &mut [MaybeUninit<f32
 }
 
 /// Input gradient: `dx` (n × c_in × h × w) of a 3×3, stride-1, padding-1 convolution, as the
-/// convolution of `dy` with the transposed, 180°-rotated weight ([`applies_to_input_grad`]
-/// must hold).
+/// convolution of `dy` with the transposed, 180°-rotated weight ([`applies`] must hold).
 /// Writes every element of `dx`.
 pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32], dx: &mut [MaybeUninit<f32>]) {
     assert_eq!(dx.len(), g.n * g.c_in * g.h * g.w);
@@ -351,7 +280,7 @@ pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32], dx: &mut [MaybeUni
             }
         }
     }
-    let p = Plane::new(g.h, g.w, 1);
+    let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
     let dyp_len = g.c_out * p.xl;
     let buf_len = dyp_len + g.c_in * p.qp;
@@ -477,11 +406,11 @@ unsafe fn wgrad_block<const CB: usize>(_: WgradArgs<'_>) {
 /// that fit a core's L2 cache, so the horizontal reductions are paid once per group.
 const WGRAD_GROUP_BYTES: usize = 512 << 10;
 
-/// Weight gradient: `dw` (c_out × c_in × 3 × 3) = Σ_images of a 3×3, padding-1 convolution
-/// of stride 1 or 2 ([`applies`] must hold); one partial sum per thread.
+/// Weight gradient: `dw` (c_out × c_in × 3 × 3) = Σ_images of a 3×3, stride-1, padding-1
+/// convolution ([`applies`] must hold); one partial sum per thread.
 pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], dw: &mut [f32]) {
-    let p = Plane::new(g.h, g.w, g.stride);
-    let (hw, hw_out) = (g.h * g.w, g.h_out * g.w_out);
+    let p = Plane::new(g.h, g.w);
+    let hw = g.h * g.w;
     let (xp_len, dyp_len) = (g.c_in * p.xl, g.c_out * p.qp);
     let group = (WGRAD_GROUP_BYTES / (4 * (xp_len + dyp_len))).clamp(1, g.n.max(1));
     let images = |lo: usize, hi: usize, acc: &mut [f32]| {
@@ -494,7 +423,7 @@ pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], dw: &mut [f32]) {
                 let i = i0 + b;
                 let xs = &x[i * g.c_in * hw..(i + 1) * g.c_in * hw];
                 p.pad_input(g.c_in, xs, &mut xp[b * xp_len..(b + 1) * xp_len]);
-                let dys = &dy[i * g.c_out * hw_out..(i + 1) * g.c_out * hw_out];
+                let dys = &dy[i * g.c_out * hw..(i + 1) * g.c_out * hw];
                 p.pad_output_grad(g.c_out, dys, &mut dyp[b * dyp_len..(b + 1) * dyp_len]);
             }
             wgrad_planes(&p, (nb, g.c_in, g.c_out), &dyp, &xp, acc);
@@ -545,8 +474,7 @@ mod tests {
 
     /// The direct kernels against the im2col + GEMM path (itself checked against `f64`
     /// references in `conv::tests`) on shapes that exercise every register block:
-    /// 1–16 channels, widths whose padded rows are not whole vectors, a single image,
-    /// stride 1 and 2 (odd and even sizes).
+    /// 1–13 channels, widths whose padded rows are not whole vectors, a single image.
     #[test]
     fn direct_kernels_match_the_gemm_path() {
         if !has_avx512() {
@@ -554,20 +482,15 @@ mod tests {
             return;
         }
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for (n, c_in, c_out, h, w, stride) in [
-            (1, 1, 1, 1, 1, 1),
-            (2, 3, 16, 5, 7, 1),
-            (3, 13, 11, 9, 4, 1),
-            (1, 16, 16, 32, 32, 1),
-            (2, 9, 13, 8, 8, 1),
-            (5, 2, 3, 3, 17, 1),
-            (40, 4, 5, 6, 6, 1),
-            (1, 1, 1, 1, 1, 2),
-            (2, 16, 32, 32, 32, 2),
-            (3, 5, 9, 7, 10, 2),
-            (2, 3, 4, 2, 9, 2),
+        for (n, c_in, c_out, h, w) in [
+            (1, 1, 1, 1, 1),
+            (2, 3, 16, 5, 7),
+            (3, 13, 11, 9, 4),
+            (1, 16, 16, 32, 32),
+            (2, 9, 13, 8, 8),
+            (5, 2, 3, 3, 17),
+            (40, 4, 5, 6, 6),
         ] {
-            let (h_out, w_out) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
             let g = Geom {
                 n,
                 c_in,
@@ -575,34 +498,42 @@ mod tests {
                 w,
                 c_out,
                 k: 3,
-                stride,
+                stride: 1,
                 padding: 1,
-                h_out,
-                w_out,
+                h_out: h,
+                w_out: w,
             };
-            let what = (c_in, c_out, h, w, stride);
             assert!(applies(&g));
-            assert_eq!(applies_to_input_grad(&g), stride == 1);
             let mut draw = |len: usize| -> Vec<f32> {
                 (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
             };
             let x = draw(n * c_in * h * w);
             let wt = draw(c_out * c_in * 9);
-            let dy = draw(n * c_out * h_out * w_out);
+            let dy = draw(n * c_out * h * w);
             let mut y0 = vec![0f32; dy.len()];
             cpu::forward(&g, &x, &wt, &mut y0);
             let y1 = super::super::written(dy.len(), |y| forward(&g, &x, &wt, y));
-            assert!(max_rel(&y1, &y0) <= 1e-5, "forward {what:?}");
-            if stride == 1 {
-                let mut dx0 = vec![0f32; x.len()];
-                cpu::backward_input(&g, &dy, &wt, &mut dx0);
-                let dx1 = super::super::written(x.len(), |dx| backward_input(&g, &dy, &wt, dx));
-                assert!(max_rel(&dx1, &dx0) <= 1e-5, "input grad {what:?}");
-            }
+            assert!(
+                max_rel(&y1, &y0) <= 1e-5,
+                "forward {:?}",
+                (c_in, c_out, h, w)
+            );
+            let mut dx0 = vec![0f32; x.len()];
+            cpu::backward_input(&g, &dy, &wt, &mut dx0);
+            let dx1 = super::super::written(x.len(), |dx| backward_input(&g, &dy, &wt, dx));
+            assert!(
+                max_rel(&dx1, &dx0) <= 1e-5,
+                "input grad {:?}",
+                (c_in, c_out, h, w)
+            );
             let (mut dw0, mut dw1) = (vec![0f32; wt.len()], vec![1f32; wt.len()]);
             cpu::backward_weight(&g, &dy, &x, &mut dw0);
             backward_weight(&g, &dy, &x, &mut dw1);
-            assert!(max_rel(&dw1, &dw0) <= 1e-5, "weight grad {what:?}");
+            assert!(
+                max_rel(&dw1, &dw0) <= 1e-5,
+                "weight grad {:?}",
+                (c_in, c_out, h, w)
+            );
         }
     }
 }
