@@ -52,7 +52,8 @@ pub fn cpu_backend() -> CpuConvBackend {
 /// Output is (N, C_out, (H + 2p − K)/s + 1, (W + 2p − K)/s + 1).
 ///
 /// # Errors
-/// Fails when the shapes do not fit together, or when `stride` is zero.
+/// Fails when the shapes do not fit together, when the weight has no input or output
+/// channels, or when `stride` is zero.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let fast = xs.device().is_cpu()
         && xs.dtype() == DType::F32
@@ -74,6 +75,12 @@ fn geometry(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Resu
     if c_in != c_in_w {
         candle::bail!(
             "conv2d: input has {c_in} channels but the weight {:?} expects {c_in_w}",
+            weight.dims()
+        );
+    }
+    if c_in == 0 || c_out == 0 {
+        candle::bail!(
+            "conv2d: the weight {:?} has no input or no output channels",
             weight.dims()
         );
     }

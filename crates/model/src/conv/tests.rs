@@ -249,6 +249,28 @@ fn input_without_gradient_still_gives_the_weight_gradient() {
 }
 
 #[test]
+fn empty_batch_gives_empty_output_and_gradients() {
+    for (stride, k) in [(1, 3), (2, 3), (1, 1)] {
+        let xs = Var::from_tensor(&Tensor::zeros((0, 3, 8, 8), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let w = Var::from_tensor(&Tensor::ones((4, 3, k, k), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let ys = conv2d(xs.as_tensor(), w.as_tensor(), stride, k / 2).unwrap();
+        assert_eq!(ys.dims()[0], 0);
+        let grads = ys.sum_all().unwrap().backward().unwrap();
+        let dw = grads.get(w.as_tensor()).unwrap();
+        let dw_max = dw
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(dw_max, 0.0);
+    }
+}
+
+#[test]
 fn bad_shapes_are_errors() {
     let xs = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
     let w_wrong_channels = Tensor::zeros((2, 5, 3, 3), DType::F32, &Device::Cpu).unwrap();
@@ -259,4 +281,10 @@ fn bad_shapes_are_errors() {
     assert!(conv2d(&xs, &w, 0, 1).is_err());
     let w_rect = Tensor::zeros((2, 3, 3, 1), DType::F32, &Device::Cpu).unwrap();
     assert!(conv2d(&xs, &w_rect, 1, 1).is_err());
+    // no output channels, no input channels: errors, not a panic
+    let w_empty = Tensor::zeros((0, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&xs, &w_empty, 1, 1).is_err());
+    let xs_empty = Tensor::zeros((1, 0, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w_no_in = Tensor::zeros((2, 0, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&xs_empty, &w_no_in, 1, 1).is_err());
 }
