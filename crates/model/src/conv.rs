@@ -16,7 +16,8 @@ mod direct;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use cpu::Geom;
 
@@ -161,7 +162,7 @@ impl CustomOp2 for Conv2dGemm {
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
         let len = g.n * g.c_out * g.h_out * g.w_out;
         let out = if direct::applies(g) {
-            written(len, |out| direct::forward(g, x, w, out))
+            written(len, |out| direct::forward(g, x, None, w, out))
         } else {
             let mut out = vec![0f32; len];
             cpu::forward(g, x, w, &mut out);
@@ -181,12 +182,24 @@ impl CustomOp2 for Conv2dGemm {
         let grad = grad.contiguous()?;
         // The input of the first layer is data: its gradient is never used.
         let d_xs = if xs.track_op() {
-            Some(grad.apply_op2_no_bwd(weight, &Conv2dGemmGradInput(self.0))?)
+            Some(grad.apply_op2_no_bwd(
+                weight,
+                &Conv2dGemmGradInput {
+                    g: self.0,
+                    sum: false,
+                },
+            )?)
         } else {
             None
         };
         let d_weight = if weight.track_op() {
-            Some(grad.apply_op2_no_bwd(xs, &Conv2dGemmGradWeight(self.0))?)
+            Some(grad.apply_op2_no_bwd(
+                xs,
+                &Conv2dGemmGradWeight {
+                    g: self.0,
+                    bias: None,
+                },
+            )?)
         } else {
             None
         };
@@ -194,8 +207,154 @@ impl CustomOp2 for Conv2dGemm {
     }
 }
 
-/// Input gradient of [`Conv2dGemm`]: (grad of output, weight) → grad of input.
-struct Conv2dGemmGradInput(Geom);
+/// `conv2d(xs + b, weight, stride, padding)` for a one-element `b` (a scalar bias added to
+/// the input, zero padding outside it), without an activation-sized tensor for `xs + b`.
+///
+/// On the CPU for `f32` (with [`crate::ops::fused_cpu_ops`] on), one custom op: the direct
+/// kernels add `b` while copying each image into its zero-bordered planes, the im2col +
+/// GEMM path convolves a shifted copy of the input that lives only inside the op; the
+/// backward gives dx (the convolution's input gradient), dW (against x + b, recomputed
+/// the same way) and db = Σ dx. Elsewhere it is [`crate::ops::add_scalar`] followed by
+/// [`conv2d`]. Either way the result equals that composition: x + b is rounded to `f32`
+/// before the convolution in both.
+///
+/// # Errors
+/// As [`conv2d`], or a `b` with more than one element.
+pub fn conv2d_shifted(
+    xs: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if b.elem_count() != 1 {
+        candle::bail!(
+            "conv2d_shifted: bias must have one element, got {:?}",
+            b.dims()
+        );
+    }
+    let fast = xs.device().is_cpu()
+        && xs.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && b.device().is_cpu()
+        && cpu_backend() == CpuConvBackend::Gemm
+        && crate::ops::fused_cpu_ops();
+    if !fast {
+        return conv2d(
+            &crate::ops::add_scalar(xs, b, false)?,
+            weight,
+            stride,
+            padding,
+        );
+    }
+    let g = geometry(xs, weight, stride, padding)?;
+    let xs = xs.contiguous()?;
+    let weight = weight.contiguous()?;
+    xs.apply_op3(&weight, &b.flatten_all()?, Conv2dShifted(g))
+}
+
+/// `x + b` for every element, on rayon's threads.
+fn shifted(x: &[f32], b: f32) -> Vec<f32> {
+    written(x.len(), |out| {
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(oc, xc)| {
+                for (o, &v) in oc.iter_mut().zip(xc) {
+                    o.write(v + b);
+                }
+            })
+    })
+}
+
+/// Σ x in `f64`, on rayon's threads (16 `f32` lanes within each chunk).
+fn par_sum(x: &[f32]) -> f64 {
+    x.par_chunks(1 << 14)
+        .map(|c| {
+            let mut acc = [0f32; 16];
+            for (i, &v) in c.iter().enumerate() {
+                acc[i % 16] += v;
+            }
+            acc.iter().map(|&v| v as f64).sum::<f64>()
+        })
+        .sum()
+}
+
+/// Forward of [`conv2d_shifted`]: (x, weight, b) → conv(x + b, weight).
+struct Conv2dShifted(Geom);
+
+impl CustomOp3 for Conv2dShifted {
+    fn name(&self) -> &'static str {
+        "conv2d-shifted-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
+        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
+        let b = f32_data(s3, l3, 1, "input bias")?[0];
+        let len = g.n * g.c_out * g.h_out * g.w_out;
+        let out = if direct::applies(g) {
+            written(len, |out| direct::forward(g, x, Some(b), w, out))
+        } else {
+            let mut out = vec![0f32; len];
+            cpu::forward(g, &shifted(x, b), w, &mut out);
+            out
+        };
+        let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let grad = grad.contiguous()?;
+        let (d_xs, d_b) = if xs.track_op() || b.track_op() {
+            let out = grad.apply_op2_no_bwd(weight, &Conv2dGemmGradInput { g, sum: true })?;
+            let len = g.n * g.c_in * g.h * g.w;
+            let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+            let db = out.narrow(0, len, 1)?.reshape(b.shape())?;
+            (xs.track_op().then_some(dx), b.track_op().then_some(db))
+        } else {
+            (None, None)
+        };
+        let d_weight = if weight.track_op() {
+            let bias = b.flatten_all()?.to_vec1::<f32>()?[0];
+            Some(grad.apply_op2_no_bwd(
+                xs,
+                &Conv2dGemmGradWeight {
+                    g,
+                    bias: Some(bias),
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((d_xs, d_weight, d_b))
+    }
+}
+
+/// Input gradient of [`Conv2dGemm`] and [`Conv2dShifted`]: (grad of output, weight) →
+/// grad of input, followed, when `sum` is set, by one more element: the sum of that
+/// gradient (the gradient of the input bias of [`conv2d_shifted`]).
+struct Conv2dGemmGradInput {
+    g: Geom,
+    sum: bool,
+}
 
 impl CustomOp2 for Conv2dGemmGradInput {
     fn name(&self) -> &'static str {
@@ -209,23 +368,32 @@ impl CustomOp2 for Conv2dGemmGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
+        let g = &self.g;
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
         let len = g.n * g.c_in * g.h * g.w;
-        let dx = if direct::applies(g) {
+        let mut dx = if direct::applies(g) {
             written(len, |dx| direct::backward_input(g, dy, w, dx))
         } else {
             let mut dx = vec![0f32; len];
             cpu::backward_input(g, dy, w, &mut dx);
             dx
         };
-        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
+        if !self.sum {
+            return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))));
+        }
+        let total = par_sum(&dx);
+        dx.push(total as f32);
+        Ok((CpuStorage::F32(dx), Shape::from(len + 1)))
     }
 }
 
-/// Weight gradient of [`Conv2dGemm`]: (grad of output, input) → grad of weight.
-struct Conv2dGemmGradWeight(Geom);
+/// Weight gradient of [`Conv2dGemm`] and [`Conv2dShifted`]: (grad of output, input) →
+/// grad of weight, for the convolution of the input + `bias`.
+struct Conv2dGemmGradWeight {
+    g: Geom,
+    bias: Option<f32>,
+}
 
 impl CustomOp2 for Conv2dGemmGradWeight {
     fn name(&self) -> &'static str {
@@ -239,14 +407,17 @@ impl CustomOp2 for Conv2dGemmGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
+        let g = &self.g;
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let x = f32_data(s2, l2, g.n * g.c_in * g.h * g.w, "input")?;
         let mut dw = vec![0f32; g.c_out * g.c_in * g.k * g.k];
         if direct::applies(g) {
-            direct::backward_weight(g, dy, x, &mut dw);
+            direct::backward_weight(g, dy, x, self.bias, &mut dw);
         } else {
-            cpu::backward_weight(g, dy, x, &mut dw);
+            match self.bias {
+                None => cpu::backward_weight(g, dy, x, &mut dw),
+                Some(b) => cpu::backward_weight(g, dy, &shifted(x, b), &mut dw),
+            }
         }
         Ok((
             CpuStorage::F32(dw),

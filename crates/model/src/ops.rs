@@ -447,6 +447,139 @@ pub fn add_scalar(xs: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
         .apply_op2(&b.flatten_all()?, AddScalar { relu })
 }
 
+/// relu(`xs` + `b`) + `c` for one-element `b` and `c`: the middle of a no-BN basic block
+/// (the bias after conv1, the ReLU, the bias before conv2).
+///
+/// On the CPU for `f32`, one custom op whose backward is closed-form: with
+/// m = dy ⊙ 1(x + b > 0), dx = m, db = Σ m, dc = Σ dy. It computes exactly what
+/// `add_scalar(&add_scalar(xs, b, true)?, c, false)` computes, with one activation-sized
+/// tensor (and gradient) instead of two.
+///
+/// # Errors
+/// `b` or `c` with more than one element, or a device error.
+pub fn bias_relu_bias(xs: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if b.elem_count() != 1 || c.elem_count() != 1 {
+        candle::bail!(
+            "bias_relu_bias: biases must have one element each, got {:?} and {:?}",
+            b.dims(),
+            c.dims()
+        );
+    }
+    if !fused_f32(&[xs, b, c]) {
+        return add_scalar(&add_scalar(xs, b, true)?, c, false);
+    }
+    xs.contiguous()?
+        .apply_op3(&b.flatten_all()?, &c.flatten_all()?, BiasReluBias)
+}
+
+/// Forward of [`bias_relu_bias`]: (x, b, c) → relu(x + b) + c.
+struct BiasReluBias;
+
+impl CustomOp3 for BiasReluBias {
+    fn name(&self) -> &'static str {
+        "bias-relu-bias-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let x = f32_data(s1, l1, len, "input")?;
+        let b = f32_data(s2, l2, 1, "bias")?[0];
+        let c = f32_data(s3, l3, 1, "bias")?[0];
+        let y = written(len, |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(yc, xc)| {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        o.write((v + b).max(0.0) + c);
+                    }
+                })
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let len = grad.elem_count();
+        // [m (len), Σ m, Σ dy] with m = dy ⊙ 1(x + b > 0)
+        let out = grad.contiguous()?.apply_op2_no_bwd(
+            &xs.contiguous()?,
+            &BiasReluBiasBwd {
+                b: b.flatten_all()?.to_vec1::<f32>()?[0],
+            },
+        )?;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let db = out.narrow(0, len, 1)?.reshape(b.shape())?;
+        let dc = out.narrow(0, len + 1, 1)?.reshape(c.shape())?;
+        Ok((
+            xs.track_op().then_some(dx),
+            b.track_op().then_some(db),
+            c.track_op().then_some(dc),
+        ))
+    }
+}
+
+/// Backward of [`BiasReluBias`]: (dy, x) → [dy ⊙ 1(x + b > 0), its sum, Σ dy].
+struct BiasReluBiasBwd {
+    b: f32,
+}
+
+impl CustomOp2 for BiasReluBiasBwd {
+    fn name(&self) -> &'static str {
+        "bias-relu-bias-fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let dy = f32_data(s1, l1, len, "output gradient")?;
+        let x = f32_data(s2, l2, len, "input")?;
+        let b = self.b;
+        let out = written(len + 2, |out| {
+            let (dx, tail) = out.split_at_mut(len);
+            let (sum_m, sum_g) = dx
+                .par_chunks_mut(CHUNK)
+                .zip(dy.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+                .map(|(oc, (gc, xc))| {
+                    let mut s1 = [0f32; 16];
+                    let mut s2 = [0f32; 16];
+                    for (i, ((o, &g), &v)) in oc.iter_mut().zip(gc).zip(xc).enumerate() {
+                        let m = if v + b > 0.0 { g } else { 0.0 };
+                        o.write(m);
+                        s1[i % 16] += m;
+                        s2[i % 16] += g;
+                    }
+                    (
+                        s1.iter().map(|&v| v as f64).sum::<f64>(),
+                        s2.iter().map(|&v| v as f64).sum::<f64>(),
+                    )
+                })
+                .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
+            tail[0].write(sum_m as f32);
+            tail[1].write(sum_g as f32);
+        });
+        Ok((CpuStorage::F32(out), Shape::from(len + 2)))
+    }
+}
+
 /// relu(τ · (branch + b) + shortcut) for one-element `tau` and `b`: the end of a residual
 /// block, one custom op on the CPU for `f32`.
 ///

@@ -11,8 +11,8 @@ use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
-use crate::conv::conv2d;
-use crate::ops::{add_scalar, batch_norm_t, residual_relu};
+use crate::conv::{conv2d, conv2d_shifted};
+use crate::ops::{batch_norm_t, bias_relu_bias, residual_relu};
 use crate::tau::TauRule;
 
 /// Normalization inside the residual blocks.
@@ -408,14 +408,11 @@ impl BasicBlock {
                 Ok((batch_norm_t(bn2, &out, train, false)?, None))
             }
             (None, Some(b)) => {
-                let out = conv2d(
-                    &add_scalar(xs, &b.bias1a, false)?,
-                    &self.conv1,
-                    self.stride,
-                    1,
-                )?;
-                let out = add_scalar(&out, &b.bias1b, true)?;
-                let out = conv2d(&add_scalar(&out, &b.bias2a, false)?, &self.conv2, 1, 1)?;
+                // Three activation-sized nodes: conv1 of the shifted input (no tensor for
+                // x + b1a), relu(· + b1b) + b2a as one op, conv2.
+                let out = conv2d_shifted(xs, &b.bias1a, &self.conv1, self.stride, 1)?;
+                let out = bias_relu_bias(&out, &b.bias1b, &b.bias2a)?;
+                let out = conv2d(&out, &self.conv2, 1, 1)?;
                 Ok((out, Some(&b.bias2b)))
             }
             (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),

@@ -96,15 +96,25 @@ impl Plane {
     }
 
     /// Copies `c` channels of an h × w image into the interiors of zeroed padded planes
-    /// (the borders of `xp` must already be zero; they are never written).
-    fn pad_input(&self, c: usize, x: &[f32], xp: &mut [f32]) {
+    /// (the borders of `xp` must already be zero; they are never written), adding `bias`
+    /// to every copied value when there is one (the borders stay zero: the convolution of
+    /// x + bias with zero padding).
+    fn pad_input(&self, c: usize, x: &[f32], xp: &mut [f32], bias: Option<f32>) {
         let (h, w, wp) = (self.h, self.w, self.wp);
         for ci in 0..c {
             let src = &x[ci * h * w..(ci + 1) * h * w];
             let dst = &mut xp[ci * self.xl..(ci + 1) * self.xl];
             for r in 0..h {
                 let d0 = (r + 1) * wp + 1;
-                copy_row(&mut dst[d0..d0 + w], &src[r * w..(r + 1) * w]);
+                let (d, s) = (&mut dst[d0..d0 + w], &src[r * w..(r + 1) * w]);
+                match bias {
+                    None => copy_row(d, s),
+                    Some(b) => {
+                        for (o, &v) in d.iter_mut().zip(s) {
+                            *o = v + b;
+                        }
+                    }
+                }
             }
         }
     }
@@ -250,9 +260,15 @@ unsafe fn conv_block<const CB: usize, const QB: usize>(_: ConvArgs<'_>) {
     unreachable!("the direct kernels run only where AVX-512F is present")
 }
 
-/// Forward: `out` (n × c_out × h × w) = conv(`x`, `w`) for a 3×3, stride-1, padding-1
-/// convolution ([`applies`] must hold). Writes every element of `out`.
-pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32], out: &mut [MaybeUninit<f32>]) {
+/// Forward: `out` (n × c_out × h × w) = conv(`x` + `bias`, `w`) for a 3×3, stride-1,
+/// padding-1 convolution ([`applies`] must hold). Writes every element of `out`.
+pub(crate) fn forward(
+    g: &Geom,
+    x: &[f32],
+    bias: Option<f32>,
+    w: &[f32],
+    out: &mut [MaybeUninit<f32>],
+) {
     assert_eq!(out.len(), g.n * g.c_out * g.h * g.w);
     let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
@@ -260,7 +276,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32], out: &mut [MaybeUninit<f32
     let buf_len = xp_len + g.c_out * p.qp;
     per_thread_images(g, out, g.c_out * hw, buf_len, |buf, (i, out_i)| {
         let (xp, yp) = buf.split_at_mut(xp_len);
-        p.pad_input(g.c_in, &x[i * g.c_in * hw..(i + 1) * g.c_in * hw], xp);
+        p.pad_input(g.c_in, &x[i * g.c_in * hw..(i + 1) * g.c_in * hw], xp, bias);
         conv_planes(&p, g.c_in, g.c_out, w, xp, yp);
         p.unpad_output(g.c_out, yp, out_i);
     });
@@ -286,7 +302,12 @@ pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32], dx: &mut [MaybeUni
     let buf_len = dyp_len + g.c_in * p.qp;
     per_thread_images(g, dx, g.c_in * hw, buf_len, |buf, (i, dx_i)| {
         let (dyp, dxp) = buf.split_at_mut(dyp_len);
-        p.pad_input(g.c_out, &dy[i * g.c_out * hw..(i + 1) * g.c_out * hw], dyp);
+        p.pad_input(
+            g.c_out,
+            &dy[i * g.c_out * hw..(i + 1) * g.c_out * hw],
+            dyp,
+            None,
+        );
         conv_planes(&p, g.c_out, g.c_in, &wt, dyp, dxp);
         p.unpad_output(g.c_in, dxp, dx_i);
     });
@@ -407,8 +428,8 @@ unsafe fn wgrad_block<const CB: usize>(_: WgradArgs<'_>) {
 const WGRAD_GROUP_BYTES: usize = 512 << 10;
 
 /// Weight gradient: `dw` (c_out × c_in × 3 × 3) = Σ_images of a 3×3, stride-1, padding-1
-/// convolution ([`applies`] must hold); one partial sum per thread.
-pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], dw: &mut [f32]) {
+/// convolution of `x` + `bias` ([`applies`] must hold); one partial sum per thread.
+pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], bias: Option<f32>, dw: &mut [f32]) {
     let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
     let (xp_len, dyp_len) = (g.c_in * p.xl, g.c_out * p.qp);
@@ -422,7 +443,7 @@ pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], dw: &mut [f32]) {
             for b in 0..nb {
                 let i = i0 + b;
                 let xs = &x[i * g.c_in * hw..(i + 1) * g.c_in * hw];
-                p.pad_input(g.c_in, xs, &mut xp[b * xp_len..(b + 1) * xp_len]);
+                p.pad_input(g.c_in, xs, &mut xp[b * xp_len..(b + 1) * xp_len], bias);
                 let dys = &dy[i * g.c_out * hw..(i + 1) * g.c_out * hw];
                 p.pad_output_grad(g.c_out, dys, &mut dyp[b * dyp_len..(b + 1) * dyp_len]);
             }
@@ -512,7 +533,7 @@ mod tests {
             let dy = draw(n * c_out * h * w);
             let mut y0 = vec![0f32; dy.len()];
             cpu::forward(&g, &x, &wt, &mut y0);
-            let y1 = super::super::written(dy.len(), |y| forward(&g, &x, &wt, y));
+            let y1 = super::super::written(dy.len(), |y| forward(&g, &x, None, &wt, y));
             assert!(
                 max_rel(&y1, &y0) <= 1e-5,
                 "forward {:?}",
@@ -528,7 +549,7 @@ mod tests {
             );
             let (mut dw0, mut dw1) = (vec![0f32; wt.len()], vec![1f32; wt.len()]);
             cpu::backward_weight(&g, &dy, &x, &mut dw0);
-            backward_weight(&g, &dy, &x, &mut dw1);
+            backward_weight(&g, &dy, &x, None, &mut dw1);
             assert!(
                 max_rel(&dw1, &dw0) <= 1e-5,
                 "weight grad {:?}",

@@ -288,3 +288,152 @@ fn bad_shapes_are_errors() {
     let w_no_in = Tensor::zeros((2, 0, 3, 3), DType::F32, &Device::Cpu).unwrap();
     assert!(conv2d(&xs_empty, &w_no_in, 1, 1).is_err());
 }
+
+/// Output and gradients (x, w, b) of Σ r ⊙ conv(x + b, w): [`super::conv2d_shifted`] in
+/// `f32` against the composition x + b then the convolution, computed in `f64` by direct
+/// loops (db = Σ dx of the shifted input) and, where its backward works, by candle's
+/// `broadcast_add` + `conv2d`. Returns the worst relative errors (y, dx, dw, db).
+#[allow(clippy::too_many_arguments)]
+fn compare_shifted(
+    seed: u64,
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    hw: (usize, usize),
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> [f64; 4] {
+    let (h, w) = hw;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x0 = random(&mut rng, &[n, c_in, h, w]);
+    let w0 = random(&mut rng, &[c_out, c_in, k, k]);
+    let b0 = random(&mut rng, &[1]);
+    let h_out = (h + 2 * padding - k) / stride + 1;
+    let w_out = (w + 2 * padding - k) / stride + 1;
+    let r = random(&mut rng, &[n, c_out, h_out, w_out]);
+
+    let run = |dtype: DType, reference: bool| {
+        let xv = Var::from_tensor(&x0.to_dtype(dtype).unwrap()).unwrap();
+        let wv = Var::from_tensor(&w0.to_dtype(dtype).unwrap()).unwrap();
+        let bv = Var::from_tensor(&b0.to_dtype(dtype).unwrap()).unwrap();
+        let ys = if reference {
+            xv.as_tensor()
+                .broadcast_add(bv.as_tensor())
+                .unwrap()
+                .conv2d(wv.as_tensor(), padding, stride, 1, 1)
+                .unwrap()
+        } else {
+            super::conv2d_shifted(
+                xv.as_tensor(),
+                bv.as_tensor(),
+                wv.as_tensor(),
+                stride,
+                padding,
+            )
+            .unwrap()
+        };
+        let loss = (&ys * r.to_dtype(dtype).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        (ys, get(&xv), get(&wv), get(&bv))
+    };
+    let (ys, dx, dw, db) = run(DType::F32, false);
+    assert_eq!(db.dims(), b0.dims());
+    let errs = |(y_ref, dx_ref, dw_ref, db_ref): (Tensor, Tensor, Tensor, Tensor)| {
+        [
+            rel_err(&ys, &y_ref),
+            rel_err(&dx, &dx_ref),
+            rel_err(&dw, &dw_ref),
+            rel_err(&db, &db_ref),
+        ]
+    };
+    let shifted64 = x0
+        .to_dtype(DType::F64)
+        .unwrap()
+        .broadcast_add(&b0.to_dtype(DType::F64).unwrap())
+        .unwrap();
+    let (y64, dx64, dw64) = direct_loops(&shifted64, &w0, &r, stride, padding);
+    let db64 = dx64.sum_all().unwrap().reshape(1).unwrap();
+    let mut worst = errs((y64, dx64, dw64, db64));
+    if (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride {
+        for (a, b) in worst.iter_mut().zip(errs(run(DType::F64, true))) {
+            *a = a.max(b);
+        }
+    }
+    worst
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shifted_input_matches_the_composition(
+        seed in any::<u64>(),
+        n in 1usize..4,
+        c_in in 1usize..6,
+        c_out in 1usize..6,
+        h in 1usize..10,
+        w in 1usize..10,
+        k in prop::sample::select(vec![1usize, 3]),
+        stride in 1usize..3,
+        padding in 0usize..2,
+    ) {
+        prop_assume!(h + 2 * padding >= k && w + 2 * padding >= k);
+        let errs = compare_shifted(seed, n, c_in, c_out, (h, w), k, stride, padding);
+        prop_assert!(errs.iter().all(|e| *e <= TOL), "relative errors (y, dx, dw, db) {errs:?}");
+    }
+}
+
+#[test]
+fn shifted_input_at_resnet_shapes() {
+    // A block convolution (direct kernels where the CPU has AVX-512) and a stage
+    // transition (im2col + GEMM), batch 2 and batch 1.
+    for (n, c_in, c_out, hw, stride) in [(2, 16, 16, 32, 1), (1, 16, 32, 32, 2)] {
+        let errs = compare_shifted(8, n, c_in, c_out, (hw, hw), 3, stride, 1);
+        assert!(errs.iter().all(|e| *e <= TOL), "{errs:?}");
+    }
+}
+
+#[test]
+fn shifted_input_is_bitwise_the_composition() {
+    // conv(x + b) with x + b rounded to f32 first: the same f32 numbers as add_scalar then
+    // conv2d, on both CPU paths.
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for stride in [1, 2] {
+        let x = random(&mut rng, &[3, 4, 9, 8]);
+        let w = random(&mut rng, &[5, 4, 3, 3]);
+        let b = random(&mut rng, &[1]);
+        let fused = super::conv2d_shifted(&x, &b, &w, stride, 1).unwrap();
+        let composed = conv2d(&x.broadcast_add(&b).unwrap(), &w, stride, 1).unwrap();
+        assert_eq!(rel_err(&fused, &composed), 0.0, "stride {stride}");
+    }
+    let x = random(&mut rng, &[1, 2, 3, 3]);
+    let w = random(&mut rng, &[2, 2, 3, 3]);
+    assert!(super::conv2d_shifted(&x, &x, &w, 1, 1).is_err());
+}
+
+#[test]
+fn shifted_input_without_input_gradient_still_gives_the_bias_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let x = random(&mut rng, &[2, 3, 6, 6]);
+    let wv = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3])).unwrap();
+    let bv = Var::from_tensor(&random(&mut rng, &[1])).unwrap();
+    let y = super::conv2d_shifted(&x, bv.as_tensor(), wv.as_tensor(), 1, 1).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none());
+    let db = grads.get(bv.as_tensor()).unwrap();
+    // Reference: Σ over outputs of ∂y/∂b = Σ_o Σ positions Σ over the in-image taps of w.
+    let y64 = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .broadcast_add(&bv.as_tensor().to_dtype(DType::F64).unwrap())
+        .unwrap();
+    let r = Tensor::ones((2, 4, 6, 6), DType::F64, &Device::Cpu).unwrap();
+    let (_, dx, _) = direct_loops(&y64, wv.as_tensor(), &r, 1, 1);
+    let want = dx.sum_all().unwrap().reshape(1).unwrap();
+    assert!(rel_err(db, &want) <= TOL);
+}

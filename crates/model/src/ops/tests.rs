@@ -232,3 +232,62 @@ fn residual_relu_matches_composed_ops() {
     let tau = Tensor::new(1f32, &Device::Cpu).unwrap();
     assert!(super::residual_relu(&x, &tau, None, &y).is_err());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    #[test]
+    fn bias_relu_bias_matches_composed_ops(
+        seed in proptest::prelude::any::<u64>(),
+        n in 1usize..4,
+        c in 1usize..6,
+        h in 1usize..12,
+        w in 1usize..12,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let dims = [n, c, h, w];
+        let x = random(&mut rng, &dims, -1.0, 1.0);
+        let b = random(&mut rng, &[1], -0.5, 0.5);
+        let c2 = random(&mut rng, &[1], -0.5, 0.5);
+        compare(
+            &[x, b, c2],
+            |t| super::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
+            |t| {
+                t[0].broadcast_add(t[1])
+                    .unwrap()
+                    .relu()
+                    .unwrap()
+                    .broadcast_add(t[2])
+                    .unwrap()
+            },
+            &format!("bias_relu_bias {dims:?}"),
+        );
+    }
+}
+
+#[test]
+fn bias_relu_bias_across_parallel_chunks_and_bitwise() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // Larger than the parallel chunk (2^14), not a multiple of it.
+    let x = random(&mut rng, &[3, 16, 19, 21], -1.0, 1.0);
+    let b = random(&mut rng, &[1], -0.3, 0.3);
+    let c = random(&mut rng, &[1], -0.3, 0.3);
+    compare(
+        &[x.clone(), b.clone(), c.clone()],
+        |t| super::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
+        |t| {
+            t[0].broadcast_add(t[1])
+                .unwrap()
+                .relu()
+                .unwrap()
+                .broadcast_add(t[2])
+                .unwrap()
+        },
+        "bias_relu_bias large",
+    );
+    // The same f32 numbers as the two add_scalar ops it replaces.
+    let fused = super::bias_relu_bias(&x, &b, &c).unwrap();
+    let composed = super::add_scalar(&super::add_scalar(&x, &b, true).unwrap(), &c, false).unwrap();
+    assert_eq!(rel_err(&fused, &composed), 0.0);
+    assert!(super::bias_relu_bias(&x, &x, &c).is_err());
+}
