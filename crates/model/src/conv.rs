@@ -133,7 +133,16 @@ pub(crate) fn written(
     len: usize,
     fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
 ) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
+    written_with_spare(len, 0, fill)
+}
+
+/// [`written`] with capacity for `spare` more elements, to be pushed without a copy.
+pub(crate) fn written_with_spare(
+    len: usize,
+    spare: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len + spare);
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill` initialized all `len` elements (its contract; the direct kernels assert
     // the length and write every element of it), and the capacity is at least `len`.
@@ -372,10 +381,13 @@ impl CustomOp2 for Conv2dGemmGradInput {
         let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
         let len = g.n * g.c_in * g.h * g.w;
+        // One spare element for the sum: pushing it into a full vector would copy dx.
+        let extra = usize::from(self.sum);
         let mut dx = if direct::applies(g) {
-            written(len, |dx| direct::backward_input(g, dy, w, dx))
+            written_with_spare(len, extra, |dx| direct::backward_input(g, dy, w, dx))
         } else {
-            let mut dx = vec![0f32; len];
+            let mut dx = Vec::with_capacity(len + extra);
+            dx.resize(len, 0f32);
             cpu::backward_input(g, dy, w, &mut dx);
             dx
         };

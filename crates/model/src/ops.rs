@@ -1,7 +1,10 @@
 //! Fused CPU kernels for the ResNets' layers besides the convolution: BatchNorm in
 //! training mode (optionally followed by ReLU), a scalar bias (optionally followed by
-//! ReLU), and the end of a residual block relu(τ·(branch + b) + shortcut), each one candle
-//! custom op with a hand-written backward.
+//! ReLU), relu(x + b) + c, the end of a residual block relu(τ·(branch + b) + shortcut),
+//! ReLU, the global average pool and the option-A shortcut, each one candle custom op with
+//! a hand-written backward. Every op is one node of candle's graph, so one gradient tensor
+//! in `backward` (which zero-fills and accumulates each node's gradient on the calling
+//! thread) instead of one per composed op.
 //!
 //! candle-nn's `BatchNorm` in training mode is a chain of about fifteen small tensor ops
 //! forward and more backward, each allocating a fresh tensor and each a round trip through
@@ -20,7 +23,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
+use candle::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
+};
 use candle_nn::{BatchNorm, ModuleT};
 use rayon::prelude::*;
 
@@ -445,6 +450,274 @@ pub fn add_scalar(xs: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     }
     xs.contiguous()?
         .apply_op2(&b.flatten_all()?, AddScalar { relu })
+}
+
+/// ReLU; on the CPU for `f32` one custom op whose backward masks the output gradient
+/// where the output is positive (candle's own ReLU backward makes four passes over memory
+/// on the calling thread: a zero tensor, a comparison, a conversion and a product).
+///
+/// # Errors
+/// A device error.
+pub fn relu(xs: &Tensor) -> Result<Tensor> {
+    if !fused_f32(&[xs]) {
+        return xs.relu();
+    }
+    xs.contiguous()?.apply_op1(Relu)
+}
+
+/// Forward of [`relu`].
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "relu-fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let x = f32_data(s1, l1, len, "input")?;
+        let y = written(len, |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(yc, xc)| {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        o.write(v.max(0.0));
+                    }
+                })
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, xs: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let len = grad.elem_count();
+        let out = grad
+            .contiguous()?
+            .apply_op2_no_bwd(&res.contiguous()?, &MaskSum { relu: true })?;
+        Ok(Some(out.narrow(0, 0, len)?.reshape(xs.shape())?))
+    }
+}
+
+/// Global average pool (N, C, H, W) → (N, C); on the CPU for `f32` one custom op (sums in
+/// `f64`) whose backward spreads each gradient over its plane, instead of candle's
+/// reshape, sum and scaling with their activation-sized backward.
+///
+/// # Errors
+/// Input of rank other than 4, or a device error.
+pub fn global_avg_pool(xs: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    if !fused_f32(&[xs]) || h * w == 0 {
+        return xs.flatten_from(2)?.mean(2);
+    }
+    xs.contiguous()?.apply_op1(AvgPool {
+        nc: (n, c),
+        hw: h * w,
+    })
+}
+
+/// Forward of [`global_avg_pool`].
+struct AvgPool {
+    nc: (usize, usize),
+    hw: usize,
+}
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "global-avg-pool-fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = self.nc;
+        let hw = self.hw;
+        let x = f32_data(s1, l1, n * c * hw, "input")?;
+        let y: Vec<f32> = x
+            .par_chunks(hw)
+            .map(|p| (sum_f64(p) / hw as f64) as f32)
+            .collect();
+        Ok((CpuStorage::F32(y), Shape::from((n, c))))
+    }
+
+    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = grad.contiguous()?.apply_op1_no_bwd(&AvgPoolBwd {
+            nc: self.nc,
+            hw: self.hw,
+        })?;
+        Ok(Some(out.reshape(xs.shape())?))
+    }
+}
+
+/// Backward of [`AvgPool`]: dy (N, C) → dx (N·C·H·W), dx = dy / (H·W) over each plane.
+struct AvgPoolBwd {
+    nc: (usize, usize),
+    hw: usize,
+}
+
+impl CustomOp1 for AvgPoolBwd {
+    fn name(&self) -> &'static str {
+        "global-avg-pool-fused-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = self.nc;
+        let hw = self.hw;
+        let dy = f32_data(s1, l1, n * c, "output gradient")?;
+        let inv = 1.0 / hw as f64;
+        let dx = written(n * c * hw, |dx| {
+            dx.par_chunks_mut(hw)
+                .zip(dy.par_iter())
+                .for_each(|(p, &g)| {
+                    let v = (g as f64 * inv) as f32;
+                    for o in p {
+                        o.write(v);
+                    }
+                })
+        });
+        Ok((CpuStorage::F32(dx), Shape::from(n * c * hw)))
+    }
+}
+
+/// The option-A shortcut of a CIFAR ResNet: every other row and column when `stride` is 2
+/// (`x[:, :, ::2, ::2]`), then zero channels appended up to `c_out`. On the CPU for `f32`
+/// one custom op (forward and backward one parallel pass each) instead of candle's pad,
+/// reshape, narrow and concatenation nodes; elsewhere those.
+///
+/// # Errors
+/// Input of rank other than 4, a stride other than 1 or 2, `c_out` below the input's
+/// channels, or a device error.
+pub fn option_a_shortcut(xs: &Tensor, stride: usize, c_out: usize) -> Result<Tensor> {
+    let (n, c_in, h, w) = xs.dims4()?;
+    if stride != 1 && stride != 2 {
+        candle::bail!("option-A shortcut: stride must be 1 or 2, got {stride}");
+    }
+    if c_out < c_in {
+        candle::bail!("option-A shortcut: {c_out} output channels for {c_in} input channels");
+    }
+    if stride == 1 && c_out == c_in {
+        return Ok(xs.clone());
+    }
+    if !fused_f32(&[xs]) {
+        let xs = if stride == 2 {
+            crate::resnet::subsample2(xs)?
+        } else {
+            xs.clone()
+        };
+        return if c_out > c_in {
+            xs.pad_with_zeros(1, 0, c_out - c_in)
+        } else {
+            Ok(xs)
+        };
+    }
+    xs.contiguous()?.apply_op1(ShortcutA(ShortcutGeom {
+        n,
+        c_in,
+        c_out,
+        h,
+        w,
+        stride,
+    }))
+}
+
+/// Sizes of an option-A shortcut.
+#[derive(Debug, Clone, Copy)]
+struct ShortcutGeom {
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    stride: usize,
+}
+
+impl ShortcutGeom {
+    fn out_hw(&self) -> (usize, usize) {
+        (self.h.div_ceil(self.stride), self.w.div_ceil(self.stride))
+    }
+}
+
+/// Forward of [`option_a_shortcut`].
+struct ShortcutA(ShortcutGeom);
+
+impl CustomOp1 for ShortcutA {
+    fn name(&self) -> &'static str {
+        "option-a-shortcut-fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (ho, wo) = g.out_hw();
+        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
+        let y = written(g.n * g.c_out * ho * wo, |y| {
+            if ho * wo == 0 {
+                return;
+            }
+            y.par_chunks_mut(ho * wo).enumerate().for_each(|(idx, p)| {
+                let (i, c) = (idx / g.c_out, idx % g.c_out);
+                if c >= g.c_in {
+                    for o in p {
+                        o.write(0.0);
+                    }
+                    return;
+                }
+                let src = &x[(i * g.c_in + c) * g.h * g.w..][..g.h * g.w];
+                for (r, row) in p.chunks_mut(wo).enumerate() {
+                    let s = &src[r * g.stride * g.w..];
+                    for (j, o) in row.iter_mut().enumerate() {
+                        o.write(s[j * g.stride]);
+                    }
+                }
+            })
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.c_out, ho, wo))))
+    }
+
+    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = grad.contiguous()?.apply_op1_no_bwd(&ShortcutABwd(self.0))?;
+        Ok(Some(out.reshape(xs.shape())?))
+    }
+}
+
+/// Backward of [`ShortcutA`]: dy (N, C_out, H', W') → dx (N·C_in·H·W), dy's first C_in
+/// channels at the kept positions, zero elsewhere.
+struct ShortcutABwd(ShortcutGeom);
+
+impl CustomOp1 for ShortcutABwd {
+    fn name(&self) -> &'static str {
+        "option-a-shortcut-fused-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (ho, wo) = g.out_hw();
+        let dy = f32_data(s1, l1, g.n * g.c_out * ho * wo, "output gradient")?;
+        let len = g.n * g.c_in * g.h * g.w;
+        let dx = written(len, |dx| {
+            if g.h * g.w == 0 {
+                return;
+            }
+            dx.par_chunks_mut(g.h * g.w)
+                .enumerate()
+                .for_each(|(idx, p)| {
+                    let (i, c) = (idx / g.c_in, idx % g.c_in);
+                    let src = &dy[(i * g.c_out + c) * ho * wo..][..ho * wo];
+                    for (r, row) in p.chunks_mut(g.w).enumerate() {
+                        if r % g.stride != 0 {
+                            for o in row {
+                                o.write(0.0);
+                            }
+                            continue;
+                        }
+                        let s = &src[(r / g.stride) * wo..][..wo];
+                        for (col, o) in row.iter_mut().enumerate() {
+                            o.write(if col % g.stride == 0 {
+                                s[col / g.stride]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                })
+        });
+        Ok((CpuStorage::F32(dx), Shape::from(len)))
+    }
 }
 
 /// relu(`xs` + `b`) + `c` for one-element `b` and `c`: the middle of a no-BN basic block

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::{conv2d, conv2d_shifted};
-use crate::ops::{batch_norm_t, bias_relu_bias, residual_relu};
+use crate::ops::{
+    batch_norm_t, bias_relu_bias, global_avg_pool, option_a_shortcut, relu, residual_relu,
+};
 use crate::tau::TauRule;
 
 /// Normalization inside the residual blocks.
@@ -157,22 +159,6 @@ pub fn subsample2(xs: &Tensor) -> Result<Tensor> {
         .reshape((n, c, h2, w2))
 }
 
-/// Option-A shortcut: stride-2 subsample when `stride` is 2, then zero channels appended
-/// up to `c_out`.
-fn shortcut_a(xs: &Tensor, stride: usize, c_out: usize) -> Result<Tensor> {
-    let xs = if stride == 2 {
-        subsample2(xs)?
-    } else {
-        xs.clone()
-    };
-    let c_in = xs.dim(1)?;
-    if c_out > c_in {
-        xs.pad_with_zeros(1, 0, c_out - c_in)
-    } else {
-        Ok(xs)
-    }
-}
-
 /// 3×3 max pooling, stride 2, padding 1, for nonnegative inputs (after a ReLU, where zero
 /// padding equals PyTorch's −∞ padding), built from shifts and maxima so it has a gradient.
 pub fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
@@ -194,11 +180,6 @@ pub fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
         }
     }
     out.ok_or_else(|| candle::Error::Msg("max pool: empty window".into()))
-}
-
-/// Global average pool (N, C, H, W) → (N, C).
-fn global_avg_pool(xs: &Tensor) -> Result<Tensor> {
-    xs.flatten_from(2)?.mean(2)
 }
 
 fn linear(c_in: usize, classes: usize, vb: VarBuilder) -> Result<Linear> {
@@ -429,7 +410,7 @@ impl ModuleT for BasicBlock {
     /// relu(τ · branch(x) + shortcut(x)).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (branch, bias) = self.branch(xs, train)?;
-        let shortcut = shortcut_a(xs, self.stride, self.c_out)?;
+        let shortcut = option_a_shortcut(xs, self.stride, self.c_out)?;
         residual_relu(&branch, &self.tau, bias, &shortcut)
     }
 }
@@ -521,7 +502,7 @@ impl ModuleT for CifarResNet {
         let mut h = conv2d(xs, &self.conv1, 1, 1)?;
         h = match &self.bn1 {
             Some(bn) => batch_norm_t(bn, &h, train, true)?,
-            None => h.relu()?,
+            None => relu(&h)?,
         };
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
