@@ -883,3 +883,44 @@ impl ModuleT for BottleneckResNet {
         self.fc.forward(&global_avg_pool(&h)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, ModuleT, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::{CifarResNet, CifarResNetConfig, Norm};
+
+    /// Graph nodes (not parameters) with at least `min` elements behind the loss of a
+    /// CIFAR ResNet of `depth` on one 3×8×8 image: the tensors `backward` gives a gradient.
+    fn big_nodes(depth: usize, norm: Norm, min: usize) -> usize {
+        let cfg = CifarResNetConfig {
+            depth,
+            norm,
+            ..Default::default()
+        };
+        let model_cfg = crate::ModelConfig::CifarResnet(cfg.clone());
+        let vm: VarMap = crate::init_varmap(&model_cfg, 0, DType::F32, &Device::Cpu).unwrap();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let net = CifarResNet::new(&cfg, vb).unwrap();
+        let x = Tensor::ones((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let loss = net.forward_t(&x, true).unwrap().sum_all().unwrap();
+        loss.sorted_nodes()
+            .iter()
+            .filter(|t| !t.is_variable() && t.elem_count() >= min)
+            .count()
+    }
+
+    /// Activation-sized graph nodes per stage-1 block without normalization: depth 14 has
+    /// one more block per stage than depth 8; stage-1 tensors are 16×8×8 = 1024 values (the
+    /// stage-2/3 ones 512 and 256, the weights are parameters). Four: conv1 of the shifted
+    /// input, relu(· + b1b) + b2a, conv2, the residual end. (Three `add_scalar` ops in
+    /// their place gave six; candle's composed ops, with their broadcast views, fourteen.)
+    #[test]
+    fn no_bn_block_has_four_activation_sized_nodes() {
+        assert_eq!(
+            big_nodes(14, Norm::None, 1024) - big_nodes(8, Norm::None, 1024),
+            4
+        );
+    }
+}
