@@ -107,6 +107,299 @@ pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Res
     Ok(ys)
 }
 
+/// relu(τ · BN(`xs`) + `shortcut`) for a one-element `tau`: the end of a basic block with
+/// BatchNorm (BN2, the τ scaling, the residual addition and the ReLU).
+///
+/// In training mode on the CPU for `f32`, one custom op (see [`batch_norm_t`] for the
+/// statistics and the running-statistics update) whose backward is closed-form: with
+/// m = dy ⊙ 1(y > 0), the shortcut's gradient is m, τ's is Σ m·BN(x), and BN's backward
+/// runs on τ·m. Elsewhere it is [`batch_norm_t`] followed by [`residual_relu`]; both
+/// compute the same `f32` numbers.
+///
+/// # Errors
+/// Shapes that do not fit `bn` or each other, a `tau` with more than one element, or a
+/// device error.
+pub fn batch_norm_residual_relu(
+    bn: &BatchNorm,
+    xs: &Tensor,
+    train: bool,
+    tau: &Tensor,
+    shortcut: &Tensor,
+) -> Result<Tensor> {
+    let fused = train
+        && fused_f32(&[xs, tau, shortcut])
+        && xs.rank() == 4
+        && tau.elem_count() == 1
+        && shortcut.dims() == xs.dims()
+        && bn.running_mean().dtype() == DType::F32
+        && bn
+            .weight_and_bias()
+            .is_some_and(|(w, b)| w.dtype() == DType::F32 && b.dtype() == DType::F32);
+    if !fused {
+        return residual_relu(&batch_norm_t(bn, xs, train, false)?, tau, None, shortcut);
+    }
+    let Some((weight, bias)) = bn.weight_and_bias() else {
+        candle::bail!("batch_norm_residual_relu: fused path needs affine parameters");
+    };
+    let (n, c, h, w) = xs.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] || bn.running_mean().dims() != [c] {
+        candle::bail!(
+            "batch norm over {} channels applied to input {:?}",
+            bn.running_mean().elem_count(),
+            xs.dims()
+        );
+    }
+    let m = n * h * w;
+    if m < 2 {
+        candle::bail!("batch norm in training mode needs more than one value per channel");
+    }
+    let params = Tensor::cat(&[weight, bias, &tau.flatten_all()?], 0)?;
+    let state = Arc::new(Mutex::new(None));
+    let op = BnResFwd {
+        geom: BnGeom {
+            n,
+            c,
+            hw: h * w,
+            dims: (n, c, h, w),
+        },
+        eps: bn.eps(),
+        state: state.clone(),
+    };
+    let ys = xs
+        .contiguous()?
+        .apply_op3(&params, &shortcut.contiguous()?, op)?;
+    let guard = state
+        .lock()
+        .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+    let Some((st, _)) = guard.as_ref() else {
+        candle::bail!("batch norm forward left no statistics");
+    };
+    update_running(bn.running_mean(), &st.mean, bn.momentum(), 1.0)?;
+    let unbias = m as f64 / (m as f64 - 1.0);
+    update_running(bn.running_var(), &st.var, bn.momentum(), unbias)?;
+    Ok(ys)
+}
+
+/// Forward of [`batch_norm_residual_relu`]: (x, [γ, β, τ], s) → relu(τ·BN(x) + s).
+struct BnResFwd {
+    geom: BnGeom,
+    eps: f64,
+    /// The statistics and τ, for the backward pass and the running statistics.
+    state: Arc<Mutex<Option<(BnState, f32)>>>,
+}
+
+impl CustomOp3 for BnResFwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-residual-relu-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let len = n * c * hw;
+        let x = f32_data(s1, l1, len, "input")?;
+        let params = f32_data(s2, l2, 2 * c + 1, "parameters")?;
+        let sc = f32_data(s3, l3, len, "shortcut")?;
+        let (gamma, beta, tau) = (&params[..c], &params[c..2 * c], params[2 * c]);
+        let BnStats {
+            mean,
+            var,
+            invstd,
+            scale,
+            shift,
+        } = bn_stats(self.geom, x, gamma, beta, self.eps);
+        let y = written(len, |y| {
+            if hw == 0 {
+                return;
+            }
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw).zip(sc.par_chunks(hw)))
+                .enumerate()
+                .for_each(|(idx, (yb, (xb, sb)))| {
+                    let (a, b) = (scale[idx % c], shift[idx % c]);
+                    for ((o, &v), &t) in yb.iter_mut().zip(xb).zip(sb) {
+                        o.write((tau * (v * a + b) + t).max(0.0));
+                    }
+                })
+        });
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+        *st = Some((
+            BnState {
+                mean,
+                var,
+                invstd,
+                gamma: gamma.to_vec(),
+                scale,
+                shift,
+            },
+            tau,
+        ));
+        Ok((CpuStorage::F32(y), Shape::from(self.geom.dims)))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        params: &Tensor,
+        shortcut: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let st = self
+            .state
+            .lock()
+            .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+        let Some((st, tau)) = st.as_ref() else {
+            candle::bail!("batch norm backward before its forward");
+        };
+        let op = BnResBwd {
+            geom: self.geom,
+            tau: *tau,
+            mean: st.mean.iter().map(|&v| v as f32).collect(),
+            invstd: st.invstd.clone(),
+            gamma: st.gamma.clone(),
+            scale: st.scale.clone(),
+            shift: st.shift.clone(),
+        };
+        let out =
+            grad.contiguous()?
+                .apply_op3_no_bwd(&xs.contiguous()?, &res.contiguous()?, &op)?;
+        let len = n * c * hw;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let ds = out.narrow(0, len, len)?.reshape(shortcut.shape())?;
+        let dp = out.narrow(0, 2 * len, 2 * c + 1)?;
+        Ok((
+            xs.track_op().then_some(dx),
+            params.track_op().then_some(dp),
+            shortcut.track_op().then_some(ds),
+        ))
+    }
+}
+
+/// Backward of [`BnResFwd`]: (dy, x, y) → [dx, ds, dγ, dβ, dτ] in one buffer.
+struct BnResBwd {
+    geom: BnGeom,
+    tau: f32,
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    gamma: Vec<f32>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+/// (Σ m, Σ m·(x − mean), Σ m·(scale·x + shift)) of one plane in f64, m = dy ⊙ 1(y > 0).
+fn res_sums(dy: &[f32], x: &[f32], y: &[f32], mean: f32, scale: f32, shift: f32) -> [f64; 3] {
+    let mut acc = [[0f32; 16]; 3];
+    for (i, ((&g, &v), &o)) in dy.iter().zip(x).zip(y).enumerate() {
+        let m = if o > 0.0 { g } else { 0.0 };
+        acc[0][i % 16] += m;
+        acc[1][i % 16] += m * (v - mean);
+        acc[2][i % 16] += m * (v * scale + shift);
+    }
+    acc.map(|a| a.iter().map(|&v| v as f64).sum::<f64>())
+}
+
+impl CustomOp3 for BnResBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-residual-relu-fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let len = n * c * hw;
+        let dy = f32_data(s1, l1, len, "output gradient")?;
+        let x = f32_data(s2, l2, len, "input")?;
+        let y = f32_data(s3, l3, len, "output")?;
+        let m = (n * hw) as f64;
+        let tau = self.tau as f64;
+        let sums: Vec<[f64; 3]> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                (0..n)
+                    .map(|i| {
+                        let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                        res_sums(
+                            &dy[r.clone()],
+                            &x[r.clone()],
+                            &y[r],
+                            self.mean[ch],
+                            self.scale[ch],
+                            self.shift[ch],
+                        )
+                    })
+                    .fold([0.0; 3], |a, b| [a[0] + b[0], a[1] + b[1], a[2] + b[2]])
+            })
+            .collect();
+        let out = written(2 * len + 2 * c + 1, |out| {
+            let (dx, rest) = out.split_at_mut(len);
+            let (ds, tail) = rest.split_at_mut(len);
+            // BN's backward on d = τ·m: dβ = Σ d, dγ = invstd·Σ d·(x − mean),
+            // dx = k·d − k·mean_d − a·(x − mean), k = γ·invstd, a = k·invstd·dγ/M.
+            let coef: Vec<(f32, f32, f32)> = (0..c)
+                .map(|ch| {
+                    let inv = self.invstd[ch] as f64;
+                    let k = self.gamma[ch] as f64 * inv;
+                    let mean_d = tau * sums[ch][0] / m;
+                    let dgamma = tau * sums[ch][1] * inv;
+                    (
+                        (k * tau) as f32,
+                        (k * mean_d) as f32,
+                        (k * inv * dgamma / m) as f32,
+                    )
+                })
+                .collect();
+            if hw > 0 {
+                dx.par_chunks_mut(hw)
+                    .zip(ds.par_chunks_mut(hw))
+                    .zip(
+                        dy.par_chunks(hw)
+                            .zip(x.par_chunks(hw).zip(y.par_chunks(hw))),
+                    )
+                    .enumerate()
+                    .for_each(|(idx, ((db, sb), (gb, (xb, yb))))| {
+                        let ch = idx % c;
+                        let (kt, b, a) = coef[ch];
+                        let mean = self.mean[ch];
+                        for ((((o, q), &g), &v), &yv) in
+                            db.iter_mut().zip(sb.iter_mut()).zip(gb).zip(xb).zip(yb)
+                        {
+                            let mg = if yv > 0.0 { g } else { 0.0 };
+                            q.write(mg);
+                            o.write(kt * mg - b - a * (v - mean));
+                        }
+                    });
+            }
+            let mut dtau = 0f64;
+            for ch in 0..c {
+                tail[ch].write((tau * sums[ch][1] * self.invstd[ch] as f64) as f32);
+                tail[c + ch].write((tau * sums[ch][0]) as f32);
+                dtau += sums[ch][2];
+            }
+            tail[2 * c].write(dtau as f32);
+        });
+        Ok((CpuStorage::F32(out), Shape::from(2 * len + 2 * c + 1)))
+    }
+}
+
 /// `running ← (1 − momentum)·running + momentum·factor·batch`, as candle-nn computes it.
 fn update_running(running: &Tensor, batch: &[f64], momentum: f64, factor: f64) -> Result<()> {
     let batch = Tensor::from_iter(batch.iter().map(|&v| v as f32), running.device())?;
@@ -226,6 +519,52 @@ fn grad_sums(dy: &[f32], x: &[f32], mean: f32, relu: Option<(f32, f32)>) -> (f64
     )
 }
 
+/// Batch statistics and the affine map y = scale·x + shift of a BatchNorm in training mode.
+struct BnStats {
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    invstd: Vec<f32>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+/// Per-channel batch mean and (biased) variance of `x`, and the normalization's affine map.
+fn bn_stats(geom: BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) -> BnStats {
+    let BnGeom { n, c, hw, .. } = geom;
+    let m = (n * hw) as f64;
+    // Two passes per channel (mean, then centered squares): a channel's values stay
+    // in the core's cache between them.
+    let stats: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let block = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+            let mean = (0..n).map(|i| sum_f64(block(i))).sum::<f64>() / m;
+            let var = (0..n)
+                .map(|i| centered_sq_f64(block(i), mean as f32))
+                .sum::<f64>()
+                / m;
+            (mean, var)
+        })
+        .collect();
+    let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
+    let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
+    let invstd: Vec<f32> = var
+        .iter()
+        .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+        .collect();
+    let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * invstd[ch]).collect();
+    let shift: Vec<f32> = (0..c)
+        .map(|ch| beta[ch] - mean[ch] as f32 * scale[ch])
+        .collect();
+    BnStats {
+        mean,
+        var,
+        invstd,
+        scale,
+        shift,
+    }
+}
+
 impl CustomOp3 for BnFwd {
     fn name(&self) -> &'static str {
         "batch-norm-train-fused"
@@ -244,31 +583,13 @@ impl CustomOp3 for BnFwd {
         let x = f32_data(s1, l1, n * c * hw, "input")?;
         let gamma = f32_data(s2, l2, c, "weight")?;
         let beta = f32_data(s3, l3, c, "bias")?;
-        let m = (n * hw) as f64;
-        // Two passes per channel (mean, then centered squares): a channel's values stay
-        // in the core's cache between them.
-        let stats: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let block = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                let mean = (0..n).map(|i| sum_f64(block(i))).sum::<f64>() / m;
-                let var = (0..n)
-                    .map(|i| centered_sq_f64(block(i), mean as f32))
-                    .sum::<f64>()
-                    / m;
-                (mean, var)
-            })
-            .collect();
-        let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
-        let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
-        let invstd: Vec<f32> = var
-            .iter()
-            .map(|&v| (1.0 / (v + self.eps).sqrt()) as f32)
-            .collect();
-        let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * invstd[ch]).collect();
-        let shift: Vec<f32> = (0..c)
-            .map(|ch| beta[ch] - mean[ch] as f32 * scale[ch])
-            .collect();
+        let BnStats {
+            mean,
+            var,
+            invstd,
+            scale,
+            shift,
+        } = bn_stats(self.geom, x, gamma, beta, self.eps);
         let relu = self.relu;
         let y = written(n * c * hw, |y| {
             y.par_chunks_mut(hw)

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::{conv2d, conv2d_shifted};
 use crate::ops::{
-    batch_norm_t, bias_relu_bias, global_avg_pool, option_a_shortcut, relu, residual_relu,
+    batch_norm_residual_relu, batch_norm_t, bias_relu_bias, global_avg_pool, option_a_shortcut,
+    relu, residual_relu,
 };
 use crate::tau::TauRule;
 
@@ -322,6 +323,14 @@ pub struct ScalarBiases {
     pub bias2b: Tensor,
 }
 
+/// What a basic block's branch applies after conv2, before τ.
+enum BranchEnd<'a> {
+    /// BN2.
+    BatchNorm(&'a BatchNorm),
+    /// The scalar bias b2b.
+    Bias(&'a Tensor),
+}
+
 /// A basic block: two 3×3 convolutions on the residual branch, scaled by τ.
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
@@ -377,16 +386,16 @@ impl BasicBlock {
         })
     }
 
-    /// The residual branch before τ, and a scalar bias still to be added to it:
-    /// (BN2(conv2(relu(BN1(conv1 x)))), none) with BatchNorm,
-    /// (conv2(relu(conv1(x + b1a) + b1b) + b2a), b2b) without.
-    fn branch(&self, xs: &Tensor, train: bool) -> Result<(Tensor, Option<&Tensor>)> {
+    /// The residual branch up to conv2, and what follows it before τ:
+    /// (conv2(relu(BN1(conv1 x))), BN2) with BatchNorm,
+    /// (conv2(relu(conv1(x + b1a) + b1b) + b2a), the scalar bias b2b) without.
+    fn branch(&self, xs: &Tensor, train: bool) -> Result<(Tensor, BranchEnd<'_>)> {
         match (&self.bns, &self.biases) {
             (Some((bn1, bn2)), _) => {
                 let out = conv2d(xs, &self.conv1, self.stride, 1)?;
                 let out = batch_norm_t(bn1, &out, train, true)?;
                 let out = conv2d(&out, &self.conv2, 1, 1)?;
-                Ok((batch_norm_t(bn2, &out, train, false)?, None))
+                Ok((out, BranchEnd::BatchNorm(bn2)))
             }
             (None, Some(b)) => {
                 // Three activation-sized nodes: conv1 of the shifted input (no tensor for
@@ -394,7 +403,7 @@ impl BasicBlock {
                 let out = conv2d_shifted(xs, &b.bias1a, &self.conv1, self.stride, 1)?;
                 let out = bias_relu_bias(&out, &b.bias1b, &b.bias2a)?;
                 let out = conv2d(&out, &self.conv2, 1, 1)?;
-                Ok((out, Some(&b.bias2b)))
+                Ok((out, BranchEnd::Bias(&b.bias2b)))
             }
             (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),
         }
@@ -409,9 +418,14 @@ impl BasicBlock {
 impl ModuleT for BasicBlock {
     /// relu(τ · branch(x) + shortcut(x)).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let (branch, bias) = self.branch(xs, train)?;
+        let (branch, end) = self.branch(xs, train)?;
         let shortcut = option_a_shortcut(xs, self.stride, self.c_out)?;
-        residual_relu(&branch, &self.tau, bias, &shortcut)
+        match end {
+            BranchEnd::BatchNorm(bn2) => {
+                batch_norm_residual_relu(bn2, &branch, train, &self.tau, &shortcut)
+            }
+            BranchEnd::Bias(b) => residual_relu(&branch, &self.tau, Some(b), &shortcut),
+        }
     }
 }
 
