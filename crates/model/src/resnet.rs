@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::{conv2d, conv2d_shifted};
 use crate::ops::{
-    batch_norm_residual_relu, batch_norm_t, bias_relu_bias, global_avg_pool, option_a_shortcut,
-    relu, residual_relu,
+    add_scalar, batch_norm_residual_relu, batch_norm_t, bias_relu_bias, global_avg_pool,
+    option_a_shortcut, relu, residual_relu,
 };
 use crate::tau::TauRule;
 
@@ -714,22 +714,20 @@ impl ConvUnit {
         })
     }
 
-    /// BN(conv(x)), or conv(x + a) + b.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    /// BN(conv(x)), or conv(x + a) + b; followed by ReLU when `relu` is set.
+    fn forward_t(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         match (&self.bn, &self.biases) {
             (Some(bn), _) => batch_norm_t(
                 bn,
                 &conv2d(xs, &self.weight, self.stride, self.padding)?,
                 train,
-                false,
+                relu,
             ),
-            (None, Some((a, b))) => conv2d(
-                &xs.broadcast_add(a)?,
-                &self.weight,
-                self.stride,
-                self.padding,
-            )?
-            .broadcast_add(b),
+            (None, Some((a, b))) => add_scalar(
+                &conv2d_shifted(xs, a, &self.weight, self.stride, self.padding)?,
+                b,
+                relu,
+            ),
             (None, None) => candle::bail!("convolution unit without BatchNorm or scalar biases"),
         }
     }
@@ -787,10 +785,9 @@ impl BottleneckBlock {
 impl ModuleT for BottleneckBlock {
     /// relu(τ · branch(x) + shortcut(x)).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self.units[0].forward_t(xs, train)?.relu()?;
-        let out = self.units[1].forward_t(&out, train)?.relu()?;
-        let out = self.units[2].forward_t(&out, train)?;
-        let branch = out.broadcast_mul(&self.tau)?;
+        let out = self.units[0].forward_t(xs, train, true)?;
+        let out = self.units[1].forward_t(&out, train, true)?;
+        let branch = self.units[2].forward_t(&out, train, false)?;
         let shortcut = match &self.downsample {
             None => xs.clone(),
             Some((w, bn)) => {
@@ -801,7 +798,7 @@ impl ModuleT for BottleneckBlock {
                 }
             }
         };
-        (branch + shortcut)?.relu()
+        residual_relu(&branch, &self.tau, None, &shortcut)
     }
 }
 
@@ -890,7 +887,7 @@ impl ModuleT for BottleneckResNet {
         if let Some(bn) = &self.bn1 {
             h = batch_norm_t(bn, &h, train, false)?;
         }
-        h = max_pool_3x3_s2(&h.relu()?)?;
+        h = max_pool_3x3_s2(&relu(&h)?)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
