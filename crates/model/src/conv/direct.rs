@@ -2,18 +2,21 @@
 //! of a CIFAR ResNet: forward, input gradient and weight gradient without im2col, col2im
 //! or GEMM packing.
 //!
-//! Each image is copied once into a zero-bordered plane per channel of width W + 2 (the
-//! left and right padding), with a zero row above and below. On that plane the input pixel
-//! under kernel tap (a, b) of output position q = oh·(W + 2) + ow sits at q + a·(W + 2) + b:
-//! every tap is one unaligned 16-float load at a fixed offset. The outputs are computed on
-//! the same padded width (the two extra columns per row are discarded, or multiplied by
-//! zeros), 16 positions per vector:
+//! Positions keep the dense layout q = oh·W + ow, 16 per vector. Each image channel is
+//! copied once, whole, into a plane with W + 1 zeros before it and at least W + 1 after it
+//! (the padding rows above and below): there the input pixel under kernel tap (a, b) of
+//! output position q sits at q + a·W + b, one 16-float load at a fixed offset per tap. The
+//! left and right padding columns are masked lanes: a tap with b = 0 reads the previous
+//! row's last pixel where ow = 0 and one with b = 2 the next row's first where ow = W − 1,
+//! so those loads zero the lanes of such positions. No output position is wasted on
+//! padding columns, the copy into the plane is one contiguous run per channel, and where
+//! H·W is a multiple of 16 the outputs are written and the output gradient read in place.
 //!
 //! - forward: y[o, q] = Σ_c Σ_tap w[o, c, tap] · x̂[c, q + off(tap)], in register blocks of
 //!   8 output channels × 48 positions (24 accumulators);
 //! - input gradient: the forward kernel on the output gradient, with the weight transposed
 //!   and rotated by 180° (the adjoint of a stride-1, padding-1, 3×3 convolution is one);
-//! - weight gradient: dw[o, c, tap] = Σ_q dŷ[o, q] · x̂[c, q + off(tap)], in register blocks
+//! - weight gradient: dw[o, c, tap] = Σ_q dy[o, q] · x̂[c, q + off(tap)], in register blocks
 //!   of 3 output channels × 9 taps, summed over the positions of one image before one
 //!   horizontal reduction per (o, c, tap).
 //!
@@ -44,121 +47,125 @@ fn has_avx512() -> bool {
     false
 }
 
-/// `dst.copy_from_slice(src)` for one image row (8–32 floats in a CIFAR ResNet): whole
-/// vectors of 16 inline, where a `memcpy` call per row costs about as much as the copy.
-#[inline(always)]
-fn copy_row(dst: &mut [f32], src: &[f32]) {
-    debug_assert_eq!(dst.len(), src.len());
-    let mut d = dst.chunks_exact_mut(LANES);
-    let mut s = src.chunks_exact(LANES);
-    for (d, s) in (&mut d).zip(&mut s) {
-        d.copy_from_slice(s);
-    }
-    let mut d = d.into_remainder().chunks_exact_mut(8);
-    let mut s = s.remainder().chunks_exact(8);
-    for (d, s) in (&mut d).zip(&mut s) {
-        d.copy_from_slice(s);
-    }
-    for (d, s) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *d = *s;
-    }
-}
-
-/// Sizes of the padded planes of an h × w image.
-#[derive(Debug, Clone, Copy)]
+/// Geometry of the dense positions and the zero-framed input planes of an h × w image.
+#[derive(Debug, Clone)]
 struct Plane {
-    h: usize,
     w: usize,
-    /// Row length of the padded plane: w + 2.
-    wp: usize,
-    /// Output positions on the padded width, rounded up to whole vectors.
+    /// Pixels per channel: h·w.
+    hw: usize,
+    /// Output positions, rounded up to whole vectors.
     qp: usize,
-    /// Floats per channel of the padded input plane: every tap of every output vector
-    /// (up to qp − 1 + 2·wp + 2) lies inside.
+    /// Floats per channel of an input plane: w + 1 zeros, the h·w pixels, zeros; every tap
+    /// of every output vector (up to qp − 1 + 2·w + 2) lies inside.
     xl: usize,
+    /// Per output vector, the lanes whose position has a left neighbour in its row
+    /// (ow ≠ 0): the mask of the taps with b = 0.
+    left: Vec<u16>,
+    /// Per output vector, the lanes whose position has a right neighbour in its row
+    /// (ow ≠ w − 1): the mask of the taps with b = 2.
+    right: Vec<u16>,
 }
 
 impl Plane {
     fn new(h: usize, w: usize) -> Self {
-        let wp = w + 2;
-        let qp = (h * wp).next_multiple_of(LANES);
-        let xl = (qp + 2 * wp + 2).next_multiple_of(LANES);
-        Self { h, w, wp, qp, xl }
+        let hw = h * w;
+        let qp = hw.next_multiple_of(LANES);
+        let xl = (qp + 2 * w + 2).next_multiple_of(LANES);
+        let mask = |keep: &dyn Fn(usize) -> bool| -> Vec<u16> {
+            (0..qp / LANES)
+                .map(|v| {
+                    (0..LANES)
+                        .filter(|&l| keep((v * LANES + l) % w.max(1)))
+                        .fold(0u16, |m, l| m | (1 << l))
+                })
+                .collect()
+        };
+        let left = mask(&|ow| ow != 0);
+        let right = mask(&|ow| ow + 1 != w);
+        Self {
+            w,
+            hw,
+            qp,
+            xl,
+            left,
+            right,
+        }
     }
 
     /// Offsets of the nine taps (a, b), row-major, from an output position.
     fn offsets(&self) -> [usize; 9] {
         let mut o = [0; 9];
         for (t, v) in o.iter_mut().enumerate() {
-            *v = (t / 3) * self.wp + t % 3;
+            *v = (t / 3) * self.w + t % 3;
         }
         o
     }
 
-    /// Copies `c` channels of an h × w image into the interiors of zeroed padded planes
-    /// (the borders of `xp` must already be zero; they are never written), adding `bias`
-    /// to every copied value when there is one (the borders stay zero: the convolution of
-    /// x + bias with zero padding).
+    /// Copies `c` channels of an h × w image into the interiors of zeroed planes (their
+    /// frames must already be zero; they are never written), adding `bias` to every copied
+    /// value when there is one (the frames stay zero: the convolution of x + bias with zero
+    /// padding).
     fn pad_input(&self, c: usize, x: &[f32], xp: &mut [f32], bias: Option<f32>) {
-        let (h, w, wp) = (self.h, self.w, self.wp);
+        let (hw, lead) = (self.hw, self.w + 1);
         for ci in 0..c {
-            let src = &x[ci * h * w..(ci + 1) * h * w];
-            let dst = &mut xp[ci * self.xl..(ci + 1) * self.xl];
-            for r in 0..h {
-                let d0 = (r + 1) * wp + 1;
-                let (d, s) = (&mut dst[d0..d0 + w], &src[r * w..(r + 1) * w]);
-                match bias {
-                    None => copy_row(d, s),
-                    Some(b) => {
-                        for (o, &v) in d.iter_mut().zip(s) {
-                            *o = v + b;
-                        }
+            let src = &x[ci * hw..(ci + 1) * hw];
+            let dst = &mut xp[ci * self.xl + lead..ci * self.xl + lead + hw];
+            match bias {
+                None => dst.copy_from_slice(src),
+                Some(b) => {
+                    for (o, &v) in dst.iter_mut().zip(src) {
+                        *o = v + b;
                     }
                 }
             }
         }
     }
 
-    /// Writes every element of the dense h × w image `y` (`c` channels) from an
-    /// output-position image (rows of wp, the two last columns ignored).
+    /// Writes every element of the dense images `y` (`c` channels of h·w) from `c`
+    /// channels of qp positions.
     fn unpad_output(&self, c: usize, yp: &[f32], y: &mut [MaybeUninit<f32>]) {
-        let (h, w, wp) = (self.h, self.w, self.wp);
-        assert_eq!(y.len(), c * h * w);
+        let hw = self.hw;
+        assert_eq!(y.len(), c * hw);
         for co in 0..c {
-            let src = &yp[co * self.qp..(co + 1) * self.qp];
-            let dst = &mut y[co * h * w..(co + 1) * h * w];
-            for r in 0..h {
-                for (d, s) in dst[r * w..(r + 1) * w]
-                    .iter_mut()
-                    .zip(&src[r * wp..r * wp + w])
-                {
-                    d.write(*s);
-                }
+            let src = &yp[co * self.qp..co * self.qp + hw];
+            for (d, s) in y[co * hw..(co + 1) * hw].iter_mut().zip(src) {
+                d.write(*s);
             }
         }
     }
 
-    /// Copies `c` channels of a dense h × w image into output-position rows of wp whose
-    /// two last columns (and the tail up to qp) must already be zero.
+    /// Copies `c` channels of dense h·w images into channels of qp positions whose tails
+    /// (from h·w) must already be zero.
     fn pad_output_grad(&self, c: usize, dy: &[f32], dyp: &mut [f32]) {
-        let (h, w, wp) = (self.h, self.w, self.wp);
+        let hw = self.hw;
         for co in 0..c {
-            let src = &dy[co * h * w..(co + 1) * h * w];
-            let dst = &mut dyp[co * self.qp..(co + 1) * self.qp];
-            for r in 0..h {
-                copy_row(&mut dst[r * wp..r * wp + w], &src[r * w..(r + 1) * w]);
-            }
+            dyp[co * self.qp..co * self.qp + hw].copy_from_slice(&dy[co * hw..(co + 1) * hw]);
         }
     }
 }
 
-/// y (c_out × qp) = the 3×3 convolution of the padded planes `xp` (c_in × xl) with `w`
-/// (c_out × c_in × 9), on the padded output positions.
-fn conv_planes(p: &Plane, c_in: usize, c_out: usize, w: &[f32], xp: &[f32], yp: &mut [f32]) {
+/// `f32` storage viewed as possibly uninitialized, for the kernels that only write it.
+fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and every `f32` is a valid
+    // `MaybeUninit<f32>`; only initialized values are written through the view.
+    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// y (c_out channels of qp positions, `ys` floats apart) = the 3×3 convolution of the
+/// planes `xp` (c_in × xl) with `w` (c_out × c_in × 9). Writes positions 0..qp of every
+/// channel.
+fn conv_planes(
+    p: &Plane,
+    (c_in, c_out): (usize, usize),
+    w: &[f32],
+    xp: &[f32],
+    (y, ys): (&mut [MaybeUninit<f32>], usize),
+) {
     assert!(w.len() >= c_out * c_in * 9);
     assert!(xp.len() >= c_in * p.xl);
-    assert!(yp.len() >= c_out * p.qp);
+    assert!(ys >= p.qp && (c_out == 0 || y.len() >= (c_out - 1) * ys + p.qp));
     let offs = p.offsets();
+    let y = y.as_mut_ptr().cast::<f32>();
     let mut co = 0;
     while co < c_out {
         let cb = (c_out - co).min(8);
@@ -174,15 +181,23 @@ fn conv_planes(p: &Plane, c_in: usize, c_out: usize, w: &[f32], xp: &[f32], yp: 
         let mut q = 0;
         while q < p.qp {
             let qb = ((p.qp - q) / LANES).min(3);
+            let v = q / LANES;
             // SAFETY: AVX-512F is present (`applies`); the weight rows co..co+cb, the
-            // planes' taps q + off + 16·qb ≤ qp + 2·wp + 2 ≤ xl and the outputs
-            // (co + cb − 1)·qp + q + 16·qb ≤ c_out·qp all lie inside the slices, as
-            // asserted above.
+            // planes' taps q + off + 16·qb ≤ qp + 2·w + 2 ≤ xl, the masks of vectors
+            // v..v+qb ≤ qp/16 and the outputs (co + cb − 1)·ys + q + 16·qb ≤ (c_out − 1)·ys
+            // + qp all lie inside the slices, as asserted above.
             unsafe {
-                let wp = w.as_ptr().add(co * c_in * 9);
-                let xq = xp.as_ptr().add(q);
-                let yq = yp.as_mut_ptr().add(co * p.qp + q);
-                let args = (c_in, p.xl, &offs, wp, xq, yq, p.qp);
+                let args = ConvArgs {
+                    c_in,
+                    xl: p.xl,
+                    offs: &offs,
+                    left: p.left.as_ptr().add(v),
+                    right: p.right.as_ptr().add(v),
+                    w: w.as_ptr().add(co * c_in * 9),
+                    xp: xp.as_ptr().add(q),
+                    yp: y.add(co * ys + q),
+                    ys,
+                };
                 match (cb, qb) {
                     (8, 3) => conv_block::<8, 3>(args),
                     (8, 2) => conv_block::<8, 2>(args),
@@ -204,18 +219,25 @@ fn conv_planes(p: &Plane, c_in: usize, c_out: usize, w: &[f32], xp: &[f32], yp: 
     }
 }
 
-/// Arguments of [`conv_block`]: c_in, plane length, tap offsets, weight rows, input planes
-/// at the block's first position, output at the block's first channel and position, and
-/// the output's channel stride.
-type ConvArgs<'a> = (
-    usize,
-    usize,
-    &'a [usize; 9],
-    *const f32,
-    *const f32,
-    *mut f32,
-    usize,
-);
+/// Arguments of [`conv_block`].
+struct ConvArgs<'a> {
+    c_in: usize,
+    /// Floats per input plane.
+    xl: usize,
+    offs: &'a [usize; 9],
+    /// The left-neighbour masks of the block's vectors.
+    left: *const u16,
+    /// The right-neighbour masks of the block's vectors.
+    right: *const u16,
+    /// The block's first weight row.
+    w: *const f32,
+    /// The input planes at the block's first position.
+    xp: *const f32,
+    /// The output at the block's first channel and position.
+    yp: *mut f32,
+    /// Floats from one output channel to the next.
+    ys: usize,
+}
 
 /// CB output channels × QB vectors of output positions.
 ///
@@ -223,34 +245,42 @@ type ConvArgs<'a> = (
 /// AVX-512F must be available, and every address described in [`conv_planes`] valid.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn conv_block<const CB: usize, const QB: usize>(
-    (c_in, xl, offs, w, xp, yp, qp): ConvArgs<'_>,
-) {
+unsafe fn conv_block<const CB: usize, const QB: usize>(a: ConvArgs<'_>) {
     use std::arch::x86_64::*;
+    // masks[b][j]: the lanes of vector j that tap column b reads.
+    // SAFETY: in bounds by the caller's contract.
+    let masks: [[u16; QB]; 3] = unsafe {
+        [
+            std::array::from_fn(|j| *a.left.add(j)),
+            [0xffff; QB],
+            std::array::from_fn(|j| *a.right.add(j)),
+        ]
+    };
     let mut acc = [[_mm512_setzero_ps(); QB]; CB];
-    for ci in 0..c_in {
+    for ci in 0..a.c_in {
         // SAFETY: in bounds by the caller's contract.
         unsafe {
-            let xc = xp.add(ci * xl);
-            let wc = w.add(ci * 9);
-            for (t, &off) in offs.iter().enumerate() {
+            let xc = a.xp.add(ci * a.xl);
+            let wc = a.w.add(ci * 9);
+            for (t, &off) in a.offs.iter().enumerate() {
+                let m = &masks[t % 3];
                 let mut xv = [_mm512_setzero_ps(); QB];
                 for (j, v) in xv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(xc.add(off + j * LANES));
+                    *v = _mm512_maskz_loadu_ps(m[j], xc.add(off + j * LANES));
                 }
                 for (o, row) in acc.iter_mut().enumerate() {
-                    let wv = _mm512_set1_ps(*wc.add(o * c_in * 9 + t));
-                    for (a, v) in row.iter_mut().zip(&xv) {
-                        *a = _mm512_fmadd_ps(wv, *v, *a);
+                    let wv = _mm512_set1_ps(*wc.add(o * a.c_in * 9 + t));
+                    for (acc, v) in row.iter_mut().zip(&xv) {
+                        *acc = _mm512_fmadd_ps(wv, *v, *acc);
                     }
                 }
             }
         }
     }
     for (o, row) in acc.iter().enumerate() {
-        for (j, a) in row.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
             // SAFETY: in bounds by the caller's contract.
-            unsafe { _mm512_storeu_ps(yp.add(o * qp + j * LANES), *a) };
+            unsafe { _mm512_storeu_ps(a.yp.add(o * a.ys + j * LANES), *v) };
         }
     }
 }
@@ -258,6 +288,29 @@ unsafe fn conv_block<const CB: usize, const QB: usize>(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn conv_block<const CB: usize, const QB: usize>(_: ConvArgs<'_>) {
     unreachable!("the direct kernels run only where AVX-512F is present")
+}
+
+/// `conv_planes` of one image's planes into `out_i` (c_out × h·w): in place where h·w is
+/// whole vectors, through the scratch `yp` (c_out × qp) otherwise.
+fn conv_image(
+    p: &Plane,
+    (c_in, c_out): (usize, usize),
+    w: &[f32],
+    xp: &[f32],
+    yp: &mut [f32],
+    out_i: &mut [MaybeUninit<f32>],
+) {
+    if p.hw == p.qp {
+        conv_planes(p, (c_in, c_out), w, xp, (out_i, p.hw));
+    } else {
+        conv_planes(p, (c_in, c_out), w, xp, (as_uninit(yp), p.qp));
+        p.unpad_output(c_out, yp, out_i);
+    }
+}
+
+/// Scratch floats for the outputs of one image: none where they are written in place.
+fn out_scratch(p: &Plane, c: usize) -> usize {
+    if p.hw == p.qp { 0 } else { c * p.qp }
 }
 
 /// Forward: `out` (n × c_out × h × w) = conv(`x` + `bias`, `w`) for a 3×3, stride-1,
@@ -273,12 +326,11 @@ pub(crate) fn forward(
     let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
     let xp_len = g.c_in * p.xl;
-    let buf_len = xp_len + g.c_out * p.qp;
+    let buf_len = xp_len + out_scratch(&p, g.c_out);
     per_thread_images(g, out, g.c_out * hw, buf_len, |buf, (i, out_i)| {
         let (xp, yp) = buf.split_at_mut(xp_len);
         p.pad_input(g.c_in, &x[i * g.c_in * hw..(i + 1) * g.c_in * hw], xp, bias);
-        conv_planes(&p, g.c_in, g.c_out, w, xp, yp);
-        p.unpad_output(g.c_out, yp, out_i);
+        conv_image(&p, (g.c_in, g.c_out), w, xp, yp, out_i);
     });
 }
 
@@ -299,7 +351,7 @@ pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32], dx: &mut [MaybeUni
     let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
     let dyp_len = g.c_out * p.xl;
-    let buf_len = dyp_len + g.c_in * p.qp;
+    let buf_len = dyp_len + out_scratch(&p, g.c_in);
     per_thread_images(g, dx, g.c_in * hw, buf_len, |buf, (i, dx_i)| {
         let (dyp, dxp) = buf.split_at_mut(dyp_len);
         p.pad_input(
@@ -308,14 +360,12 @@ pub(crate) fn backward_input(g: &Geom, dy: &[f32], w: &[f32], dx: &mut [MaybeUni
             dyp,
             None,
         );
-        conv_planes(&p, g.c_out, g.c_in, &wt, dyp, dxp);
-        p.unpad_output(g.c_in, dxp, dx_i);
+        conv_image(&p, (g.c_out, g.c_in), &wt, dyp, dxp, dx_i);
     });
 }
 
-/// dw (c_out × c_in × 9) += the weight gradient of `nb` images, from their padded input
-/// planes `xp` (nb × c_in × xl) and output gradients `dyp` (nb × c_out × qp, zero outside
-/// the images).
+/// dw (c_out × c_in × 9) += the weight gradient of `nb` images, from their input planes
+/// `xp` (nb × c_in × xl) and output gradients `dyp` (nb × c_out × qp, zero from h·w).
 fn wgrad_planes(
     p: &Plane,
     (nb, c_in, c_out): (usize, usize, usize),
@@ -332,14 +382,16 @@ fn wgrad_planes(
         let cb = (c_out - co).min(3);
         for ci in 0..c_in {
             // SAFETY: AVX-512F is present (`applies`); for every image b < nb, rows
-            // co..co+cb of its dyp, the taps q + off + 16 ≤ qp + 2·wp + 2 ≤ xl of its plane
-            // ci, and the weights (co + cb − 1)·c_in·9 + ci·9 + 9 ≤ c_out·c_in·9 lie inside,
-            // as asserted above.
+            // co..co+cb of its dyp, the taps q + off + 16 ≤ qp + 2·w + 2 ≤ xl of its plane
+            // ci, the masks of the qp/16 vectors, and the weights (co + cb − 1)·c_in·9 +
+            // ci·9 + 9 ≤ c_out·c_in·9 lie inside, as asserted above.
             unsafe {
                 let args = WgradArgs {
                     nb,
                     qp: p.qp,
                     offs: &offs,
+                    left: p.left.as_ptr(),
+                    right: p.right.as_ptr(),
                     dyp: dyp.as_ptr().add(co * p.qp),
                     dyp_image: c_out * p.qp,
                     xc: xp.as_ptr().add(ci * p.xl),
@@ -365,6 +417,10 @@ struct WgradArgs<'a> {
     /// Positions per output-gradient row.
     qp: usize,
     offs: &'a [usize; 9],
+    /// The left-neighbour masks, one per vector of positions.
+    left: *const u16,
+    /// The right-neighbour masks, one per vector of positions.
+    right: *const u16,
     /// The first output-gradient row of the block, first image.
     dyp: *const f32,
     /// Floats from one image's output gradient to the next.
@@ -396,12 +452,13 @@ unsafe fn wgrad_block<const CB: usize>(a: WgradArgs<'_>) {
         while q < a.qp {
             // SAFETY: in bounds by the caller's contract.
             unsafe {
+                let masks = [*a.left.add(q / LANES), 0xffff, *a.right.add(q / LANES)];
                 let mut d = [_mm512_setzero_ps(); CB];
                 for (o, v) in d.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(dyp.add(o * a.qp + q));
                 }
                 for (t, &off) in a.offs.iter().enumerate() {
-                    let xv = _mm512_loadu_ps(xc.add(q + off));
+                    let xv = _mm512_maskz_loadu_ps(masks[t % 3], xc.add(q + off));
                     for (row, dv) in acc.iter_mut().zip(&d) {
                         row[t] = _mm512_fmadd_ps(*dv, xv, row[t]);
                     }
@@ -423,20 +480,22 @@ unsafe fn wgrad_block<const CB: usize>(_: WgradArgs<'_>) {
     unreachable!("the direct kernels run only where AVX-512F is present")
 }
 
-/// Bytes of padded planes the weight gradient keeps per thread: images are taken in groups
-/// that fit a core's L2 cache, so the horizontal reductions are paid once per group.
+/// Bytes of planes the weight gradient keeps per thread: images are taken in groups that
+/// fit a core's L2 cache, so the horizontal reductions are paid once per group.
 const WGRAD_GROUP_BYTES: usize = 512 << 10;
 
 /// Weight gradient: `dw` (c_out × c_in × 3 × 3) = Σ_images of a 3×3, stride-1, padding-1
-/// convolution of `x` + `bias` ([`applies`] must hold); one partial sum per thread.
+/// convolution of `x` + `bias` ([`applies`] must hold); one partial sum per thread. Where
+/// h·w is whole vectors the output gradient is read in place.
 pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], bias: Option<f32>, dw: &mut [f32]) {
     let p = Plane::new(g.h, g.w);
     let hw = g.h * g.w;
+    let in_place = p.hw == p.qp;
     let (xp_len, dyp_len) = (g.c_in * p.xl, g.c_out * p.qp);
     let group = (WGRAD_GROUP_BYTES / (4 * (xp_len + dyp_len))).clamp(1, g.n.max(1));
     let images = |lo: usize, hi: usize, acc: &mut [f32]| {
         let mut xp = vec![0f32; group * xp_len];
-        let mut dyp = vec![0f32; group * dyp_len];
+        let mut dyp = vec![0f32; if in_place { 0 } else { group * dyp_len }];
         let mut i0 = lo;
         while i0 < hi {
             let nb = group.min(hi - i0);
@@ -444,10 +503,17 @@ pub(crate) fn backward_weight(g: &Geom, dy: &[f32], x: &[f32], bias: Option<f32>
                 let i = i0 + b;
                 let xs = &x[i * g.c_in * hw..(i + 1) * g.c_in * hw];
                 p.pad_input(g.c_in, xs, &mut xp[b * xp_len..(b + 1) * xp_len], bias);
-                let dys = &dy[i * g.c_out * hw..(i + 1) * g.c_out * hw];
-                p.pad_output_grad(g.c_out, dys, &mut dyp[b * dyp_len..(b + 1) * dyp_len]);
+                if !in_place {
+                    let dys = &dy[i * g.c_out * hw..(i + 1) * g.c_out * hw];
+                    p.pad_output_grad(g.c_out, dys, &mut dyp[b * dyp_len..(b + 1) * dyp_len]);
+                }
             }
-            wgrad_planes(&p, (nb, g.c_in, g.c_out), &dyp, &xp, acc);
+            let dys: &[f32] = if in_place {
+                &dy[i0 * dyp_len..(i0 + nb) * dyp_len]
+            } else {
+                &dyp
+            };
+            wgrad_planes(&p, (nb, g.c_in, g.c_out), dys, &xp, acc);
             i0 += nb;
         }
     };
@@ -495,7 +561,8 @@ mod tests {
 
     /// The direct kernels against the im2col + GEMM path (itself checked against `f64`
     /// references in `conv::tests`) on shapes that exercise every register block:
-    /// 1–13 channels, widths whose padded rows are not whole vectors, a single image.
+    /// 1–13 channels, images of whole vectors (written in place) and not, widths that divide
+    /// 16, that 16 divides and neither, a width of 1, a single image.
     #[test]
     fn direct_kernels_match_the_gemm_path() {
         if !has_avx512() {
@@ -511,6 +578,9 @@ mod tests {
             (2, 9, 13, 8, 8),
             (5, 2, 3, 3, 17),
             (40, 4, 5, 6, 6),
+            (3, 5, 7, 4, 4),
+            (2, 3, 4, 2, 16),
+            (2, 2, 3, 16, 1),
         ] {
             let g = Geom {
                 n,
