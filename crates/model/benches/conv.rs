@@ -26,6 +26,8 @@ fn he(c_out: usize, c_in: usize, k: usize) -> Var {
 
 /// One convolution layer, forward and backward (gradients of input and weight).
 fn conv_layer(c: &mut Criterion) {
+    // The allocator policy `tau-resnet` runs with, so that page faults do not dominate.
+    tau_model::alloc::tune_allocator();
     // (name, c_in, c_out, spatial size of the input, stride)
     let layers = [
         ("stem_3to16_32x32", 3, 16, 32, 1),
@@ -122,6 +124,7 @@ impl ResNet20 {
 
 /// Forward, backward and SGD update of the stand-in ResNet-20 at batch 128.
 fn train_step(c: &mut Criterion) {
+    tau_model::alloc::tune_allocator();
     let xs = Tensor::randn(0f32, 1f32, (BATCH, 3, 32, 32), &Device::Cpu).expect("randn");
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
     let labels = Tensor::new(labels, &Device::Cpu).expect("labels");

@@ -69,6 +69,7 @@
 //! does not match this layout. [`ModelConfig::param_specs`] lists every name with its
 //! shape, and [`ModelConfig::param_kind`] says how an optimizer treats it.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;

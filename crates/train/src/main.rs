@@ -72,44 +72,9 @@ fn init_logging(quiet: bool) {
     }
 }
 
-/// Keeps freed memory in the process instead of returning it to the kernel.
-///
-/// A training step allocates and frees tensors of megabytes each (activations, gradients,
-/// im2col buffers). glibc's defaults serve them with `mmap` or trim the heap after each
-/// free, so every step page-faults the same memory back in and the kernel zeroes it: about
-/// 16% of a ResNet-20 step. Raising the mmap threshold to its maximum (32 MiB) and turning
-/// off trimming lets the freed blocks be reused. `MALLOC_*` environment variables or
-/// `GLIBC_TUNABLES`, when set, win.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    use std::ffi::c_int;
-    unsafe extern "C" {
-        fn mallopt(param: c_int, value: c_int) -> c_int;
-    }
-    const M_TRIM_THRESHOLD: c_int = -1;
-    const M_TOP_PAD: c_int = -2;
-    const M_MMAP_THRESHOLD: c_int = -3;
-    let user_set = std::env::vars_os().any(|(k, _)| {
-        let k = k.to_string_lossy();
-        k.starts_with("MALLOC_") || k == "GLIBC_TUNABLES"
-    });
-    if user_set {
-        return;
-    }
-    // SAFETY: mallopt only changes allocator parameters; it is called before any other
-    // thread exists. A rejected value leaves the default in place (return value 0).
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 32 << 20);
-        mallopt(M_TRIM_THRESHOLD, c_int::MAX);
-        mallopt(M_TOP_PAD, 64 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    // Keep freed memory in the process (MALLOC_* / GLIBC_TUNABLES, when set, win).
+    tau_model::alloc::tune_allocator();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Bench(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none()
     {
