@@ -112,17 +112,44 @@ fn geometry(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Resu
     })
 }
 
-/// The contiguous `f32` data of a storage, checked to hold exactly `len` elements.
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, len: usize, what: &str) -> Result<&'a [f32]> {
+/// The contiguous `f32` data of a storage, checked to hold exactly `len` elements; errors
+/// name the op and the operand (`what`). Shared by the convolution and the fused ops of
+/// [`crate::ops`].
+pub(crate) fn f32_data<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    len: usize,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((start, end)) if end - start == len => Ok(&data[start..end]),
         Some((start, end)) => candle::bail!(
-            "conv2d: {what} holds {} elements, expected {len}",
+            "{op}: {what} holds {} elements, expected {len}",
             end - start
         ),
-        None => candle::bail!("conv2d: {what} is not contiguous"),
+        None => candle::bail!("{op}: {what} is not contiguous"),
     }
+}
+
+/// The output of conv(x + b) (conv(x) when `b` is `None`) as a storage and its shape: the
+/// direct kernels where they apply (they add `b` while copying the input), otherwise
+/// im2col + GEMM on a shifted copy of the input.
+fn forward_storage(g: &Geom, x: &[f32], b: Option<f32>, w: &[f32]) -> (CpuStorage, Shape) {
+    let len = g.n * g.c_out * g.h_out * g.w_out;
+    let out = if direct::applies(g) {
+        written(len, |out| direct::forward(g, x, b, w, out))
+    } else {
+        let mut out = vec![0f32; len];
+        match b {
+            Some(b) => cpu::forward(g, &shifted(x, b), w, &mut out),
+            None => cpu::forward(g, x, w, &mut out),
+        }
+        out
+    };
+    let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
+    (CpuStorage::F32(out), shape)
 }
 
 /// A vector of `len` floats filled by `fill`, which must write every element of the slice
@@ -167,18 +194,9 @@ impl CustomOp2 for Conv2dGemm {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
-        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
-        let len = g.n * g.c_out * g.h_out * g.w_out;
-        let out = if direct::applies(g) {
-            written(len, |out| direct::forward(g, x, None, w, out))
-        } else {
-            let mut out = vec![0f32; len];
-            cpu::forward(g, x, w, &mut out);
-            out
-        };
-        let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
-        Ok((CpuStorage::F32(out), shape))
+        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "conv2d", "input")?;
+        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "conv2d", "weight")?;
+        Ok(forward_storage(g, x, None, w))
     }
 
     fn bwd(
@@ -307,19 +325,10 @@ impl CustomOp3 for Conv2dShifted {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
-        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
-        let b = f32_data(s3, l3, 1, "input bias")?[0];
-        let len = g.n * g.c_out * g.h_out * g.w_out;
-        let out = if direct::applies(g) {
-            written(len, |out| direct::forward(g, x, Some(b), w, out))
-        } else {
-            let mut out = vec![0f32; len];
-            cpu::forward(g, &shifted(x, b), w, &mut out);
-            out
-        };
-        let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
-        Ok((CpuStorage::F32(out), shape))
+        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "conv2d", "input")?;
+        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "conv2d", "weight")?;
+        let b = f32_data(s3, l3, 1, "conv2d", "input bias")?[0];
+        Ok(forward_storage(g, x, Some(b), w))
     }
 
     fn bwd(
@@ -378,8 +387,14 @@ impl CustomOp2 for Conv2dGemmGradInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
-        let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
-        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "weight")?;
+        let dy = f32_data(
+            s1,
+            l1,
+            g.n * g.c_out * g.h_out * g.w_out,
+            "conv2d",
+            "output gradient",
+        )?;
+        let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "conv2d", "weight")?;
         let len = g.n * g.c_in * g.h * g.w;
         // One spare element for the sum: pushing it into a full vector would copy dx.
         let extra = usize::from(self.sum);
@@ -420,8 +435,14 @@ impl CustomOp2 for Conv2dGemmGradWeight {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
-        let dy = f32_data(s1, l1, g.n * g.c_out * g.h_out * g.w_out, "output gradient")?;
-        let x = f32_data(s2, l2, g.n * g.c_in * g.h * g.w, "input")?;
+        let dy = f32_data(
+            s1,
+            l1,
+            g.n * g.c_out * g.h_out * g.w_out,
+            "conv2d",
+            "output gradient",
+        )?;
+        let x = f32_data(s2, l2, g.n * g.c_in * g.h * g.w, "conv2d", "input")?;
         let mut dw = vec![0f32; g.c_out * g.c_in * g.k * g.k];
         if direct::applies(g) {
             direct::backward_weight(g, dy, x, self.bias, &mut dw);

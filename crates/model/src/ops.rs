@@ -29,7 +29,7 @@ use candle::{
 use candle_nn::{BatchNorm, ModuleT};
 use rayon::prelude::*;
 
-use crate::conv::written;
+use crate::conv::{f32_data, written};
 
 static FUSED_OFF: AtomicBool = AtomicBool::new(false);
 
@@ -59,16 +59,46 @@ pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Res
         && xs.device().is_cpu()
         && xs.dtype() == DType::F32
         && xs.rank() == 4
-        && bn.running_mean().dtype() == DType::F32
-        && bn
-            .weight_and_bias()
-            .is_some_and(|(w, b)| w.dtype() == DType::F32 && b.dtype() == DType::F32);
+        && bn_params_f32(bn);
     if !fused {
         let ys = bn.forward_t(xs, train)?;
         return if relu { ys.relu() } else { Ok(ys) };
     }
+    let (weight, bias, geom) = bn_train_parts(bn, xs, "batch_norm_t")?;
+    let state = Arc::new(Mutex::new(None));
+    let op = BnFwd {
+        geom,
+        eps: bn.eps(),
+        relu,
+        state: state.clone(),
+    };
+    let ys = xs.contiguous()?.apply_op3(weight, bias, op)?;
+    let guard = lock_state(&state)?;
+    let Some(st) = guard.as_ref() else {
+        candle::bail!("batch norm forward left no statistics");
+    };
+    update_running_stats(bn, st, geom)?;
+    Ok(ys)
+}
+
+/// Whether `bn`'s running statistics and affine parameters are `f32` (the fused path's
+/// condition on the layer).
+fn bn_params_f32(bn: &BatchNorm) -> bool {
+    bn.running_mean().dtype() == DType::F32
+        && bn
+            .weight_and_bias()
+            .is_some_and(|(w, b)| w.dtype() == DType::F32 && b.dtype() == DType::F32)
+}
+
+/// γ, β and the sizes of a fused training-mode BatchNorm of `xs`, checked: the channel
+/// counts agree and there is more than one value per channel. `what` names the caller.
+fn bn_train_parts<'a>(
+    bn: &'a BatchNorm,
+    xs: &Tensor,
+    what: &str,
+) -> Result<(&'a Tensor, &'a Tensor, BnGeom)> {
     let Some((weight, bias)) = bn.weight_and_bias() else {
-        candle::bail!("batch_norm_t: fused path needs affine parameters");
+        candle::bail!("{what}: fused path needs affine parameters");
     };
     let (n, c, h, w) = xs.dims4()?;
     if weight.dims() != [c] || bias.dims() != [c] || bn.running_mean().dims() != [c] {
@@ -78,33 +108,30 @@ pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Res
             xs.dims()
         );
     }
-    let m = n * h * w;
-    if m < 2 {
+    if n * h * w < 2 {
         candle::bail!("batch norm in training mode needs more than one value per channel");
     }
-    let state = Arc::new(Mutex::new(None));
-    let op = BnFwd {
-        geom: BnGeom {
-            n,
-            c,
-            hw: h * w,
-            dims: (n, c, h, w),
-        },
-        eps: bn.eps(),
-        relu,
-        state: state.clone(),
+    let geom = BnGeom {
+        n,
+        c,
+        hw: h * w,
+        dims: (n, c, h, w),
     };
-    let ys = xs.contiguous()?.apply_op3(weight, bias, op)?;
-    let guard = state
-        .lock()
-        .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
-    let Some(st) = guard.as_ref() else {
-        candle::bail!("batch norm forward left no statistics");
-    };
+    Ok((weight, bias, geom))
+}
+
+/// Folds one batch's statistics into `bn`'s running mean and (unbiased) running variance.
+fn update_running_stats(bn: &BatchNorm, st: &BnState, geom: BnGeom) -> Result<()> {
+    let m = (geom.n * geom.hw) as f64;
     update_running(bn.running_mean(), &st.mean, bn.momentum(), 1.0)?;
-    let unbias = m as f64 / (m as f64 - 1.0);
-    update_running(bn.running_var(), &st.var, bn.momentum(), unbias)?;
-    Ok(ys)
+    update_running(bn.running_var(), &st.var, bn.momentum(), m / (m - 1.0))
+}
+
+/// The state of a fused op's forward pass, locked.
+fn lock_state<T>(state: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    state
+        .lock()
+        .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))
 }
 
 /// relu(τ · BN(`xs`) + `shortcut`) for a one-element `tau`: the end of a basic block with
@@ -131,52 +158,26 @@ pub fn batch_norm_residual_relu(
         && xs.rank() == 4
         && tau.elem_count() == 1
         && shortcut.dims() == xs.dims()
-        && bn.running_mean().dtype() == DType::F32
-        && bn
-            .weight_and_bias()
-            .is_some_and(|(w, b)| w.dtype() == DType::F32 && b.dtype() == DType::F32);
+        && bn_params_f32(bn);
     if !fused {
         return residual_relu(&batch_norm_t(bn, xs, train, false)?, tau, None, shortcut);
     }
-    let Some((weight, bias)) = bn.weight_and_bias() else {
-        candle::bail!("batch_norm_residual_relu: fused path needs affine parameters");
-    };
-    let (n, c, h, w) = xs.dims4()?;
-    if weight.dims() != [c] || bias.dims() != [c] || bn.running_mean().dims() != [c] {
-        candle::bail!(
-            "batch norm over {} channels applied to input {:?}",
-            bn.running_mean().elem_count(),
-            xs.dims()
-        );
-    }
-    let m = n * h * w;
-    if m < 2 {
-        candle::bail!("batch norm in training mode needs more than one value per channel");
-    }
+    let (weight, bias, geom) = bn_train_parts(bn, xs, "batch_norm_residual_relu")?;
     let params = Tensor::cat(&[weight, bias, &tau.flatten_all()?], 0)?;
     let state = Arc::new(Mutex::new(None));
     let op = BnResFwd {
-        geom: BnGeom {
-            n,
-            c,
-            hw: h * w,
-            dims: (n, c, h, w),
-        },
+        geom,
         eps: bn.eps(),
         state: state.clone(),
     };
     let ys = xs
         .contiguous()?
         .apply_op3(&params, &shortcut.contiguous()?, op)?;
-    let guard = state
-        .lock()
-        .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+    let guard = lock_state(&state)?;
     let Some((st, _)) = guard.as_ref() else {
         candle::bail!("batch norm forward left no statistics");
     };
-    update_running(bn.running_mean(), &st.mean, bn.momentum(), 1.0)?;
-    let unbias = m as f64 / (m as f64 - 1.0);
-    update_running(bn.running_var(), &st.var, bn.momentum(), unbias)?;
+    update_running_stats(bn, st, geom)?;
     Ok(ys)
 }
 
@@ -204,9 +205,9 @@ impl CustomOp3 for BnResFwd {
     ) -> Result<(CpuStorage, Shape)> {
         let BnGeom { n, c, hw, .. } = self.geom;
         let len = n * c * hw;
-        let x = f32_data(s1, l1, len, "input")?;
-        let params = f32_data(s2, l2, 2 * c + 1, "parameters")?;
-        let sc = f32_data(s3, l3, len, "shortcut")?;
+        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let params = f32_data(s2, l2, 2 * c + 1, self.name(), "parameters")?;
+        let sc = f32_data(s3, l3, len, self.name(), "shortcut")?;
         let (gamma, beta, tau) = (&params[..c], &params[c..2 * c], params[2 * c]);
         let BnStats {
             mean,
@@ -229,10 +230,7 @@ impl CustomOp3 for BnResFwd {
                     }
                 })
         });
-        let mut st = self
-            .state
-            .lock()
-            .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+        let mut st = lock_state(&self.state)?;
         *st = Some((
             BnState {
                 mean,
@@ -256,10 +254,7 @@ impl CustomOp3 for BnResFwd {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let BnGeom { n, c, hw, .. } = self.geom;
-        let st = self
-            .state
-            .lock()
-            .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+        let st = lock_state(&self.state)?;
         let Some((st, tau)) = st.as_ref() else {
             candle::bail!("batch norm backward before its forward");
         };
@@ -326,9 +321,9 @@ impl CustomOp3 for BnResBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let BnGeom { n, c, hw, .. } = self.geom;
         let len = n * c * hw;
-        let dy = f32_data(s1, l1, len, "output gradient")?;
-        let x = f32_data(s2, l2, len, "input")?;
-        let y = f32_data(s3, l3, len, "output")?;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let x = f32_data(s2, l2, len, self.name(), "input")?;
+        let y = f32_data(s3, l3, len, self.name(), "output")?;
         let m = (n * hw) as f64;
         let tau = self.tau as f64;
         let sums: Vec<[f64; 3]> = (0..c)
@@ -441,19 +436,6 @@ struct BnFwd {
     eps: f64,
     relu: bool,
     state: Arc<Mutex<Option<BnState>>>,
-}
-
-/// The contiguous `f32` data of a storage, checked to hold exactly `len` elements.
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, len: usize, what: &str) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) if end - start == len => Ok(&data[start..end]),
-        Some((start, end)) => candle::bail!(
-            "batch norm: {what} holds {} elements, expected {len}",
-            end - start
-        ),
-        None => candle::bail!("batch norm: {what} is not contiguous"),
-    }
 }
 
 /// Sum of a slice in f64 (f32 lanes within the slice, which are short: one image-channel).
@@ -580,9 +562,9 @@ impl CustomOp3 for BnFwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let BnGeom { n, c, hw, .. } = self.geom;
-        let x = f32_data(s1, l1, n * c * hw, "input")?;
-        let gamma = f32_data(s2, l2, c, "weight")?;
-        let beta = f32_data(s3, l3, c, "bias")?;
+        let x = f32_data(s1, l1, n * c * hw, self.name(), "input")?;
+        let gamma = f32_data(s2, l2, c, self.name(), "weight")?;
+        let beta = f32_data(s3, l3, c, self.name(), "bias")?;
         let BnStats {
             mean,
             var,
@@ -608,10 +590,7 @@ impl CustomOp3 for BnFwd {
                     }
                 })
         });
-        let mut st = self
-            .state
-            .lock()
-            .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+        let mut st = lock_state(&self.state)?;
         *st = Some(BnState {
             mean,
             var,
@@ -632,10 +611,7 @@ impl CustomOp3 for BnFwd {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let BnGeom { n, c, hw, .. } = self.geom;
-        let st = self
-            .state
-            .lock()
-            .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))?;
+        let st = lock_state(&self.state)?;
         let Some(st) = st.as_ref() else {
             candle::bail!("batch norm backward before its forward");
         };
@@ -686,8 +662,8 @@ impl CustomOp2 for BnBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let BnGeom { n, c, hw, .. } = self.geom;
         let len = n * c * hw;
-        let dy = f32_data(s1, l1, len, "output gradient")?;
-        let x = f32_data(s2, l2, len, "input")?;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let x = f32_data(s2, l2, len, self.name(), "input")?;
         let m = (n * hw) as f64;
         let relu_of = |ch: usize| self.relu.then(|| (self.scale[ch], self.shift[ch]));
         // Per channel: dβ = Σ dy, Σ dy·(x − mean); dγ = invstd · the latter.
@@ -796,7 +772,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let x = f32_data(s1, l1, len, "input")?;
+        let x = f32_data(s1, l1, len, self.name(), "input")?;
         let y = written(len, |y| {
             y.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK))
@@ -849,7 +825,7 @@ impl CustomOp1 for AvgPool {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c) = self.nc;
         let hw = self.hw;
-        let x = f32_data(s1, l1, n * c * hw, "input")?;
+        let x = f32_data(s1, l1, n * c * hw, self.name(), "input")?;
         let y: Vec<f32> = x
             .par_chunks(hw)
             .map(|p| (sum_f64(p) / hw as f64) as f32)
@@ -880,7 +856,7 @@ impl CustomOp1 for AvgPoolBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c) = self.nc;
         let hw = self.hw;
-        let dy = f32_data(s1, l1, n * c, "output gradient")?;
+        let dy = f32_data(s1, l1, n * c, self.name(), "output gradient")?;
         let inv = 1.0 / hw as f64;
         let dx = written(n * c * hw, |dx| {
             dx.par_chunks_mut(hw)
@@ -965,7 +941,7 @@ impl CustomOp1 for ShortcutA {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (ho, wo) = g.out_hw();
-        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "input")?;
+        let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, self.name(), "input")?;
         let y = written(g.n * g.c_out * ho * wo, |y| {
             if ho * wo == 0 {
                 return;
@@ -1008,7 +984,13 @@ impl CustomOp1 for ShortcutABwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (ho, wo) = g.out_hw();
-        let dy = f32_data(s1, l1, g.n * g.c_out * ho * wo, "output gradient")?;
+        let dy = f32_data(
+            s1,
+            l1,
+            g.n * g.c_out * ho * wo,
+            self.name(),
+            "output gradient",
+        )?;
         let len = g.n * g.c_in * g.h * g.w;
         let dx = written(len, |dx| {
             if g.h * g.w == 0 {
@@ -1084,9 +1066,9 @@ impl CustomOp3 for BiasReluBias {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let x = f32_data(s1, l1, len, "input")?;
-        let b = f32_data(s2, l2, 1, "bias")?[0];
-        let c = f32_data(s3, l3, 1, "bias")?[0];
+        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let b = f32_data(s2, l2, 1, self.name(), "bias")?[0];
+        let c = f32_data(s3, l3, 1, self.name(), "bias")?[0];
         let y = written(len, |y| {
             y.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK))
@@ -1144,8 +1126,8 @@ impl CustomOp2 for BiasReluBiasBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let dy = f32_data(s1, l1, len, "output gradient")?;
-        let x = f32_data(s2, l2, len, "input")?;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let x = f32_data(s2, l2, len, self.name(), "input")?;
         let b = self.b;
         let out = written(len + 2, |out| {
             let (dx, tail) = out.split_at_mut(len);
@@ -1243,8 +1225,8 @@ impl CustomOp2 for AddScalar {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let x = f32_data(s1, l1, len, "input")?;
-        let b = f32_data(s2, l2, 1, "bias")?[0];
+        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let b = f32_data(s2, l2, 1, self.name(), "bias")?[0];
         let relu = self.relu;
         let y = written(len, |y| {
             y.par_chunks_mut(CHUNK)
@@ -1300,8 +1282,8 @@ impl CustomOp2 for MaskSum {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let dy = f32_data(s1, l1, len, "output gradient")?;
-        let y = f32_data(s2, l2, len, "output")?;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let y = f32_data(s2, l2, len, self.name(), "output")?;
         let relu = self.relu;
         let out = written(len + 1, |out| {
             let (dx, tail) = out.split_at_mut(len);
@@ -1349,9 +1331,9 @@ impl CustomOp3 for ResidualRelu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let x = f32_data(s1, l1, len, "branch")?;
+        let x = f32_data(s1, l1, len, self.name(), "branch")?;
         let ab = scalars(s2, l2, "tau")?;
-        let s = f32_data(s3, l3, len, "shortcut")?;
+        let s = f32_data(s3, l3, len, self.name(), "shortcut")?;
         let a = ab[0];
         let c = a * ab.get(1).copied().unwrap_or(0.0);
         let y = written(len, |y| {
@@ -1412,9 +1394,9 @@ impl CustomOp3 for ResidualReluBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let len = l1.shape().elem_count();
-        let dy = f32_data(s1, l1, len, "output gradient")?;
-        let y = f32_data(s2, l2, len, "output")?;
-        let x = f32_data(s3, l3, len, "branch")?;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let y = f32_data(s2, l2, len, self.name(), "output")?;
+        let x = f32_data(s3, l3, len, self.name(), "branch")?;
         let a = self.ab[0];
         let b = self.ab.get(1).copied().unwrap_or(0.0);
         let out = written(2 * len + self.ab.len(), |out| {
