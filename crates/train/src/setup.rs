@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use tau_model::{Model, ModelConfig, ParamKind};
 
 use crate::config::{
@@ -48,24 +48,16 @@ impl TauModel {
     ) -> anyhow::Result<Self> {
         let varmap =
             tau_model::init_varmap(cfg, seed, dtype, device).context("initializing the model")?;
-        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-        let model = Model::new(cfg, vb).context("building the model")?;
-        Ok(TauModel {
-            cfg: cfg.clone(),
-            varmap,
-            model,
-            device: device.clone(),
-        })
+        Self::from_varmap(cfg, varmap, device)
     }
 
-    /// Wraps a model config and its tensors (for example a loaded checkpoint).
+    /// Wraps a model config and its tensors (for example a loaded checkpoint); the model's
+    /// dtype is the tensors'.
     ///
     /// # Errors
-    /// Tensors that do not fit the config.
+    /// Tensors that do not fit the config (missing, unexpected, misshapen, mixed dtypes).
     pub fn from_varmap(cfg: &ModelConfig, varmap: VarMap, device: &Device) -> anyhow::Result<Self> {
-        let dtype = tau_model::checkpoint::varmap_dtype(&varmap).unwrap_or(DType::F32);
-        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-        let model = Model::new(cfg, vb).context("building the model")?;
+        let model = Model::from_varmap(cfg, &varmap, device).context("building the model")?;
         Ok(TauModel {
             cfg: cfg.clone(),
             varmap,
