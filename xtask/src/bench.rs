@@ -6,6 +6,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
+use crate::sweep::{build_tau_resnet, workspace_root};
+
 /// Arguments of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -21,31 +23,10 @@ pub struct BenchArgs {
     pub rest: Vec<String>,
 }
 
-/// The workspace root: xtask's manifest directory's parent.
-fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
 /// Builds `tau-resnet` in release mode and returns its path.
 fn build_release_binary() -> anyhow::Result<PathBuf> {
+    build_tau_resnet()?;
     let root = workspace_root();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "tau-train",
-            "--bin",
-            "tau-resnet",
-        ])
-        .status()
-        .context("running cargo build for tau-resnet")?;
-    if !status.success() {
-        anyhow::bail!("cargo build --release -p tau-train failed ({status})");
-    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|t| if t.is_absolute() { t } else { root.join(t) })

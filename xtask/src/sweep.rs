@@ -133,6 +133,28 @@ impl SweepOutcome {
     }
 }
 
+/// Builds the release `tau-resnet` binary with the cargo running xtask.
+pub(crate) fn build_tau_resnet() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building tau-resnet (cargo build --release -p tau-train --bin tau-resnet)");
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tau-train",
+            "--bin",
+            "tau-resnet",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo build for tau-resnet")?;
+    if !status.success() {
+        bail!("cargo build of tau-resnet failed ({status})");
+    }
+    Ok(())
+}
+
 fn find_binary(args: &SweepArgs) -> anyhow::Result<PathBuf> {
     if let Some(bin) = &args.bin {
         if !bin.exists() {
@@ -142,23 +164,7 @@ fn find_binary(args: &SweepArgs) -> anyhow::Result<PathBuf> {
     }
     let exe_name = format!("tau-resnet{}", std::env::consts::EXE_SUFFIX);
     if !args.no_build {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!("building tau-resnet (cargo build --release -p tau-train --bin tau-resnet)");
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "tau-train",
-                "--bin",
-                "tau-resnet",
-            ])
-            .current_dir(workspace_root())
-            .status()
-            .context("running cargo build for tau-resnet")?;
-        if !status.success() {
-            bail!("cargo build of tau-resnet failed ({status})");
-        }
+        build_tau_resnet()?;
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe()
