@@ -240,6 +240,16 @@ fn bin() -> Command {
     c
 }
 
+/// Asserts that a `tau-resnet` run exited with status 0, showing its stderr otherwise.
+fn assert_success(o: &std::process::Output) {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -320,12 +330,7 @@ fn stop_then_resume_through_the_cli() {
         .arg(&out)
         .output()
         .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_success(&o);
     let o = bin()
         .args(["eval", "--checkpoint"])
         .arg(&out)
@@ -515,12 +520,7 @@ fn eval_reads_a_run_checkpoint() {
         .arg(&out)
         .output()
         .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_success(&o);
     let o = bin()
         .args(["eval", "--json", "--data", "mnist", "--checkpoint"])
         .arg(&out)
@@ -528,12 +528,7 @@ fn eval_reads_a_run_checkpoint() {
         .arg(&mnist)
         .output()
         .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_success(&o);
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["examples"], 10_000);
     assert_eq!(r["loss_kind"], "squared");
