@@ -279,6 +279,8 @@ struct StepGrads {
 struct GradNorms {
     global: f64,
     layers: Vec<LayerNorm>,
+    /// Σ g² of each gradient, by parameter (0 where there is none).
+    param_sq: Vec<f64>,
 }
 
 fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> anyhow::Result<GradNorms> {
@@ -297,7 +299,9 @@ fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> anyhow::Result<Grad
         .to_device(&candle::Device::Cpu)?
         .to_vec1()?;
     let mut layers: Vec<(String, f64)> = Vec::new();
+    let mut param_sq = vec![0.0; grads.len()];
     for (&i, v) in which.iter().zip(&sq) {
+        param_sq[i] = *v;
         let layer = layer_of(&names[i]);
         match layers.iter_mut().find(|(n, _)| n == layer) {
             Some((_, s)) => *s += v,
@@ -313,6 +317,7 @@ fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> anyhow::Result<Grad
                 norm: s.sqrt(),
             })
             .collect(),
+        param_sq,
     })
 }
 
@@ -328,17 +333,33 @@ pub fn clip_grad_norm(
     grads: &mut [Option<Tensor>],
     max_norm: f64,
 ) -> candle::Result<f64> {
-    let mut sq = 0f64;
-    for (p, g) in opt.params().iter().zip(grads.iter()) {
-        if let Some(g) = g {
-            let s = g
+    let param_sq = grads
+        .iter()
+        .map(|g| match g {
+            Some(g) => g
                 .sqr()?
                 .sum_all()?
                 .to_dtype(candle::DType::F64)?
-                .to_scalar::<f64>()?;
-            sq += s * p.spec.grad_scale * p.spec.grad_scale;
-        }
-    }
+                .to_scalar::<f64>(),
+            None => Ok(0.0),
+        })
+        .collect::<candle::Result<Vec<f64>>>()?;
+    clip_with_sums(opt, grads, &param_sq, max_norm)
+}
+
+/// [`clip_grad_norm`] given each gradient's Σ g² (`param_sq`, by parameter).
+fn clip_with_sums(
+    opt: &Sgd,
+    grads: &mut [Option<Tensor>],
+    param_sq: &[f64],
+    max_norm: f64,
+) -> candle::Result<f64> {
+    let sq: f64 = opt
+        .params()
+        .iter()
+        .zip(param_sq)
+        .map(|(p, s)| s * p.spec.grad_scale * p.spec.grad_scale)
+        .sum();
     let norm = sq.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -507,7 +528,8 @@ pub fn run_loop(
         let reached_target = cfg.target_loss.is_some_and(|t| loss < t);
         if !reached_target {
             if let Some(max_norm) = cfg.optim.clip_grad_norm.filter(|&c| c > 0.0) {
-                clip_grad_norm(sess.optimizer, &mut sg.grads, max_norm)?;
+                // The squared sums `grad_norms` took for the record.
+                clip_with_sums(sess.optimizer, &mut sg.grads, &norms.param_sq, max_norm)?;
             }
             sess.optimizer.step(&sg.grads, lr)?;
             state.step += 1;
