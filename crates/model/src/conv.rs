@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use cpu::Geom;
+pub(crate) use cpu::Geom;
 
 /// Which implementation [`conv2d`] uses on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,12 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Re
 }
 
 /// Checks the shapes of a convolution and derives its output size.
-fn geometry(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Geom> {
+pub(crate) fn geometry(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Geom> {
     let (n, c_in, h, w) = xs.dims4()?;
     let (c_out, c_in_w, kh, kw) = weight.dims4()?;
     if c_in != c_in_w {
@@ -133,12 +138,19 @@ pub(crate) fn f32_data<'a>(
     }
 }
 
-/// The output of conv(x + b) (conv(x) when `b` is `None`) as a storage and its shape: the
-/// direct kernels where they apply (they add `b` while copying the input), otherwise
-/// im2col + GEMM on a shifted copy of the input.
+/// The output of conv(x + b) (conv(x) when `b` is `None`) as a storage and its shape.
 fn forward_storage(g: &Geom, x: &[f32], b: Option<f32>, w: &[f32]) -> (CpuStorage, Shape) {
+    let out = forward_vec(g, x, b, w);
+    let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
+    (CpuStorage::F32(out), shape)
+}
+
+/// conv(x + b) (conv(x) when `b` is `None`), n × c_out × h_out × w_out: the direct kernels
+/// where they apply (they add `b` while copying the input), otherwise im2col + GEMM on a
+/// shifted copy of the input.
+pub(crate) fn forward_vec(g: &Geom, x: &[f32], b: Option<f32>, w: &[f32]) -> Vec<f32> {
     let len = g.n * g.c_out * g.h_out * g.w_out;
-    let out = if direct::applies(g) {
+    if direct::applies(g) {
         written(len, |out| direct::forward(g, x, b, w, out))
     } else {
         let mut out = vec![0f32; len];
@@ -147,9 +159,35 @@ fn forward_storage(g: &Geom, x: &[f32], b: Option<f32>, w: &[f32]) -> (CpuStorag
             None => cpu::forward(g, x, w, &mut out),
         }
         out
-    };
-    let shape = Shape::from((g.n, g.c_out, g.h_out, g.w_out));
-    (CpuStorage::F32(out), shape)
+    }
+}
+
+/// The input gradient (n × c_in × h × w) of a convolution, in a vector with capacity for
+/// `spare` more elements (pushed later without a copy).
+pub(crate) fn backward_input_vec(g: &Geom, dy: &[f32], w: &[f32], spare: usize) -> Vec<f32> {
+    let len = g.n * g.c_in * g.h * g.w;
+    if direct::applies(g) {
+        written_with_spare(len, spare, |dx| direct::backward_input(g, dy, w, dx))
+    } else {
+        let mut dx = Vec::with_capacity(len + spare);
+        dx.resize(len, 0f32);
+        cpu::backward_input(g, dy, w, &mut dx);
+        dx
+    }
+}
+
+/// The weight gradient (c_out × c_in × k × k) of the convolution of `x` + `bias`.
+pub(crate) fn backward_weight_vec(g: &Geom, dy: &[f32], x: &[f32], bias: Option<f32>) -> Vec<f32> {
+    let mut dw = vec![0f32; g.c_out * g.c_in * g.k * g.k];
+    if direct::applies(g) {
+        direct::backward_weight(g, dy, x, bias, &mut dw);
+    } else {
+        match bias {
+            None => cpu::backward_weight(g, dy, x, &mut dw),
+            Some(b) => cpu::backward_weight(g, dy, &shifted(x, b), &mut dw),
+        }
+    }
+    dw
 }
 
 /// A vector of `len` floats filled by `fill`, which must write every element of the slice
@@ -295,7 +333,7 @@ fn shifted(x: &[f32], b: f32) -> Vec<f32> {
 }
 
 /// Σ x in `f64`, on rayon's threads (16 `f32` lanes within each chunk).
-fn par_sum(x: &[f32]) -> f64 {
+pub(crate) fn par_sum(x: &[f32]) -> f64 {
     x.par_chunks(1 << 14)
         .map(|c| {
             let mut acc = [0f32; 16];
@@ -397,15 +435,7 @@ impl CustomOp2 for Conv2dGemmGradInput {
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "conv2d", "weight")?;
         let len = g.n * g.c_in * g.h * g.w;
         // One spare element for the sum: pushing it into a full vector would copy dx.
-        let extra = usize::from(self.sum);
-        let mut dx = if direct::applies(g) {
-            written_with_spare(len, extra, |dx| direct::backward_input(g, dy, w, dx))
-        } else {
-            let mut dx = Vec::with_capacity(len + extra);
-            dx.resize(len, 0f32);
-            cpu::backward_input(g, dy, w, &mut dx);
-            dx
-        };
+        let mut dx = backward_input_vec(g, dy, w, usize::from(self.sum));
         if !self.sum {
             return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))));
         }
@@ -443,15 +473,7 @@ impl CustomOp2 for Conv2dGemmGradWeight {
             "output gradient",
         )?;
         let x = f32_data(s2, l2, g.n * g.c_in * g.h * g.w, "conv2d", "input")?;
-        let mut dw = vec![0f32; g.c_out * g.c_in * g.k * g.k];
-        if direct::applies(g) {
-            direct::backward_weight(g, dy, x, self.bias, &mut dw);
-        } else {
-            match self.bias {
-                None => cpu::backward_weight(g, dy, x, &mut dw),
-                Some(b) => cpu::backward_weight(g, dy, &shifted(x, b), &mut dw),
-            }
-        }
+        let dw = backward_weight_vec(g, dy, x, self.bias);
         Ok((
             CpuStorage::F32(dw),
             Shape::from((g.c_out, g.c_in, g.k, g.k)),

@@ -131,7 +131,7 @@ fn update_running_stats(bn: &BatchNorm, st: &BnState, geom: BnGeom) -> Result<()
 fn lock_state<T>(state: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     state
         .lock()
-        .map_err(|_| candle::Error::Msg("batch norm state poisoned".into()))
+        .map_err(|_| candle::Error::Msg("fused op state poisoned".into()))
 }
 
 /// relu(τ · BN(`xs`) + `shortcut`) for a one-element `tau`: the end of a basic block with
@@ -1437,6 +1437,9 @@ impl CustomOp3 for ResidualReluBwd {
         Ok((CpuStorage::F32(out), Shape::from(2 * len + self.ab.len())))
     }
 }
+
+mod block;
+pub use block::scalar_bias_block;
 
 #[cfg(test)]
 mod tests;

@@ -509,3 +509,123 @@ proptest::proptest! {
         check_bn_residual([n, c, h, w], seed);
     }
 }
+
+/// The block without normalization, in candle's own ops (f64 reference).
+fn block_reference(t: &[&Tensor]) -> Tensor {
+    let (x, w1, w2) = (t[0], t[1], t[2]);
+    let (b1a, b1b, b2a, b2b, tau) = (t[3], t[4], t[5], t[6], t[7]);
+    let y1 = x
+        .broadcast_add(b1a)
+        .unwrap()
+        .conv2d(w1, 1, 1, 1, 1)
+        .unwrap();
+    let h = y1.broadcast_add(b1b).unwrap().relu().unwrap();
+    let h = h.broadcast_add(b2a).unwrap();
+    let y2 = h
+        .conv2d(w2, 1, 1, 1, 1)
+        .unwrap()
+        .broadcast_add(b2b)
+        .unwrap();
+    (y2.broadcast_mul(tau).unwrap() + x)
+        .unwrap()
+        .relu()
+        .unwrap()
+}
+
+/// Random inputs of a block: x (dims), two c×c×3×3 weights, four biases, τ.
+fn block_inputs(rng: &mut ChaCha8Rng, dims: [usize; 4]) -> Vec<Tensor> {
+    let c = dims[1];
+    let scale = (2.0 / (9.0 * c as f32)).sqrt();
+    let mut t = vec![
+        random(rng, &dims, -1.0, 1.0),
+        random(rng, &[c, c, 3, 3], -2.0 * scale, 2.0 * scale),
+        random(rng, &[c, c, 3, 3], -2.0 * scale, 2.0 * scale),
+    ];
+    for _ in 0..4 {
+        t.push(random(rng, &[1], -0.3, 0.3));
+    }
+    t.push(random(rng, &[1], 0.2, 1.0));
+    t
+}
+
+fn fused_block(t: &[&Tensor]) -> Tensor {
+    super::scalar_bias_block(t[0], t[1], t[2], [t[3], t[4], t[5], t[6]], t[7]).unwrap()
+}
+
+#[test]
+fn scalar_bias_block_matches_candle() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // Whole vectors per channel (direct kernels, in place), odd sizes, a single image, a
+    // 1×1 map, more values than one parallel chunk (2^14).
+    for dims in [
+        [2, 3, 5, 7],
+        [1, 16, 8, 8],
+        [3, 4, 4, 4],
+        [2, 2, 1, 1],
+        [2, 8, 32, 32],
+    ] {
+        let inputs = block_inputs(&mut rng, dims);
+        compare(
+            &inputs,
+            fused_block,
+            block_reference,
+            &format!("scalar_bias_block {dims:?}"),
+        );
+    }
+}
+
+/// With a constant τ (no gradient, as in the non-learnable configs) the op keeps less and
+/// writes its output in place; the gradients of the rest are unchanged. Without any
+/// gradient (evaluation) it keeps nothing and gives the same output.
+#[test]
+fn scalar_bias_block_with_constant_tau_and_without_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let t = block_inputs(&mut rng, [2, 16, 4, 4]);
+    let vars: Vec<Var> = t[..7]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let mut args: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    args.push(&t[7]);
+    let y = fused_block(&args);
+    let vars64: Vec<Var> = t
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap())
+        .collect();
+    let args64: Vec<&Tensor> = vars64.iter().map(|v| v.as_tensor()).collect();
+    let y64 = block_reference(&args64);
+    assert!(rel_err(&y, &y64) < 1e-5);
+    let r = random(&mut rng, y.dims(), -1.0, 1.0);
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let r64 = r.to_dtype(DType::F64).unwrap();
+    let grads64 = (&y64 * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, (v, v64)) in vars.iter().zip(&vars64).enumerate() {
+        let e = rel_err(grads.get(v).unwrap(), grads64.get(v64).unwrap());
+        assert!(e < 1e-5, "gradient {i}: rel err {e}");
+    }
+    let plain: Vec<&Tensor> = t.iter().collect();
+    assert_eq!(rel_err(&fused_block(&plain), &y), 0.0);
+}
+
+#[test]
+fn scalar_bias_block_rejects_impossible_shapes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let t = block_inputs(&mut rng, [1, 4, 4, 4]);
+    let b = &t[3];
+    let w_wide = random(&mut rng, &[8, 4, 3, 3], -0.1, 0.1);
+    let w_5x5 = random(&mut rng, &[4, 4, 5, 5], -0.1, 0.1);
+    let two = random(&mut rng, &[2], -0.1, 0.1);
+    let bs = [b, b, b, b];
+    assert!(super::scalar_bias_block(&t[0], &w_wide, &t[2], bs, &t[7]).is_err());
+    assert!(super::scalar_bias_block(&t[0], &t[1], &w_5x5, bs, &t[7]).is_err());
+    assert!(super::scalar_bias_block(&t[0], &t[1], &t[2], [b, &two, b, b], &t[7]).is_err());
+    assert!(super::scalar_bias_block(&t[0], &t[1], &t[2], bs, &two).is_err());
+    assert!(
+        super::scalar_bias_block(&t[1].flatten_all().unwrap(), &t[1], &t[2], bs, &t[7]).is_err()
+    );
+}

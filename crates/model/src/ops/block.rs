@@ -1,0 +1,360 @@
+//! A whole basic block without normalization as one custom op:
+//! relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + x).
+//!
+//! Composed of the per-layer ops, a block is four activation-sized nodes of candle's graph
+//! (conv1 of the shifted input, relu(· + b1b) + b2a, conv2, the residual end), and candle's
+//! `backward` zero-fills a gradient tensor for each node's inputs and adds the op's
+//! gradient into it, on the calling thread while the other cores wait; the block input
+//! gets two such additions (branch and shortcut). As one op the block has one node: its
+//! backward runs the two convolutions' gradients and three elementwise passes on rayon's
+//! threads, and hands candle one input gradient (branch and shortcut already summed) and
+//! one small vector of parameter gradients.
+
+use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex};
+
+use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{CHUNK, bias_relu_bias, fused_f32, lock_state, residual_relu};
+use crate::conv::{
+    self, CpuConvBackend, Geom, backward_input_vec, backward_weight_vec, conv2d, conv2d_shifted,
+    f32_data, forward_vec, written,
+};
+
+/// relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + x): a basic block without
+/// normalization with an identity shortcut (stride 1, as many output channels as input
+/// channels), 3×3 convolutions with padding 1, one-element biases `[b1a, b1b, b2a, b2b]`
+/// and a one-element `tau`.
+///
+/// On the CPU for `f32` (with [`super::fused_cpu_ops`] on and tau-model's convolution
+/// selected), one custom op whose backward is written out; elsewhere the composition
+/// [`conv2d_shifted`], [`bias_relu_bias`], [`conv2d`], [`residual_relu`], which computes
+/// the same function.
+///
+/// # Errors
+/// `xs` not of rank 4, convolution weights that are not (C, C, 3, 3) for the C channels of
+/// `xs`, a bias or `tau` with more than one element, or a device error.
+pub fn scalar_bias_block(
+    xs: &Tensor,
+    conv1: &Tensor,
+    conv2: &Tensor,
+    biases: [&Tensor; 4],
+    tau: &Tensor,
+) -> Result<Tensor> {
+    let [b1a, b1b, b2a, b2b] = biases;
+    if biases.iter().any(|b| b.elem_count() != 1) || tau.elem_count() != 1 {
+        candle::bail!("scalar_bias_block: the biases and tau must have one element each");
+    }
+    let (_, c, _, _) = xs.dims4()?;
+    for (name, wt) in [("conv1", conv1), ("conv2", conv2)] {
+        if wt.dims() != [c, c, 3, 3] {
+            candle::bail!(
+                "scalar_bias_block: {name} weight {:?} does not fit an identity block of {c} \
+                 channels (expected [{c}, {c}, 3, 3])",
+                wt.dims()
+            );
+        }
+    }
+    let fast = fused_f32(&[xs, conv1, conv2, b1a, b1b, b2a, b2b, tau])
+        && conv::cpu_backend() == CpuConvBackend::Gemm;
+    if !fast {
+        let out = conv2d_shifted(xs, b1a, conv1, 1, 1)?;
+        let out = bias_relu_bias(&out, b1b, b2a)?;
+        let out = conv2d(&out, conv2, 1, 1)?;
+        return residual_relu(&out, tau, Some(b2b), xs);
+    }
+    let g = conv::geometry(xs, conv1, 1, 1)?;
+    let params = Tensor::cat(
+        &[
+            conv1.flatten_all()?,
+            conv2.flatten_all()?,
+            b1a.flatten_all()?,
+            b1b.flatten_all()?,
+            b2a.flatten_all()?,
+            b2b.flatten_all()?,
+            tau.flatten_all()?,
+        ],
+        0,
+    )?;
+    let op = BlockFwd {
+        g,
+        keep: xs.track_op() || params.track_op(),
+        keep_branch: tau.track_op(),
+        state: Arc::new(Mutex::new(None)),
+    };
+    xs.contiguous()?.apply_op2(&params, op)
+}
+
+/// The one-element parameters, in their order at the end of the packed parameter vector.
+const SCALARS: usize = 5;
+
+/// The packed parameters: conv1 and conv2 weights (c·c·9 each), then b1a, b1b, b2a, b2b, τ.
+struct Params<'a> {
+    w1: &'a [f32],
+    w2: &'a [f32],
+    b1a: f32,
+    b1b: f32,
+    b2a: f32,
+    b2b: f32,
+    tau: f32,
+}
+
+impl<'a> Params<'a> {
+    fn len(g: &Geom) -> usize {
+        2 * g.c_out * g.c_in * 9 + SCALARS
+    }
+
+    fn split(g: &Geom, p: &'a [f32]) -> Self {
+        let k = g.c_out * g.c_in * 9;
+        let s = &p[2 * k..];
+        Self {
+            w1: &p[..k],
+            w2: &p[k..2 * k],
+            b1a: s[0],
+            b1b: s[1],
+            b2a: s[2],
+            b2b: s[3],
+            tau: s[4],
+        }
+    }
+}
+
+/// What the backward needs from the forward.
+struct State {
+    /// relu(conv1(x + b1a) + b1b) + b2a, conv2's input.
+    h: Vec<f32>,
+    /// 1 where conv1(x + b1a) + b1b > 0.
+    mask: Vec<u8>,
+    /// conv2's output, kept only when τ needs a gradient (Σ m·(y2 + b2b)).
+    y2: Option<Vec<f32>>,
+}
+
+/// Forward of [`scalar_bias_block`]: (x, packed parameters) → the block's output.
+struct BlockFwd {
+    g: Geom,
+    /// Keep the intermediates for a backward (some input needs a gradient).
+    keep: bool,
+    /// Keep conv2's output too (τ needs a gradient).
+    keep_branch: bool,
+    state: Arc<Mutex<Option<State>>>,
+}
+
+/// Σ of 16-lane `f32` partial sums, in `f64`.
+fn lanes_sum(acc: &[f32; 16]) -> f64 {
+    acc.iter().map(|&v| v as f64).sum()
+}
+
+impl CustomOp2 for BlockFwd {
+    fn name(&self) -> &'static str {
+        "scalar-bias-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let len = g.n * g.c_in * g.h * g.w;
+        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let p = Params::split(
+            g,
+            f32_data(s2, l2, Params::len(g), self.name(), "parameters")?,
+        );
+        // h = relu(conv1(x + b1a) + b1b) + b2a, in place, and the ReLU's mask.
+        let mut h = forward_vec(g, x, Some(p.b1a), p.w1);
+        let mut mask: Vec<u8> = Vec::with_capacity(if self.keep { len } else { 0 });
+        let (b1b, b2a) = (p.b1b, p.b2a);
+        if self.keep {
+            h.par_chunks_mut(CHUNK)
+                .zip(mask.spare_capacity_mut()[..len].par_chunks_mut(CHUNK))
+                .for_each(|(hc, mc)| {
+                    for (v, m) in hc.iter_mut().zip(mc) {
+                        let pre = *v + b1b;
+                        m.write(u8::from(pre > 0.0));
+                        *v = pre.max(0.0) + b2a;
+                    }
+                });
+            // SAFETY: the pass above wrote all `len` elements; the capacity is `len`.
+            unsafe { mask.set_len(len) };
+        } else {
+            h.par_chunks_mut(CHUNK).for_each(|hc| {
+                for v in hc {
+                    *v = (*v + b1b).max(0.0) + b2a;
+                }
+            });
+        }
+        // out = relu(τ·(conv2(h) + b2b) + x), like `residual_relu`.
+        let mut y2 = forward_vec(g, &h, None, p.w2);
+        let (a, c) = (p.tau, p.tau * p.b2b);
+        let end = |yc: &[f32], xc: &[f32], oc: &mut [MaybeUninit<f32>]| {
+            for ((o, &v), &t) in oc.iter_mut().zip(yc).zip(xc) {
+                o.write((a * v + c + t).max(0.0));
+            }
+        };
+        let out = if self.keep && self.keep_branch {
+            written(len, |out| {
+                out.par_chunks_mut(CHUNK)
+                    .zip(y2.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+                    .for_each(|(oc, (yc, xc))| end(yc, xc, oc))
+            })
+        } else {
+            y2.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(yc, xc)| {
+                    for (v, &t) in yc.iter_mut().zip(xc) {
+                        *v = (a * *v + c + t).max(0.0);
+                    }
+                });
+            std::mem::take(&mut y2)
+        };
+        if self.keep {
+            *lock_state(&self.state)? = Some(State {
+                h,
+                mask,
+                y2: self.keep_branch.then_some(y2),
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_in, g.h, g.w))))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.g;
+        let len = g.n * g.c_in * g.h * g.w;
+        let n_params = Params::len(&g);
+        // [dx (len), dparams (n_params)]
+        let out = grad.contiguous()?.apply_op3_no_bwd(
+            res,
+            xs,
+            &BlockBwd {
+                g,
+                params: params.to_vec1()?,
+                state: self.state.clone(),
+            },
+        )?;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let dp = out.narrow(0, len, n_params)?;
+        Ok((xs.track_op().then_some(dx), params.track_op().then_some(dp)))
+    }
+}
+
+/// Backward of [`BlockFwd`]: (dy, y, x) → [dx, dw1, dw2, db1a, db1b, db2a, db2b, dτ].
+struct BlockBwd {
+    g: Geom,
+    params: Vec<f32>,
+    state: Arc<Mutex<Option<State>>>,
+}
+
+impl CustomOp3 for BlockBwd {
+    fn name(&self) -> &'static str {
+        "scalar-bias-block-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let len = g.n * g.c_in * g.h * g.w;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let y = f32_data(s2, l2, len, self.name(), "output")?;
+        let x = f32_data(s3, l3, len, self.name(), "input")?;
+        let p = Params::split(g, &self.params);
+        let guard = lock_state(&self.state)?;
+        let Some(st) = guard.as_ref() else {
+            candle::bail!("{}: the forward kept no state for a backward", self.name());
+        };
+        // m = dy ⊙ 1(y > 0): the shortcut's gradient; the branch's is τ·m.
+        // Sums: Σ m·(y2 + b2b) (dτ) and Σ m (db2b = τ·Σ m).
+        let b2b = p.b2b;
+        let mut sums = (0f64, 0f64);
+        let m = written(len, |m| {
+            sums = m
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .map(|((ci, mc), (gc, yc))| {
+                    let mut s_m = [0f32; 16];
+                    let mut s_my = [0f32; 16];
+                    let y2c = st.y2.as_ref().map(|y2| &y2[ci * CHUNK..][..gc.len()]);
+                    for (i, ((o, &gv), &yv)) in mc.iter_mut().zip(gc).zip(yc).enumerate() {
+                        let mv = if yv > 0.0 { gv } else { 0.0 };
+                        o.write(mv);
+                        s_m[i % 16] += mv;
+                        if let Some(y2c) = y2c {
+                            s_my[i % 16] += mv * (y2c[i] + b2b);
+                        }
+                    }
+                    (lanes_sum(&s_my), lanes_sum(&s_m))
+                })
+                .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
+        });
+        let (sum_my, sum_m) = sums;
+        let tau = p.tau;
+        // conv2: dW2 = τ·wgrad(m, h), dh = conv2ᵀ(m) with τ·W2.
+        let mut dw2 = backward_weight_vec(g, &m, &st.h, None);
+        for v in &mut dw2 {
+            *v *= tau;
+        }
+        let w2_tau: Vec<f32> = p.w2.iter().map(|&v| v * tau).collect();
+        let mut dh = backward_input_vec(g, &m, &w2_tau, 0);
+        // db2a = Σ dh; dy1 = dh ⊙ mask (in place); db1b = Σ dy1.
+        let (sum_dh, sum_dy1) = dh
+            .par_chunks_mut(CHUNK)
+            .zip(st.mask.par_chunks(CHUNK))
+            .map(|(dc, mc)| {
+                let mut s_h = [0f32; 16];
+                let mut s_1 = [0f32; 16];
+                for (i, (v, &keep)) in dc.iter_mut().zip(mc).enumerate() {
+                    s_h[i % 16] += *v;
+                    if keep == 0 {
+                        *v = 0.0;
+                    }
+                    s_1[i % 16] += *v;
+                }
+                (lanes_sum(&s_h), lanes_sum(&s_1))
+            })
+            .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
+        let dy1 = dh;
+        // conv1 of x + b1a: dW1, and dx = conv1ᵀ(dy1) + m; db1a = Σ conv1ᵀ(dy1).
+        let dw1 = backward_weight_vec(g, &dy1, x, Some(p.b1a));
+        let mut dx = backward_input_vec(g, &dy1, p.w1, Params::len(g));
+        let sum_dxb: f64 = dx
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .map(|(dc, mc)| {
+                let mut s = [0f32; 16];
+                for (i, (v, &mv)) in dc.iter_mut().zip(mc).enumerate() {
+                    s[i % 16] += *v;
+                    *v += mv;
+                }
+                lanes_sum(&s)
+            })
+            .sum();
+        dx.extend_from_slice(&dw1);
+        dx.extend_from_slice(&dw2);
+        dx.extend_from_slice(&[
+            sum_dxb as f32,
+            sum_dy1 as f32,
+            sum_dh as f32,
+            (tau as f64 * sum_m) as f32,
+            sum_my as f32,
+        ]);
+        let total = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(total)))
+    }
+}
