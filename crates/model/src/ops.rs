@@ -181,6 +181,49 @@ pub fn batch_norm_residual_relu(
     Ok(ys)
 }
 
+/// relu(τ·BN(x) + s) in training mode, and the batch statistics.
+fn bn_res_forward(
+    geom: BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    tau: f32,
+    sc: &[f32],
+    eps: f64,
+) -> (Vec<f32>, BnState) {
+    let BnGeom { n, c, hw, .. } = geom;
+    let BnStats {
+        mean,
+        var,
+        invstd,
+        scale,
+        shift,
+    } = bn_stats(geom, x, gamma, beta, eps);
+    let y = written(n * c * hw, |y| {
+        if hw == 0 {
+            return;
+        }
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw).zip(sc.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(idx, (yb, (xb, sb)))| {
+                let (a, b) = (scale[idx % c], shift[idx % c]);
+                for ((o, &v), &t) in yb.iter_mut().zip(xb).zip(sb) {
+                    o.write((tau * (v * a + b) + t).max(0.0));
+                }
+            })
+    });
+    let st = BnState {
+        mean,
+        var,
+        invstd,
+        gamma: gamma.to_vec(),
+        scale,
+        shift,
+    };
+    (y, st)
+}
+
 /// Forward of [`batch_norm_residual_relu`]: (x, [γ, β, τ], s) → relu(τ·BN(x) + s).
 struct BnResFwd {
     geom: BnGeom,
@@ -209,39 +252,8 @@ impl CustomOp3 for BnResFwd {
         let params = f32_data(s2, l2, 2 * c + 1, self.name(), "parameters")?;
         let sc = f32_data(s3, l3, len, self.name(), "shortcut")?;
         let (gamma, beta, tau) = (&params[..c], &params[c..2 * c], params[2 * c]);
-        let BnStats {
-            mean,
-            var,
-            invstd,
-            scale,
-            shift,
-        } = bn_stats(self.geom, x, gamma, beta, self.eps);
-        let y = written(len, |y| {
-            if hw == 0 {
-                return;
-            }
-            y.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw).zip(sc.par_chunks(hw)))
-                .enumerate()
-                .for_each(|(idx, (yb, (xb, sb)))| {
-                    let (a, b) = (scale[idx % c], shift[idx % c]);
-                    for ((o, &v), &t) in yb.iter_mut().zip(xb).zip(sb) {
-                        o.write((tau * (v * a + b) + t).max(0.0));
-                    }
-                })
-        });
-        let mut st = lock_state(&self.state)?;
-        *st = Some((
-            BnState {
-                mean,
-                var,
-                invstd,
-                gamma: gamma.to_vec(),
-                scale,
-                shift,
-            },
-            tau,
-        ));
+        let (y, st) = bn_res_forward(self.geom, x, gamma, beta, tau, sc, self.eps);
+        *lock_state(&self.state)? = Some((st, tau));
         Ok((CpuStorage::F32(y), Shape::from(self.geom.dims)))
     }
 
@@ -305,25 +317,11 @@ fn res_sums(dy: &[f32], x: &[f32], y: &[f32], mean: f32, scale: f32, shift: f32)
     acc.map(|a| a.iter().map(|&v| v as f64).sum::<f64>())
 }
 
-impl CustomOp3 for BnResBwd {
-    fn name(&self) -> &'static str {
-        "batch-norm-residual-relu-fused-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl BnResBwd {
+    /// [dx, ds, dγ, dβ, dτ] from the output gradient, the input and the output.
+    fn compute(&self, dy: &[f32], x: &[f32], y: &[f32]) -> Vec<f32> {
         let BnGeom { n, c, hw, .. } = self.geom;
         let len = n * c * hw;
-        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
-        let x = f32_data(s2, l2, len, self.name(), "input")?;
-        let y = f32_data(s3, l3, len, self.name(), "output")?;
         let m = (n * hw) as f64;
         let tau = self.tau as f64;
         let sums: Vec<[f64; 3]> = (0..c)
@@ -344,7 +342,7 @@ impl CustomOp3 for BnResBwd {
                     .fold([0.0; 3], |a, b| [a[0] + b[0], a[1] + b[1], a[2] + b[2]])
             })
             .collect();
-        let out = written(2 * len + 2 * c + 1, |out| {
+        written(2 * len + 2 * c + 1, |out| {
             let (dx, rest) = out.split_at_mut(len);
             let (ds, tail) = rest.split_at_mut(len);
             // BN's backward on d = τ·m: dβ = Σ d, dγ = invstd·Σ d·(x − mean),
@@ -390,7 +388,30 @@ impl CustomOp3 for BnResBwd {
                 dtau += sums[ch][2];
             }
             tail[2 * c].write(dtau as f32);
-        });
+        })
+    }
+}
+
+impl CustomOp3 for BnResBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-residual-relu-fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let len = n * c * hw;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let x = f32_data(s2, l2, len, self.name(), "input")?;
+        let y = f32_data(s3, l3, len, self.name(), "output")?;
+        let out = self.compute(dy, x, y);
         Ok((CpuStorage::F32(out), Shape::from(2 * len + 2 * c + 1)))
     }
 }
@@ -547,6 +568,54 @@ fn bn_stats(geom: BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) -> B
     }
 }
 
+/// BN(x) in training mode, optionally ReLU'd, and the batch statistics.
+fn bn_forward(
+    geom: BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, BnState) {
+    let BnGeom { n, c, hw, .. } = geom;
+    let BnStats {
+        mean,
+        var,
+        invstd,
+        scale,
+        shift,
+    } = bn_stats(geom, x, gamma, beta, eps);
+    let y = written(n * c * hw, |y| {
+        if hw == 0 {
+            return;
+        }
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(idx, (yb, xb))| {
+                let (a, b) = (scale[idx % c], shift[idx % c]);
+                if relu {
+                    for (o, &v) in yb.iter_mut().zip(xb) {
+                        o.write((v * a + b).max(0.0));
+                    }
+                } else {
+                    for (o, &v) in yb.iter_mut().zip(xb) {
+                        o.write(v * a + b);
+                    }
+                }
+            })
+    });
+    let st = BnState {
+        mean,
+        var,
+        invstd,
+        gamma: gamma.to_vec(),
+        scale,
+        shift,
+    };
+    (y, st)
+}
+
 impl CustomOp3 for BnFwd {
     fn name(&self) -> &'static str {
         "batch-norm-train-fused"
@@ -565,40 +634,8 @@ impl CustomOp3 for BnFwd {
         let x = f32_data(s1, l1, n * c * hw, self.name(), "input")?;
         let gamma = f32_data(s2, l2, c, self.name(), "weight")?;
         let beta = f32_data(s3, l3, c, self.name(), "bias")?;
-        let BnStats {
-            mean,
-            var,
-            invstd,
-            scale,
-            shift,
-        } = bn_stats(self.geom, x, gamma, beta, self.eps);
-        let relu = self.relu;
-        let y = written(n * c * hw, |y| {
-            y.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw))
-                .enumerate()
-                .for_each(|(idx, (yb, xb))| {
-                    let (a, b) = (scale[idx % c], shift[idx % c]);
-                    if relu {
-                        for (o, &v) in yb.iter_mut().zip(xb) {
-                            o.write((v * a + b).max(0.0));
-                        }
-                    } else {
-                        for (o, &v) in yb.iter_mut().zip(xb) {
-                            o.write(v * a + b);
-                        }
-                    }
-                })
-        });
-        let mut st = lock_state(&self.state)?;
-        *st = Some(BnState {
-            mean,
-            var,
-            invstd,
-            gamma: gamma.to_vec(),
-            scale,
-            shift,
-        });
+        let (y, st) = bn_forward(self.geom, x, gamma, beta, self.eps, self.relu);
+        *lock_state(&self.state)? = Some(st);
         Ok((CpuStorage::F32(y), Shape::from(self.geom.dims)))
     }
 
@@ -648,22 +685,11 @@ struct BnBwd {
     shift: Vec<f32>,
 }
 
-impl CustomOp2 for BnBwd {
-    fn name(&self) -> &'static str {
-        "batch-norm-train-fused-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl BnBwd {
+    /// [dx, dγ, dβ] from the output gradient and the input.
+    fn compute(&self, dy: &[f32], x: &[f32]) -> Vec<f32> {
         let BnGeom { n, c, hw, .. } = self.geom;
         let len = n * c * hw;
-        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
-        let x = f32_data(s2, l2, len, self.name(), "input")?;
         let m = (n * hw) as f64;
         let relu_of = |ch: usize| self.relu.then(|| (self.scale[ch], self.shift[ch]));
         // Per channel: dβ = Σ dy, Σ dy·(x − mean); dγ = invstd · the latter.
@@ -678,7 +704,7 @@ impl CustomOp2 for BnBwd {
                     .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
             })
             .collect();
-        let out = written(len + 2 * c, |out| {
+        written(len + 2 * c, |out| {
             let (dx, rest) = out.split_at_mut(len);
             // dx = γ·invstd·(dy − dβ/m − x̂·dγ/m), x̂ = (x − mean)·invstd.
             let coef: Vec<(f32, f32, f32)> = (0..c)
@@ -717,7 +743,27 @@ impl CustomOp2 for BnBwd {
                 rest[ch].write((sums[ch].1 * self.invstd[ch] as f64) as f32);
                 rest[c + ch].write(sums[ch].0 as f32);
             }
-        });
+        })
+    }
+}
+
+impl CustomOp2 for BnBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-fused-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let len = n * c * hw;
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let x = f32_data(s2, l2, len, self.name(), "input")?;
+        let out = self.compute(dy, x);
         Ok((CpuStorage::F32(out), Shape::from(len + 2 * c)))
     }
 }
@@ -1439,7 +1485,7 @@ impl CustomOp3 for ResidualReluBwd {
 }
 
 mod block;
-pub use block::scalar_bias_block;
+pub use block::{batch_norm_block, scalar_bias_block};
 
 #[cfg(test)]
 mod tests;

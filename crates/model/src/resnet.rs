@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::{conv2d, conv2d_shifted};
 use crate::ops::{
-    add_scalar, batch_norm_residual_relu, batch_norm_t, bias_relu_bias, global_avg_pool,
-    option_a_shortcut, relu, residual_relu, scalar_bias_block,
+    add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, bias_relu_bias,
+    global_avg_pool, option_a_shortcut, relu, residual_relu, scalar_bias_block,
 };
 use crate::tau::TauRule;
 
@@ -418,18 +418,32 @@ impl BasicBlock {
 impl ModuleT for BasicBlock {
     /// relu(τ · branch(x) + shortcut(x)).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(b) = &self.biases
-            && self.stride == 1
-            && xs.dim(1)? == self.c_out
-        {
-            // Identity shortcut, no normalization: the whole block is one op.
-            return scalar_bias_block(
-                xs,
-                &self.conv1,
-                &self.conv2,
-                [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
-                &self.tau,
-            );
+        if self.stride == 1 && xs.dim(1)? == self.c_out {
+            // Identity shortcut: the whole block is one op (one graph node) where the CPU
+            // kernels apply, the composition below elsewhere.
+            match (&self.bns, &self.biases) {
+                (Some((bn1, bn2)), _) => {
+                    return batch_norm_block(
+                        xs,
+                        &self.conv1,
+                        bn1,
+                        &self.conv2,
+                        bn2,
+                        &self.tau,
+                        train,
+                    );
+                }
+                (None, Some(b)) => {
+                    return scalar_bias_block(
+                        xs,
+                        &self.conv1,
+                        &self.conv2,
+                        [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
+                        &self.tau,
+                    );
+                }
+                (None, None) => {}
+            }
         }
         let (branch, end) = self.branch(xs, train)?;
         let shortcut = option_a_shortcut(xs, self.stride, self.c_out)?;

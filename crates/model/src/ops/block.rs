@@ -14,9 +14,14 @@ use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::{CHUNK, bias_relu_bias, fused_f32, lock_state, residual_relu};
+use super::{
+    BnBwd, BnGeom, BnResBwd, BnState, CHUNK, batch_norm_residual_relu, batch_norm_t,
+    bias_relu_bias, bn_forward, bn_params_f32, bn_res_forward, bn_train_parts, fused_f32,
+    lock_state, residual_relu, update_running_stats,
+};
 use crate::conv::{
     self, CpuConvBackend, Geom, backward_input_vec, backward_weight_vec, conv2d, conv2d_shifted,
     f32_data, forward_vec, written,
@@ -46,16 +51,7 @@ pub fn scalar_bias_block(
     if biases.iter().any(|b| b.elem_count() != 1) || tau.elem_count() != 1 {
         candle::bail!("scalar_bias_block: the biases and tau must have one element each");
     }
-    let (_, c, _, _) = xs.dims4()?;
-    for (name, wt) in [("conv1", conv1), ("conv2", conv2)] {
-        if wt.dims() != [c, c, 3, 3] {
-            candle::bail!(
-                "scalar_bias_block: {name} weight {:?} does not fit an identity block of {c} \
-                 channels (expected [{c}, {c}, 3, 3])",
-                wt.dims()
-            );
-        }
-    }
+    check_identity_weights("scalar_bias_block", xs, conv1, conv2)?;
     let fast = fused_f32(&[xs, conv1, conv2, b1a, b1b, b2a, b2b, tau])
         && conv::cpu_backend() == CpuConvBackend::Gemm;
     if !fast {
@@ -354,6 +350,287 @@ impl CustomOp3 for BlockBwd {
             (tau as f64 * sum_m) as f32,
             sum_my as f32,
         ]);
+        let total = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(total)))
+    }
+}
+
+/// relu(τ · BN2(conv2(relu(BN1(conv1(x))))) + x): a basic block with BatchNorm and an
+/// identity shortcut (stride 1, as many output channels as input channels), 3×3
+/// convolutions with padding 1, a one-element `tau`.
+///
+/// In training mode on the CPU for `f32` (with [`super::fused_cpu_ops`] on, affine `f32`
+/// BatchNorms and tau-model's convolution selected), one custom op whose backward is
+/// written out; it updates both BatchNorms' running statistics as [`super::batch_norm_t`]
+/// does. Elsewhere (and in evaluation mode) the composition [`conv2d`],
+/// [`super::batch_norm_t`] with ReLU, [`conv2d`], [`super::batch_norm_residual_relu`],
+/// which computes the same function.
+///
+/// # Errors
+/// `xs` not of rank 4, convolution weights that are not (C, C, 3, 3) for the C channels of
+/// `xs`, BatchNorms over another channel count, a `tau` with more than one element, or a
+/// device error.
+pub fn batch_norm_block(
+    xs: &Tensor,
+    conv1: &Tensor,
+    bn1: &BatchNorm,
+    conv2: &Tensor,
+    bn2: &BatchNorm,
+    tau: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if tau.elem_count() != 1 {
+        candle::bail!("batch_norm_block: tau must have one element");
+    }
+    check_identity_weights("batch_norm_block", xs, conv1, conv2)?;
+    let fast = train
+        && fused_f32(&[xs, conv1, conv2, tau])
+        && bn_params_f32(bn1)
+        && bn_params_f32(bn2)
+        && conv::cpu_backend() == CpuConvBackend::Gemm;
+    if !fast {
+        let out = conv2d(xs, conv1, 1, 1)?;
+        let out = batch_norm_t(bn1, &out, train, true)?;
+        let out = conv2d(&out, conv2, 1, 1)?;
+        return batch_norm_residual_relu(bn2, &out, train, tau, xs);
+    }
+    let (gamma1, beta1, geom) = bn_train_parts(bn1, xs, "batch_norm_block")?;
+    let (gamma2, beta2, _) = bn_train_parts(bn2, xs, "batch_norm_block")?;
+    let g = conv::geometry(xs, conv1, 1, 1)?;
+    let params = Tensor::cat(
+        &[
+            conv1.flatten_all()?,
+            conv2.flatten_all()?,
+            gamma1.clone(),
+            beta1.clone(),
+            gamma2.clone(),
+            beta2.clone(),
+            tau.flatten_all()?,
+        ],
+        0,
+    )?;
+    let state = Arc::new(Mutex::new(None));
+    let op = BnBlockFwd {
+        g,
+        geom,
+        eps: (bn1.eps(), bn2.eps()),
+        state: state.clone(),
+    };
+    let ys = xs.contiguous()?.apply_op2(&params, op)?;
+    let guard = lock_state(&state)?;
+    let Some(st) = guard.as_ref() else {
+        candle::bail!("batch_norm_block: the forward left no statistics");
+    };
+    update_running_stats(bn1, &st.bn1, geom)?;
+    update_running_stats(bn2, &st.bn2, geom)?;
+    Ok(ys)
+}
+
+/// Checks that `conv1` and `conv2` are the (C, C, 3, 3) weights of an identity block on
+/// the C channels of `xs`.
+fn check_identity_weights(what: &str, xs: &Tensor, conv1: &Tensor, conv2: &Tensor) -> Result<()> {
+    let (_, c, _, _) = xs.dims4()?;
+    for (name, wt) in [("conv1", conv1), ("conv2", conv2)] {
+        if wt.dims() != [c, c, 3, 3] {
+            candle::bail!(
+                "{what}: {name} weight {:?} does not fit an identity block of {c} channels \
+                 (expected [{c}, {c}, 3, 3])",
+                wt.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The packed parameters of [`batch_norm_block`]: conv1 and conv2 weights (c·c·9 each),
+/// γ1, β1, γ2, β2 (c each), τ.
+struct BnParams<'a> {
+    w1: &'a [f32],
+    w2: &'a [f32],
+    gamma1: &'a [f32],
+    beta1: &'a [f32],
+    gamma2: &'a [f32],
+    beta2: &'a [f32],
+    tau: f32,
+}
+
+impl<'a> BnParams<'a> {
+    fn len(g: &Geom) -> usize {
+        2 * g.c_out * g.c_in * 9 + 4 * g.c_out + 1
+    }
+
+    fn split(g: &Geom, p: &'a [f32]) -> Self {
+        let (k, c) = (g.c_out * g.c_in * 9, g.c_out);
+        let v = &p[2 * k..];
+        Self {
+            w1: &p[..k],
+            w2: &p[k..2 * k],
+            gamma1: &v[..c],
+            beta1: &v[c..2 * c],
+            gamma2: &v[2 * c..3 * c],
+            beta2: &v[3 * c..4 * c],
+            tau: v[4 * c],
+        }
+    }
+}
+
+/// What the backward of [`batch_norm_block`] needs from its forward.
+struct BnBlockState {
+    /// conv1's output (BN1's input).
+    y1: Vec<f32>,
+    /// relu(BN1(y1)), conv2's input.
+    h: Vec<f32>,
+    /// conv2's output (BN2's input).
+    y2: Vec<f32>,
+    bn1: BnState,
+    bn2: BnState,
+    tau: f32,
+}
+
+/// Forward of [`batch_norm_block`]: (x, packed parameters) → the block's output.
+struct BnBlockFwd {
+    g: Geom,
+    geom: BnGeom,
+    eps: (f64, f64),
+    state: Arc<Mutex<Option<BnBlockState>>>,
+}
+
+impl CustomOp2 for BnBlockFwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let len = g.n * g.c_in * g.h * g.w;
+        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let p = BnParams::split(
+            g,
+            f32_data(s2, l2, BnParams::len(g), self.name(), "parameters")?,
+        );
+        let y1 = forward_vec(g, x, None, p.w1);
+        let (h, bn1) = bn_forward(self.geom, &y1, p.gamma1, p.beta1, self.eps.0, true);
+        let y2 = forward_vec(g, &h, None, p.w2);
+        let (out, bn2) = bn_res_forward(self.geom, &y2, p.gamma2, p.beta2, p.tau, x, self.eps.1);
+        *lock_state(&self.state)? = Some(BnBlockState {
+            y1,
+            h,
+            y2,
+            bn1,
+            bn2,
+            tau: p.tau,
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_in, g.h, g.w))))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.g;
+        let len = g.n * g.c_in * g.h * g.w;
+        let n_params = BnParams::len(&g);
+        // [dx (len), dparams (n_params)]
+        let out = grad.contiguous()?.apply_op3_no_bwd(
+            res,
+            xs,
+            &BnBlockBwd {
+                g,
+                geom: self.geom,
+                params: params.to_vec1()?,
+                state: self.state.clone(),
+            },
+        )?;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let dp = out.narrow(0, len, n_params)?;
+        Ok((xs.track_op().then_some(dx), params.track_op().then_some(dp)))
+    }
+}
+
+/// Backward of [`BnBlockFwd`]: (dy, y, x) → [dx, dw1, dw2, dγ1, dβ1, dγ2, dβ2, dτ].
+struct BnBlockBwd {
+    g: Geom,
+    geom: BnGeom,
+    params: Vec<f32>,
+    state: Arc<Mutex<Option<BnBlockState>>>,
+}
+
+impl CustomOp3 for BnBlockBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-block-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        let (len, c) = (g.n * g.c_in * g.h * g.w, g.c_out);
+        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
+        let y = f32_data(s2, l2, len, self.name(), "output")?;
+        let x = f32_data(s3, l3, len, self.name(), "input")?;
+        let p = BnParams::split(g, &self.params);
+        let guard = lock_state(&self.state)?;
+        let Some(st) = guard.as_ref() else {
+            candle::bail!("{}: backward before the forward", self.name());
+        };
+        // The residual end: [dy2, m (the shortcut's gradient), dγ2, dβ2, dτ].
+        let end = BnResBwd {
+            geom: self.geom,
+            tau: st.tau,
+            mean: st.bn2.mean.iter().map(|&v| v as f32).collect(),
+            invstd: st.bn2.invstd.clone(),
+            gamma: st.bn2.gamma.clone(),
+            scale: st.bn2.scale.clone(),
+            shift: st.bn2.shift.clone(),
+        }
+        .compute(dy, &st.y2, y);
+        let (dy2, rest) = end.split_at(len);
+        let (m, d_end) = rest.split_at(len);
+        let dw2 = backward_weight_vec(g, dy2, &st.h, None);
+        let dh = backward_input_vec(g, dy2, p.w2, 0);
+        // BN1 + ReLU: [dy1, dγ1, dβ1].
+        let mut dy1 = BnBwd {
+            geom: self.geom,
+            relu: true,
+            mean: st.bn1.mean.iter().map(|&v| v as f32).collect(),
+            invstd: st.bn1.invstd.clone(),
+            gamma: st.bn1.gamma.clone(),
+            scale: st.bn1.scale.clone(),
+            shift: st.bn1.shift.clone(),
+        }
+        .compute(&dh, &st.y1);
+        drop(dh);
+        let d_bn1 = dy1.split_off(len);
+        let dw1 = backward_weight_vec(g, &dy1, x, None);
+        let mut dx = backward_input_vec(g, &dy1, p.w1, BnParams::len(g));
+        dx.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK))
+            .for_each(|(dc, mc)| {
+                for (v, &mv) in dc.iter_mut().zip(mc) {
+                    *v += mv;
+                }
+            });
+        dx.extend_from_slice(&dw1);
+        dx.extend_from_slice(&dw2);
+        dx.extend_from_slice(&d_bn1);
+        dx.extend_from_slice(d_end);
+        debug_assert_eq!(dx.len(), len + BnParams::len(g));
+        debug_assert_eq!(d_end.len(), 2 * c + 1);
         let total = dx.len();
         Ok((CpuStorage::F32(dx), Shape::from(total)))
     }

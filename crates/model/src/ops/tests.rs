@@ -629,3 +629,154 @@ fn scalar_bias_block_rejects_impossible_shapes() {
         super::scalar_bias_block(&t[1].flatten_all().unwrap(), &t[1], &t[2], bs, &t[7]).is_err()
     );
 }
+
+/// The block with BatchNorm in training mode against candle / candle-nn in `f64` (output,
+/// every gradient, both BatchNorms' running statistics), and against the composed fused
+/// ops in `f32`, which compute the very same numbers.
+fn check_bn_block(dims: [usize; 4], seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let c = dims[1];
+    let t = block_inputs(&mut rng, dims);
+    let (x, w1, w2, tau) = (&t[0], &t[1], &t[2], &t[7]);
+    let bn_params: Vec<[Tensor; 4]> = (0..2)
+        .map(|_| {
+            [
+                random(&mut rng, &[c], 0.5, 1.5),
+                random(&mut rng, &[c], -0.5, 0.5),
+                random(&mut rng, &[c], -0.1, 0.1),
+                random(&mut rng, &[c], 0.9, 1.1),
+            ]
+        })
+        .collect();
+    let bns = |dtype| -> Vec<(BatchNorm, Var, Var)> {
+        bn_params
+            .iter()
+            .map(|[g, b, rm, rv]| make_bn(g, b, rm, rv, dtype))
+            .collect()
+    };
+    let r = random(&mut rng, &dims, -1.0, 1.0);
+
+    let f = bns(DType::F32);
+    let vars: Vec<Var> = [x, w1, w2, tau]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let v = |i: usize| vars[i].as_tensor();
+    let y = super::batch_norm_block(v(0), v(1), &f[0].0, v(2), &f[1].0, v(3), true).unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let d = bns(DType::F64);
+    let vars64: Vec<Var> = [x, w1, w2, tau]
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap())
+        .collect();
+    let v64 = |i: usize| vars64[i].as_tensor();
+    let h64 = d[0]
+        .0
+        .forward_t(&v64(0).conv2d(v64(1), 1, 1, 1, 1).unwrap(), true)
+        .unwrap()
+        .relu()
+        .unwrap();
+    let b64 = d[1]
+        .0
+        .forward_t(&h64.conv2d(v64(2), 1, 1, 1, 1).unwrap(), true)
+        .unwrap();
+    let y64 = (b64.broadcast_mul(v64(3)).unwrap() + v64(0))
+        .unwrap()
+        .relu()
+        .unwrap();
+    let r64 = r.to_dtype(DType::F64).unwrap();
+    let grads64 = (&y64 * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let e = rel_err(&y, &y64);
+    assert!(e < 1e-5, "{dims:?}: output rel err {e}");
+    let mut pairs: Vec<(String, Tensor, Tensor)> = ["x", "conv1", "conv2", "tau"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.to_string(), v(i).clone(), v64(i).clone()))
+        .collect();
+    for (k, ((_, g32, b32), (_, g64, b64))) in f.iter().zip(&d).enumerate() {
+        pairs.push((
+            format!("gamma{}", k + 1),
+            g32.as_tensor().clone(),
+            g64.as_tensor().clone(),
+        ));
+        pairs.push((
+            format!("beta{}", k + 1),
+            b32.as_tensor().clone(),
+            b64.as_tensor().clone(),
+        ));
+    }
+    for (name, a, b) in &pairs {
+        let ga = grads.get(a).unwrap();
+        assert_eq!(ga.dims(), a.dims(), "{dims:?}: d{name} shape");
+        let e = rel_err(ga, grads64.get(b).unwrap());
+        assert!(e < 1e-4, "{dims:?}: d{name} rel err {e}");
+    }
+    for ((bn, _, _), (bn64, _, _)) in f.iter().zip(&d) {
+        let e = rel_err(bn.running_mean(), bn64.running_mean());
+        assert!(e < 1e-5, "{dims:?}: running mean rel err {e}");
+        let e = rel_err(bn.running_var(), bn64.running_var());
+        assert!(e < 1e-5, "{dims:?}: running var rel err {e}");
+    }
+
+    // The composed fused ops: the same f32 numbers, outputs and gradients alike.
+    let f2 = bns(DType::F32);
+    let vars2: Vec<Var> = [x, w1, w2, tau]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let v2 = |i: usize| vars2[i].as_tensor();
+    let h = super::batch_norm_t(
+        &f2[0].0,
+        &crate::conv::conv2d(v2(0), v2(1), 1, 1).unwrap(),
+        true,
+        true,
+    )
+    .unwrap();
+    let y2 = super::batch_norm_residual_relu(
+        &f2[1].0,
+        &crate::conv::conv2d(&h, v2(2), 1, 1).unwrap(),
+        true,
+        v2(3),
+        v2(0),
+    )
+    .unwrap();
+    assert_eq!(rel_err(&y, &y2), 0.0, "{dims:?}: block vs composed output");
+    let grads2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for i in 0..4 {
+        let e = rel_err(grads.get(v(i)).unwrap(), grads2.get(v2(i)).unwrap());
+        assert_eq!(e, 0.0, "{dims:?}: gradient {i} block vs composed");
+    }
+    for ((bn, _, _), (bn2, _, _)) in f.iter().zip(&f2) {
+        assert_eq!(rel_err(bn.running_var(), bn2.running_var()), 0.0);
+    }
+}
+
+#[test]
+fn batch_norm_block_matches_candle_nn() {
+    check_bn_block([2, 3, 5, 7], 31);
+    check_bn_block([1, 16, 8, 8], 32);
+    check_bn_block([4, 4, 4, 4], 33);
+    check_bn_block([3, 8, 16, 16], 34);
+}
+
+#[test]
+fn batch_norm_block_rejects_impossible_shapes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(35);
+    let t = block_inputs(&mut rng, [2, 4, 4, 4]);
+    let ones = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let (bn, _, _) = make_bn(&ones, &ones, &ones, &ones, DType::F32);
+    let wide = random(&mut rng, &[8, 4, 3, 3], -0.1, 0.1);
+    let two = random(&mut rng, &[2], -0.1, 0.1);
+    assert!(super::batch_norm_block(&t[0], &wide, &bn, &t[2], &bn, &t[7], true).is_err());
+    assert!(super::batch_norm_block(&t[0], &t[1], &bn, &t[2], &bn, &two, true).is_err());
+    let x8 = random(&mut rng, &[2, 8, 4, 4], -1.0, 1.0);
+    let w8 = random(&mut rng, &[8, 8, 3, 3], -0.1, 0.1);
+    assert!(super::batch_norm_block(&x8, &w8, &bn, &w8, &bn, &t[7], true).is_err());
+}
