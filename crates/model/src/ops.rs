@@ -64,7 +64,7 @@ pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Res
         let ys = bn.forward_t(xs, train)?;
         return if relu { ys.relu() } else { Ok(ys) };
     }
-    let (weight, bias, geom) = bn_train_parts(bn, xs, "batch_norm_t")?;
+    let (weight, bias, geom) = bn_train_parts(bn, xs.dims4()?, "batch_norm_t")?;
     let state = Arc::new(Mutex::new(None));
     let op = BnFwd {
         geom,
@@ -94,18 +94,18 @@ fn bn_params_f32(bn: &BatchNorm) -> bool {
 /// counts agree and there is more than one value per channel. `what` names the caller.
 fn bn_train_parts<'a>(
     bn: &'a BatchNorm,
-    xs: &Tensor,
+    dims: (usize, usize, usize, usize),
     what: &str,
 ) -> Result<(&'a Tensor, &'a Tensor, BnGeom)> {
     let Some((weight, bias)) = bn.weight_and_bias() else {
         candle::bail!("{what}: fused path needs affine parameters");
     };
-    let (n, c, h, w) = xs.dims4()?;
+    let (n, c, h, w) = dims;
     if weight.dims() != [c] || bias.dims() != [c] || bn.running_mean().dims() != [c] {
         candle::bail!(
             "batch norm over {} channels applied to input {:?}",
             bn.running_mean().elem_count(),
-            xs.dims()
+            [n, c, h, w]
         );
     }
     if n * h * w < 2 {
@@ -162,7 +162,7 @@ pub fn batch_norm_residual_relu(
     if !fused {
         return residual_relu(&batch_norm_t(bn, xs, train, false)?, tau, None, shortcut);
     }
-    let (weight, bias, geom) = bn_train_parts(bn, xs, "batch_norm_residual_relu")?;
+    let (weight, bias, geom) = bn_train_parts(bn, xs.dims4()?, "batch_norm_residual_relu")?;
     let params = Tensor::cat(&[weight, bias, &tau.flatten_all()?], 0)?;
     let state = Arc::new(Mutex::new(None));
     let op = BnResFwd {
@@ -976,6 +976,33 @@ impl ShortcutGeom {
     }
 }
 
+/// The option-A shortcut of `x` (n × c_in × h × w): every `stride`-th pixel of each
+/// channel, then zero channels up to c_out.
+fn shortcut_a_forward(g: ShortcutGeom, x: &[f32]) -> Vec<f32> {
+    let (ho, wo) = g.out_hw();
+    written(g.n * g.c_out * ho * wo, |y| {
+        if ho * wo == 0 {
+            return;
+        }
+        y.par_chunks_mut(ho * wo).enumerate().for_each(|(idx, p)| {
+            let (i, c) = (idx / g.c_out, idx % g.c_out);
+            if c >= g.c_in {
+                for o in p {
+                    o.write(0.0);
+                }
+                return;
+            }
+            let src = &x[(i * g.c_in + c) * g.h * g.w..][..g.h * g.w];
+            for (r, row) in p.chunks_mut(wo).enumerate() {
+                let s = &src[r * g.stride * g.w..];
+                for (j, o) in row.iter_mut().enumerate() {
+                    o.write(s[j * g.stride]);
+                }
+            }
+        })
+    })
+}
+
 /// Forward of [`option_a_shortcut`].
 struct ShortcutA(ShortcutGeom);
 
@@ -988,27 +1015,7 @@ impl CustomOp1 for ShortcutA {
         let g = self.0;
         let (ho, wo) = g.out_hw();
         let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, self.name(), "input")?;
-        let y = written(g.n * g.c_out * ho * wo, |y| {
-            if ho * wo == 0 {
-                return;
-            }
-            y.par_chunks_mut(ho * wo).enumerate().for_each(|(idx, p)| {
-                let (i, c) = (idx / g.c_out, idx % g.c_out);
-                if c >= g.c_in {
-                    for o in p {
-                        o.write(0.0);
-                    }
-                    return;
-                }
-                let src = &x[(i * g.c_in + c) * g.h * g.w..][..g.h * g.w];
-                for (r, row) in p.chunks_mut(wo).enumerate() {
-                    let s = &src[r * g.stride * g.w..];
-                    for (j, o) in row.iter_mut().enumerate() {
-                        o.write(s[j * g.stride]);
-                    }
-                }
-            })
-        });
+        let y = shortcut_a_forward(g, x);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.c_out, ho, wo))))
     }
 
@@ -1016,6 +1023,39 @@ impl CustomOp1 for ShortcutA {
         let out = grad.contiguous()?.apply_op1_no_bwd(&ShortcutABwd(self.0))?;
         Ok(Some(out.reshape(xs.shape())?))
     }
+}
+
+/// The adjoint of [`shortcut_a_forward`]: dy (n × c_out × h' × w') → dx (n × c_in × h × w),
+/// dy's first c_in channels at the kept positions, zero elsewhere.
+fn shortcut_a_backward(g: ShortcutGeom, dy: &[f32]) -> Vec<f32> {
+    let (ho, wo) = g.out_hw();
+    written(g.n * g.c_in * g.h * g.w, |dx| {
+        if g.h * g.w == 0 {
+            return;
+        }
+        dx.par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(idx, p)| {
+                let (i, c) = (idx / g.c_in, idx % g.c_in);
+                let src = &dy[(i * g.c_out + c) * ho * wo..][..ho * wo];
+                for (r, row) in p.chunks_mut(g.w).enumerate() {
+                    if r % g.stride != 0 {
+                        for o in row {
+                            o.write(0.0);
+                        }
+                        continue;
+                    }
+                    let s = &src[(r / g.stride) * wo..][..wo];
+                    for (col, o) in row.iter_mut().enumerate() {
+                        o.write(if col % g.stride == 0 {
+                            s[col / g.stride]
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+            })
+    })
 }
 
 /// Backward of [`ShortcutA`]: dy (N, C_out, H', W') → dx (N·C_in·H·W), dy's first C_in
@@ -1038,33 +1078,7 @@ impl CustomOp1 for ShortcutABwd {
             "output gradient",
         )?;
         let len = g.n * g.c_in * g.h * g.w;
-        let dx = written(len, |dx| {
-            if g.h * g.w == 0 {
-                return;
-            }
-            dx.par_chunks_mut(g.h * g.w)
-                .enumerate()
-                .for_each(|(idx, p)| {
-                    let (i, c) = (idx / g.c_in, idx % g.c_in);
-                    let src = &dy[(i * g.c_out + c) * ho * wo..][..ho * wo];
-                    for (r, row) in p.chunks_mut(g.w).enumerate() {
-                        if r % g.stride != 0 {
-                            for o in row {
-                                o.write(0.0);
-                            }
-                            continue;
-                        }
-                        let s = &src[(r / g.stride) * wo..][..wo];
-                        for (col, o) in row.iter_mut().enumerate() {
-                            o.write(if col % g.stride == 0 {
-                                s[col / g.stride]
-                            } else {
-                                0.0
-                            });
-                        }
-                    }
-                })
-        });
+        let dx = shortcut_a_backward(g, dy);
         Ok((CpuStorage::F32(dx), Shape::from(len)))
     }
 }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::{conv2d, conv2d_shifted};
 use crate::ops::{
-    add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, bias_relu_bias,
-    global_avg_pool, option_a_shortcut, relu, residual_relu, scalar_bias_block,
+    add_scalar, batch_norm_block, batch_norm_t, global_avg_pool, relu, residual_relu,
+    scalar_bias_block,
 };
 use crate::tau::TauRule;
 
@@ -323,14 +323,6 @@ pub struct ScalarBiases {
     pub bias2b: Tensor,
 }
 
-/// What a basic block's branch applies after conv2, before τ.
-enum BranchEnd<'a> {
-    /// BN2.
-    BatchNorm(&'a BatchNorm),
-    /// The scalar bias b2b.
-    Bias(&'a Tensor),
-}
-
 /// A basic block: two 3×3 convolutions on the residual branch, scaled by τ.
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
@@ -343,7 +335,6 @@ pub struct BasicBlock {
     /// τ, a one-element tensor (shared with every block; the `tau` parameter if learnable).
     tau: Tensor,
     stride: usize,
-    c_out: usize,
 }
 
 impl BasicBlock {
@@ -382,31 +373,7 @@ impl BasicBlock {
             biases,
             tau,
             stride,
-            c_out,
         })
-    }
-
-    /// The residual branch up to conv2, and what follows it before τ:
-    /// (conv2(relu(BN1(conv1 x))), BN2) with BatchNorm,
-    /// (conv2(relu(conv1(x + b1a) + b1b) + b2a), the scalar bias b2b) without.
-    fn branch(&self, xs: &Tensor, train: bool) -> Result<(Tensor, BranchEnd<'_>)> {
-        match (&self.bns, &self.biases) {
-            (Some((bn1, bn2)), _) => {
-                let out = conv2d(xs, &self.conv1, self.stride, 1)?;
-                let out = batch_norm_t(bn1, &out, train, true)?;
-                let out = conv2d(&out, &self.conv2, 1, 1)?;
-                Ok((out, BranchEnd::BatchNorm(bn2)))
-            }
-            (None, Some(b)) => {
-                // Three activation-sized nodes: conv1 of the shifted input (no tensor for
-                // x + b1a), relu(· + b1b) + b2a as one op, conv2.
-                let out = conv2d_shifted(xs, &b.bias1a, &self.conv1, self.stride, 1)?;
-                let out = bias_relu_bias(&out, &b.bias1b, &b.bias2a)?;
-                let out = conv2d(&out, &self.conv2, 1, 1)?;
-                Ok((out, BranchEnd::Bias(&b.bias2b)))
-            }
-            (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),
-        }
     }
 
     /// The scalar biases (without normalization).
@@ -418,40 +385,26 @@ impl BasicBlock {
 impl ModuleT for BasicBlock {
     /// relu(τ · branch(x) + shortcut(x)).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if self.stride == 1 && xs.dim(1)? == self.c_out {
-            // Identity shortcut: the whole block is one op (one graph node) where the CPU
-            // kernels apply, the composition below elsewhere.
-            match (&self.bns, &self.biases) {
-                (Some((bn1, bn2)), _) => {
-                    return batch_norm_block(
-                        xs,
-                        &self.conv1,
-                        bn1,
-                        &self.conv2,
-                        bn2,
-                        &self.tau,
-                        train,
-                    );
-                }
-                (None, Some(b)) => {
-                    return scalar_bias_block(
-                        xs,
-                        &self.conv1,
-                        &self.conv2,
-                        [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
-                        &self.tau,
-                    );
-                }
-                (None, None) => {}
-            }
-        }
-        let (branch, end) = self.branch(xs, train)?;
-        let shortcut = option_a_shortcut(xs, self.stride, self.c_out)?;
-        match end {
-            BranchEnd::BatchNorm(bn2) => {
-                batch_norm_residual_relu(bn2, &branch, train, &self.tau, &shortcut)
-            }
-            BranchEnd::Bias(b) => residual_relu(&branch, &self.tau, Some(b), &shortcut),
+        // The whole block is one op (one graph node) where the CPU kernels apply, the
+        // composition of the per-layer ops elsewhere.
+        match (&self.bns, &self.biases) {
+            (Some((bn1, bn2)), _) => batch_norm_block(
+                xs,
+                (&self.conv1, bn1),
+                (&self.conv2, bn2),
+                &self.tau,
+                self.stride,
+                train,
+            ),
+            (None, Some(b)) => scalar_bias_block(
+                xs,
+                &self.conv1,
+                &self.conv2,
+                [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
+                &self.tau,
+                self.stride,
+            ),
+            (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),
         }
     }
 }

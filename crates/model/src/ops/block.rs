@@ -1,5 +1,7 @@
-//! A whole basic block without normalization as one custom op:
-//! relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + x).
+//! A whole basic block as one custom op: without normalization
+//! relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + shortcut(x)), with BatchNorm
+//! relu(τ · BN2(conv2(relu(BN1(conv1 x)))) + shortcut(x)); the shortcut is the identity or,
+//! at a stage transition, option A (stride-2 subsampling and zero channels).
 //!
 //! Composed of the per-layer ops, a block is four activation-sized nodes of candle's graph
 //! (conv1 of the shifted input, relu(· + b1b) + b2a, conv2, the residual end), and candle's
@@ -10,6 +12,7 @@
 //! threads, and hands candle one input gradient (branch and shortcut already summed) and
 //! one small vector of parameter gradients.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
@@ -18,49 +21,53 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::{
-    BnBwd, BnGeom, BnResBwd, BnState, CHUNK, batch_norm_residual_relu, batch_norm_t,
+    BnBwd, BnGeom, BnResBwd, BnState, CHUNK, ShortcutGeom, batch_norm_residual_relu, batch_norm_t,
     bias_relu_bias, bn_forward, bn_params_f32, bn_res_forward, bn_train_parts, fused_f32,
-    lock_state, residual_relu, update_running_stats,
+    lock_state, option_a_shortcut, residual_relu, shortcut_a_backward, shortcut_a_forward,
+    update_running_stats,
 };
 use crate::conv::{
     self, CpuConvBackend, Geom, backward_input_vec, backward_weight_vec, conv2d, conv2d_shifted,
     f32_data, forward_vec, written,
 };
 
-/// relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + x): a basic block without
-/// normalization with an identity shortcut (stride 1, as many output channels as input
-/// channels), 3×3 convolutions with padding 1, one-element biases `[b1a, b1b, b2a, b2b]`
-/// and a one-element `tau`.
+/// relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + shortcut(x)): a basic block
+/// without normalization, 3×3 convolutions with padding 1 (conv1 with `stride`, 1 or 2),
+/// one-element biases `[b1a, b1b, b2a, b2b]` and a one-element `tau`. The shortcut is the
+/// identity for stride 1 and as many output channels as input channels, otherwise
+/// [`option_a_shortcut`].
 ///
 /// On the CPU for `f32` (with [`super::fused_cpu_ops`] on and tau-model's convolution
 /// selected), one custom op whose backward is written out; elsewhere the composition
-/// [`conv2d_shifted`], [`bias_relu_bias`], [`conv2d`], [`residual_relu`], which computes
-/// the same function.
+/// [`conv2d_shifted`], [`bias_relu_bias`], [`conv2d`], [`residual_relu`] with
+/// [`option_a_shortcut`], which computes the same function.
 ///
 /// # Errors
-/// `xs` not of rank 4, convolution weights that are not (C, C, 3, 3) for the C channels of
-/// `xs`, a bias or `tau` with more than one element, or a device error.
+/// `xs` not of rank 4, a conv1 weight that is not (C_out, C_in, 3, 3) for the C_in channels
+/// of `xs` with C_out ≥ C_in, a conv2 weight that is not (C_out, C_out, 3, 3), a stride
+/// other than 1 or 2, a bias or `tau` with more than one element, or a device error.
 pub fn scalar_bias_block(
     xs: &Tensor,
     conv1: &Tensor,
     conv2: &Tensor,
     biases: [&Tensor; 4],
     tau: &Tensor,
+    stride: usize,
 ) -> Result<Tensor> {
     let [b1a, b1b, b2a, b2b] = biases;
     if biases.iter().any(|b| b.elem_count() != 1) || tau.elem_count() != 1 {
         candle::bail!("scalar_bias_block: the biases and tau must have one element each");
     }
-    check_identity_weights("scalar_bias_block", xs, conv1, conv2)?;
+    let bg = BlockGeom::new("scalar_bias_block", xs, conv1, conv2, stride)?;
     let fast = fused_f32(&[xs, conv1, conv2, b1a, b1b, b2a, b2b, tau])
         && conv::cpu_backend() == CpuConvBackend::Gemm;
     if !fast {
-        let out = conv2d_shifted(xs, b1a, conv1, 1, 1)?;
+        let out = conv2d_shifted(xs, b1a, conv1, stride, 1)?;
         let out = bias_relu_bias(&out, b1b, b2a)?;
         let out = conv2d(&out, conv2, 1, 1)?;
-        return residual_relu(&out, tau, Some(b2b), xs);
+        let shortcut = option_a_shortcut(xs, stride, bg.g1.c_out)?;
+        return residual_relu(&out, tau, Some(b2b), &shortcut);
     }
-    let g = conv::geometry(xs, conv1, 1, 1)?;
     let params = Tensor::cat(
         &[
             conv1.flatten_all()?,
@@ -74,7 +81,7 @@ pub fn scalar_bias_block(
         0,
     )?;
     let op = BlockFwd {
-        g,
+        bg,
         keep: xs.track_op() || params.track_op(),
         keep_branch: tau.track_op(),
         state: Arc::new(Mutex::new(None)),
@@ -82,10 +89,110 @@ pub fn scalar_bias_block(
     xs.contiguous()?.apply_op2(&params, op)
 }
 
+/// Sizes of a basic block: its two convolutions and its shortcut.
+#[derive(Debug, Clone, Copy)]
+struct BlockGeom {
+    /// conv1: C_in → C_out, with the block's stride.
+    g1: Geom,
+    /// conv2: C_out → C_out, stride 1, on conv1's output.
+    g2: Geom,
+    /// The option-A shortcut; `None` for the identity.
+    shortcut: Option<ShortcutGeom>,
+}
+
+impl BlockGeom {
+    /// Checks the shapes of a block on `xs` (see [`scalar_bias_block`]).
+    fn new(what: &str, xs: &Tensor, conv1: &Tensor, conv2: &Tensor, stride: usize) -> Result<Self> {
+        let (n, c_in, h, w) = xs.dims4()?;
+        let c_out = conv1.dim(0)?;
+        if conv1.dims() != [c_out, c_in, 3, 3] || c_out < c_in {
+            candle::bail!(
+                "{what}: conv1 weight {:?} does not fit a block on {c_in} channels (expected \
+                 [C_out, {c_in}, 3, 3] with C_out ≥ {c_in})",
+                conv1.dims()
+            );
+        }
+        if conv2.dims() != [c_out, c_out, 3, 3] {
+            candle::bail!(
+                "{what}: conv2 weight {:?} does not fit a block of {c_out} channels (expected \
+                 [{c_out}, {c_out}, 3, 3])",
+                conv2.dims()
+            );
+        }
+        if stride != 1 && stride != 2 {
+            candle::bail!("{what}: stride must be 1 or 2, got {stride}");
+        }
+        let g1 = conv::geometry(xs, conv1, stride, 1)?;
+        let g2 = Geom {
+            n,
+            c_in: c_out,
+            h: g1.h_out,
+            w: g1.w_out,
+            c_out,
+            k: 3,
+            stride: 1,
+            padding: 1,
+            h_out: g1.h_out,
+            w_out: g1.w_out,
+        };
+        let shortcut = (stride != 1 || c_out != c_in).then_some(ShortcutGeom {
+            n,
+            c_in,
+            c_out,
+            h,
+            w,
+            stride,
+        });
+        Ok(Self { g1, g2, shortcut })
+    }
+
+    fn len_in(&self) -> usize {
+        self.g1.n * self.g1.c_in * self.g1.h * self.g1.w
+    }
+
+    fn len_out(&self) -> usize {
+        self.g2.n * self.g2.c_out * self.g2.h * self.g2.w
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.g2.n, self.g2.c_out, self.g2.h, self.g2.w))
+    }
+
+    /// Elements of conv1's and conv2's weights.
+    fn weights(&self) -> (usize, usize) {
+        (
+            self.g1.c_out * self.g1.c_in * 9,
+            self.g2.c_out * self.g2.c_in * 9,
+        )
+    }
+
+    /// The shortcut of `x`: `x` itself, or its option-A shortcut.
+    fn shortcut<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        match self.shortcut {
+            None => Cow::Borrowed(x),
+            Some(sg) => Cow::Owned(shortcut_a_forward(sg, x)),
+        }
+    }
+
+    /// dx = `dx_branch` + the shortcut's adjoint applied to `m`, in place; returns Σ of
+    /// `dx_branch` (before the addition).
+    fn add_shortcut_grad(&self, dx_branch: &mut [f32], m: &[f32]) -> f64 {
+        let ds = match self.shortcut {
+            None => Cow::Borrowed(m),
+            Some(sg) => Cow::Owned(shortcut_a_backward(sg, m)),
+        };
+        dx_branch
+            .par_chunks_mut(CHUNK)
+            .zip(ds.par_chunks(CHUNK))
+            .map(|(dc, mc)| sum_then_add(dc, mc))
+            .sum()
+    }
+}
+
 /// The one-element parameters, in their order at the end of the packed parameter vector.
 const SCALARS: usize = 5;
 
-/// The packed parameters: conv1 and conv2 weights (c·c·9 each), then b1a, b1b, b2a, b2b, τ.
+/// The packed parameters: conv1 and conv2 weights, then b1a, b1b, b2a, b2b, τ.
 struct Params<'a> {
     w1: &'a [f32],
     w2: &'a [f32],
@@ -97,16 +204,17 @@ struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
-    fn len(g: &Geom) -> usize {
-        2 * g.c_out * g.c_in * 9 + SCALARS
+    fn len(bg: &BlockGeom) -> usize {
+        let (k1, k2) = bg.weights();
+        k1 + k2 + SCALARS
     }
 
-    fn split(g: &Geom, p: &'a [f32]) -> Self {
-        let k = g.c_out * g.c_in * 9;
-        let s = &p[2 * k..];
+    fn split(bg: &BlockGeom, p: &'a [f32]) -> Self {
+        let (k1, k2) = bg.weights();
+        let s = &p[k1 + k2..];
         Self {
-            w1: &p[..k],
-            w2: &p[k..2 * k],
+            w1: &p[..k1],
+            w2: &p[k1..k1 + k2],
             b1a: s[0],
             b1b: s[1],
             b2a: s[2],
@@ -128,7 +236,7 @@ struct State {
 
 /// Forward of [`scalar_bias_block`]: (x, packed parameters) → the block's output.
 struct BlockFwd {
-    g: Geom,
+    bg: BlockGeom,
     /// Keep the intermediates for a backward (some input needs a gradient).
     keep: bool,
     /// Keep conv2's output too (τ needs a gradient).
@@ -258,15 +366,15 @@ impl CustomOp2 for BlockFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let len = g.n * g.c_in * g.h * g.w;
-        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let bg = &self.bg;
+        let (len_in, len) = (bg.len_in(), bg.len_out());
+        let x = f32_data(s1, l1, len_in, self.name(), "input")?;
         let p = Params::split(
-            g,
-            f32_data(s2, l2, Params::len(g), self.name(), "parameters")?,
+            bg,
+            f32_data(s2, l2, Params::len(bg), self.name(), "parameters")?,
         );
         // h = relu(conv1(x + b1a) + b1b) + b2a, in place, and the ReLU's mask.
-        let mut h = forward_vec(g, x, Some(p.b1a), p.w1);
+        let mut h = forward_vec(&bg.g1, x, Some(p.b1a), p.w1);
         let mut mask: Vec<u8> = Vec::with_capacity(if self.keep { len } else { 0 });
         let (b1b, b2a) = (p.b1b, p.b2a);
         if self.keep {
@@ -288,8 +396,9 @@ impl CustomOp2 for BlockFwd {
                 }
             });
         }
-        // out = relu(τ·(conv2(h) + b2b) + x), like `residual_relu`.
-        let mut y2 = forward_vec(g, &h, None, p.w2);
+        // out = relu(τ·(conv2(h) + b2b) + shortcut(x)), like `residual_relu`.
+        let mut y2 = forward_vec(&bg.g2, &h, None, p.w2);
+        let sc = bg.shortcut(x);
         let (a, c) = (p.tau, p.tau * p.b2b);
         let end = |yc: &[f32], xc: &[f32], oc: &mut [MaybeUninit<f32>]| {
             for ((o, &v), &t) in oc.iter_mut().zip(yc).zip(xc) {
@@ -299,12 +408,12 @@ impl CustomOp2 for BlockFwd {
         let out = if self.keep && self.keep_branch {
             written(len, |out| {
                 out.par_chunks_mut(CHUNK)
-                    .zip(y2.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+                    .zip(y2.par_chunks(CHUNK).zip(sc.par_chunks(CHUNK)))
                     .for_each(|(oc, (yc, xc))| end(yc, xc, oc))
             })
         } else {
             y2.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
+                .zip(sc.par_chunks(CHUNK))
                 .for_each(|(yc, xc)| {
                     for (v, &t) in yc.iter_mut().zip(xc) {
                         *v = (a * *v + c + t).max(0.0);
@@ -319,7 +428,7 @@ impl CustomOp2 for BlockFwd {
                 y2: self.keep_branch.then_some(y2),
             });
         }
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_in, g.h, g.w))))
+        Ok((CpuStorage::F32(out), bg.out_shape()))
     }
 
     fn bwd(
@@ -329,15 +438,15 @@ impl CustomOp2 for BlockFwd {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.g;
-        let len = g.n * g.c_in * g.h * g.w;
-        let n_params = Params::len(&g);
+        let bg = self.bg;
+        let len = bg.len_in();
+        let n_params = Params::len(&bg);
         // [dx (len), dparams (n_params)]
         let out = grad.contiguous()?.apply_op3_no_bwd(
             res,
             xs,
             &BlockBwd {
-                g,
+                bg,
                 params: params.to_vec1()?,
                 state: self.state.clone(),
             },
@@ -350,7 +459,7 @@ impl CustomOp2 for BlockFwd {
 
 /// Backward of [`BlockFwd`]: (dy, y, x) → [dx, dw1, dw2, db1a, db1b, db2a, db2b, dτ].
 struct BlockBwd {
-    g: Geom,
+    bg: BlockGeom,
     params: Vec<f32>,
     state: Arc<Mutex<Option<State>>>,
 }
@@ -369,12 +478,12 @@ impl CustomOp3 for BlockBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let len = g.n * g.c_in * g.h * g.w;
+        let bg = &self.bg;
+        let (len_in, len) = (bg.len_in(), bg.len_out());
         let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
         let y = f32_data(s2, l2, len, self.name(), "output")?;
-        let x = f32_data(s3, l3, len, self.name(), "input")?;
-        let p = Params::split(g, &self.params);
+        let x = f32_data(s3, l3, len_in, self.name(), "input")?;
+        let p = Params::split(bg, &self.params);
         let guard = lock_state(&self.state)?;
         let Some(st) = guard.as_ref() else {
             candle::bail!("{}: the forward kept no state for a backward", self.name());
@@ -397,12 +506,12 @@ impl CustomOp3 for BlockBwd {
         let (sum_my, sum_m) = sums;
         let tau = p.tau;
         // conv2: dW2 = τ·wgrad(m, h), dh = conv2ᵀ(m) with τ·W2.
-        let mut dw2 = backward_weight_vec(g, &m, &st.h, None);
+        let mut dw2 = backward_weight_vec(&bg.g2, &m, &st.h, None);
         for v in &mut dw2 {
             *v *= tau;
         }
         let w2_tau: Vec<f32> = p.w2.iter().map(|&v| v * tau).collect();
-        let mut dh = backward_input_vec(g, &m, &w2_tau, 0);
+        let mut dh = backward_input_vec(&bg.g2, &m, &w2_tau, 0);
         // db2a = Σ dh; dy1 = dh ⊙ mask (in place); db1b = Σ dy1.
         let (sum_dh, sum_dy1) = dh
             .par_chunks_mut(CHUNK)
@@ -410,14 +519,10 @@ impl CustomOp3 for BlockBwd {
             .map(|(dc, mc)| relu_mask_sums(dc, mc))
             .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
         let dy1 = dh;
-        // conv1 of x + b1a: dW1, and dx = conv1ᵀ(dy1) + m; db1a = Σ conv1ᵀ(dy1).
-        let dw1 = backward_weight_vec(g, &dy1, x, Some(p.b1a));
-        let mut dx = backward_input_vec(g, &dy1, p.w1, Params::len(g));
-        let sum_dxb: f64 = dx
-            .par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK))
-            .map(|(dc, mc)| sum_then_add(dc, mc))
-            .sum();
+        // conv1 of x + b1a: dW1, and dx = conv1ᵀ(dy1) + shortcutᵀ(m); db1a = Σ conv1ᵀ(dy1).
+        let dw1 = backward_weight_vec(&bg.g1, &dy1, x, Some(p.b1a));
+        let mut dx = backward_input_vec(&bg.g1, &dy1, p.w1, Params::len(bg));
+        let sum_dxb = bg.add_shortcut_grad(&mut dx, &m);
         dx.extend_from_slice(&dw1);
         dx.extend_from_slice(&dw2);
         dx.extend_from_slice(&[
@@ -432,48 +537,49 @@ impl CustomOp3 for BlockBwd {
     }
 }
 
-/// relu(τ · BN2(conv2(relu(BN1(conv1(x))))) + x): a basic block with BatchNorm and an
-/// identity shortcut (stride 1, as many output channels as input channels), 3×3
-/// convolutions with padding 1, a one-element `tau`.
+/// relu(τ · BN2(conv2(relu(BN1(conv1(x))))) + shortcut(x)): a basic block with BatchNorm
+/// (each convolution weight paired with the BatchNorm after it),
+/// 3×3 convolutions with padding 1 (conv1 with `stride`, 1 or 2), a one-element `tau`; the
+/// shortcut as in [`scalar_bias_block`].
 ///
 /// In training mode on the CPU for `f32` (with [`super::fused_cpu_ops`] on, affine `f32`
 /// BatchNorms and tau-model's convolution selected), one custom op whose backward is
 /// written out; it updates both BatchNorms' running statistics as [`super::batch_norm_t`]
 /// does. Elsewhere (and in evaluation mode) the composition [`conv2d`],
-/// [`super::batch_norm_t`] with ReLU, [`conv2d`], [`super::batch_norm_residual_relu`],
-/// which computes the same function.
+/// [`super::batch_norm_t`] with ReLU, [`conv2d`], [`super::batch_norm_residual_relu`] with
+/// [`option_a_shortcut`], which computes the same `f32` numbers.
 ///
 /// # Errors
-/// `xs` not of rank 4, convolution weights that are not (C, C, 3, 3) for the C channels of
-/// `xs`, BatchNorms over another channel count, a `tau` with more than one element, or a
-/// device error.
+/// The shape errors of [`scalar_bias_block`], BatchNorms over another channel count than
+/// conv1's output, a `tau` with more than one element, or a device error.
 pub fn batch_norm_block(
     xs: &Tensor,
-    conv1: &Tensor,
-    bn1: &BatchNorm,
-    conv2: &Tensor,
-    bn2: &BatchNorm,
+    (conv1, bn1): (&Tensor, &BatchNorm),
+    (conv2, bn2): (&Tensor, &BatchNorm),
     tau: &Tensor,
+    stride: usize,
     train: bool,
 ) -> Result<Tensor> {
     if tau.elem_count() != 1 {
         candle::bail!("batch_norm_block: tau must have one element");
     }
-    check_identity_weights("batch_norm_block", xs, conv1, conv2)?;
+    let bg = BlockGeom::new("batch_norm_block", xs, conv1, conv2, stride)?;
     let fast = train
         && fused_f32(&[xs, conv1, conv2, tau])
         && bn_params_f32(bn1)
         && bn_params_f32(bn2)
         && conv::cpu_backend() == CpuConvBackend::Gemm;
     if !fast {
-        let out = conv2d(xs, conv1, 1, 1)?;
+        let out = conv2d(xs, conv1, stride, 1)?;
         let out = batch_norm_t(bn1, &out, train, true)?;
         let out = conv2d(&out, conv2, 1, 1)?;
-        return batch_norm_residual_relu(bn2, &out, train, tau, xs);
+        let shortcut = option_a_shortcut(xs, stride, bg.g1.c_out)?;
+        return batch_norm_residual_relu(bn2, &out, train, tau, &shortcut);
     }
-    let (gamma1, beta1, geom) = bn_train_parts(bn1, xs, "batch_norm_block")?;
-    let (gamma2, beta2, _) = bn_train_parts(bn2, xs, "batch_norm_block")?;
-    let g = conv::geometry(xs, conv1, 1, 1)?;
+    let g2 = bg.g2;
+    let out_dims = (g2.n, g2.c_out, g2.h, g2.w);
+    let (gamma1, beta1, geom) = bn_train_parts(bn1, out_dims, "batch_norm_block")?;
+    let (gamma2, beta2, _) = bn_train_parts(bn2, out_dims, "batch_norm_block")?;
     let params = Tensor::cat(
         &[
             conv1.flatten_all()?,
@@ -488,7 +594,7 @@ pub fn batch_norm_block(
     )?;
     let state = Arc::new(Mutex::new(None));
     let op = BnBlockFwd {
-        g,
+        bg,
         geom,
         eps: (bn1.eps(), bn2.eps()),
         state: state.clone(),
@@ -503,24 +609,8 @@ pub fn batch_norm_block(
     Ok(ys)
 }
 
-/// Checks that `conv1` and `conv2` are the (C, C, 3, 3) weights of an identity block on
-/// the C channels of `xs`.
-fn check_identity_weights(what: &str, xs: &Tensor, conv1: &Tensor, conv2: &Tensor) -> Result<()> {
-    let (_, c, _, _) = xs.dims4()?;
-    for (name, wt) in [("conv1", conv1), ("conv2", conv2)] {
-        if wt.dims() != [c, c, 3, 3] {
-            candle::bail!(
-                "{what}: {name} weight {:?} does not fit an identity block of {c} channels \
-                 (expected [{c}, {c}, 3, 3])",
-                wt.dims()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The packed parameters of [`batch_norm_block`]: conv1 and conv2 weights (c·c·9 each),
-/// γ1, β1, γ2, β2 (c each), τ.
+/// The packed parameters of [`batch_norm_block`]: conv1 and conv2 weights, γ1, β1, γ2, β2
+/// (C_out each), τ.
 struct BnParams<'a> {
     w1: &'a [f32],
     w2: &'a [f32],
@@ -532,16 +622,17 @@ struct BnParams<'a> {
 }
 
 impl<'a> BnParams<'a> {
-    fn len(g: &Geom) -> usize {
-        2 * g.c_out * g.c_in * 9 + 4 * g.c_out + 1
+    fn len(bg: &BlockGeom) -> usize {
+        let (k1, k2) = bg.weights();
+        k1 + k2 + 4 * bg.g2.c_out + 1
     }
 
-    fn split(g: &Geom, p: &'a [f32]) -> Self {
-        let (k, c) = (g.c_out * g.c_in * 9, g.c_out);
-        let v = &p[2 * k..];
+    fn split(bg: &BlockGeom, p: &'a [f32]) -> Self {
+        let ((k1, k2), c) = (bg.weights(), bg.g2.c_out);
+        let v = &p[k1 + k2..];
         Self {
-            w1: &p[..k],
-            w2: &p[k..2 * k],
+            w1: &p[..k1],
+            w2: &p[k1..k1 + k2],
             gamma1: &v[..c],
             beta1: &v[c..2 * c],
             gamma2: &v[2 * c..3 * c],
@@ -566,7 +657,7 @@ struct BnBlockState {
 
 /// Forward of [`batch_norm_block`]: (x, packed parameters) → the block's output.
 struct BnBlockFwd {
-    g: Geom,
+    bg: BlockGeom,
     geom: BnGeom,
     eps: (f64, f64),
     state: Arc<Mutex<Option<BnBlockState>>>,
@@ -584,17 +675,17 @@ impl CustomOp2 for BnBlockFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let len = g.n * g.c_in * g.h * g.w;
-        let x = f32_data(s1, l1, len, self.name(), "input")?;
+        let bg = &self.bg;
+        let x = f32_data(s1, l1, bg.len_in(), self.name(), "input")?;
         let p = BnParams::split(
-            g,
-            f32_data(s2, l2, BnParams::len(g), self.name(), "parameters")?,
+            bg,
+            f32_data(s2, l2, BnParams::len(bg), self.name(), "parameters")?,
         );
-        let y1 = forward_vec(g, x, None, p.w1);
+        let y1 = forward_vec(&bg.g1, x, None, p.w1);
         let (h, bn1) = bn_forward(self.geom, &y1, p.gamma1, p.beta1, self.eps.0, true);
-        let y2 = forward_vec(g, &h, None, p.w2);
-        let (out, bn2) = bn_res_forward(self.geom, &y2, p.gamma2, p.beta2, p.tau, x, self.eps.1);
+        let y2 = forward_vec(&bg.g2, &h, None, p.w2);
+        let sc = bg.shortcut(x);
+        let (out, bn2) = bn_res_forward(self.geom, &y2, p.gamma2, p.beta2, p.tau, &sc, self.eps.1);
         *lock_state(&self.state)? = Some(BnBlockState {
             y1,
             h,
@@ -603,7 +694,7 @@ impl CustomOp2 for BnBlockFwd {
             bn2,
             tau: p.tau,
         });
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_in, g.h, g.w))))
+        Ok((CpuStorage::F32(out), bg.out_shape()))
     }
 
     fn bwd(
@@ -613,15 +704,15 @@ impl CustomOp2 for BnBlockFwd {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.g;
-        let len = g.n * g.c_in * g.h * g.w;
-        let n_params = BnParams::len(&g);
+        let bg = self.bg;
+        let len = bg.len_in();
+        let n_params = BnParams::len(&bg);
         // [dx (len), dparams (n_params)]
         let out = grad.contiguous()?.apply_op3_no_bwd(
             res,
             xs,
             &BnBlockBwd {
-                g,
+                bg,
                 geom: self.geom,
                 params: params.to_vec1()?,
                 state: self.state.clone(),
@@ -635,7 +726,7 @@ impl CustomOp2 for BnBlockFwd {
 
 /// Backward of [`BnBlockFwd`]: (dy, y, x) → [dx, dw1, dw2, dγ1, dβ1, dγ2, dβ2, dτ].
 struct BnBlockBwd {
-    g: Geom,
+    bg: BlockGeom,
     geom: BnGeom,
     params: Vec<f32>,
     state: Arc<Mutex<Option<BnBlockState>>>,
@@ -655,12 +746,12 @@ impl CustomOp3 for BnBlockBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let (len, c) = (g.n * g.c_in * g.h * g.w, g.c_out);
+        let bg = &self.bg;
+        let (len_in, len) = (bg.len_in(), bg.len_out());
         let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
         let y = f32_data(s2, l2, len, self.name(), "output")?;
-        let x = f32_data(s3, l3, len, self.name(), "input")?;
-        let p = BnParams::split(g, &self.params);
+        let x = f32_data(s3, l3, len_in, self.name(), "input")?;
+        let p = BnParams::split(bg, &self.params);
         let guard = lock_state(&self.state)?;
         let Some(st) = guard.as_ref() else {
             candle::bail!("{}: backward before the forward", self.name());
@@ -678,8 +769,8 @@ impl CustomOp3 for BnBlockBwd {
         .compute(dy, &st.y2, y);
         let (dy2, rest) = end.split_at(len);
         let (m, d_end) = rest.split_at(len);
-        let dw2 = backward_weight_vec(g, dy2, &st.h, None);
-        let dh = backward_input_vec(g, dy2, p.w2, 0);
+        let dw2 = backward_weight_vec(&bg.g2, dy2, &st.h, None);
+        let dh = backward_input_vec(&bg.g2, dy2, p.w2, 0);
         // BN1 + ReLU: [dy1, dγ1, dβ1].
         let mut dy1 = BnBwd {
             geom: self.geom,
@@ -693,21 +784,15 @@ impl CustomOp3 for BnBlockBwd {
         .compute(&dh, &st.y1);
         drop(dh);
         let d_bn1 = dy1.split_off(len);
-        let dw1 = backward_weight_vec(g, &dy1, x, None);
-        let mut dx = backward_input_vec(g, &dy1, p.w1, BnParams::len(g));
-        dx.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK))
-            .for_each(|(dc, mc)| {
-                for (v, &mv) in dc.iter_mut().zip(mc) {
-                    *v += mv;
-                }
-            });
+        let dw1 = backward_weight_vec(&bg.g1, &dy1, x, None);
+        let mut dx = backward_input_vec(&bg.g1, &dy1, p.w1, BnParams::len(bg));
+        bg.add_shortcut_grad(&mut dx, m);
         dx.extend_from_slice(&dw1);
         dx.extend_from_slice(&dw2);
         dx.extend_from_slice(&d_bn1);
         dx.extend_from_slice(d_end);
-        debug_assert_eq!(dx.len(), len + BnParams::len(g));
-        debug_assert_eq!(d_end.len(), 2 * c + 1);
+        debug_assert_eq!(dx.len(), len_in + BnParams::len(bg));
+        debug_assert_eq!(d_end.len(), 2 * bg.g2.c_out + 1);
         let total = dx.len();
         Ok((CpuStorage::F32(dx), Shape::from(total)))
     }
