@@ -19,6 +19,10 @@
 //! [`add_scalar`] and [`residual_relu`] replace chains of candle's broadcast ops (each a
 //! fresh tensor and a pass over memory, and in the backward a reduction per scalar) with
 //! one pass forward and one backward; on other devices and dtypes they run those chains.
+//!
+//! [`scalar_bias_block`] and [`batch_norm_block`] go one step further: a whole basic block
+//! (both convolutions, the biases or BatchNorms, τ and the shortcut) is one op, so candle's
+//! backward handles one gradient per block instead of one per layer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
