@@ -195,6 +195,29 @@ fn bn_res_forward(
     sc: &[f32],
     eps: f64,
 ) -> (Vec<f32>, BnState) {
+    let hw = geom.hw;
+    bn_forward_map(geom, x, gamma, beta, eps, |idx, yb, xb, a, b| {
+        let sb = &sc[idx * hw..(idx + 1) * hw];
+        for ((o, &v), &t) in yb.iter_mut().zip(xb).zip(sb) {
+            o.write((tau * (v * a + b) + t).max(0.0));
+        }
+    })
+}
+
+/// The batch statistics of a BatchNorm in training mode, and its output written by `write`
+/// plane by plane: `write(idx, y, x, scale, shift)` for plane `idx` (image idx / c,
+/// channel idx % c) with BN(x) = scale·x + shift, on rayon's threads.
+fn bn_forward_map<F>(
+    geom: BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    write: F,
+) -> (Vec<f32>, BnState)
+where
+    F: Fn(usize, &mut [std::mem::MaybeUninit<f32>], &[f32], f32, f32) + Sync,
+{
     let BnGeom { n, c, hw, .. } = geom;
     let BnStats {
         mean,
@@ -208,14 +231,9 @@ fn bn_res_forward(
             return;
         }
         y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw).zip(sc.par_chunks(hw)))
+            .zip(x.par_chunks(hw))
             .enumerate()
-            .for_each(|(idx, (yb, (xb, sb)))| {
-                let (a, b) = (scale[idx % c], shift[idx % c]);
-                for ((o, &v), &t) in yb.iter_mut().zip(xb).zip(sb) {
-                    o.write((tau * (v * a + b) + t).max(0.0));
-                }
-            })
+            .for_each(|(idx, (yb, xb))| write(idx, yb, xb, scale[idx % c], shift[idx % c]))
     });
     let st = BnState {
         mean,
@@ -274,15 +292,7 @@ impl CustomOp3 for BnResFwd {
         let Some((st, tau)) = st.as_ref() else {
             candle::bail!("batch norm backward before its forward");
         };
-        let op = BnResBwd {
-            geom: self.geom,
-            tau: *tau,
-            mean: st.mean.iter().map(|&v| v as f32).collect(),
-            invstd: st.invstd.clone(),
-            gamma: st.gamma.clone(),
-            scale: st.scale.clone(),
-            shift: st.shift.clone(),
-        };
+        let op = st.res_backward(self.geom, *tau);
         let out =
             grad.contiguous()?
                 .apply_op3_no_bwd(&xs.contiguous()?, &res.contiguous()?, &op)?;
@@ -455,6 +465,35 @@ struct BnState {
     shift: Vec<f32>,
 }
 
+impl BnState {
+    /// The backward op of the BatchNorm (optionally followed by ReLU) whose forward kept
+    /// these statistics.
+    fn backward(&self, geom: BnGeom, relu: bool) -> BnBwd {
+        BnBwd {
+            geom,
+            relu,
+            mean: self.mean.iter().map(|&v| v as f32).collect(),
+            invstd: self.invstd.clone(),
+            gamma: self.gamma.clone(),
+            scale: self.scale.clone(),
+            shift: self.shift.clone(),
+        }
+    }
+
+    /// The backward op of relu(τ·BN(x) + s) whose forward kept these statistics.
+    fn res_backward(&self, geom: BnGeom, tau: f32) -> BnResBwd {
+        BnResBwd {
+            geom,
+            tau,
+            mean: self.mean.iter().map(|&v| v as f32).collect(),
+            invstd: self.invstd.clone(),
+            gamma: self.gamma.clone(),
+            scale: self.scale.clone(),
+            shift: self.shift.clone(),
+        }
+    }
+}
+
 /// Forward of the fused BatchNorm: (x, γ, β) → y.
 struct BnFwd {
     geom: BnGeom,
@@ -581,43 +620,17 @@ fn bn_forward(
     eps: f64,
     relu: bool,
 ) -> (Vec<f32>, BnState) {
-    let BnGeom { n, c, hw, .. } = geom;
-    let BnStats {
-        mean,
-        var,
-        invstd,
-        scale,
-        shift,
-    } = bn_stats(geom, x, gamma, beta, eps);
-    let y = written(n * c * hw, |y| {
-        if hw == 0 {
-            return;
+    bn_forward_map(geom, x, gamma, beta, eps, |_, yb, xb, a, b| {
+        if relu {
+            for (o, &v) in yb.iter_mut().zip(xb) {
+                o.write((v * a + b).max(0.0));
+            }
+        } else {
+            for (o, &v) in yb.iter_mut().zip(xb) {
+                o.write(v * a + b);
+            }
         }
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(idx, (yb, xb))| {
-                let (a, b) = (scale[idx % c], shift[idx % c]);
-                if relu {
-                    for (o, &v) in yb.iter_mut().zip(xb) {
-                        o.write((v * a + b).max(0.0));
-                    }
-                } else {
-                    for (o, &v) in yb.iter_mut().zip(xb) {
-                        o.write(v * a + b);
-                    }
-                }
-            })
-    });
-    let st = BnState {
-        mean,
-        var,
-        invstd,
-        gamma: gamma.to_vec(),
-        scale,
-        shift,
-    };
-    (y, st)
+    })
 }
 
 impl CustomOp3 for BnFwd {
@@ -656,15 +669,7 @@ impl CustomOp3 for BnFwd {
         let Some(st) = st.as_ref() else {
             candle::bail!("batch norm backward before its forward");
         };
-        let op = BnBwd {
-            geom: self.geom,
-            relu: self.relu,
-            mean: st.mean.iter().map(|&v| v as f32).collect(),
-            invstd: st.invstd.clone(),
-            gamma: st.gamma.clone(),
-            scale: st.scale.clone(),
-            shift: st.shift.clone(),
-        };
+        let op = st.backward(self.geom, self.relu);
         let out = grad.contiguous()?.apply_op2_no_bwd(xs, &op)?;
         let len = n * c * hw;
         let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;

@@ -21,9 +21,9 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::{
-    BnBwd, BnGeom, BnResBwd, BnState, CHUNK, ShortcutGeom, batch_norm_residual_relu, batch_norm_t,
-    bias_relu_bias, bn_forward, bn_params_f32, bn_res_forward, bn_train_parts, fused_f32,
-    lock_state, option_a_shortcut, residual_relu, shortcut_a_backward, shortcut_a_forward,
+    BnGeom, BnState, CHUNK, ShortcutGeom, batch_norm_residual_relu, batch_norm_t, bias_relu_bias,
+    bn_forward, bn_params_f32, bn_res_forward, bn_train_parts, fused_f32, lock_state,
+    option_a_shortcut, residual_relu, shortcut_a_backward, shortcut_a_forward,
     update_running_stats,
 };
 use crate::conv::{
@@ -244,6 +244,22 @@ struct BlockFwd {
     state: Arc<Mutex<Option<State>>>,
 }
 
+/// Runs a block's backward op on (dy, y, x), whose result is [dx, dparams] in one vector,
+/// and splits it into the gradients of the input and of the packed parameters.
+fn block_grads(
+    op: &impl CustomOp3,
+    xs: &Tensor,
+    params: &Tensor,
+    res: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let out = grad.contiguous()?.apply_op3_no_bwd(res, xs, op)?;
+    let len = xs.elem_count();
+    let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+    let dp = out.narrow(0, len, params.elem_count())?;
+    Ok((xs.track_op().then_some(dx), params.track_op().then_some(dp)))
+}
+
 /// Σ of 16-lane `f32` partial sums, in `f64`.
 fn lanes_sum(acc: &[f32; 16]) -> f64 {
     acc.iter().map(|&v| v as f64).sum()
@@ -438,22 +454,12 @@ impl CustomOp2 for BlockFwd {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let bg = self.bg;
-        let len = bg.len_in();
-        let n_params = Params::len(&bg);
-        // [dx (len), dparams (n_params)]
-        let out = grad.contiguous()?.apply_op3_no_bwd(
-            res,
-            xs,
-            &BlockBwd {
-                bg,
-                params: params.to_vec1()?,
-                state: self.state.clone(),
-            },
-        )?;
-        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
-        let dp = out.narrow(0, len, n_params)?;
-        Ok((xs.track_op().then_some(dx), params.track_op().then_some(dp)))
+        let op = BlockBwd {
+            bg: self.bg,
+            params: params.to_vec1()?,
+            state: self.state.clone(),
+        };
+        block_grads(&op, xs, params, res, grad)
     }
 }
 
@@ -704,23 +710,13 @@ impl CustomOp2 for BnBlockFwd {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let bg = self.bg;
-        let len = bg.len_in();
-        let n_params = BnParams::len(&bg);
-        // [dx (len), dparams (n_params)]
-        let out = grad.contiguous()?.apply_op3_no_bwd(
-            res,
-            xs,
-            &BnBlockBwd {
-                bg,
-                geom: self.geom,
-                params: params.to_vec1()?,
-                state: self.state.clone(),
-            },
-        )?;
-        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
-        let dp = out.narrow(0, len, n_params)?;
-        Ok((xs.track_op().then_some(dx), params.track_op().then_some(dp)))
+        let op = BnBlockBwd {
+            bg: self.bg,
+            geom: self.geom,
+            params: params.to_vec1()?,
+            state: self.state.clone(),
+        };
+        block_grads(&op, xs, params, res, grad)
     }
 }
 
@@ -757,31 +753,16 @@ impl CustomOp3 for BnBlockBwd {
             candle::bail!("{}: backward before the forward", self.name());
         };
         // The residual end: [dy2, m (the shortcut's gradient), dγ2, dβ2, dτ].
-        let end = BnResBwd {
-            geom: self.geom,
-            tau: st.tau,
-            mean: st.bn2.mean.iter().map(|&v| v as f32).collect(),
-            invstd: st.bn2.invstd.clone(),
-            gamma: st.bn2.gamma.clone(),
-            scale: st.bn2.scale.clone(),
-            shift: st.bn2.shift.clone(),
-        }
-        .compute(dy, &st.y2, y);
+        let end = st
+            .bn2
+            .res_backward(self.geom, st.tau)
+            .compute(dy, &st.y2, y);
         let (dy2, rest) = end.split_at(len);
         let (m, d_end) = rest.split_at(len);
         let dw2 = backward_weight_vec(&bg.g2, dy2, &st.h, None);
         let dh = backward_input_vec(&bg.g2, dy2, p.w2, 0);
         // BN1 + ReLU: [dy1, dγ1, dβ1].
-        let mut dy1 = BnBwd {
-            geom: self.geom,
-            relu: true,
-            mean: st.bn1.mean.iter().map(|&v| v as f32).collect(),
-            invstd: st.bn1.invstd.clone(),
-            gamma: st.bn1.gamma.clone(),
-            scale: st.bn1.scale.clone(),
-            shift: st.bn1.shift.clone(),
-        }
-        .compute(&dh, &st.y1);
+        let mut dy1 = st.bn1.backward(self.geom, true).compute(&dh, &st.y1);
         drop(dh);
         let d_bn1 = dy1.split_off(len);
         let dw1 = backward_weight_vec(&bg.g1, &dy1, x, None);
