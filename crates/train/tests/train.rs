@@ -536,3 +536,49 @@ fn eval_reads_a_run_checkpoint() {
     assert!((0.0..=1.0).contains(&acc));
     assert!(r["test_loss"].as_f64().unwrap().is_finite());
 }
+
+#[test]
+fn bench_measures_a_bottleneck_resnet_and_rejects_bad_depths() {
+    // A ResNet-50 step on two 32×32 images (BatchNorm needs two values per channel in the
+    // last stage, which is 1×1): the point is the record, not the speed.
+    let o = bin()
+        .args(["bench", "--skip-resnets", "--bottleneck-depths", "50"])
+        .args([
+            "--bottleneck-batch",
+            "2",
+            "--bottleneck-size",
+            "32",
+            "--norms",
+            "bn",
+        ])
+        .args([
+            "--theory-depth",
+            "0",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(r["model"], "bottleneck_resnet");
+    assert_eq!(r["depth"], 50);
+    assert_eq!(r["batch"], 2);
+    assert!(r["median_s"].as_f64().unwrap() > 0.0, "{r}");
+    // 3 × (forward multiply-adds at 32×32) × 2 flops: the stem, 16 blocks and the head.
+    assert!(r["gflop"].as_f64().unwrap() > 0.1, "{r}");
+
+    let o = bin()
+        .args(["bench", "--skip-resnets", "--bottleneck-depths", "34"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("50, 101 or 152"), "{err}");
+}

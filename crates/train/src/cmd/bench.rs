@@ -12,7 +12,9 @@ use candle::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD, VarBuilder};
 use serde::Serialize;
 use tau_model::conv::{CpuConvBackend, set_cpu_backend};
-use tau_model::{CifarResNetConfig, Model, ModelConfig, Norm, TheoryConfig, init_varmap};
+use tau_model::{
+    BottleneckResNetConfig, CifarResNetConfig, Model, ModelConfig, Norm, TheoryConfig, init_varmap,
+};
 
 use super::Outcome;
 
@@ -49,6 +51,16 @@ pub struct BenchArgs {
     /// Batch size of the CIFAR ResNets (3×32×32 inputs).
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
+    /// Bottleneck (ImageNet) ResNet depths to benchmark (50, 101, 152), with each of
+    /// `--norms`; none by default.
+    #[arg(long, value_delimiter = ',')]
+    pub bottleneck_depths: Vec<usize>,
+    /// Batch size of the bottleneck ResNets.
+    #[arg(long, default_value_t = 8)]
+    pub bottleneck_batch: usize,
+    /// Height and width of the bottleneck ResNets' inputs (3×S×S, 1000 classes).
+    #[arg(long, default_value_t = 224)]
+    pub bottleneck_size: usize,
     /// Depth L of the theory network; 0 skips it.
     #[arg(long, default_value_t = 1024)]
     pub theory_depth: usize,
@@ -84,9 +96,10 @@ pub struct BenchArgs {
 /// One measured point.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRecord {
-    /// `cifar_resnet` or `theory`.
+    /// `cifar_resnet`, `bottleneck_resnet` or `theory`.
     pub model: String,
-    /// Depth: 6n+2 for the CIFAR ResNets, L for the theory network.
+    /// Depth: 6n+2 for the CIFAR ResNets, 50/101/152 for the bottleneck ResNets, L for the
+    /// theory network.
     pub depth: usize,
     /// `bn` or `none` (the theory network has no normalization).
     pub norm: String,
@@ -121,8 +134,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     if args.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
-    if args.batch == 0 || args.theory_inputs == 0 {
-        anyhow::bail!("--batch and --theory-inputs must be at least 1");
+    if args.batch == 0 || args.theory_inputs == 0 || args.bottleneck_batch == 0 {
+        anyhow::bail!("--batch, --bottleneck-batch and --theory-inputs must be at least 1");
+    }
+    if args.bottleneck_size == 0 {
+        anyhow::bail!("--bottleneck-size must be at least 1");
+    }
+    for &d in &args.bottleneck_depths {
+        if ![50, 101, 152].contains(&d) {
+            anyhow::bail!(
+                "--bottleneck-depths: a bottleneck ResNet depth is 50, 101 or 152, got {d}"
+            );
+        }
     }
     for &d in &args.depths {
         if d < 8 || (d - 2) % 6 != 0 {
@@ -148,7 +171,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     };
     if !args.json {
         println!(
-            "{:<13} {:>5} {:>5} {:>9} {:>6} {:>7} {:>10} {:>9} {:>9}",
+            "{:<17} {:>5} {:>5} {:>10} {:>6} {:>7} {:>10} {:>9} {:>9}",
             "model", "depth", "norm", "phase", "batch", "conv", "median s", "images/s", "GFLOP/s"
         );
     }
@@ -157,7 +180,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             println!("{}", serde_json::to_string(r)?);
         } else {
             println!(
-                "{:<13} {:>5} {:>5} {:>9} {:>6} {:>7} {:>10.4} {:>9.1} {:>9.1}",
+                "{:<17} {:>5} {:>5} {:>10} {:>6} {:>7} {:>10.4} {:>9.1} {:>9.1}",
                 r.model,
                 r.depth,
                 r.norm,
@@ -176,6 +199,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         for &norm in &args.norms {
             let r = bench_cifar(depth, norm, &args, &conv, &device)
                 .with_context(|| format!("benchmarking CIFAR ResNet-{depth} ({norm:?})"))?;
+            report(&r)?;
+        }
+    }
+    for &depth in &args.bottleneck_depths {
+        for &norm in &args.norms {
+            let r = bench_bottleneck(depth, norm, &args, &conv, &device)
+                .with_context(|| format!("benchmarking bottleneck ResNet-{depth} ({norm:?})"))?;
             report(&r)?;
         }
     }
@@ -226,6 +256,13 @@ fn cifar_forward_flops(depth: usize, num_classes: usize) -> f64 {
     flops + 2.0 * (64 * num_classes) as f64
 }
 
+fn model_norm(norm: BenchNorm) -> Norm {
+    match norm {
+        BenchNorm::Bn => Norm::BatchNorm,
+        BenchNorm::None => Norm::None,
+    }
+}
+
 fn bench_cifar(
     depth: usize,
     norm: BenchNorm,
@@ -235,41 +272,134 @@ fn bench_cifar(
 ) -> anyhow::Result<BenchRecord> {
     let cfg = CifarResNetConfig {
         depth,
-        norm: match norm {
-            BenchNorm::Bn => Norm::BatchNorm,
-            BenchNorm::None => Norm::None,
-        },
+        norm: model_norm(norm),
         learnable_tau: norm == BenchNorm::None,
         ..CifarResNetConfig::default()
     };
-    let num_classes = cfg.num_classes;
-    let cfg = ModelConfig::CifarResnet(cfg);
-    let varmap = init_varmap(&cfg, 0, DType::F32, device)?;
-    let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
-    let xs = Tensor::randn(0f32, 1f32, (args.batch, 3, 32, 32), device)?;
-    let labels: Vec<u32> = (0..args.batch).map(|i| (i % num_classes) as u32).collect();
-    let labels = Tensor::new(labels, device)?;
-    let (median_s, min_s) = time_steps(args.warmup, args.steps, || {
-        let logits = model.forward_t(&xs, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        opt.backward_step(&loss)
-    })?;
-    let gflop = 3.0 * cifar_forward_flops(depth, num_classes) * args.batch as f64 / 1e9;
-    Ok(BenchRecord {
-        model: "cifar_resnet".into(),
+    let forward_flops = cifar_forward_flops(depth, cfg.num_classes);
+    let step = TrainStep {
+        name: "cifar_resnet",
         depth,
-        norm: format!("{norm:?}").to_lowercase(),
-        phase: "train_step".into(),
+        norm,
         batch: args.batch,
-        conv: conv.into(),
-        median_s,
-        min_s,
-        images_per_s: args.batch as f64 / median_s,
-        gflop,
-        gflop_per_s: gflop / median_s,
-        steps: args.steps,
-    })
+        size: 32,
+        num_classes: cfg.num_classes,
+        forward_flops,
+    };
+    step.bench(&ModelConfig::CifarResnet(cfg), args, conv, device)
+}
+
+fn bench_bottleneck(
+    depth: usize,
+    norm: BenchNorm,
+    args: &BenchArgs,
+    conv: &str,
+    device: &Device,
+) -> anyhow::Result<BenchRecord> {
+    let cfg = BottleneckResNetConfig {
+        depth,
+        norm: model_norm(norm),
+        learnable_tau: norm == BenchNorm::None,
+        ..BottleneckResNetConfig::default()
+    };
+    let forward_flops = bottleneck_forward_flops(depth, args.bottleneck_size, cfg.num_classes);
+    let step = TrainStep {
+        name: "bottleneck_resnet",
+        depth,
+        norm,
+        batch: args.bottleneck_batch,
+        size: args.bottleneck_size,
+        num_classes: cfg.num_classes,
+        forward_flops,
+    };
+    step.bench(&ModelConfig::BottleneckResnet(cfg), args, conv, device)
+}
+
+/// One image-classifier training step to time: forward, cross-entropy, backward, SGD.
+struct TrainStep {
+    name: &'static str,
+    depth: usize,
+    norm: BenchNorm,
+    batch: usize,
+    /// Input height and width (3 channels).
+    size: usize,
+    num_classes: usize,
+    /// Forward FLOPs of one image.
+    forward_flops: f64,
+}
+
+impl TrainStep {
+    fn bench(
+        &self,
+        cfg: &ModelConfig,
+        args: &BenchArgs,
+        conv: &str,
+        device: &Device,
+    ) -> anyhow::Result<BenchRecord> {
+        let varmap = init_varmap(cfg, 0, DType::F32, device)?;
+        let model = Model::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
+        let xs = Tensor::randn(0f32, 1f32, (self.batch, 3, self.size, self.size), device)?;
+        let labels: Vec<u32> = (0..self.batch)
+            .map(|i| (i % self.num_classes) as u32)
+            .collect();
+        let labels = Tensor::new(labels, device)?;
+        let (median_s, min_s) = time_steps(args.warmup, args.steps, || {
+            let logits = model.forward_t(&xs, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            opt.backward_step(&loss)
+        })?;
+        let gflop = 3.0 * self.forward_flops * self.batch as f64 / 1e9;
+        Ok(BenchRecord {
+            model: self.name.into(),
+            depth: self.depth,
+            norm: format!("{:?}", self.norm).to_lowercase(),
+            phase: "train_step".into(),
+            batch: self.batch,
+            conv: conv.into(),
+            median_s,
+            min_s,
+            images_per_s: self.batch as f64 / median_s,
+            gflop,
+            gflop_per_s: gflop / median_s,
+            steps: args.steps,
+        })
+    }
+}
+
+/// Forward FLOPs of one s×s image through a bottleneck ResNet of `depth` (torchvision v1.5
+/// layout: 7×7/2 stem, 3×3/2 max pool, stride on each stage's first 3×3 convolution,
+/// projection shortcut on each stage's first block): its convolutions and the linear head.
+fn bottleneck_forward_flops(depth: usize, size: usize, num_classes: usize) -> f64 {
+    let blocks: &[usize] = match depth {
+        50 => &[3, 4, 6, 3],
+        101 => &[3, 4, 23, 3],
+        _ => &[3, 8, 36, 3],
+    };
+    let out = |h: usize, k: usize, s: usize, p: usize| (h + 2 * p - k) / s + 1;
+    // 2·c_in·k²·c_out per output position
+    let conv = |c_in: usize, c_out: usize, k: usize, h_out: usize| {
+        2.0 * (c_in * k * k * c_out * h_out * h_out) as f64
+    };
+    let mut h = out(size, 7, 2, 3);
+    let mut flops = conv(3, 64, 7, h);
+    h = out(h, 3, 2, 1);
+    let mut c_in = 64;
+    for (stage, (&n, planes)) in blocks.iter().zip([64usize, 128, 256, 512]).enumerate() {
+        for b in 0..n {
+            let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+            let h_out = out(h, 3, stride, 1);
+            flops += conv(c_in, planes, 1, h);
+            flops += conv(planes, planes, 3, h_out);
+            flops += conv(planes, 4 * planes, 1, h_out);
+            if b == 0 {
+                flops += conv(c_in, 4 * planes, 1, h_out);
+            }
+            c_in = 4 * planes;
+            h = h_out;
+        }
+    }
+    flops + 2.0 * (c_in * num_classes) as f64
 }
 
 fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result<Vec<BenchRecord>> {
@@ -326,6 +456,19 @@ fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resnet50_forward_flops_match_torchvision() {
+        // torchvision's model card for resnet50 (IMAGENET1K_V1/V2): 4.09 GFLOPS, counted as
+        // multiply-adds of the convolutions and the head at 224×224.
+        let macs = bottleneck_forward_flops(50, 224, 1000) / 2.0;
+        assert!((macs / 1e9 - 4.09).abs() < 0.005, "{macs}");
+        // ResNet-101 and -152: 7.80 and 11.51.
+        let macs = bottleneck_forward_flops(101, 224, 1000) / 2.0;
+        assert!((macs / 1e9 - 7.80).abs() < 0.005, "{macs}");
+        let macs = bottleneck_forward_flops(152, 224, 1000) / 2.0;
+        assert!((macs / 1e9 - 11.51).abs() < 0.005, "{macs}");
+    }
 
     #[test]
     fn resnet20_forward_flops_match_the_known_count() {
