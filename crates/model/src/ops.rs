@@ -1,10 +1,10 @@
 //! Fused CPU kernels for the ResNets' layers besides the convolution: BatchNorm in
 //! training mode (optionally followed by ReLU), a scalar bias (optionally followed by
 //! ReLU), relu(x + b) + c, the end of a residual block relu(τ·(branch + b) + shortcut),
-//! ReLU, the global average pool and the option-A shortcut, each one candle custom op with
-//! a hand-written backward. Every op is one node of candle's graph, so one gradient tensor
-//! in `backward` (which zero-fills and accumulates each node's gradient on the calling
-//! thread) instead of one per composed op.
+//! ReLU, the global average pool, the option-A shortcut and the 3×3/2 max pool, each one
+//! candle custom op with a hand-written backward. Every op is one node of candle's graph,
+//! so one gradient tensor in `backward` (which zero-fills and accumulates each node's
+//! gradient on the calling thread) instead of one per composed op.
 //!
 //! candle-nn's `BatchNorm` in training mode is a chain of about fifteen small tensor ops
 //! forward and more backward, each allocating a fresh tensor and each a round trip through
@@ -846,6 +846,135 @@ impl CustomOp1 for Relu {
             .contiguous()?
             .apply_op2_no_bwd(&res.contiguous()?, &MaskSum { relu: true })?;
         Ok(Some(out.narrow(0, 0, len)?.reshape(xs.shape())?))
+    }
+}
+
+/// 3×3 max pooling with stride 2 and padding 1 (the bottleneck ResNets' stem), PyTorch's
+/// `max_pool2d(x, 3, 2, 1)`: padding never wins (−∞), and the gradient of each output goes
+/// to the first maximum of its window in row-major order, as PyTorch's CPU kernel routes it.
+///
+/// On the CPU for `f32`, one custom op that keeps the index of each window's maximum;
+/// elsewhere [`crate::resnet::max_pool_3x3_s2`]'s composition of shifts and maxima, which
+/// gives the same output for nonnegative inputs (after a ReLU) but splits the gradient
+/// among tied maxima.
+///
+/// # Errors
+/// Input of rank other than 4, an empty image, or a device error.
+pub fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    if h == 0 || w == 0 {
+        candle::bail!("max pool: empty {h}×{w} image");
+    }
+    if !fused_f32(&[xs]) {
+        return crate::resnet::max_pool_3x3_s2_composed(xs);
+    }
+    let op = MaxPool {
+        geom: PoolGeom { n, c, h, w },
+        argmax: Arc::new(Mutex::new(Vec::new())),
+    };
+    xs.contiguous()?.apply_op1(op)
+}
+
+/// Sizes of a 3×3/2 max pool's input; the output is ⌈h/2⌉ × ⌈w/2⌉.
+#[derive(Debug, Clone, Copy)]
+struct PoolGeom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl PoolGeom {
+    fn out_hw(&self) -> (usize, usize) {
+        (self.h.div_ceil(2), self.w.div_ceil(2))
+    }
+}
+
+/// Forward of [`max_pool_3x3_s2`]: keeps, per output, the index of its maximum within the
+/// input plane.
+struct MaxPool {
+    geom: PoolGeom,
+    argmax: Arc<Mutex<Vec<u32>>>,
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2-fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let PoolGeom { n, c, h, w } = self.geom;
+        let (ho, wo) = self.geom.out_hw();
+        let x = f32_data(s1, l1, n * c * h * w, self.name(), "input")?;
+        let mut idx = vec![0u32; n * c * ho * wo];
+        let y = written(n * c * ho * wo, |y| {
+            y.par_chunks_mut(ho * wo)
+                .zip(idx.par_chunks_mut(ho * wo))
+                .zip(x.par_chunks(h * w))
+                .for_each(|((yp, ip), xp)| {
+                    for i in 0..ho {
+                        for j in 0..wo {
+                            let (mut best, mut at) = (f32::NEG_INFINITY, usize::MAX);
+                            for r in (2 * i).saturating_sub(1)..(2 * i + 2).min(h) {
+                                for q in (2 * j).saturating_sub(1)..(2 * j + 2).min(w) {
+                                    let v = xp[r * w + q];
+                                    // PyTorch: `val > maxval || isnan(val)`
+                                    if at == usize::MAX || v > best || v.is_nan() {
+                                        (best, at) = (v, r * w + q);
+                                    }
+                                }
+                            }
+                            yp[i * wo + j].write(best);
+                            ip[i * wo + j] = at as u32;
+                        }
+                    }
+                })
+        });
+        *lock_state(&self.argmax)? = idx;
+        Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
+    }
+
+    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = MaxPoolBwd {
+            geom: self.geom,
+            argmax: self.argmax.clone(),
+        };
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&op)?
+                .reshape(xs.shape())?,
+        ))
+    }
+}
+
+/// Backward of [`MaxPool`]: each output gradient added at its window's maximum.
+struct MaxPoolBwd {
+    geom: PoolGeom,
+    argmax: Arc<Mutex<Vec<u32>>>,
+}
+
+impl CustomOp1 for MaxPoolBwd {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2-fused-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let PoolGeom { n, c, h, w } = self.geom;
+        let (ho, wo) = self.geom.out_hw();
+        let dy = f32_data(s1, l1, n * c * ho * wo, self.name(), "output gradient")?;
+        let idx = lock_state(&self.argmax)?;
+        if idx.len() != dy.len() {
+            candle::bail!("{}: backward before the forward", self.name());
+        }
+        let mut dx = vec![0f32; n * c * h * w];
+        dx.par_chunks_mut(h * w)
+            .zip(dy.par_chunks(ho * wo).zip(idx.par_chunks(ho * wo)))
+            .for_each(|(dp, (gp, ip))| {
+                for (&g, &k) in gp.iter().zip(ip) {
+                    dp[k as usize] += g;
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
     }
 }
 

@@ -160,9 +160,19 @@ pub fn subsample2(xs: &Tensor) -> Result<Tensor> {
         .reshape((n, c, h2, w2))
 }
 
-/// 3×3 max pooling, stride 2, padding 1, for nonnegative inputs (after a ReLU, where zero
-/// padding equals PyTorch's −∞ padding), built from shifts and maxima so it has a gradient.
+/// 3×3 max pooling, stride 2, padding 1: [`crate::ops::max_pool_3x3_s2`] (PyTorch's
+/// semantics; one fused op on the CPU for `f32`).
+///
+/// # Errors
+/// As [`crate::ops::max_pool_3x3_s2`].
 pub fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
+    crate::ops::max_pool_3x3_s2(xs)
+}
+
+/// 3×3 max pooling, stride 2, padding 1, for nonnegative inputs (after a ReLU, where zero
+/// padding equals PyTorch's −∞ padding), built from shifts and maxima so it has a gradient
+/// on every device (tied maxima share the gradient).
+pub(crate) fn max_pool_3x3_s2_composed(xs: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = xs.dims4()?;
     let padded = xs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
     let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
