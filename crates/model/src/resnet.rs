@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::conv::{conv2d, conv2d_shifted};
 use crate::ops::{
-    add_scalar, batch_norm_block, batch_norm_t, global_avg_pool, relu, residual_relu,
-    scalar_bias_block,
+    add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, global_avg_pool, relu,
+    residual_relu, scalar_bias_block,
 };
 use crate::tau::TauRule;
 
@@ -777,7 +777,6 @@ impl ModuleT for BottleneckBlock {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let out = self.units[0].forward_t(xs, train, true)?;
         let out = self.units[1].forward_t(&out, train, true)?;
-        let branch = self.units[2].forward_t(&out, train, false)?;
         let shortcut = match &self.downsample {
             None => xs.clone(),
             Some((w, bn)) => {
@@ -788,7 +787,25 @@ impl ModuleT for BottleneckBlock {
                 }
             }
         };
-        residual_relu(&branch, &self.tau, None, &shortcut)
+        // The last unit's normalization (BN3, or the bias b3b) joins the residual end: one
+        // fused op for BN3 / + b3b, τ, the shortcut and the ReLU.
+        let last = &self.units[2];
+        match (&last.bn, &last.biases) {
+            (Some(bn), _) => batch_norm_residual_relu(
+                bn,
+                &conv2d(&out, &last.weight, last.stride, last.padding)?,
+                train,
+                &self.tau,
+                &shortcut,
+            ),
+            (None, Some((a, b))) => residual_relu(
+                &conv2d_shifted(&out, a, &last.weight, last.stride, last.padding)?,
+                &self.tau,
+                Some(b),
+                &shortcut,
+            ),
+            (None, None) => candle::bail!("convolution unit without BatchNorm or scalar biases"),
+        }
     }
 }
 
