@@ -340,7 +340,7 @@ pub(crate) fn par_sum(x: &[f32]) -> f64 {
             for (i, &v) in c.iter().enumerate() {
                 acc[i % 16] += v;
             }
-            acc.iter().map(|&v| v as f64).sum::<f64>()
+            crate::ops::lanes_sum(&acc)
         })
         .sum()
 }

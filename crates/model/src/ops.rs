@@ -328,7 +328,7 @@ fn res_sums(dy: &[f32], x: &[f32], y: &[f32], mean: f32, scale: f32, shift: f32)
         acc[1][i % 16] += m * (v - mean);
         acc[2][i % 16] += m * (v * scale + shift);
     }
-    acc.map(|a| a.iter().map(|&v| v as f64).sum::<f64>())
+    acc.map(|a| lanes_sum(&a))
 }
 
 impl BnResBwd {
@@ -502,6 +502,12 @@ struct BnFwd {
     state: Arc<Mutex<Option<BnState>>>,
 }
 
+/// Σ of 16 per-lane `f32` partial sums, in `f64` (the lanes of the vectorized reductions
+/// here and in the convolution and block ops).
+pub(crate) fn lanes_sum(acc: &[f32; 16]) -> f64 {
+    acc.iter().map(|&v| v as f64).sum()
+}
+
 /// Sum of a slice in f64 (f32 lanes within the slice, which are short: one image-channel).
 fn sum_f64(xs: &[f32]) -> f64 {
     let mut acc = [0f32; 16];
@@ -512,7 +518,7 @@ fn sum_f64(xs: &[f32]) -> f64 {
             *a += *v;
         }
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64
+    lanes_sum(&acc) + rest as f64
 }
 
 /// Σ (x − mean)² of a slice in f64.
@@ -530,7 +536,7 @@ fn centered_sq_f64(xs: &[f32], mean: f32) -> f64 {
             *a += d * d;
         }
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64
+    lanes_sum(&acc) + rest as f64
 }
 
 /// (Σ dy, Σ dy·(x − mean)) of two slices in f64, with dy masked where `mask` says the
@@ -559,10 +565,7 @@ fn grad_sums(dy: &[f32], x: &[f32], mean: f32, relu: Option<(f32, f32)>) -> (f64
         r1 += d as f64;
         r2 += (d * (v - mean)) as f64;
     }
-    (
-        s1.iter().map(|&a| a as f64).sum::<f64>() + r1,
-        s2.iter().map(|&a| a as f64).sum::<f64>() + r2,
-    )
+    (lanes_sum(&s1) + r1, lanes_sum(&s2) + r2)
 }
 
 /// Batch statistics and the affine map y = scale·x + shift of a BatchNorm in training mode.
@@ -1341,10 +1344,7 @@ impl CustomOp2 for BiasReluBiasBwd {
                         s1[i % 16] += m;
                         s2[i % 16] += g;
                     }
-                    (
-                        s1.iter().map(|&v| v as f64).sum::<f64>(),
-                        s2.iter().map(|&v| v as f64).sum::<f64>(),
-                    )
+                    (lanes_sum(&s1), lanes_sum(&s2))
                 })
                 .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
             tail[0].write(sum_m as f32);
@@ -1496,7 +1496,7 @@ impl CustomOp2 for MaskSum {
                             o.write(m);
                             acc[i % 16] += m;
                         }
-                        acc.iter().map(|&v| v as f64).sum::<f64>()
+                        lanes_sum(&acc)
                     } else {
                         for (o, &g) in oc.iter_mut().zip(gc) {
                             o.write(g);
@@ -1621,10 +1621,7 @@ impl CustomOp3 for ResidualReluBwd {
                         s1[i % 16] += m * (xc[i] + b);
                         s2[i % 16] += m;
                     }
-                    (
-                        s1.iter().map(|&v| v as f64).sum::<f64>(),
-                        s2.iter().map(|&v| v as f64).sum::<f64>(),
-                    )
+                    (lanes_sum(&s1), lanes_sum(&s2))
                 })
                 .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
             tail[0].write(sum_mx as f32);

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::{
     BnGeom, BnState, CHUNK, ShortcutGeom, batch_norm_residual_relu, batch_norm_t, bias_relu_bias,
-    bn_forward, bn_params_f32, bn_res_forward, bn_train_parts, fused_f32, lock_state,
+    bn_forward, bn_params_f32, bn_res_forward, bn_train_parts, fused_f32, lanes_sum, lock_state,
     option_a_shortcut, residual_relu, shortcut_a_backward, shortcut_a_forward,
     update_running_stats,
 };
@@ -258,11 +258,6 @@ fn block_grads(
     let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
     let dp = out.narrow(0, len, params.elem_count())?;
     Ok((xs.track_op().then_some(dx), params.track_op().then_some(dp)))
-}
-
-/// Σ of 16-lane `f32` partial sums, in `f64`.
-fn lanes_sum(acc: &[f32; 16]) -> f64 {
-    acc.iter().map(|&v| v as f64).sum()
 }
 
 // The elementwise passes of the backward below work on 16-float groups with one partial
