@@ -174,6 +174,22 @@ impl BlockGeom {
         }
     }
 
+    /// The operands (dy, y, x) of a block's backward op, checked against the block's sizes.
+    fn bwd_operands<'a>(
+        &self,
+        op: &str,
+        dy: (&'a CpuStorage, &Layout),
+        y: (&'a CpuStorage, &Layout),
+        x: (&'a CpuStorage, &Layout),
+    ) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+        let (len_in, len) = (self.len_in(), self.len_out());
+        Ok((
+            f32_data(dy.0, dy.1, len, op, "output gradient")?,
+            f32_data(y.0, y.1, len, op, "output")?,
+            f32_data(x.0, x.1, len_in, op, "input")?,
+        ))
+    }
+
     /// dx = `dx_branch` + the shortcut's adjoint applied to `m`, in place; returns Σ of
     /// `dx_branch` (before the addition).
     fn add_shortcut_grad(&self, dx_branch: &mut [f32], m: &[f32]) -> f64 {
@@ -242,6 +258,13 @@ struct BlockFwd {
     /// Keep conv2's output too (τ needs a gradient).
     keep_branch: bool,
     state: Arc<Mutex<Option<State>>>,
+}
+
+/// What a block's forward kept for its backward, or an error naming the backward op.
+fn kept_state<'a, T>(state: &'a Option<T>, op: &str) -> Result<&'a T> {
+    state.as_ref().ok_or_else(|| {
+        candle::Error::Msg(format!("{op}: the forward kept no state for a backward"))
+    })
 }
 
 /// Runs a block's backward op on (dy, y, x), whose result is [dx, dparams] in one vector,
@@ -480,15 +503,11 @@ impl CustomOp3 for BlockBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let bg = &self.bg;
-        let (len_in, len) = (bg.len_in(), bg.len_out());
-        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
-        let y = f32_data(s2, l2, len, self.name(), "output")?;
-        let x = f32_data(s3, l3, len_in, self.name(), "input")?;
+        let len = bg.len_out();
+        let (dy, y, x) = bg.bwd_operands(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let p = Params::split(bg, &self.params);
         let guard = lock_state(&self.state)?;
-        let Some(st) = guard.as_ref() else {
-            candle::bail!("{}: the forward kept no state for a backward", self.name());
-        };
+        let st = kept_state(&guard, self.name())?;
         // m = dy ⊙ 1(y > 0): the shortcut's gradient; the branch's is τ·m.
         // Sums: Σ m·(y2 + b2b) (dτ) and Σ m (db2b = τ·Σ m).
         let b2b = p.b2b;
@@ -739,14 +758,10 @@ impl CustomOp3 for BnBlockBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let bg = &self.bg;
         let (len_in, len) = (bg.len_in(), bg.len_out());
-        let dy = f32_data(s1, l1, len, self.name(), "output gradient")?;
-        let y = f32_data(s2, l2, len, self.name(), "output")?;
-        let x = f32_data(s3, l3, len_in, self.name(), "input")?;
+        let (dy, y, x) = bg.bwd_operands(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         let p = BnParams::split(bg, &self.params);
         let guard = lock_state(&self.state)?;
-        let Some(st) = guard.as_ref() else {
-            candle::bail!("{}: backward before the forward", self.name());
-        };
+        let st = kept_state(&guard, self.name())?;
         // The residual end: [dy2, m (the shortcut's gradient), dγ2, dβ2, dτ].
         let end = st
             .bn2
