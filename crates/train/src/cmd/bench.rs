@@ -276,17 +276,16 @@ fn bench_cifar(
         learnable_tau: norm == BenchNorm::None,
         ..CifarResNetConfig::default()
     };
-    let forward_flops = cifar_forward_flops(depth, cfg.num_classes);
     let step = TrainStep {
-        name: "cifar_resnet",
         depth,
         norm,
         batch: args.batch,
         size: 32,
         num_classes: cfg.num_classes,
-        forward_flops,
+        forward_flops: cifar_forward_flops(depth, cfg.num_classes),
+        cfg: ModelConfig::CifarResnet(cfg),
     };
-    step.bench(&ModelConfig::CifarResnet(cfg), args, conv, device)
+    step.bench(args, conv, device)
 }
 
 fn bench_bottleneck(
@@ -302,22 +301,22 @@ fn bench_bottleneck(
         learnable_tau: norm == BenchNorm::None,
         ..BottleneckResNetConfig::default()
     };
-    let forward_flops = bottleneck_forward_flops(depth, args.bottleneck_size, cfg.num_classes);
     let step = TrainStep {
-        name: "bottleneck_resnet",
         depth,
         norm,
         batch: args.bottleneck_batch,
         size: args.bottleneck_size,
         num_classes: cfg.num_classes,
-        forward_flops,
+        forward_flops: bottleneck_forward_flops(depth, args.bottleneck_size, cfg.num_classes),
+        cfg: ModelConfig::BottleneckResnet(cfg),
     };
-    step.bench(&ModelConfig::BottleneckResnet(cfg), args, conv, device)
+    step.bench(args, conv, device)
 }
 
 /// One image-classifier training step to time: forward, cross-entropy, backward, SGD.
 struct TrainStep {
-    name: &'static str,
+    /// The model; its family names the record.
+    cfg: ModelConfig,
     depth: usize,
     norm: BenchNorm,
     batch: usize,
@@ -329,13 +328,8 @@ struct TrainStep {
 }
 
 impl TrainStep {
-    fn bench(
-        &self,
-        cfg: &ModelConfig,
-        args: &BenchArgs,
-        conv: &str,
-        device: &Device,
-    ) -> anyhow::Result<BenchRecord> {
+    fn bench(&self, args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result<BenchRecord> {
+        let cfg = &self.cfg;
         let varmap = init_varmap(cfg, 0, DType::F32, device)?;
         let model = Model::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
         let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
@@ -351,7 +345,7 @@ impl TrainStep {
         })?;
         let gflop = 3.0 * self.forward_flops * self.batch as f64 / 1e9;
         Ok(BenchRecord {
-            model: self.name.into(),
+            model: cfg.family().into(),
             depth: self.depth,
             norm: format!("{:?}", self.norm).to_lowercase(),
             phase: "train_step".into(),
