@@ -12,12 +12,19 @@ use rand_chacha::ChaCha8Rng;
 
 use super::conv2d;
 
+/// All elements of `t`, flattened, as `f64`.
+pub(crate) fn to_f64_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
 /// max |a − b| / max |b| over all elements.
 pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let a = a.to_vec1::<f64>().unwrap();
-    let b = b.to_vec1::<f64>().unwrap();
+    let (a, b) = (to_f64_vec(a), to_f64_vec(b));
     assert_eq!(a.len(), b.len());
     let scale = b
         .iter()
@@ -48,15 +55,7 @@ fn direct_loops(
     let (n, c_in, h, wd) = x.dims4().unwrap();
     let (c_out, _, k, _) = w.dims4().unwrap();
     let (_, _, h_out, w_out) = r.dims4().unwrap();
-    let flat = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let (xv, wv, rv) = (flat(x), flat(w), flat(r));
+    let (xv, wv, rv) = (to_f64_vec(x), to_f64_vec(w), to_f64_vec(r));
     let mut y = vec![0f64; n * c_out * h_out * w_out];
     let mut dx = vec![0f64; xv.len()];
     let mut dw = vec![0f64; wv.len()];

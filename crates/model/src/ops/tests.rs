@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batch_norm_t;
-use crate::conv::tests::rel_err;
+use crate::conv::tests::{rel_err, to_f64_vec};
 
 fn random(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
     let n = dims.iter().product();
@@ -867,15 +867,7 @@ fn max_pool_matches_pytorch_rule_with_ties() {
         let r = random(&mut rng, y.dims(), -1.0, 1.0);
         let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = grads.get(xv.as_tensor()).unwrap();
-        let flat = |t: &Tensor| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
-        let (xf, yf, rf, dxf) = (flat(&x), flat(&y), flat(&r), flat(dx));
+        let [xf, yf, rf, dxf] = [&x, &y, &r, dx].map(to_f64_vec);
         for p in 0..n * c {
             let (want_y, want_dx) = max_pool_reference(
                 &xf[p * h * w..(p + 1) * h * w],
