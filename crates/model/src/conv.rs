@@ -114,6 +114,7 @@ pub(crate) fn geometry(
         padding,
         h_out: (h + 2 * padding - kh) / stride + 1,
         w_out: (w + 2 * padding - kh) / stride + 1,
+        kernels: crate::kernel_set::kernels(),
     })
 }
 

@@ -75,6 +75,7 @@ pub mod config;
 pub mod conv;
 pub mod hub;
 pub mod init;
+pub mod kernel_set;
 pub mod model;
 pub mod ops;
 pub mod resnet;

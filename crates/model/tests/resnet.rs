@@ -3,6 +3,7 @@
 
 use candle::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use tau_model::kernel_set::{KernelSet, with_kernels};
 use tau_model::resnet::{max_pool_3x3_s2, subsample2};
 use tau_model::{
     BottleneckResNetConfig, CifarResNetConfig, Model, ModelConfig, Norm, ParamKind, TauRule,
@@ -470,7 +471,6 @@ fn bottleneck_f32_fused_matches_f64_composed() {
             let y = y.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
             (y.to_vec1::<f64>().unwrap(), grads)
         };
-        let (y32, g32) = run(&m32, &vm32, DType::F32);
         let (y64, g64) = run(&m64, &vm64, DType::F64);
         // Without normalization every gradient agrees within 3e-5 of its norm. With
         // BatchNorm in training mode on two images the f32 rounding is amplified layer by
@@ -486,11 +486,15 @@ fn bottleneck_f32_fused_matches_f64_composed() {
             let diff = a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f64>();
             diff.sqrt() <= tol * norm + 1e-7
         };
-        assert!(close(&y32, &y64), "{norm:?}: logits {y32:?} vs {y64:?}");
-        assert_eq!(g32.len(), g64.len(), "{norm:?}");
-        assert!(g32.len() > 100, "{norm:?}: {} gradients", g32.len());
-        for ((name, a), (_, b)) in g32.iter().zip(&g64) {
-            assert!(close(a, b), "{norm:?}: gradient of {name}");
+        // Under every kernel set this CPU runs (the AVX-512 one runs what an AVX2 CPU runs).
+        for set in KernelSet::available() {
+            let (y32, g32) = with_kernels(set, || run(&m32, &vm32, DType::F32));
+            assert!(close(&y32, &y64), "{norm:?} {set}: logits {y32:?} vs {y64:?}");
+            assert_eq!(g32.len(), g64.len(), "{norm:?}");
+            assert!(g32.len() > 100, "{norm:?}: {} gradients", g32.len());
+            for ((name, a), (_, b)) in g32.iter().zip(&g64) {
+                assert!(close(a, b), "{norm:?} {set}: gradient of {name}");
+            }
         }
     }
 }

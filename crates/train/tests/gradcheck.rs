@@ -5,6 +5,7 @@
 
 use candle::{DType, Device, Tensor, Var};
 use tau_model::ModelConfig;
+use tau_model::kernel_set::{KernelSet, with_kernels};
 use tau_train::config::{LossKind, WeightDecayMode};
 use tau_train::loss::{Targets, loss_sum};
 use tau_train::optim::{Sgd, SgdConfig};
@@ -253,19 +254,23 @@ fn f32_gradients_match_f64() {
         )
     };
     let (l64, g64) = grads_of(&m64, &xs);
-    let (l32, g32) = grads_of(&m32, &xs.to_dtype(DType::F32).unwrap());
-    assert!((l64 - l32).abs() < 1e-4 * l64.abs(), "loss {l64} vs {l32}");
-    for ((name, a), (_, b)) in g64.iter().zip(&g32) {
-        let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f64>()
-            .sqrt();
-        assert!(
-            diff <= 1e-4 * norm + 1e-6,
-            "`{name}`: f32 gradient differs from f64 by {diff:e} (norm {norm:e})"
-        );
+    // Under every kernel set this CPU runs (the AVX-512 one runs what an AVX2 CPU runs).
+    for set in KernelSet::available() {
+        let xs32 = xs.to_dtype(DType::F32).unwrap();
+        let (l32, g32) = with_kernels(set, || grads_of(&m32, &xs32));
+        assert!((l64 - l32).abs() < 1e-4 * l64.abs(), "{set}: loss {l64} vs {l32}");
+        for ((name, a), (_, b)) in g64.iter().zip(&g32) {
+            let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                diff <= 1e-4 * norm + 1e-6,
+                "{set}: `{name}`: f32 gradient differs from f64 by {diff:e} (norm {norm:e})"
+            );
+        }
     }
 }

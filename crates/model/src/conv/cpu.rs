@@ -7,6 +7,8 @@
 //! GEMMs themselves run in parallel instead.
 
 use gemm::{Parallelism, gemm};
+
+use crate::kernel_set::KernelSet;
 use rayon::prelude::*;
 
 /// Sizes of one convolution: input (n, c_in, h, w), weight (c_out, c_in, k, k), output
@@ -23,6 +25,8 @@ pub(crate) struct Geom {
     pub padding: usize,
     pub h_out: usize,
     pub w_out: usize,
+    /// The kernels selected when the op was built ([`crate::kernel_set::kernels`]).
+    pub kernels: KernelSet,
 }
 
 impl Geom {

@@ -28,23 +28,21 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::cpu::{Geom, per_thread_images};
+use crate::kernel_set::KernelSet;
 
 /// Lanes of one AVX-512 vector of `f32`.
 const LANES: usize = 16;
 
-/// Whether the direct kernels handle this convolution on this CPU.
+/// Whether the direct kernels handle this convolution with its selected kernel set (and,
+/// what the kernels' safety rests on, whether the CPU has AVX-512F).
 pub(crate) fn applies(g: &Geom) -> bool {
-    g.k == 3 && g.stride == 1 && g.padding == 1 && g.h_out == g.h && g.w_out == g.w && has_avx512()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn has_avx512() -> bool {
-    false
+    g.k == 3
+        && g.stride == 1
+        && g.padding == 1
+        && g.h_out == g.h
+        && g.w_out == g.w
+        && g.kernels >= KernelSet::Avx512
+        && KernelSet::Avx512.supported()
 }
 
 /// Geometry of the dense positions and the zero-framed input planes of an h × w image.
@@ -565,7 +563,7 @@ mod tests {
     /// 16, that 16 divides and neither, a width of 1, a single image.
     #[test]
     fn direct_kernels_match_the_gemm_path() {
-        if !has_avx512() {
+        if !KernelSet::Avx512.supported() {
             println!("skipped: this CPU has no AVX-512F, the direct kernels never run");
             return;
         }
@@ -593,6 +591,7 @@ mod tests {
                 padding: 1,
                 h_out: h,
                 w_out: w,
+                kernels: KernelSet::Avx512,
             };
             assert!(applies(&g));
             let mut draw = |len: usize| -> Vec<f32> {

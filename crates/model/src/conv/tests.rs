@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::conv2d;
+use crate::kernel_set::{KernelSet, with_kernels};
 
 /// All elements of `t`, flattened, as `f64`.
 pub(crate) fn to_f64_vec(t: &Tensor) -> Vec<f64> {
@@ -99,6 +100,93 @@ fn direct_loops(
 /// their worst relative errors against [`direct_loops`] and (where its backward works)
 /// candle's `conv2d`, both in `f64`.
 #[allow(clippy::too_many_arguments)]
+fn compare_under(
+    set: KernelSet,
+    seed: u64,
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    non_contiguous: bool,
+) -> [f64; 3] {
+    with_kernels(set, || {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // A non-contiguous input: stored as (N, C, W, H) and transposed.
+        let x0 = if non_contiguous {
+            random(&mut rng, &[n, c_in, w, h])
+        } else {
+            random(&mut rng, &[n, c_in, h, w])
+        };
+        let w0 = random(&mut rng, &[c_out, c_in, k, k]);
+        let h_out = (h + 2 * padding - k) / stride + 1;
+        let w_out = (w + 2 * padding - k) / stride + 1;
+        let r = random(&mut rng, &[n, c_out, h_out, w_out]);
+
+        let run = |dtype: DType, reference: bool| {
+            let xv = Var::from_tensor(&x0.to_dtype(dtype).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w0.to_dtype(dtype).unwrap()).unwrap();
+            let xs = if non_contiguous {
+                xv.as_tensor().transpose(2, 3).unwrap()
+            } else {
+                xv.as_tensor().clone()
+            };
+            if non_contiguous && h > 1 && w > 1 {
+                assert!(!xs.is_contiguous());
+            }
+            let ys = if reference {
+                xs.conv2d(wv.as_tensor(), padding, stride, 1, 1).unwrap()
+            } else {
+                conv2d(&xs, wv.as_tensor(), stride, padding).unwrap()
+            };
+            let loss = (&ys * r.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let dx = grads.get(xv.as_tensor()).unwrap().clone();
+            // the gradient of the NCHW view xs
+            let dx = if non_contiguous {
+                dx.transpose(2, 3).unwrap()
+            } else {
+                dx
+            };
+            let dw = grads.get(wv.as_tensor()).unwrap().clone();
+            (ys, dx, dw)
+        };
+        let (ys, dx, dw) = run(DType::F32, false);
+        let errs = |(ys_ref, dx_ref, dw_ref): (Tensor, Tensor, Tensor)| {
+            assert_eq!(ys.dims(), ys_ref.dims());
+            assert_eq!(dx.dims(), dx_ref.dims());
+            assert_eq!(dw.dims(), dw_ref.dims());
+            [
+                rel_err(&ys, &ys_ref),
+                rel_err(&dx, &dx_ref),
+                rel_err(&dw, &dw_ref),
+            ]
+        };
+        let x_nchw = if non_contiguous {
+            x0.transpose(2, 3).unwrap()
+        } else {
+            x0.clone()
+        };
+        let mut worst = errs(direct_loops(&x_nchw, &w0, &r, stride, padding));
+        let candle_backward_works = (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride;
+        if candle_backward_works {
+            let vs_candle = errs(run(DType::F64, true));
+            for (a, b) in worst.iter_mut().zip(vs_candle) {
+                *a = a.max(b);
+            }
+        }
+        worst
+    })
+}
+
+/// The worst errors of [`compare_under`] over every kernel set this CPU runs.
+#[allow(clippy::too_many_arguments)]
 fn compare(
     seed: u64,
     n: usize,
@@ -111,74 +199,10 @@ fn compare(
     padding: usize,
     non_contiguous: bool,
 ) -> [f64; 3] {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    // A non-contiguous input: stored as (N, C, W, H) and transposed.
-    let x0 = if non_contiguous {
-        random(&mut rng, &[n, c_in, w, h])
-    } else {
-        random(&mut rng, &[n, c_in, h, w])
-    };
-    let w0 = random(&mut rng, &[c_out, c_in, k, k]);
-    let h_out = (h + 2 * padding - k) / stride + 1;
-    let w_out = (w + 2 * padding - k) / stride + 1;
-    let r = random(&mut rng, &[n, c_out, h_out, w_out]);
-
-    let run = |dtype: DType, reference: bool| {
-        let xv = Var::from_tensor(&x0.to_dtype(dtype).unwrap()).unwrap();
-        let wv = Var::from_tensor(&w0.to_dtype(dtype).unwrap()).unwrap();
-        let xs = if non_contiguous {
-            xv.as_tensor().transpose(2, 3).unwrap()
-        } else {
-            xv.as_tensor().clone()
-        };
-        if non_contiguous && h > 1 && w > 1 {
-            assert!(!xs.is_contiguous());
-        }
-        let ys = if reference {
-            xs.conv2d(wv.as_tensor(), padding, stride, 1, 1).unwrap()
-        } else {
-            conv2d(&xs, wv.as_tensor(), stride, padding).unwrap()
-        };
-        let loss = (&ys * r.to_dtype(dtype).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let grads = loss.backward().unwrap();
-        let dx = grads.get(xv.as_tensor()).unwrap().clone();
-        // the gradient of the NCHW view xs
-        let dx = if non_contiguous {
-            dx.transpose(2, 3).unwrap()
-        } else {
-            dx
-        };
-        let dw = grads.get(wv.as_tensor()).unwrap().clone();
-        (ys, dx, dw)
-    };
-    let (ys, dx, dw) = run(DType::F32, false);
-    let errs = |(ys_ref, dx_ref, dw_ref): (Tensor, Tensor, Tensor)| {
-        assert_eq!(ys.dims(), ys_ref.dims());
-        assert_eq!(dx.dims(), dx_ref.dims());
-        assert_eq!(dw.dims(), dw_ref.dims());
-        [
-            rel_err(&ys, &ys_ref),
-            rel_err(&dx, &dx_ref),
-            rel_err(&dw, &dw_ref),
-        ]
-    };
-    let x_nchw = if non_contiguous {
-        x0.transpose(2, 3).unwrap()
-    } else {
-        x0.clone()
-    };
-    let mut worst = errs(direct_loops(&x_nchw, &w0, &r, stride, padding));
-    let candle_backward_works = (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride;
-    if candle_backward_works {
-        let vs_candle = errs(run(DType::F64, true));
-        for (a, b) in worst.iter_mut().zip(vs_candle) {
-            *a = a.max(b);
-        }
-    }
-    worst
+    KernelSet::available()
+        .into_iter()
+        .map(|set| compare_under(set, seed, n, c_in, c_out, h, w, k, stride, padding, non_contiguous))
+        .fold([0.0; 3], |w, e| std::array::from_fn(|i| w[i].max(e[i])))
 }
 
 const TOL: f64 = 1e-5;
@@ -294,6 +318,98 @@ fn bad_shapes_are_errors() {
 /// `broadcast_add` + `conv2d`. Returns the worst relative errors (y, dx, dw, db; db's
 /// relative to Σ |dx|).
 #[allow(clippy::too_many_arguments)]
+fn compare_shifted_under(
+    set: KernelSet,
+    seed: u64,
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    hw: (usize, usize),
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> [f64; 4] {
+    with_kernels(set, || {
+        let (h, w) = hw;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let x0 = random(&mut rng, &[n, c_in, h, w]);
+        let w0 = random(&mut rng, &[c_out, c_in, k, k]);
+        let b0 = random(&mut rng, &[1]);
+        let h_out = (h + 2 * padding - k) / stride + 1;
+        let w_out = (w + 2 * padding - k) / stride + 1;
+        let r = random(&mut rng, &[n, c_out, h_out, w_out]);
+
+        let run = |dtype: DType, reference: bool| {
+            let xv = Var::from_tensor(&x0.to_dtype(dtype).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w0.to_dtype(dtype).unwrap()).unwrap();
+            let bv = Var::from_tensor(&b0.to_dtype(dtype).unwrap()).unwrap();
+            let ys = if reference {
+                xv.as_tensor()
+                    .broadcast_add(bv.as_tensor())
+                    .unwrap()
+                    .conv2d(wv.as_tensor(), padding, stride, 1, 1)
+                    .unwrap()
+            } else {
+                super::conv2d_shifted(
+                    xv.as_tensor(),
+                    bv.as_tensor(),
+                    wv.as_tensor(),
+                    stride,
+                    padding,
+                )
+                .unwrap()
+            };
+            let loss = (&ys * r.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (ys, get(&xv), get(&wv), get(&bv))
+        };
+        let (ys, dx, dw, db) = run(DType::F32, false);
+        assert_eq!(db.dims(), b0.dims());
+        // db = Σ dx sums terms of both signs that can cancel: its error is measured against
+        // Σ |dx| (the size of what was summed), not against a result that may be near zero.
+        let abs_sum = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let errs = |(y_ref, dx_ref, dw_ref, db_ref): (Tensor, Tensor, Tensor, Tensor)| {
+            let db_diff =
+                (db.to_dtype(DType::F64).unwrap() - db_ref.to_dtype(DType::F64).unwrap()).unwrap();
+            [
+                rel_err(&ys, &y_ref),
+                rel_err(&dx, &dx_ref),
+                rel_err(&dw, &dw_ref),
+                abs_sum(&db_diff) / abs_sum(&dx_ref).max(f64::MIN_POSITIVE),
+            ]
+        };
+        let shifted64 = x0
+            .to_dtype(DType::F64)
+            .unwrap()
+            .broadcast_add(&b0.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let (y64, dx64, dw64) = direct_loops(&shifted64, &w0, &r, stride, padding);
+        let db64 = dx64.sum_all().unwrap().reshape(1).unwrap();
+        let mut worst = errs((y64, dx64, dw64, db64));
+        if (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride {
+            for (a, b) in worst.iter_mut().zip(errs(run(DType::F64, true))) {
+                *a = a.max(b);
+            }
+        }
+        worst
+    })
+}
+
+/// The worst errors of [`compare_shifted_under`] over every kernel set this CPU runs.
+#[allow(clippy::too_many_arguments)]
 fn compare_shifted(
     seed: u64,
     n: usize,
@@ -304,81 +420,10 @@ fn compare_shifted(
     stride: usize,
     padding: usize,
 ) -> [f64; 4] {
-    let (h, w) = hw;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let x0 = random(&mut rng, &[n, c_in, h, w]);
-    let w0 = random(&mut rng, &[c_out, c_in, k, k]);
-    let b0 = random(&mut rng, &[1]);
-    let h_out = (h + 2 * padding - k) / stride + 1;
-    let w_out = (w + 2 * padding - k) / stride + 1;
-    let r = random(&mut rng, &[n, c_out, h_out, w_out]);
-
-    let run = |dtype: DType, reference: bool| {
-        let xv = Var::from_tensor(&x0.to_dtype(dtype).unwrap()).unwrap();
-        let wv = Var::from_tensor(&w0.to_dtype(dtype).unwrap()).unwrap();
-        let bv = Var::from_tensor(&b0.to_dtype(dtype).unwrap()).unwrap();
-        let ys = if reference {
-            xv.as_tensor()
-                .broadcast_add(bv.as_tensor())
-                .unwrap()
-                .conv2d(wv.as_tensor(), padding, stride, 1, 1)
-                .unwrap()
-        } else {
-            super::conv2d_shifted(
-                xv.as_tensor(),
-                bv.as_tensor(),
-                wv.as_tensor(),
-                stride,
-                padding,
-            )
-            .unwrap()
-        };
-        let loss = (&ys * r.to_dtype(dtype).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let grads = loss.backward().unwrap();
-        let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
-        (ys, get(&xv), get(&wv), get(&bv))
-    };
-    let (ys, dx, dw, db) = run(DType::F32, false);
-    assert_eq!(db.dims(), b0.dims());
-    // db = Σ dx sums terms of both signs that can cancel: its error is measured against
-    // Σ |dx| (the size of what was summed), not against a result that may be near zero.
-    let abs_sum = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let errs = |(y_ref, dx_ref, dw_ref, db_ref): (Tensor, Tensor, Tensor, Tensor)| {
-        let db_diff =
-            (db.to_dtype(DType::F64).unwrap() - db_ref.to_dtype(DType::F64).unwrap()).unwrap();
-        [
-            rel_err(&ys, &y_ref),
-            rel_err(&dx, &dx_ref),
-            rel_err(&dw, &dw_ref),
-            abs_sum(&db_diff) / abs_sum(&dx_ref).max(f64::MIN_POSITIVE),
-        ]
-    };
-    let shifted64 = x0
-        .to_dtype(DType::F64)
-        .unwrap()
-        .broadcast_add(&b0.to_dtype(DType::F64).unwrap())
-        .unwrap();
-    let (y64, dx64, dw64) = direct_loops(&shifted64, &w0, &r, stride, padding);
-    let db64 = dx64.sum_all().unwrap().reshape(1).unwrap();
-    let mut worst = errs((y64, dx64, dw64, db64));
-    if (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride {
-        for (a, b) in worst.iter_mut().zip(errs(run(DType::F64, true))) {
-            *a = a.max(b);
-        }
-    }
-    worst
+    KernelSet::available()
+        .into_iter()
+        .map(|set| compare_shifted_under(set, seed, n, c_in, c_out, hw, k, stride, padding))
+        .fold([0.0; 4], |w, e| std::array::from_fn(|i| w[i].max(e[i])))
 }
 
 proptest! {

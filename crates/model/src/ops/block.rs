@@ -134,6 +134,7 @@ impl BlockGeom {
             padding: 1,
             h_out: g1.h_out,
             w_out: g1.w_out,
+            kernels: g1.kernels,
         };
         let shortcut = (stride != 1 || c_out != c_in).then_some(ShortcutGeom {
             n,

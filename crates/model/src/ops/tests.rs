@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batch_norm_t;
+use crate::kernel_set::{KernelSet, with_kernels};
 use crate::conv::tests::{rel_err, to_f64_vec};
 
 fn random(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
@@ -130,41 +131,130 @@ fn wrong_channel_count_is_an_error() {
     assert!(batch_norm_t(&bn, &x, true, false).is_err());
 }
 
+/// How an `f64` reference applies a one-element parameter θ: as a full-shape copy (one
+/// variable per element) whose gradient holds the terms of θ's gradient, dθ = Σᵢ ∂ℓ/∂θᵢ.
+/// Such a gradient sums terms of both signs that can cancel to near zero, so its error is
+/// measured against Σᵢ |∂ℓ/∂θᵢ|, the size of what was summed (as for dγ, dβ and dτ of the
+/// fused BatchNorm below), not against its own possibly tiny value.
+#[derive(Default)]
+struct Terms {
+    copies: std::cell::RefCell<Vec<(usize, Var)>>,
+}
+
+impl Terms {
+    /// Input `i` of `t` (one element) as a full-shape copy shaped like `like`.
+    fn at(&self, t: &[&Tensor], i: usize, like: &Tensor) -> Tensor {
+        assert_eq!(t[i].elem_count(), 1, "Terms::at on input {i}, not a scalar");
+        let full = t[i]
+            .flatten_all()
+            .unwrap()
+            .broadcast_as(like.shape())
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let var = Var::from_tensor(&full).unwrap();
+        self.copies.borrow_mut().push((i, var.clone()));
+        var.as_tensor().clone()
+    }
+}
+
+/// A reference result: the output of `reference` on `inputs` in `f64`, the weights `r` of
+/// the loss Σ r ⊙ y, and per input the gradient of that loss with the scale its error is
+/// measured against: the largest magnitude of the gradient, or for a one-element input
+/// that the reference applies through [`Terms::at`], the sum of its terms' magnitudes.
+struct Reference {
+    y: Tensor,
+    r: Tensor,
+    grads: Vec<(Vec<f64>, f64)>,
+}
+
+impl Reference {
+    fn new<G>(inputs: &[Tensor], reference: G) -> Self
+    where
+        G: Fn(&[&Tensor], &Terms) -> Tensor,
+    {
+        let vars64: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap())
+            .collect();
+        let terms = Terms::default();
+        let y = reference(
+            &vars64.iter().map(|v| v.as_tensor()).collect::<Vec<_>>(),
+            &terms,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let r = random(&mut rng, y.dims(), -1.0, 1.0);
+        let grads64 = (&y * &r.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let copies = terms.copies.borrow();
+        let grads = vars64
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let direct = grads64.get(v.as_tensor()).map(to_f64_vec);
+                let parts: Vec<Vec<f64>> = copies
+                    .iter()
+                    .filter(|(j, _)| *j == i)
+                    .map(|(_, c)| to_f64_vec(grads64.get(c.as_tensor()).unwrap()))
+                    .collect();
+                if parts.is_empty() {
+                    let g = direct.unwrap_or_else(|| vec![0.0; v.elem_count()]);
+                    let scale = g.iter().fold(f64::MIN_POSITIVE, |m, x| m.max(x.abs()));
+                    (g, scale)
+                } else {
+                    let direct = direct.map_or(0.0, |g| g[0]);
+                    let sum = parts.iter().flatten().sum::<f64>() + direct;
+                    let scale = parts.iter().flatten().map(|x| x.abs()).sum::<f64>() + direct.abs();
+                    (vec![sum], scale.max(f64::MIN_POSITIVE))
+                }
+            })
+            .collect();
+        Reference { y, r, grads }
+    }
+
+    /// Checks `y` (computed from `vars`, the first inputs) and the gradients of Σ r ⊙ y
+    /// with respect to `vars` within 1e-5 of the reference.
+    fn check(&self, y: &Tensor, vars: &[Var], what: &str) {
+        let e = rel_err(y, &self.y);
+        assert!(e < 1e-5, "{what}: output rel err {e}");
+        let grads = (y * &self.r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, (v, (g64, scale))) in vars.iter().zip(&self.grads).enumerate() {
+            let g = grads.get(v.as_tensor()).unwrap();
+            assert_eq!(g.dims(), v.dims(), "{what}: gradient {i} shape");
+            let g = to_f64_vec(g);
+            assert_eq!(g.len(), g64.len(), "{what}: gradient {i} length");
+            let diff = g
+                .iter()
+                .zip(g64)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            let e = diff / scale;
+            assert!(e < 1e-5, "{what}: gradient {i} rel err {e}");
+        }
+    }
+}
+
 /// Output and gradients of `f` (fused, f32) and `reference` (composed candle ops, f64) of
-/// Σ r ⊙ f(inputs), compared within 1e-5 relative.
+/// Σ r ⊙ f(inputs), within 1e-5 relative (see [`Reference`]), under every kernel set this
+/// CPU runs.
 fn compare<F, G>(inputs: &[Tensor], f: F, reference: G, what: &str)
 where
     F: Fn(&[&Tensor]) -> Tensor,
-    G: Fn(&[&Tensor]) -> Tensor,
+    G: Fn(&[&Tensor], &Terms) -> Tensor,
 {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let vars64: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap())
-        .collect();
-    let y = f(&vars.iter().map(|v| v.as_tensor()).collect::<Vec<_>>());
-    let y64 = reference(&vars64.iter().map(|v| v.as_tensor()).collect::<Vec<_>>());
-    let mut rng = ChaCha8Rng::seed_from_u64(99);
-    let r = random(&mut rng, y.dims(), -1.0, 1.0);
-    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let r64 = r.to_dtype(DType::F64).unwrap();
-    let grads64 = (&y64 * &r64)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let e = rel_err(&y, &y64);
-    assert!(e < 1e-5, "{what}: output rel err {e}");
-    for (i, (v, v64)) in vars.iter().zip(&vars64).enumerate() {
-        let g = grads.get(v.as_tensor()).unwrap();
-        let g64 = grads64.get(v64.as_tensor()).unwrap();
-        assert_eq!(g.dims(), v.dims(), "{what}: gradient {i} shape");
-        let e = rel_err(g, g64);
-        assert!(e < 1e-5, "{what}: gradient {i} rel err {e}");
+    let want = Reference::new(inputs, reference);
+    for set in KernelSet::available() {
+        with_kernels(set, || {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let y = f(&vars.iter().map(|v| v.as_tensor()).collect::<Vec<_>>());
+            want.check(&y, &vars, &format!("{what} ({set} kernels)"));
+        });
     }
 }
 
@@ -179,8 +269,8 @@ fn add_scalar_matches_composed_ops() {
             compare(
                 &[x.clone(), b.clone()],
                 |t| super::add_scalar(t[0], t[1], relu).unwrap(),
-                |t| {
-                    let y = t[0].broadcast_add(t[1]).unwrap();
+                |t, s| {
+                    let y = t[0].broadcast_add(&s.at(t, 1, t[0])).unwrap();
                     if relu { y.relu().unwrap() } else { y }
                 },
                 &format!("add_scalar {dims:?} relu={relu}"),
@@ -205,8 +295,8 @@ fn residual_relu_matches_composed_ops() {
             compare(
                 &[x.clone(), tau.clone(), s.clone()],
                 |t| super::residual_relu(t[0], t[1], None, t[2]).unwrap(),
-                |t| {
-                    (t[0].broadcast_mul(t[1]).unwrap() + t[2])
+                |t, s| {
+                    (t[0].broadcast_mul(&s.at(t, 1, t[0])).unwrap() + t[2])
                         .unwrap()
                         .relu()
                         .unwrap()
@@ -216,9 +306,9 @@ fn residual_relu_matches_composed_ops() {
             compare(
                 &[x.clone(), tau.clone(), s.clone(), b.clone()],
                 |t| super::residual_relu(t[0], t[1], Some(t[3]), t[2]).unwrap(),
-                |t| {
-                    let br = t[0].broadcast_add(t[3]).unwrap();
-                    (br.broadcast_mul(t[1]).unwrap() + t[2])
+                |t, s| {
+                    let br = t[0].broadcast_add(&s.at(t, 3, t[0])).unwrap();
+                    (br.broadcast_mul(&s.at(t, 1, &br)).unwrap() + t[2])
                         .unwrap()
                         .relu()
                         .unwrap()
@@ -252,13 +342,9 @@ proptest::proptest! {
         compare(
             &[x, b, c2],
             |t| super::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
-            |t| {
-                t[0].broadcast_add(t[1])
-                    .unwrap()
-                    .relu()
-                    .unwrap()
-                    .broadcast_add(t[2])
-                    .unwrap()
+            |t, s| {
+                let h = t[0].broadcast_add(&s.at(t, 1, t[0])).unwrap().relu().unwrap();
+                h.broadcast_add(&s.at(t, 2, &h)).unwrap()
             },
             &format!("bias_relu_bias {dims:?}"),
         );
@@ -275,13 +361,9 @@ fn bias_relu_bias_across_parallel_chunks_and_bitwise() {
     compare(
         &[x.clone(), b.clone(), c.clone()],
         |t| super::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
-        |t| {
-            t[0].broadcast_add(t[1])
-                .unwrap()
-                .relu()
-                .unwrap()
-                .broadcast_add(t[2])
-                .unwrap()
+        |t, s| {
+            let h = t[0].broadcast_add(&s.at(t, 1, t[0])).unwrap().relu().unwrap();
+            h.broadcast_add(&s.at(t, 2, &h)).unwrap()
         },
         "bias_relu_bias large",
     );
@@ -314,13 +396,13 @@ proptest::proptest! {
         compare(
             std::slice::from_ref(&x),
             |t| super::relu(t[0]).unwrap(),
-            |t| t[0].relu().unwrap(),
+            |t, _| t[0].relu().unwrap(),
             &format!("relu {dims:?}"),
         );
         compare(
             std::slice::from_ref(&x),
             |t| super::global_avg_pool(t[0]).unwrap(),
-            |t| t[0].flatten_from(2).unwrap().mean(2).unwrap(),
+            |t, _| t[0].flatten_from(2).unwrap().mean(2).unwrap(),
             &format!("global_avg_pool {dims:?}"),
         );
         if stride == 1 && extra == 0 {
@@ -330,7 +412,7 @@ proptest::proptest! {
         compare(
             std::slice::from_ref(&x),
             |t| super::option_a_shortcut(t[0], stride, c_out).unwrap(),
-            |t| {
+            |t, _| {
                 assert_eq!(t[0].dtype(), DType::F64);
                 super::option_a_shortcut(t[0], stride, c_out).unwrap()
             },
@@ -526,23 +608,20 @@ fn shortcut_reference(x: &Tensor, w1: &Tensor, stride: usize) -> Tensor {
     }
 }
 
-/// The block without normalization, in candle's own ops (f64 reference).
-fn block_reference(t: &[&Tensor], stride: usize) -> Tensor {
+/// The block without normalization, in candle's own ops (f64 reference); the biases and τ
+/// (inputs 3–7) go through `s`.
+fn block_reference(t: &[&Tensor], s: &Terms, stride: usize) -> Tensor {
     let (x, w1, w2) = (t[0], t[1], t[2]);
-    let (b1a, b1b, b2a, b2b, tau) = (t[3], t[4], t[5], t[6], t[7]);
     let y1 = x
-        .broadcast_add(b1a)
+        .broadcast_add(&s.at(t, 3, x))
         .unwrap()
         .conv2d(w1, 1, stride, 1, 1)
         .unwrap();
-    let h = y1.broadcast_add(b1b).unwrap().relu().unwrap();
-    let h = h.broadcast_add(b2a).unwrap();
-    let y2 = h
-        .conv2d(w2, 1, 1, 1, 1)
-        .unwrap()
-        .broadcast_add(b2b)
-        .unwrap();
-    (y2.broadcast_mul(tau).unwrap() + shortcut_reference(x, w1, stride))
+    let h = y1.broadcast_add(&s.at(t, 4, &y1)).unwrap().relu().unwrap();
+    let h = h.broadcast_add(&s.at(t, 5, &h)).unwrap();
+    let y2 = h.conv2d(w2, 1, 1, 1, 1).unwrap();
+    let y2 = y2.broadcast_add(&s.at(t, 6, &y2)).unwrap();
+    (y2.broadcast_mul(&s.at(t, 7, &y2)).unwrap() + shortcut_reference(x, w1, stride))
         .unwrap()
         .relu()
         .unwrap()
@@ -590,7 +669,7 @@ fn scalar_bias_block_matches_candle() {
         compare(
             &inputs,
             |t| fused_block(t, stride),
-            |t| block_reference(t, stride),
+            |t, s| block_reference(t, s, stride),
             &format!("scalar_bias_block {dims:?} → {c_out} stride {stride}"),
         );
     }
@@ -603,35 +682,21 @@ fn scalar_bias_block_matches_candle() {
 fn scalar_bias_block_with_constant_tau_and_without_gradients() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let t = block_inputs(&mut rng, [2, 16, 4, 4], 16);
-    let vars: Vec<Var> = t[..7]
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let mut args: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-    args.push(&t[7]);
-    let y = fused_block(&args, 1);
-    let vars64: Vec<Var> = t
-        .iter()
-        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap())
-        .collect();
-    let args64: Vec<&Tensor> = vars64.iter().map(|v| v.as_tensor()).collect();
-    let y64 = block_reference(&args64, 1);
-    assert!(rel_err(&y, &y64) < 1e-5);
-    let r = random(&mut rng, y.dims(), -1.0, 1.0);
-    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let r64 = r.to_dtype(DType::F64).unwrap();
-    let grads64 = (&y64 * &r64)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (i, (v, v64)) in vars.iter().zip(&vars64).enumerate() {
-        let e = rel_err(grads.get(v).unwrap(), grads64.get(v64).unwrap());
-        assert!(e < 1e-5, "gradient {i}: rel err {e}");
+    let want = Reference::new(&t, |a, s| block_reference(a, s, 1));
+    for set in KernelSet::available() {
+        with_kernels(set, || {
+            let vars: Vec<Var> = t[..7]
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let mut args: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            args.push(&t[7]);
+            let y = fused_block(&args, 1);
+            want.check(&y, &vars, &format!("constant τ ({set} kernels)"));
+            let plain: Vec<&Tensor> = t.iter().collect();
+            assert_eq!(rel_err(&fused_block(&plain, 1), &y), 0.0);
+        });
     }
-    let plain: Vec<&Tensor> = t.iter().collect();
-    assert_eq!(rel_err(&fused_block(&plain, 1), &y), 0.0);
 }
 
 #[test]
@@ -790,14 +855,20 @@ fn check_bn_block(dims: [usize; 4], c_out: usize, stride: usize, seed: u64) {
 
 #[test]
 fn batch_norm_block_matches_candle_nn() {
-    check_bn_block([2, 3, 5, 7], 3, 1, 31);
-    check_bn_block([1, 16, 8, 8], 16, 1, 32);
-    check_bn_block([4, 4, 4, 4], 4, 1, 33);
-    check_bn_block([3, 8, 16, 16], 8, 1, 34);
-    // stage transitions
-    check_bn_block([2, 4, 8, 8], 8, 2, 36);
-    check_bn_block([3, 3, 7, 5], 6, 2, 37);
-    check_bn_block([2, 3, 6, 6], 5, 1, 38);
+    for set in KernelSet::available() {
+        // Shown with the failing assertion's message.
+        println!("kernel set: {set}");
+        with_kernels(set, || {
+            check_bn_block([2, 3, 5, 7], 3, 1, 31);
+            check_bn_block([1, 16, 8, 8], 16, 1, 32);
+            check_bn_block([4, 4, 4, 4], 4, 1, 33);
+            check_bn_block([3, 8, 16, 16], 8, 1, 34);
+            // stage transitions
+            check_bn_block([2, 4, 8, 8], 8, 2, 36);
+            check_bn_block([3, 3, 7, 5], 6, 2, 37);
+            check_bn_block([2, 3, 6, 6], 5, 1, 38);
+        });
+    }
 }
 
 #[test]
@@ -901,7 +972,7 @@ fn max_pool_matches_the_composed_ops_without_ties() {
     compare(
         &[x],
         |t| super::max_pool_3x3_s2(t[0]).unwrap(),
-        |t| crate::resnet::max_pool_3x3_s2_composed(t[0]).unwrap(),
+        |t, _| crate::resnet::max_pool_3x3_s2_composed(t[0]).unwrap(),
         "max pool",
     );
 }
