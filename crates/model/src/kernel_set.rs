@@ -186,7 +186,10 @@ pub fn kernels() -> KernelSet {
     *FROM_ENV.get_or_init(|| match kernels_from_env() {
         Ok(set) => set.unwrap_or_else(KernelSet::detected),
         Err(e) => {
-            tracing::warn!("{KERNELS_ENV}: {e}; using the {} kernels", KernelSet::detected());
+            tracing::warn!(
+                "{KERNELS_ENV}: {e}; using the {} kernels",
+                KernelSet::detected()
+            );
             KernelSet::detected()
         }
     })

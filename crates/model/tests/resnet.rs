@@ -424,6 +424,15 @@ fn bad_configs_are_errors() {
 /// channel (with two the normalization is close to discontinuous). The inputs are
 /// continuous, so the max pool has no ties (where the fused op routes the gradient as
 /// PyTorch does and the composed one splits it).
+///
+/// Without normalization the weights and the input are made nonnegative, so that every
+/// pre-activation is positive and no ReLU sits at its kink: with the He-initialized
+/// weights as drawn, some pre-activation lies within f32 rounding of zero for most
+/// inputs, and its ReLU flips between f32 and f64. Measured with inputs 1, 5 and 7: the
+/// largest relative gradient error was 2e-5 to 0.17 depending on the input, for candle's
+/// own f32 convolution as for this crate's kernels, while the median stayed near 1e-6.
+/// With no kink in reach, every gradient is a smooth function of the rounded values: the
+/// largest relative error was 7.1e-7 for inputs 1, 5 and 7 under every kernel set.
 #[test]
 fn bottleneck_f32_fused_matches_f64_composed() {
     for norm in [Norm::BatchNorm, Norm::None] {
@@ -434,6 +443,17 @@ fn bottleneck_f32_fused_matches_f64_composed() {
             ..Default::default()
         });
         let (m32, vm32) = build(&cfg, 3);
+        if norm == Norm::None {
+            for (name, v) in vm32.data().lock().unwrap().iter() {
+                if name.ends_with("weight") {
+                    // |w| / sqrt(fan-in): each layer about preserves the activations' scale.
+                    let t = v.as_tensor();
+                    let fan_in = t.elem_count() / t.dim(0).unwrap();
+                    let w = (t.abs().unwrap() / (fan_in as f64).sqrt()).unwrap();
+                    v.set(&w).unwrap();
+                }
+            }
+        }
         let vm64 = VarMap::new();
         {
             let src = vm32.data().lock().unwrap();
@@ -448,7 +468,10 @@ fn bottleneck_f32_fused_matches_f64_composed() {
             VarBuilder::from_varmap(&vm64, DType::F64, &Device::Cpu),
         )
         .unwrap();
-        let x = input((2, 3, 64, 64), 5);
+        let x = match norm {
+            Norm::BatchNorm => input((2, 3, 64, 64), 5),
+            Norm::None => input((2, 3, 64, 64), 5).abs().unwrap(),
+        };
         let r = input((2, 5, 1, 1), 9).reshape((2, 5)).unwrap();
         let run = |m: &Model, vm: &VarMap, dtype: DType| {
             let y = m.forward_t(&x.to_dtype(dtype).unwrap(), true).unwrap();
@@ -472,14 +495,14 @@ fn bottleneck_f32_fused_matches_f64_composed() {
             (y.to_vec1::<f64>().unwrap(), grads)
         };
         let (y64, g64) = run(&m64, &vm64, DType::F64);
-        // Without normalization every gradient agrees within 3e-5 of its norm. With
-        // BatchNorm in training mode on two images the f32 rounding is amplified layer by
-        // layer on the way back (the relative error grows smoothly from 1e-5 at layer4 to
-        // 5e-3 at the stem, the same for every kind of layer), so the bound is looser there;
-        // a wiring error is off by O(1).
+        // Without normalization every gradient agrees within 1e-5 of its norm (see above).
+        // With BatchNorm in training mode on two images the f32 rounding is amplified layer
+        // by layer on the way back (the relative error grows from 1e-5 at layer4 to 5e-3 at
+        // the stem, the same for every kind of layer), so the bound is looser there; a
+        // wiring error is off by O(1).
         let tol = match norm {
             Norm::BatchNorm => 2e-2,
-            Norm::None => 1e-4,
+            Norm::None => 1e-5,
         };
         let close = |a: &[f64], b: &[f64]| {
             let norm = b.iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -489,7 +512,10 @@ fn bottleneck_f32_fused_matches_f64_composed() {
         // Under every kernel set this CPU runs (the AVX-512 one runs what an AVX2 CPU runs).
         for set in KernelSet::available() {
             let (y32, g32) = with_kernels(set, || run(&m32, &vm32, DType::F32));
-            assert!(close(&y32, &y64), "{norm:?} {set}: logits {y32:?} vs {y64:?}");
+            assert!(
+                close(&y32, &y64),
+                "{norm:?} {set}: logits {y32:?} vs {y64:?}"
+            );
             assert_eq!(g32.len(), g64.len(), "{norm:?}");
             assert!(g32.len() > 100, "{norm:?}: {} gradients", g32.len());
             for ((name, a), (_, b)) in g32.iter().zip(&g64) {

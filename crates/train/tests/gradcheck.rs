@@ -258,7 +258,10 @@ fn f32_gradients_match_f64() {
     for set in KernelSet::available() {
         let xs32 = xs.to_dtype(DType::F32).unwrap();
         let (l32, g32) = with_kernels(set, || grads_of(&m32, &xs32));
-        assert!((l64 - l32).abs() < 1e-4 * l64.abs(), "{set}: loss {l64} vs {l32}");
+        assert!(
+            (l64 - l32).abs() < 1e-4 * l64.abs(),
+            "{set}: loss {l64} vs {l32}"
+        );
         for ((name, a), (_, b)) in g64.iter().zip(&g32) {
             let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
             let diff = a

@@ -174,7 +174,8 @@ fn compare_under(
             x0.clone()
         };
         let mut worst = errs(direct_loops(&x_nchw, &w0, &r, stride, padding));
-        let candle_backward_works = (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride;
+        let candle_backward_works =
+            (h + 2 * padding - k) % stride == (w + 2 * padding - k) % stride;
         if candle_backward_works {
             let vs_candle = errs(run(DType::F64, true));
             for (a, b) in worst.iter_mut().zip(vs_candle) {
@@ -201,7 +202,21 @@ fn compare(
 ) -> [f64; 3] {
     KernelSet::available()
         .into_iter()
-        .map(|set| compare_under(set, seed, n, c_in, c_out, h, w, k, stride, padding, non_contiguous))
+        .map(|set| {
+            compare_under(
+                set,
+                seed,
+                n,
+                c_in,
+                c_out,
+                h,
+                w,
+                k,
+                stride,
+                padding,
+                non_contiguous,
+            )
+        })
         .fold([0.0; 3], |w, e| std::array::from_fn(|i| w[i].max(e[i])))
 }
 

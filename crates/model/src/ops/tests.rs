@@ -8,8 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batch_norm_t;
-use crate::kernel_set::{KernelSet, with_kernels};
 use crate::conv::tests::{rel_err, to_f64_vec};
+use crate::kernel_set::{KernelSet, with_kernels};
 
 fn random(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
     let n = dims.iter().product();
@@ -221,7 +221,12 @@ impl Reference {
     fn check(&self, y: &Tensor, vars: &[Var], what: &str) {
         let e = rel_err(y, &self.y);
         assert!(e < 1e-5, "{what}: output rel err {e}");
-        let grads = (y * &self.r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (y * &self.r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (i, (v, (g64, scale))) in vars.iter().zip(&self.grads).enumerate() {
             let g = grads.get(v.as_tensor()).unwrap();
             assert_eq!(g.dims(), v.dims(), "{what}: gradient {i} shape");
@@ -362,7 +367,11 @@ fn bias_relu_bias_across_parallel_chunks_and_bitwise() {
         &[x.clone(), b.clone(), c.clone()],
         |t| super::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
         |t, s| {
-            let h = t[0].broadcast_add(&s.at(t, 1, t[0])).unwrap().relu().unwrap();
+            let h = t[0]
+                .broadcast_add(&s.at(t, 1, t[0]))
+                .unwrap()
+                .relu()
+                .unwrap();
             h.broadcast_add(&s.at(t, 2, &h)).unwrap()
         },
         "bias_relu_bias large",
