@@ -4,6 +4,8 @@
 //! their run records.
 
 mod analysis;
+#[cfg(test)]
+mod architecture;
 mod bench;
 mod figures;
 mod pool;

@@ -69,18 +69,19 @@
 //! does not match this layout. [`ModelConfig::param_specs`] lists every name with its
 //! shape, and [`ModelConfig::param_kind`] says how an optimizer treats it.
 
-pub mod alloc;
 pub mod checkpoint;
 pub mod config;
-pub mod conv;
 pub mod hub;
 pub mod init;
-pub mod kernel_set;
 pub mod model;
-pub mod ops;
 pub mod resnet;
 pub mod tau;
 pub mod theory;
+
+/// The CPU kernels the models run on (re-exported: [`tau_kernels`]).
+pub use tau_kernels as kernels;
+/// The allocator policy for CPU training ([`tau_kernels::alloc`]).
+pub use tau_kernels::alloc;
 
 pub use checkpoint::CheckpointError;
 pub use config::{ModelConfig, ParamInit, ParamKind, ParamSpec};

@@ -3,7 +3,7 @@
 //! BatchNorm (τ × the last BN's output) or without normalization (Fixup-style scalar
 //! biases and one shared τ), as in PAPER.md and the paper's companion code.
 //!
-//! Every convolution goes through [`crate::conv::conv2d`]. Parameter names are PyTorch's
+//! Every convolution goes through [`tau_kernels::conv2d`]. Parameter names are PyTorch's
 //! (`state_dict` keys of torchvision and of the companion code); see the crate docs.
 
 use candle::{DType, Device, Module, ModuleT, Result, Tensor};
@@ -11,12 +11,12 @@ use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
-use crate::conv::{conv2d, conv2d_shifted};
-use crate::ops::{
-    add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, global_avg_pool, relu,
-    residual_relu, scalar_bias_block,
-};
 use crate::tau::TauRule;
+use tau_kernels::{
+    add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, conv2d, conv2d_shifted,
+    global_avg_pool, relu, residual_relu, scalar_bias_block,
+};
+pub use tau_kernels::{max_pool_3x3_s2, subsample2};
 
 /// Normalization inside the residual blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -137,60 +137,6 @@ fn tau_value(t: &Tensor) -> Result<f64> {
         .flatten_all()?
         .get(0)?
         .to_scalar::<f64>()
-}
-
-/// Every other row and column, starting at the first: a stride-2 subsample that autograd
-/// can differentiate (PyTorch's `AvgPool2d(1, stride=2)`, or `x[:, :, ::2, ::2]`).
-pub fn subsample2(xs: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = xs.dims4()?;
-    let xs = if h % 2 == 1 {
-        xs.pad_with_zeros(2, 0, 1)?
-    } else {
-        xs.clone()
-    };
-    let xs = if w % 2 == 1 {
-        xs.pad_with_zeros(3, 0, 1)?
-    } else {
-        xs
-    };
-    let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
-    xs.reshape((n, c, h2, 2, w2, 2))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((n, c, h2, w2))
-}
-
-/// 3×3 max pooling, stride 2, padding 1: [`crate::ops::max_pool_3x3_s2`] (PyTorch's
-/// semantics; one fused op on the CPU for `f32`).
-///
-/// # Errors
-/// As [`crate::ops::max_pool_3x3_s2`].
-pub fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
-    crate::ops::max_pool_3x3_s2(xs)
-}
-
-/// 3×3 max pooling, stride 2, padding 1, for nonnegative inputs (after a ReLU, where zero
-/// padding equals PyTorch's −∞ padding), built from shifts and maxima so it has a gradient
-/// on every device (tied maxima share the gradient).
-pub(crate) fn max_pool_3x3_s2_composed(xs: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = xs.dims4()?;
-    let padded = xs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
-    let mut out: Option<Tensor> = None;
-    for di in 0..3 {
-        for dj in 0..3 {
-            let v = subsample2(
-                &padded
-                    .narrow(2, di, 2 * ho - 1)?
-                    .narrow(3, dj, 2 * wo - 1)?,
-            )?;
-            out = Some(match out {
-                None => v,
-                Some(o) => o.maximum(&v)?,
-            });
-        }
-    }
-    out.ok_or_else(|| candle::Error::Msg("max pool: empty window".into()))
 }
 
 fn linear(c_in: usize, classes: usize, vb: VarBuilder) -> Result<Linear> {

@@ -3,7 +3,7 @@
 
 use candle::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use tau_model::kernel_set::{KernelSet, with_kernels};
+use tau_kernels::select::{KernelSet, with_kernels};
 use tau_model::resnet::{max_pool_3x3_s2, subsample2};
 use tau_model::{
     BottleneckResNetConfig, CifarResNetConfig, Model, ModelConfig, Norm, ParamKind, TauRule,
@@ -140,7 +140,7 @@ fn batch_norm_train_vs_eval() {
     let diff = (train - &eval0).unwrap().abs().unwrap().max_all().unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() > 1e-4);
     // running_mean = 0.9·0 + 0.1·(batch mean of conv1(x) per channel).
-    let c = tau_model::conv::conv2d(&x, &get(&vm, "conv1.weight"), 1, 1).unwrap();
+    let c = tau_kernels::conv2d(&x, &get(&vm, "conv1.weight"), 1, 1).unwrap();
     let mean = c
         .transpose(0, 1)
         .unwrap()
@@ -175,7 +175,7 @@ fn tiny_tau_leaves_only_the_option_a_shortcut() {
     });
     let (model, vm) = build(&cfg, 6);
     let x = input((2, 3, 9, 9), 6);
-    let h = tau_model::conv::conv2d(&x, &get(&vm, "conv1.weight"), 1, 1)
+    let h = tau_kernels::conv2d(&x, &get(&vm, "conv1.weight"), 1, 1)
         .unwrap()
         .relu()
         .unwrap();

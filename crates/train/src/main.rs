@@ -74,7 +74,7 @@ fn init_logging(quiet: bool) {
 
 fn main() -> ExitCode {
     // Keep freed memory in the process (MALLOC_* / GLIBC_TUNABLES, when set, win).
-    tau_model::alloc::tune_allocator();
+    tau_kernels::alloc::tune_allocator();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Bench(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none()
     {
@@ -86,6 +86,11 @@ fn main() -> ExitCode {
     }
     cmd::set_quiet(cli.quiet);
     init_logging(cli.quiet);
+    // A bad TAU_KERNELS is a usage error, said once, before any work.
+    if let Err(err) = tau_kernels::select::kernels_from_env() {
+        eprintln!("error: {}: {err}", tau_kernels::select::KERNELS_ENV);
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Probe(args) => cmd::probe::run(args),

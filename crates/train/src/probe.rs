@@ -20,6 +20,8 @@
 
 use candle::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use tau_kernels::matmul::block_matmul_f32;
+use tau_kernels::probe::{apply_mask, linear_step, relu_step, set_mask};
 use tau_model::{ModelConfig, TauRule, TheoryConfig, TheoryNet};
 
 /// One τ rule to probe, as written and parsed.
@@ -226,99 +228,6 @@ fn log_norm(n2: f64) -> (f64, f32) {
     }
 }
 
-/// Lanes of the vectorizable per-row loops.
-const LANES: usize = 16;
-
-/// `z ← max(s·z + (s·τ)·p, 0)` element-wise; returns ‖z‖² of the result.
-///
-/// Compiled twice, for the baseline x86-64 target and for AVX2 (chosen at run time):
-/// the same lane-wise operations in the same order, so both give the same bits.
-fn relu_step(z: &mut [f32], p: &[f32], s: f32, tau: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { relu_step_avx2(z, p, s, tau) };
-        }
-    }
-    relu_step_body(z, p, s, tau)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn relu_step_avx2(z: &mut [f32], p: &[f32], s: f32, tau: f32) -> f64 {
-    relu_step_body(z, p, s, tau)
-}
-
-#[inline(always)]
-fn relu_step_body(z: &mut [f32], p: &[f32], s: f32, tau: f32) -> f64 {
-    let st = s * tau;
-    // max(v, 0) as a select: NaN and −0 give 0, as f32::max(v, 0) does up to the sign
-    // of zero, which the square and the next step do not see.
-    let relu = |v: f32| if v > 0.0 { v } else { 0.0 };
-    let mut acc = [0f32; LANES];
-    let mut zc = z.chunks_exact_mut(LANES);
-    let mut pc = p.chunks_exact(LANES);
-    for (zs, ps) in (&mut zc).zip(&mut pc) {
-        for k in 0..LANES {
-            let v = relu(s * zs[k] + st * ps[k]);
-            zs[k] = v;
-            acc[k] += v * v;
-        }
-    }
-    let mut tail = 0f32;
-    for (zj, pj) in zc.into_remainder().iter_mut().zip(pc.remainder()) {
-        let v = relu(s * *zj + st * pj);
-        *zj = v;
-        tail += v * v;
-    }
-    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail)
-}
-
-/// `g ← s·g + (s·τ)·q` element-wise.
-fn linear_step(g: &mut [f32], q: &[f32], s: f32, tau: f32) {
-    let st = s * tau;
-    for (gj, qj) in g.iter_mut().zip(q) {
-        *gj = s * *gj + st * qj;
-    }
-}
-
-/// The ReLU mask of `z` (bit j of word j/64 set where z_j > 0).
-fn set_mask(z: &[f32], mask: &mut [u64]) {
-    for (word, chunk) in mask.iter_mut().zip(z.chunks(64)) {
-        let mut bits = 0u64;
-        for (j, &v) in chunk.iter().enumerate() {
-            bits |= u64::from(v > 0.0) << j;
-        }
-        *word = bits;
-    }
-}
-
-/// Zeroes `g` where the mask is clear; returns ‖g‖² of the result.
-fn apply_mask(g: &mut [f32], mask: &[u64]) -> f64 {
-    let mut acc = [0f32; LANES];
-    let mut tail = 0f32;
-    for (chunk, &word) in g.chunks_mut(64).zip(mask) {
-        for (s, sub) in chunk.chunks_mut(LANES).enumerate() {
-            let bits = word >> (s * LANES);
-            if let Ok(sub) = <&mut [f32; LANES]>::try_from(&mut *sub) {
-                for k in 0..LANES {
-                    let kept = if (bits >> k) & 1 == 1 { sub[k] } else { 0.0 };
-                    sub[k] = kept;
-                    acc[k] += kept * kept;
-                }
-            } else {
-                for (k, v) in sub.iter_mut().enumerate() {
-                    let kept = if (bits >> k) & 1 == 1 { *v } else { 0.0 };
-                    *v = kept;
-                    tail += kept * kept;
-                }
-            }
-        }
-    }
-    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail)
-}
-
 /// The theory network's forward and backward probe for many τ at once, on the weights
 /// `wts` and the inputs `xs` (n × p, row-major, f64).
 ///
@@ -342,6 +251,7 @@ pub fn theory_probe_seed(
     blocks: &[usize],
 ) -> candle::Result<Vec<TheorySeedResult>> {
     wts.check()?;
+    let kernel_set = tau_kernels::select::kernels().set();
     let (p, m, n_blocks) = (wts.input_dim, wts.width, wts.blocks.len());
     if xs.len() != n * p {
         candle::bail!(
@@ -422,11 +332,17 @@ pub fn theory_probe_seed(
                     .copy_from_slice(&logn[t * n..(t + 1) * n]);
             }
         }
-        tau_model::theory::block_matmul_f32(&h, w, &mut pw, rows, m, true)?;
+        block_matmul_f32(&h, w, &mut pw, rows, m, true)?;
         let mask = &mut masks[l * grows * words..(l + 1) * grows * words];
         for r in 0..rows {
             let zr = &mut h[r * m..(r + 1) * m];
-            let n2 = relu_step(zr, &pw[r * m..(r + 1) * m], inv[r], tau_of_row[r]);
+            let n2 = relu_step(
+                kernel_set,
+                zr,
+                &pw[r * m..(r + 1) * m],
+                inv[r],
+                tau_of_row[r],
+            );
             let (ln_norm, s) = log_norm(n2);
             // The stored row had norm 1/inv[r] before the step: h_l's log-norm is the old
             // one plus ln ‖row after the step‖ (the step divided by that norm).
@@ -491,7 +407,7 @@ pub fn theory_probe_seed(
         if l == 0 {
             break;
         }
-        tau_model::theory::block_matmul_f32(&g, &wts.blocks[l], &mut q, grows, m, false)?;
+        block_matmul_f32(&g, &wts.blocks[l], &mut q, grows, m, false)?;
         // g_{l−1} = D_l g_l + τ W_lᵀ D_l g_l, from the masked rows scaled to unit norm
         // (gamma already holds their log-norm).
         for r in 0..grows {
@@ -711,46 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn element_wise_passes_match_plain_loops() {
-        // Width 70: whole 16-lane groups, a partial group and a partial 64-bit word.
-        let m: usize = 70;
-        let z0: Vec<f32> = (0..m)
-            .map(|j| ((j * 37 % 23) as f32 - 11.0) * 0.1)
-            .collect();
-        let p: Vec<f32> = (0..m).map(|j| ((j * 11 % 17) as f32 - 8.0) * 0.2).collect();
-        let (s, tau) = (0.5f32, 0.3f32);
-        let mut z = z0.clone();
-        let n2 = relu_step(&mut z, &p, s, tau);
-        let want: Vec<f32> = z0
-            .iter()
-            .zip(&p)
-            .map(|(a, b)| (s * a + s * tau * b).max(0.0))
-            .collect();
-        assert_eq!(z, want);
-        let want_n2: f64 = want.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        assert!((n2 - want_n2).abs() < 1e-5 * want_n2);
-        let mut z_base = z0.clone();
-        assert_eq!(
-            relu_step_body(&mut z_base, &p, s, tau).to_bits(),
-            n2.to_bits(),
-            "dispatched and baseline passes give the same bits"
-        );
-        assert_eq!(z_base, z);
-        let mut mask = vec![0u64; m.div_ceil(64)];
-        set_mask(&z, &mut mask);
-        for (j, &v) in z.iter().enumerate() {
-            assert_eq!((mask[j / 64] >> (j % 64)) & 1 == 1, v > 0.0, "bit {j}");
-        }
-        let mut g = p.clone();
-        let n2 = apply_mask(&mut g, &mask);
-        let want: Vec<f32> = p
-            .iter()
-            .zip(&z)
-            .map(|(&gj, &zj)| if zj > 0.0 { gj } else { 0.0 })
-            .collect();
-        assert_eq!(g, want);
-        let want_n2: f64 = want.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        assert!((n2 - want_n2).abs() < 1e-5 * want_n2);
+    fn log_norm_of_zero_and_non_finite_rows() {
         assert_eq!(log_norm(0.0), (f64::NEG_INFINITY, 0.0));
         assert!(log_norm(f64::NAN).0.is_nan());
         assert_eq!(log_norm(4.0).1, 0.5);

@@ -4,8 +4,8 @@
 //! finite differences; and the SGD step's use of it (τ at lr/10 with its gradient ÷ L).
 
 use candle::{DType, Device, Tensor, Var};
+use tau_kernels::select::{KernelSet, with_kernels};
 use tau_model::ModelConfig;
-use tau_model::kernel_set::{KernelSet, with_kernels};
 use tau_train::config::{LossKind, WeightDecayMode};
 use tau_train::loss::{Targets, loss_sum};
 use tau_train::optim::{Sgd, SgdConfig};

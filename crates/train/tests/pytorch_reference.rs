@@ -31,8 +31,8 @@
 use std::path::Path;
 
 use candle::{DType, Device, Tensor};
+use tau_kernels::select::{KernelSet, with_kernels};
 use tau_model::ModelConfig;
-use tau_model::kernel_set::{KernelSet, with_kernels};
 use tau_train::config::LossKind;
 use tau_train::loss::{Targets, loss_sum};
 use tau_train::setup::TauModel;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use candle::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD, VarBuilder};
 use serde::Serialize;
-use tau_model::conv::{CpuConvBackend, set_cpu_backend};
+use tau_kernels::select::{KernelSet, Kernels, set_kernels};
 use tau_model::{
     BottleneckResNetConfig, CifarResNetConfig, Model, ModelConfig, Norm, TheoryConfig, init_varmap,
 };
@@ -80,9 +80,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchConv::Gemm)]
     pub conv: BenchConv,
     /// With `--conv gemm`, run BatchNorm and the other layers as candle-nn's composed ops
-    /// instead of tau-model's fused CPU ops (`--conv candle` always does).
+    /// instead of the fused CPU ops (`--conv candle` always does).
     #[arg(long)]
     pub unfused: bool,
+    /// The instruction set of the CPU kernels (`auto`: the best this CPU runs, or what
+    /// `TAU_KERNELS` names); `portable` or `avx2` measure what a smaller CPU runs.
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
     /// Threads of candle's own pool for its elementwise ops (the `CANDLE_NUM_THREADS`
     /// environment variable, when set, wins). 1 runs them on the calling thread: candle's
     /// spin-waiting workers otherwise compete with rayon's for the cores.
@@ -108,8 +112,10 @@ pub struct BenchRecord {
     pub phase: String,
     /// Images (inputs) per step.
     pub batch: usize,
-    /// `gemm` or `candle`.
+    /// `gemm`, `gemm-unfused` or `candle`.
     pub conv: String,
+    /// The kernels that ran (`avx512`, `avx2`, `portable`, `conv-only` or `candle`).
+    pub kernels: String,
     /// Median seconds per step.
     pub median_s: f64,
     /// Fastest step, seconds.
@@ -152,27 +158,40 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             anyhow::bail!("--depths: a CIFAR ResNet depth is 6n+2 (20, 56, 110, ...), got {d}");
         }
     }
-    set_cpu_backend(match args.conv {
-        BenchConv::Gemm => CpuConvBackend::Gemm,
-        BenchConv::Candle => CpuConvBackend::Candle,
-    });
+    let set: KernelSet = if args.kernels.trim().eq_ignore_ascii_case("auto") {
+        tau_kernels::select::kernels_from_env()?.map_or_else(KernelSet::detected, Kernels::set)
+    } else {
+        args.kernels.parse()?
+    };
+    let kernels = match (args.conv, args.unfused) {
+        (BenchConv::Candle, _) => Kernels::Candle,
+        (BenchConv::Gemm, true) => Kernels::ConvOnly,
+        (BenchConv::Gemm, false) => Kernels::Fused(set),
+    };
+    set_kernels(kernels).context("--kernels")?;
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: nothing else runs yet (candle reads the variable when it first starts its
         // pool, on the first elementwise op below); no other thread reads the environment.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.candle_threads.to_string()) };
     }
-    let fused = args.conv == BenchConv::Gemm && !args.unfused;
-    tau_model::ops::set_fused_cpu_ops(fused);
     let device = Device::Cpu;
-    let conv = match (args.conv, fused) {
-        (BenchConv::Gemm, true) => "gemm".to_string(),
-        (BenchConv::Gemm, false) => "gemm-unfused".to_string(),
-        (BenchConv::Candle, _) => "candle".to_string(),
+    let conv = match kernels {
+        Kernels::Fused(_) => "gemm".to_string(),
+        Kernels::ConvOnly => "gemm-unfused".to_string(),
+        Kernels::Candle => "candle".to_string(),
     };
     if !args.json {
         println!(
-            "{:<17} {:>5} {:>5} {:>10} {:>6} {:>7} {:>10} {:>9} {:>9}",
-            "model", "depth", "norm", "phase", "batch", "conv", "median s", "images/s", "GFLOP/s"
+            "{:<17} {:>5} {:>5} {:>10} {:>6} {:>9} {:>10} {:>9} {:>9}",
+            "model",
+            "depth",
+            "norm",
+            "phase",
+            "batch",
+            "kernels",
+            "median s",
+            "images/s",
+            "GFLOP/s"
         );
     }
     let report = |r: &BenchRecord| -> anyhow::Result<()> {
@@ -180,13 +199,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             println!("{}", serde_json::to_string(r)?);
         } else {
             println!(
-                "{:<17} {:>5} {:>5} {:>10} {:>6} {:>7} {:>10.4} {:>9.1} {:>9.1}",
+                "{:<17} {:>5} {:>5} {:>10} {:>6} {:>9} {:>10.4} {:>9.1} {:>9.1}",
                 r.model,
                 r.depth,
                 r.norm,
                 r.phase,
                 r.batch,
-                r.conv,
+                r.kernels,
                 r.median_s,
                 r.images_per_s,
                 r.gflop_per_s
@@ -351,6 +370,7 @@ impl TrainStep {
             phase: "train_step".into(),
             batch: self.batch,
             conv: conv.into(),
+            kernels: tau_kernels::select::kernels().to_string(),
             median_s,
             min_s,
             images_per_s: self.batch as f64 / median_s,
@@ -426,6 +446,7 @@ fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result
         phase: phase.into(),
         batch: n,
         conv: conv.into(),
+        kernels: tau_kernels::select::kernels().to_string(),
         median_s,
         min_s,
         images_per_s: n as f64 / median_s,

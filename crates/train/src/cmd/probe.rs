@@ -531,7 +531,7 @@ fn probe_resnet(
                 .get("conv1.weight")
                 .map(|v| v.as_tensor().clone())
                 .context("the model has no conv1.weight")?;
-            let mut h = tau_model::conv::conv2d(&xs, &conv1, conv_stride, conv_pad)?;
+            let mut h = tau_kernels::conv2d(&xs, &conv1, conv_stride, conv_pad)?;
             let has_bn = varmap
                 .data()
                 .lock()

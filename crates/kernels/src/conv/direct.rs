@@ -28,7 +28,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::cpu::{Geom, per_thread_images};
-use crate::kernel_set::KernelSet;
+use crate::select::KernelSet;
 
 /// Lanes of one AVX-512 vector of `f32`.
 const LANES: usize = 16;

@@ -1,4 +1,4 @@
-//! 2-D convolution for the τ-ResNets: one entry point, a fast CPU path, candle's kernels
+//! 2-D convolution for deep ResNets: one entry point, a fast CPU path, candle's kernels
 //! everywhere else.
 //!
 //! On the CPU, for `f32`, [`conv2d`] runs a candle custom op. 3×3, stride-1, padding-1
@@ -8,44 +8,17 @@
 //! the input gradient through col2im) with the `gemm` crate (`cpu`). Both use all of
 //! rayon's threads. Stock candle 0.11.1 computes the backward of its `conv2d` with direct
 //! loops (`conv_transpose2d`, and a convolution with an image-sized kernel), which is an
-//! order of magnitude slower. On CUDA and Metal, and for other dtypes, candle's own
-//! `conv2d` runs.
+//! order of magnitude slower. On CUDA and Metal, for other dtypes, and with
+//! [`crate::select::Kernels::Candle`], candle's own `conv2d` runs.
 
 mod cpu;
 mod direct;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::util::{f32_data, par_sum, written, written_with_spare};
 pub(crate) use cpu::Geom;
-
-/// Which implementation [`conv2d`] uses on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuConvBackend {
-    /// im2col + GEMM forward and backward (the default).
-    Gemm,
-    /// candle's own `Tensor::conv2d` and its autograd (the slow baseline, for comparison).
-    Candle,
-}
-
-static USE_CANDLE_ON_CPU: AtomicBool = AtomicBool::new(false);
-
-/// Selects the CPU convolution for the whole process; benchmarks use it to measure the
-/// stock-candle baseline with the same models.
-pub fn set_cpu_backend(backend: CpuConvBackend) {
-    USE_CANDLE_ON_CPU.store(backend == CpuConvBackend::Candle, Ordering::Relaxed);
-}
-
-/// The CPU convolution currently selected by [`set_cpu_backend`].
-pub fn cpu_backend() -> CpuConvBackend {
-    if USE_CANDLE_ON_CPU.load(Ordering::Relaxed) {
-        CpuConvBackend::Candle
-    } else {
-        CpuConvBackend::Gemm
-    }
-}
 
 /// Convolves `xs` (N, C_in, H, W) with `weight` (C_out, C_in, K, K), no bias.
 ///
@@ -59,7 +32,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Re
     let fast = xs.device().is_cpu()
         && xs.dtype() == DType::F32
         && weight.dtype() == DType::F32
-        && cpu_backend() == CpuConvBackend::Gemm;
+        && crate::select::kernels().own_conv();
     if !fast {
         return xs.conv2d(weight, padding, stride, 1, 1);
     }
@@ -114,29 +87,8 @@ pub(crate) fn geometry(
         padding,
         h_out: (h + 2 * padding - kh) / stride + 1,
         w_out: (w + 2 * padding - kh) / stride + 1,
-        kernels: crate::kernel_set::kernels(),
+        kernels: crate::select::kernels().set(),
     })
-}
-
-/// The contiguous `f32` data of a storage, checked to hold exactly `len` elements; errors
-/// name the op and the operand (`what`). Shared by the convolution and the fused ops of
-/// [`crate::ops`].
-pub(crate) fn f32_data<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    len: usize,
-    op: &str,
-    what: &str,
-) -> Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) if end - start == len => Ok(&data[start..end]),
-        Some((start, end)) => candle::bail!(
-            "{op}: {what} holds {} elements, expected {len}",
-            end - start
-        ),
-        None => candle::bail!("{op}: {what} is not contiguous"),
-    }
 }
 
 /// The output of conv(x + b) (conv(x) when `b` is `None`) as a storage and its shape.
@@ -189,31 +141,6 @@ pub(crate) fn backward_weight_vec(g: &Geom, dy: &[f32], x: &[f32], bias: Option<
         }
     }
     dw
-}
-
-/// A vector of `len` floats filled by `fill`, which must write every element of the slice
-/// it is given. The outputs of the direct kernels and of the fused ops are fully
-/// overwritten, so zeroing them first (megabytes per call, on the calling thread, where the
-/// other cores wait) is wasted.
-pub(crate) fn written(
-    len: usize,
-    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
-) -> Vec<f32> {
-    written_with_spare(len, 0, fill)
-}
-
-/// [`written`] with capacity for `spare` more elements, to be pushed without a copy.
-pub(crate) fn written_with_spare(
-    len: usize,
-    spare: usize,
-    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
-) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len + spare);
-    fill(&mut v.spare_capacity_mut()[..len]);
-    // SAFETY: `fill` initialized all `len` elements (its contract; the direct kernels assert
-    // the length and write every element of it), and the capacity is at least `len`.
-    unsafe { v.set_len(len) };
-    v
 }
 
 /// Forward of the CPU convolution; its backward is [`Conv2dGemmGradInput`] and
@@ -276,11 +203,11 @@ impl CustomOp2 for Conv2dGemm {
 /// `conv2d(xs + b, weight, stride, padding)` for a one-element `b` (a scalar bias added to
 /// the input, zero padding outside it), without an activation-sized tensor for `xs + b`.
 ///
-/// On the CPU for `f32` (with [`crate::ops::fused_cpu_ops`] on), one custom op: the direct
+/// On the CPU for `f32` (with the fused ops selected in [`crate::select`]), one custom op: the direct
 /// kernels add `b` while copying each image into its zero-bordered planes, the im2col +
 /// GEMM path convolves a shifted copy of the input that lives only inside the op; the
 /// backward gives dx (the convolution's input gradient), dW (against x + b, recomputed
-/// the same way) and db = Σ dx. Elsewhere it is [`crate::ops::add_scalar`] followed by
+/// the same way) and db = Σ dx. Elsewhere it is [`crate::elementwise::add_scalar`] followed by
 /// [`conv2d`]. Either way the result equals that composition: x + b is rounded to `f32`
 /// before the convolution in both.
 ///
@@ -304,11 +231,10 @@ pub fn conv2d_shifted(
         && weight.dtype() == DType::F32
         && b.dtype() == DType::F32
         && b.device().is_cpu()
-        && cpu_backend() == CpuConvBackend::Gemm
-        && crate::ops::fused_cpu_ops();
+        && crate::select::kernels().fused();
     if !fast {
         return conv2d(
-            &crate::ops::add_scalar(xs, b, false)?,
+            &crate::elementwise::add_scalar(xs, b, false)?,
             weight,
             stride,
             padding,
@@ -331,19 +257,6 @@ fn shifted(x: &[f32], b: f32) -> Vec<f32> {
                 }
             })
     })
-}
-
-/// Σ x in `f64`, on rayon's threads (16 `f32` lanes within each chunk).
-pub(crate) fn par_sum(x: &[f32]) -> f64 {
-    x.par_chunks(1 << 14)
-        .map(|c| {
-            let mut acc = [0f32; 16];
-            for (i, &v) in c.iter().enumerate() {
-                acc[i % 16] += v;
-            }
-            crate::ops::lanes_sum(&acc)
-        })
-        .sum()
 }
 
 /// Forward of [`conv2d_shifted`]: (x, weight, b) → conv(x + b, weight).

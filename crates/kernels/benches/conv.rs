@@ -1,21 +1,26 @@
 //! Criterion benchmarks of the CPU convolution: one layer's forward + backward at the
 //! CIFAR ResNet-20 shapes (batch 128), and a whole training step of a no-BN ResNet-20, each
-//! with tau-model's CPU convolution (labelled `gemm`: the direct 3×3 kernels where they
+//! with this crate's CPU convolution (labelled `gemm`: the direct 3×3 kernels where they
 //! apply, im2col + GEMM elsewhere) and with stock candle's `conv2d` for comparison.
 //!
-//! `cargo bench -p tau-model --bench conv`; add `-- gemm` to skip the slow candle baseline.
+//! `cargo bench -p tau-kernels --bench conv`; add `-- gemm` to skip the slow candle
+//! baseline. `TAU_KERNELS=portable` (or `avx2`) measures what a CPU without AVX-512 runs.
 
 use candle::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{Optimizer, SGD};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tau_model::conv::{CpuConvBackend, conv2d, set_cpu_backend};
+use tau_kernels::conv2d;
+use tau_kernels::select::{Kernels, kernels, set_kernels};
 
 const BATCH: usize = 128;
 
-fn backends() -> [(&'static str, CpuConvBackend); 2] {
+/// This crate's kernels as selected (`TAU_KERNELS`, else the best of the CPU) and
+/// candle's.
+fn backends() -> [(&'static str, Kernels); 2] {
+    static OURS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     [
-        ("gemm", CpuConvBackend::Gemm),
-        ("candle", CpuConvBackend::Candle),
+        ("gemm", *OURS.get_or_init(kernels)),
+        ("candle", Kernels::Candle),
     ]
 }
 
@@ -27,7 +32,7 @@ fn he(c_out: usize, c_in: usize, k: usize) -> Var {
 /// One convolution layer, forward and backward (gradients of input and weight).
 fn conv_layer(c: &mut Criterion) {
     // The allocator policy `tau-resnet` runs with, so that page faults do not dominate.
-    tau_model::alloc::tune_allocator();
+    tau_kernels::alloc::tune_allocator();
     // (name, c_in, c_out, spatial size of the input, stride)
     let layers = [
         ("stem_3to16_32x32", 3, 16, 32, 1),
@@ -48,12 +53,12 @@ fn conv_layer(c: &mut Criterion) {
         group.throughput(Throughput::Elements(flops as u64));
         for (backend_name, backend) in backends() {
             group.bench_function(BenchmarkId::new(backend_name, name), |b| {
-                set_cpu_backend(backend);
+                set_kernels(backend).expect("kernels");
                 b.iter(|| {
                     let ys = conv2d(xs.as_tensor(), w.as_tensor(), stride, 1).expect("conv");
                     ys.sum_all().expect("sum").backward().expect("backward")
                 });
-                set_cpu_backend(CpuConvBackend::Gemm);
+                set_kernels(backends()[0].1).expect("kernels");
             });
         }
     }
@@ -124,7 +129,7 @@ impl ResNet20 {
 
 /// Forward, backward and SGD update of the stand-in ResNet-20 at batch 128.
 fn train_step(c: &mut Criterion) {
-    tau_model::alloc::tune_allocator();
+    tau_kernels::alloc::tune_allocator();
     let xs = Tensor::randn(0f32, 1f32, (BATCH, 3, 32, 32), &Device::Cpu).expect("randn");
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
     let labels = Tensor::new(labels, &Device::Cpu).expect("labels");
@@ -135,14 +140,14 @@ fn train_step(c: &mut Criterion) {
         let model = ResNet20::new();
         let mut opt = SGD::new(model.vars(), 0.01).expect("sgd");
         group.bench_function(backend_name, |b| {
-            set_cpu_backend(backend);
+            set_kernels(backend).expect("kernels");
             b.iter(|| {
                 let logits = model.forward(&xs).expect("forward");
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels).expect("loss");
                 opt.backward_step(&loss).expect("step");
                 loss
             });
-            set_cpu_backend(CpuConvBackend::Gemm);
+            set_kernels(backends()[0].1).expect("kernels");
         });
     }
     group.finish();

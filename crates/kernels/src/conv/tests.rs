@@ -11,32 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::conv2d;
-use crate::kernel_set::{KernelSet, with_kernels};
-
-/// All elements of `t`, flattened, as `f64`.
-pub(crate) fn to_f64_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-/// max |a − b| / max |b| over all elements.
-pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (to_f64_vec(a), to_f64_vec(b));
-    assert_eq!(a.len(), b.len());
-    let scale = b
-        .iter()
-        .fold(0f64, |m, v| m.max(v.abs()))
-        .max(f64::MIN_POSITIVE);
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
-}
+use crate::select::{KernelSet, with_kernels};
+use crate::test_util::{rel_err, to_f64_vec};
 
 fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
     let n = dims.iter().product();

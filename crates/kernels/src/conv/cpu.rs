@@ -8,7 +8,7 @@
 
 use gemm::{Parallelism, gemm};
 
-use crate::kernel_set::KernelSet;
+use crate::select::KernelSet;
 use rayon::prelude::*;
 
 /// Sizes of one convolution: input (n, c_in, h, w), weight (c_out, c_in, k, k), output
@@ -25,7 +25,7 @@ pub(crate) struct Geom {
     pub padding: usize,
     pub h_out: usize,
     pub w_out: usize,
-    /// The kernels selected when the op was built ([`crate::kernel_set::kernels`]).
+    /// The kernels selected when the op was built ([`crate::select::kernels`]).
     pub kernels: KernelSet,
 }
 

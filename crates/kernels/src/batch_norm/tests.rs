@@ -1,0 +1,257 @@
+//! The fused BatchNorm (and its residual end) against candle-nn's `BatchNorm` and candle's
+//! composed ops computed in `f64`: outputs, the gradients of every input, and the running
+//! statistics, with and without ReLU.
+
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::ModuleT;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::test_util::{make_bn, random, rel_err};
+
+fn check(dims: [usize; 4], relu: bool, offset: f32, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let c = dims[1];
+    let x = (random(&mut rng, &dims, -2.0, 2.0) + offset as f64).unwrap();
+    let r = random(&mut rng, &dims, -1.0, 1.0);
+    let gamma = random(&mut rng, &[c], 0.5, 1.5);
+    let beta = random(&mut rng, &[c], -0.5, 0.5);
+    let rm = random(&mut rng, &[c], -0.1, 0.1);
+    let rv = random(&mut rng, &[c], 0.9, 1.1);
+
+    // Fused, f32.
+    let (bn, g, b) = make_bn(&gamma, &beta, &rm, &rv, DType::F32);
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = crate::batch_norm_t(&bn, xv.as_tensor(), true, relu).unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+    // Reference: candle-nn's composed ops in f64.
+    let (bn64, g64, b64) = make_bn(&gamma, &beta, &rm, &rv, DType::F64);
+    let x64 = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+    let y64 = bn64.forward_t(x64.as_tensor(), true).unwrap();
+    let y64 = if relu { y64.relu().unwrap() } else { y64 };
+    let r64 = r.to_dtype(DType::F64).unwrap();
+    let grads64 = (&y64 * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let tol = 1e-5;
+    let e = rel_err(&y, &y64);
+    assert!(e < tol, "{dims:?} relu={relu}: output rel err {e}");
+    for (name, a, b) in [
+        ("x", xv.as_tensor(), x64.as_tensor()),
+        ("gamma", g.as_tensor(), g64.as_tensor()),
+        ("beta", b.as_tensor(), b64.as_tensor()),
+    ] {
+        let e = rel_err(grads.get(a).unwrap(), grads64.get(b).unwrap());
+        assert!(e < tol, "{dims:?} relu={relu}: d{name} rel err {e}");
+    }
+    let e = rel_err(bn.running_mean(), bn64.running_mean());
+    assert!(e < 1e-6, "{dims:?}: running mean rel err {e}");
+    let e = rel_err(bn.running_var(), bn64.running_var());
+    assert!(e < 1e-6, "{dims:?}: running var rel err {e}");
+    // The running statistics really moved (momentum 0.1 towards the batch's).
+    assert!(rel_err(bn.running_var(), &rv) > 1e-3);
+}
+
+#[test]
+fn fused_batch_norm_matches_candle_nn() {
+    // Odd sizes (remainders of the 16-lane loops), a single image, a 1×1 map.
+    check([3, 5, 7, 9], false, 0.0, 1);
+    check([3, 5, 7, 9], true, 0.0, 2);
+    check([1, 4, 6, 6], true, 0.3, 3);
+    check([9, 3, 1, 1], false, 0.0, 4);
+    check([2, 16, 8, 8], true, 0.0, 5);
+}
+
+#[test]
+fn fused_batch_norm_with_a_large_mean() {
+    // Values far from zero: the two-pass variance stays accurate.
+    check([4, 3, 8, 8], false, 100.0, 6);
+}
+
+#[test]
+fn eval_mode_and_off_switch_use_candle_nn() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let x = random(&mut rng, &[2, 3, 4, 4], -1.0, 1.0);
+    let gamma = random(&mut rng, &[3], 0.5, 1.5);
+    let beta = random(&mut rng, &[3], -0.5, 0.5);
+    let rm = random(&mut rng, &[3], -0.1, 0.1);
+    let rv = random(&mut rng, &[3], 0.9, 1.1);
+    let (bn, _, _) = make_bn(&gamma, &beta, &rm, &rv, DType::F32);
+    let y = crate::batch_norm_t(&bn, &x, false, true).unwrap();
+    let want = bn.forward_t(&x, false).unwrap().relu().unwrap();
+    assert_eq!(rel_err(&y, &want), 0.0);
+    // Evaluation leaves the running statistics alone.
+    assert_eq!(rel_err(bn.running_mean(), &rm), 0.0);
+}
+
+#[test]
+fn wrong_channel_count_is_an_error() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let x = random(&mut rng, &[2, 4, 3, 3], -1.0, 1.0);
+    let p = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    let (bn, _, _) = make_bn(&p, &p, &p, &p, DType::F32);
+    assert!(crate::batch_norm_t(&bn, &x, true, false).is_err());
+}
+
+/// relu(τ·BN(x) + s), fused in `f32`, against candle-nn's BatchNorm and candle's ops in
+/// `f64`: output, the gradients of x, γ, β, τ and s, and the running statistics.
+fn check_bn_residual(dims: [usize; 4], seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let c = dims[1];
+    let x = random(&mut rng, &dims, -2.0, 2.0);
+    let s = random(&mut rng, &dims, -1.0, 1.0);
+    let r = random(&mut rng, &dims, -1.0, 1.0);
+    let tau = random(&mut rng, &[1], 0.2, 1.0);
+    let gamma = random(&mut rng, &[c], 0.5, 1.5);
+    let beta = random(&mut rng, &[c], -0.5, 0.5);
+    let rm = random(&mut rng, &[c], -0.1, 0.1);
+    let rv = random(&mut rng, &[c], 0.9, 1.1);
+
+    let (bn, g, b) = make_bn(&gamma, &beta, &rm, &rv, DType::F32);
+    let (xv, sv, tv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&s).unwrap(),
+        Var::from_tensor(&tau).unwrap(),
+    );
+    let y =
+        crate::batch_norm_residual_relu(&bn, xv.as_tensor(), true, tv.as_tensor(), sv.as_tensor())
+            .unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let (bn64, g64, b64) = make_bn(&gamma, &beta, &rm, &rv, DType::F64);
+    let to64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+    let (x64, s64, t64) = (to64(&x), to64(&s), to64(&tau));
+    let bn_out64 = bn64.forward_t(x64.as_tensor(), true).unwrap();
+    let y64 = (bn_out64.broadcast_mul(t64.as_tensor()).unwrap() + s64.as_tensor())
+        .unwrap()
+        .relu()
+        .unwrap();
+    let r64 = r.to_dtype(DType::F64).unwrap();
+    // dγ, dβ and dτ are sums of terms of both signs, which can cancel to near zero: their
+    // errors are measured against the sums of the terms' absolute values (the size of what
+    // was summed). w = |r|·1(y > 0)·|τ| per element; dβ sums w·sign, dγ w·x̂, dτ r·BN(x).
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mask = y64.gt(0.0).unwrap().to_dtype(DType::F64).unwrap();
+    let w = (r64.abs().unwrap() * &mask)
+        .unwrap()
+        .broadcast_mul(&t64.as_tensor().detach().abs().unwrap())
+        .unwrap();
+    let per_channel = |t: Tensor| {
+        flat(
+            t.sum_keepdim(0)
+                .unwrap()
+                .sum_keepdim(2)
+                .unwrap()
+                .sum_keepdim(3)
+                .unwrap(),
+        )
+    };
+    let bn_out = bn_out64.detach();
+    let g_col = g64.as_tensor().detach().reshape((1, c, 1, 1)).unwrap();
+    let b_col = b64.as_tensor().detach().reshape((1, c, 1, 1)).unwrap();
+    let xhat = bn_out
+        .broadcast_sub(&b_col)
+        .unwrap()
+        .broadcast_div(&g_col)
+        .unwrap();
+    let scale_beta = per_channel(w.clone());
+    let scale_gamma = per_channel((&w * xhat.abs().unwrap()).unwrap());
+    let scale_tau = vec![
+        flat(
+            (r64.abs().unwrap() * &mask)
+                .unwrap()
+                .mul(&bn_out.abs().unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+        )[0],
+    ];
+    let grads64 = (&y64 * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let tol = 1e-5;
+    let e = rel_err(&y, &y64);
+    assert!(e < tol, "{dims:?}: output rel err {e}");
+    for (name, a, b) in [
+        ("x", xv.as_tensor(), x64.as_tensor()),
+        ("gamma", g.as_tensor(), g64.as_tensor()),
+        ("beta", b.as_tensor(), b64.as_tensor()),
+        ("tau", tv.as_tensor(), t64.as_tensor()),
+        ("shortcut", sv.as_tensor(), s64.as_tensor()),
+    ] {
+        let ga = grads.get(a).unwrap();
+        assert_eq!(ga.dims(), a.dims(), "{dims:?}: d{name} shape");
+        let gb = grads64.get(b).unwrap();
+        let scale = match name {
+            "gamma" => Some(&scale_gamma),
+            "beta" => Some(&scale_beta),
+            "tau" => Some(&scale_tau),
+            _ => None,
+        };
+        let e = match scale {
+            Some(sc) => {
+                let (a, b) = (flat(ga.to_dtype(DType::F64).unwrap()), flat(gb.clone()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+                diff / sc.iter().fold(f64::MIN_POSITIVE, |m, v| m.max(*v))
+            }
+            None => rel_err(ga, gb),
+        };
+        assert!(e < tol, "{dims:?}: d{name} rel err {e}");
+    }
+    // f32 updates of values that can be near zero: 1e-5 relative to the largest.
+    let e = rel_err(bn.running_mean(), bn64.running_mean());
+    assert!(e < tol, "{dims:?}: running mean rel err {e}");
+    let e = rel_err(bn.running_var(), bn64.running_var());
+    assert!(e < tol, "{dims:?}: running var rel err {e}");
+    // The running statistics moved (towards the batch's, which are never exactly equal).
+    assert!(rel_err(bn.running_var(), &rv) > 0.0);
+
+    // The same f32 numbers as BN then the residual end.
+    let (bn2, _, _) = make_bn(&gamma, &beta, &rm, &rv, DType::F32);
+    let composed = crate::residual_relu(
+        &crate::batch_norm_t(&bn2, &x, true, false).unwrap(),
+        &tau,
+        None,
+        &s,
+    )
+    .unwrap();
+    assert_eq!(rel_err(&y, &composed), 0.0, "{dims:?}: fused vs two ops");
+}
+
+#[test]
+fn fused_batch_norm_residual_matches_composed_ops() {
+    check_bn_residual([3, 5, 7, 9], 21);
+    check_bn_residual([1, 4, 6, 6], 22);
+    check_bn_residual([9, 3, 1, 1], 23);
+    check_bn_residual([2, 16, 8, 8], 24);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..Default::default() })]
+
+    #[test]
+    fn fused_batch_norm_residual_on_random_shapes(
+        seed in proptest::prelude::any::<u64>(),
+        n in 1usize..4,
+        c in 1usize..6,
+        h in 1usize..10,
+        w in 1usize..10,
+    ) {
+        // With two values per channel the normalized values are ±1 whatever x is, so the
+        // true dx is 0 and a relative error means nothing; from four on it is well posed.
+        proptest::prop_assume!(n * h * w >= 4);
+        check_bn_residual([n, c, h, w], seed);
+    }
+}

@@ -1,0 +1,127 @@
+//! The fused elementwise ops against candle's composed ops computed in `f64`.
+
+use candle::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::test_util::{compare, random, rel_err};
+
+#[test]
+fn add_scalar_matches_composed_ops() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    // Sizes around the parallel chunk (2^14) and odd ones.
+    for dims in [[2, 3, 5, 7], [4, 16, 16, 17], [1, 1, 1, 1]] {
+        let x = random(&mut rng, &dims, -1.0, 1.0);
+        let b = random(&mut rng, &[1], -0.3, 0.3);
+        for relu in [false, true] {
+            compare(
+                &[x.clone(), b.clone()],
+                |t| crate::add_scalar(t[0], t[1], relu).unwrap(),
+                |t, s| {
+                    let y = t[0].broadcast_add(&s.at(t, 1, t[0])).unwrap();
+                    if relu { y.relu().unwrap() } else { y }
+                },
+                &format!("add_scalar {dims:?} relu={relu}"),
+            );
+        }
+    }
+    let x = random(&mut rng, &[2, 2], -1.0, 1.0);
+    assert!(crate::add_scalar(&x, &x, false).is_err());
+}
+
+#[test]
+fn residual_relu_matches_composed_ops() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for dims in [[2, 3, 5, 7], [3, 16, 16, 17]] {
+        let x = random(&mut rng, &dims, -1.0, 1.0);
+        let s = random(&mut rng, &dims, -1.0, 1.0);
+        // τ as a scalar (rank 0) tensor and as a one-element vector.
+        let tau0 = Tensor::new(0.7f32, &Device::Cpu).unwrap();
+        let tau1 = random(&mut rng, &[1], 0.2, 1.0);
+        let b = random(&mut rng, &[1], -0.3, 0.3);
+        for tau in [tau0, tau1] {
+            compare(
+                &[x.clone(), tau.clone(), s.clone()],
+                |t| crate::residual_relu(t[0], t[1], None, t[2]).unwrap(),
+                |t, s| {
+                    (t[0].broadcast_mul(&s.at(t, 1, t[0])).unwrap() + t[2])
+                        .unwrap()
+                        .relu()
+                        .unwrap()
+                },
+                &format!("residual_relu {dims:?}"),
+            );
+            compare(
+                &[x.clone(), tau.clone(), s.clone(), b.clone()],
+                |t| crate::residual_relu(t[0], t[1], Some(t[3]), t[2]).unwrap(),
+                |t, s| {
+                    let br = t[0].broadcast_add(&s.at(t, 3, t[0])).unwrap();
+                    (br.broadcast_mul(&s.at(t, 1, &br)).unwrap() + t[2])
+                        .unwrap()
+                        .relu()
+                        .unwrap()
+                },
+                &format!("residual_relu with bias {dims:?}"),
+            );
+        }
+    }
+    let x = random(&mut rng, &[2, 3], -1.0, 1.0);
+    let y = random(&mut rng, &[3, 2], -1.0, 1.0);
+    let tau = Tensor::new(1f32, &Device::Cpu).unwrap();
+    assert!(crate::residual_relu(&x, &tau, None, &y).is_err());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    #[test]
+    fn bias_relu_bias_matches_composed_ops(
+        seed in proptest::prelude::any::<u64>(),
+        n in 1usize..4,
+        c in 1usize..6,
+        h in 1usize..12,
+        w in 1usize..12,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let dims = [n, c, h, w];
+        let x = random(&mut rng, &dims, -1.0, 1.0);
+        let b = random(&mut rng, &[1], -0.5, 0.5);
+        let c2 = random(&mut rng, &[1], -0.5, 0.5);
+        compare(
+            &[x, b, c2],
+            |t| crate::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
+            |t, s| {
+                let h = t[0].broadcast_add(&s.at(t, 1, t[0])).unwrap().relu().unwrap();
+                h.broadcast_add(&s.at(t, 2, &h)).unwrap()
+            },
+            &format!("bias_relu_bias {dims:?}"),
+        );
+    }
+}
+
+#[test]
+fn bias_relu_bias_across_parallel_chunks_and_bitwise() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // Larger than the parallel chunk (2^14), not a multiple of it.
+    let x = random(&mut rng, &[3, 16, 19, 21], -1.0, 1.0);
+    let b = random(&mut rng, &[1], -0.3, 0.3);
+    let c = random(&mut rng, &[1], -0.3, 0.3);
+    compare(
+        &[x.clone(), b.clone(), c.clone()],
+        |t| crate::bias_relu_bias(t[0], t[1], t[2]).unwrap(),
+        |t, s| {
+            let h = t[0]
+                .broadcast_add(&s.at(t, 1, t[0]))
+                .unwrap()
+                .relu()
+                .unwrap();
+            h.broadcast_add(&s.at(t, 2, &h)).unwrap()
+        },
+        "bias_relu_bias large",
+    );
+    // The same f32 numbers as the two add_scalar ops it replaces.
+    let fused = crate::bias_relu_bias(&x, &b, &c).unwrap();
+    let composed = crate::add_scalar(&crate::add_scalar(&x, &b, true).unwrap(), &c, false).unwrap();
+    assert_eq!(rel_err(&fused, &composed), 0.0);
+    assert!(crate::bias_relu_bias(&x, &x, &c).is_err());
+}
