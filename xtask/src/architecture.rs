@@ -3,20 +3,26 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-/// The folders of the workspace members: `crates/*` holding a Cargo.toml, and `xtask`
-/// (the root manifest's `members = ["crates/*", "xtask"]`).
+/// The folders of the workspace members: `crates/*` and `examples/*` holding a Cargo.toml,
+/// and `xtask` (the root manifest's `members = ["crates/*", "examples/*", "xtask"]`).
 fn members(root: &Path) -> BTreeSet<String> {
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     assert!(
-        manifest.contains(r#"members = ["crates/*", "xtask"]"#),
+        manifest.contains(r#"members = ["crates/*", "examples/*", "xtask"]"#),
         "the workspace members changed: update this test"
     );
-    let mut out: BTreeSet<String> = std::fs::read_dir(root.join("crates"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("Cargo.toml").is_file())
-        .map(|p| format!("crates/{}", p.file_name().unwrap().to_string_lossy()))
-        .collect();
+    let mut out = BTreeSet::new();
+    for parent in ["crates", "examples"] {
+        for entry in std::fs::read_dir(root.join(parent)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.join("Cargo.toml").is_file() {
+                out.insert(format!(
+                    "{parent}/{}",
+                    path.file_name().unwrap().to_string_lossy()
+                ));
+            }
+        }
+    }
     out.insert("xtask".into());
     out
 }

@@ -109,6 +109,39 @@ fn to_var(values: Vec<f64>, shape: &[usize], dtype: DType, device: &Device) -> R
     }
 }
 
+/// Every variable of `varmap` with its name, sorted by name: what an optimizer setup
+/// iterates over, without reaching into the map's lock. [`ModelConfig::param_kind`] says
+/// how each one is trained.
+///
+/// ```
+/// use candle::{DType, Device};
+/// use tau_model::{ModelConfig, ParamKind, init_varmap, named_vars};
+///
+/// # fn main() -> candle::Result<()> {
+/// let cfg: ModelConfig = serde_json::from_str(
+///     r#"{"family": "cifar_resnet", "depth": 8, "norm": "none", "learnable_tau": true}"#,
+/// ).map_err(candle::Error::wrap)?;
+/// let varmap = init_varmap(&cfg, 0, DType::F32, &Device::Cpu)?;
+/// let slow: Vec<String> = named_vars(&varmap)
+///     .into_iter()
+///     .filter(|(name, _)| matches!(cfg.param_kind(name), ParamKind::Tau | ParamKind::ScalarBias))
+///     .map(|(name, _)| name)
+///     .collect();
+/// assert_eq!(slow.len(), 3 * 4 + 1); // four scalar biases per block, one shared τ
+/// # Ok(()) }
+/// ```
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    // A poisoned lock only means another thread panicked while holding it; the map itself
+    // is still whole.
+    let data = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// A [`VarMap`] holding every parameter and buffer of `cfg`, drawn from `seed` as PAPER.md
 /// prescribes (see the module docs for the exact order), on `device` in `dtype`.
 ///

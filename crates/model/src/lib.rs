@@ -85,7 +85,7 @@ pub use tau_kernels::alloc;
 
 pub use checkpoint::CheckpointError;
 pub use config::{ModelConfig, ParamInit, ParamKind, ParamSpec};
-pub use init::init_varmap;
+pub use init::{init_varmap, named_vars};
 pub use model::Model;
 pub use resnet::{BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, Norm};
 pub use tau::{TauRule, TauRuleError};
