@@ -3,12 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::params::{MAX_ELEMENTS, ParamInit, ParamKind, ParamSpec};
 use crate::resnet::{BottleneckResNetConfig, CifarResNetConfig};
 use crate::theory::TheoryConfig;
-
-/// The most scalar elements a configuration may ask for (2^36, 256 GiB in f32): a
-/// guard against configs that would allocate without bound, far above any real model.
-pub const MAX_ELEMENTS: u128 = 1 << 36;
 
 /// Any τ-ResNet, tagged by `family` (`theory`, `cifar_resnet`, `bottleneck_resnet`).
 ///
@@ -29,77 +26,6 @@ pub enum ModelConfig {
     CifarResnet(CifarResNetConfig),
     /// ImageNet bottleneck ResNet 50/101/152.
     BottleneckResnet(BottleneckResNetConfig),
-}
-
-/// How the optimizer treats one named tensor of a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamKind {
-    /// Convolution and linear weights (and the linear bias): SGD with weight decay.
-    Weight,
-    /// BatchNorm γ and β.
-    BnAffine,
-    /// The no-BN (Fixup-style) scalar biases: learning rate / 10.
-    ScalarBias,
-    /// The shared learnable τ: learning rate / 10, gradient divided by L.
-    Tau,
-    /// BatchNorm running statistics (and `num_batches_tracked`): never optimized.
-    Buffer,
-    /// Parameters held at their initial value (theory A and B by default): never optimized.
-    Frozen,
-}
-
-impl ParamKind {
-    /// Whether an optimizer should update tensors of this kind.
-    pub fn is_trainable(self) -> bool {
-        !matches!(self, ParamKind::Buffer | ParamKind::Frozen)
-    }
-}
-
-/// How a parameter is drawn at initialization.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ParamInit {
-    /// Independent N(0, std²) entries.
-    Normal {
-        /// Standard deviation.
-        std: f64,
-    },
-    /// Independent U(−bound, bound) entries (PyTorch's default for linear layers).
-    Uniform {
-        /// Half-width of the interval.
-        bound: f64,
-    },
-    /// Every entry equal to this value.
-    Const(f64),
-}
-
-/// One named tensor a model owns: name (PyTorch `state_dict` key), shape, initialization.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSpec {
-    /// PyTorch-style dotted name, e.g. `layer1.0.conv1.weight`.
-    pub name: String,
-    /// Tensor shape.
-    pub shape: Vec<usize>,
-    /// How [`crate::init_varmap`] fills it.
-    pub init: ParamInit,
-    /// How an optimizer treats it.
-    pub kind: ParamKind,
-}
-
-impl ParamSpec {
-    pub(crate) fn new(name: String, shape: Vec<usize>, init: ParamInit, kind: ParamKind) -> Self {
-        Self {
-            name,
-            shape,
-            init,
-            kind,
-        }
-    }
-
-    /// Number of scalar elements.
-    pub fn elem_count(&self) -> usize {
-        self.shape.iter().product()
-    }
 }
 
 impl ModelConfig {
@@ -194,39 +120,7 @@ impl ModelConfig {
         }
         match self {
             ModelConfig::Theory(c) => c.param_kind(name),
-            _ => resnet_param_kind(name),
+            _ => crate::resnet::param_kind(name),
         }
     }
-}
-
-/// The ResNet naming scheme decides the kind from the name alone.
-fn resnet_param_kind(name: &str) -> ParamKind {
-    if name == "tau" {
-        return ParamKind::Tau;
-    }
-    let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-    if matches!(leaf, "running_mean" | "running_var" | "num_batches_tracked") {
-        return ParamKind::Buffer;
-    }
-    if leaf.starts_with("bias") && leaf.len() == 6 && leaf.as_bytes()[4].is_ascii_digit() {
-        return ParamKind::ScalarBias;
-    }
-    let last = module.rsplit('.').next().unwrap_or("");
-    let is_bn = last.starts_with("bn") || module.ends_with("downsample.1");
-    match leaf {
-        "weight" | "bias" if is_bn => ParamKind::BnAffine,
-        "weight" | "bias" => ParamKind::Weight,
-        _ => ParamKind::Buffer,
-    }
-}
-
-/// Total elements of a set of shapes, or an error when above [`MAX_ELEMENTS`]. Counts in
-/// u128 so that absurd configs cannot overflow.
-pub(crate) fn check_size(what: &str, elements: u128) -> candle::Result<()> {
-    if elements > MAX_ELEMENTS {
-        candle::bail!(
-            "{what}: {elements} parameters is beyond the supported maximum of {MAX_ELEMENTS}"
-        )
-    }
-    Ok(())
 }

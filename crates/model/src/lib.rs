@@ -74,6 +74,7 @@ pub mod config;
 pub mod hub;
 pub mod init;
 pub mod model;
+pub mod params;
 pub mod resnet;
 pub mod tau;
 pub mod theory;

@@ -12,7 +12,7 @@ use candle::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ParamInit, ParamKind, ParamSpec, check_size};
+use crate::params::{ParamInit, ParamKind, ParamSpec, check_size};
 use crate::tau::TauRule;
 
 /// Largest depth and width accepted (guards configs against unbounded allocation).

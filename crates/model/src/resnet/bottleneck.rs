@@ -1,0 +1,387 @@
+//! The ImageNet bottleneck ResNets 50/101/152 (torchvision's layout), scaled by τ, with
+//! BatchNorm or Fixup-style scalar biases.
+
+use super::*;
+
+/// An ImageNet bottleneck ResNet (torchvision v1.5 layout: stride on the 3×3 convolution,
+/// projection shortcut conv1×1 + BN when the shape changes). L = the largest number of
+/// blocks in one stage (ResNet-101: 23).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BottleneckResNetConfig {
+    /// 50, 101 or 152 (default 50).
+    pub depth: usize,
+    /// `batch_norm` (default) or `none`.
+    pub norm: Norm,
+    /// The τ rule (default `1/sqrt(L)`).
+    pub tau: TauRule,
+    /// One shared learnable τ named `tau` (default false).
+    pub learnable_tau: bool,
+    /// Input channels (default 3).
+    pub in_channels: usize,
+    /// Number of classes (default 1000).
+    pub num_classes: usize,
+}
+
+impl Default for BottleneckResNetConfig {
+    fn default() -> Self {
+        Self {
+            depth: 50,
+            norm: Norm::BatchNorm,
+            tau: TauRule::default(),
+            learnable_tau: false,
+            in_channels: 3,
+            num_classes: 1000,
+        }
+    }
+}
+
+pub(super) const BOTTLENECK_PLANES: [usize; 4] = [64, 128, 256, 512];
+pub(super) const EXPANSION: usize = 4;
+
+impl BottleneckResNetConfig {
+    /// Blocks per stage: [3, 4, 6, 3], [3, 4, 23, 3] or [3, 8, 36, 3]; empty for other depths.
+    pub fn stage_blocks(&self) -> &'static [usize] {
+        match self.depth {
+            50 => &[3, 4, 6, 3],
+            101 => &[3, 4, 23, 3],
+            152 => &[3, 8, 36, 3],
+            _ => &[],
+        }
+    }
+
+    /// L, the largest number of blocks in one stage.
+    pub fn n_blocks(&self) -> usize {
+        self.stage_blocks().iter().copied().max().unwrap_or(0)
+    }
+
+    /// Checks depth, channels, classes and τ.
+    ///
+    /// # Errors
+    /// Names the bad setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.stage_blocks().is_empty() {
+            candle::bail!(
+                "bottleneck_resnet: depth must be 50, 101 or 152, got {}",
+                self.depth
+            )
+        }
+        check_common(
+            "bottleneck_resnet",
+            &self.tau,
+            self.in_channels,
+            self.num_classes,
+        )?;
+        check_size(
+            "bottleneck_resnet",
+            70_000_000 + self.num_classes as u128 * 2049 + self.in_channels as u128 * 64 * 49,
+        )
+    }
+
+    pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
+        let bn = self.norm == Norm::BatchNorm;
+        let mut specs = Vec::new();
+        conv_spec(&mut specs, "conv1.weight".into(), 64, self.in_channels, 7);
+        if bn {
+            bn_specs(&mut specs, "bn1", 64);
+        }
+        let mut c_in = 64;
+        for (s, (&planes, &n)) in BOTTLENECK_PLANES
+            .iter()
+            .zip(self.stage_blocks())
+            .enumerate()
+        {
+            let c_out = planes * EXPANSION;
+            for b in 0..n {
+                let p = format!("layer{}.{b}", s + 1);
+                let block_in = if b == 0 { c_in } else { c_out };
+                for (i, (co, ci, k)) in [
+                    (planes, block_in, 1),
+                    (planes, planes, 3),
+                    (c_out, planes, 1),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let i = i + 1;
+                    if !bn {
+                        scalar_bias_spec(&mut specs, format!("{p}.bias{i}a"));
+                    }
+                    conv_spec(&mut specs, format!("{p}.conv{i}.weight"), co, ci, k);
+                    if bn {
+                        bn_specs(&mut specs, &format!("{p}.bn{i}"), co);
+                    } else {
+                        scalar_bias_spec(&mut specs, format!("{p}.bias{i}b"));
+                    }
+                }
+                if b == 0 {
+                    conv_spec(
+                        &mut specs,
+                        format!("{p}.downsample.0.weight"),
+                        c_out,
+                        block_in,
+                        1,
+                    );
+                    if bn {
+                        bn_specs(&mut specs, &format!("{p}.downsample.1"), c_out);
+                    }
+                }
+            }
+            c_in = c_out;
+        }
+        fc_specs(&mut specs, 512 * EXPANSION, self.num_classes);
+        tau_spec(
+            &mut specs,
+            self.learnable_tau,
+            self.tau.resolve(self.n_blocks()),
+        );
+        specs
+    }
+}
+
+/// One normalized or bias-shifted convolution of a bottleneck block.
+#[derive(Debug, Clone)]
+struct ConvUnit {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+    bn: Option<BatchNorm>,
+    /// (before, after) scalar biases without normalization.
+    biases: Option<(Tensor, Tensor)>,
+}
+
+impl ConvUnit {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        idx: usize,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        norm: Norm,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, k, k), &format!("conv{idx}.weight"))?;
+        let (bn, biases) = match norm {
+            Norm::BatchNorm => (
+                Some(candle_nn::batch_norm(
+                    c_out,
+                    bn_config(),
+                    vb.pp(format!("bn{idx}")),
+                )?),
+                None,
+            ),
+            Norm::None => (
+                None,
+                Some((
+                    vb.get(1, &format!("bias{idx}a"))?,
+                    vb.get(1, &format!("bias{idx}b"))?,
+                )),
+            ),
+        };
+        Ok(Self {
+            weight,
+            stride,
+            padding: k / 2,
+            bn,
+            biases,
+        })
+    }
+
+    /// BN(conv(x)), or conv(x + a) + b; followed by ReLU when `relu` is set.
+    fn forward_t(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        match (&self.bn, &self.biases) {
+            (Some(bn), _) => batch_norm_t(
+                bn,
+                &conv2d(xs, &self.weight, self.stride, self.padding)?,
+                train,
+                relu,
+            ),
+            (None, Some((a, b))) => add_scalar(
+                &conv2d_shifted(xs, a, &self.weight, self.stride, self.padding)?,
+                b,
+                relu,
+            ),
+            (None, None) => candle::bail!("convolution unit without BatchNorm or scalar biases"),
+        }
+    }
+}
+
+/// A bottleneck block: 1×1, 3×3 (with the stride), 1×1 ×4 channels, scaled by τ.
+#[derive(Debug, Clone)]
+pub struct BottleneckBlock {
+    units: [ConvUnit; 3],
+    /// Projection shortcut: conv1×1 (stride) and, with BatchNorm, a BN.
+    downsample: Option<(Tensor, Option<BatchNorm>)>,
+    stride: usize,
+    /// τ, a one-element tensor shared with every block.
+    tau: Tensor,
+}
+
+impl BottleneckBlock {
+    fn new(
+        c_in: usize,
+        planes: usize,
+        stride: usize,
+        norm: Norm,
+        tau: Tensor,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let c_out = planes * EXPANSION;
+        let units = [
+            ConvUnit::new(1, c_in, planes, 1, 1, norm, &vb)?,
+            ConvUnit::new(2, planes, planes, 3, stride, norm, &vb)?,
+            ConvUnit::new(3, planes, c_out, 1, 1, norm, &vb)?,
+        ];
+        let downsample = if stride != 1 || c_in != c_out {
+            let w = vb.get((c_out, c_in, 1, 1), "downsample.0.weight")?;
+            let bn = match norm {
+                Norm::BatchNorm => Some(candle_nn::batch_norm(
+                    c_out,
+                    bn_config(),
+                    vb.pp("downsample.1"),
+                )?),
+                Norm::None => None,
+            };
+            Some((w, bn))
+        } else {
+            None
+        };
+        Ok(Self {
+            units,
+            downsample,
+            stride,
+            tau,
+        })
+    }
+}
+
+impl ModuleT for BottleneckBlock {
+    /// relu(τ · branch(x) + shortcut(x)).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self.units[0].forward_t(xs, train, true)?;
+        let out = self.units[1].forward_t(&out, train, true)?;
+        let shortcut = match &self.downsample {
+            None => xs.clone(),
+            Some((w, bn)) => {
+                let s = conv2d(xs, w, self.stride, 0)?;
+                match bn {
+                    Some(bn) => batch_norm_t(bn, &s, train, false)?,
+                    None => s,
+                }
+            }
+        };
+        // The last unit's normalization (BN3, or the bias b3b) joins the residual end: one
+        // fused op for BN3 / + b3b, τ, the shortcut and the ReLU.
+        let last = &self.units[2];
+        match (&last.bn, &last.biases) {
+            (Some(bn), _) => batch_norm_residual_relu(
+                bn,
+                &conv2d(&out, &last.weight, last.stride, last.padding)?,
+                train,
+                &self.tau,
+                &shortcut,
+            ),
+            (None, Some((a, b))) => residual_relu(
+                &conv2d_shifted(&out, a, &last.weight, last.stride, last.padding)?,
+                &self.tau,
+                Some(b),
+                &shortcut,
+            ),
+            (None, None) => candle::bail!("convolution unit without BatchNorm or scalar biases"),
+        }
+    }
+}
+
+/// A bottleneck ResNet (see [`BottleneckResNetConfig`]).
+#[derive(Debug, Clone)]
+pub struct BottleneckResNet {
+    cfg: BottleneckResNetConfig,
+    conv1: Tensor,
+    bn1: Option<BatchNorm>,
+    blocks: Vec<BottleneckBlock>,
+    fc: Linear,
+    tau: Tensor,
+}
+
+impl BottleneckResNet {
+    /// Builds the network from `vb` (torchvision names).
+    ///
+    /// # Errors
+    /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
+    pub fn new(cfg: &BottleneckResNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let tau = tau_tensor(cfg.learnable_tau, cfg.tau.resolve(cfg.n_blocks()), &vb)?;
+        let conv1 = vb.get((64, cfg.in_channels, 7, 7), "conv1.weight")?;
+        let bn1 = match cfg.norm {
+            Norm::BatchNorm => Some(candle_nn::batch_norm(64, bn_config(), vb.pp("bn1"))?),
+            Norm::None => None,
+        };
+        let mut blocks = Vec::new();
+        let mut c_in = 64;
+        for (s, (&planes, &n)) in BOTTLENECK_PLANES.iter().zip(cfg.stage_blocks()).enumerate() {
+            let vb_layer = vb.pp(format!("layer{}", s + 1));
+            for b in 0..n {
+                let stride = if b == 0 && s > 0 { 2 } else { 1 };
+                let block_in = if b == 0 { c_in } else { planes * EXPANSION };
+                blocks.push(BottleneckBlock::new(
+                    block_in,
+                    planes,
+                    stride,
+                    cfg.norm,
+                    tau.clone(),
+                    vb_layer.pp(b),
+                )?);
+            }
+            c_in = planes * EXPANSION;
+        }
+        let fc = linear(512 * EXPANSION, cfg.num_classes, vb.pp("fc"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            conv1,
+            bn1,
+            blocks,
+            fc,
+            tau,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BottleneckResNetConfig {
+        &self.cfg
+    }
+
+    /// The residual blocks, stage by stage.
+    pub fn blocks(&self) -> &[BottleneckBlock] {
+        &self.blocks
+    }
+
+    /// The current τ.
+    ///
+    /// # Errors
+    /// A device error reading the value back.
+    pub fn tau(&self) -> Result<f64> {
+        tau_value(&self.tau)
+    }
+
+    /// L, the largest number of blocks in one stage.
+    pub fn n_blocks(&self) -> usize {
+        self.cfg.n_blocks()
+    }
+}
+
+impl ModuleT for BottleneckResNet {
+    /// # Shapes
+    /// (N, in_channels, H, W) → (N, num_classes) logits.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = conv2d(xs, &self.conv1, 2, 3)?;
+        if let Some(bn) = &self.bn1 {
+            h = batch_norm_t(bn, &h, train, false)?;
+        }
+        h = max_pool_3x3_s2(&relu(&h)?)?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        self.fc.forward(&global_avg_pool(&h)?)
+    }
+}

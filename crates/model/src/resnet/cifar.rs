@@ -1,0 +1,316 @@
+//! The CIFAR ResNets of He et al. (2016): depth 6n+2, three stages of basic blocks at
+//! 16/32/64 channels, option-A shortcut, with BatchNorm or Fixup-style scalar biases.
+
+use super::*;
+
+/// A CIFAR ResNet of depth 6n+2: a 3×3 stem with 16 channels, three stages of n basic
+/// blocks at 16/32/64 channels (stride 2 entering stages 2 and 3), global average pool,
+/// a linear head. L = 3n.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CifarResNetConfig {
+    /// 6n+2 (20, 32, 44, 56, 110, 1202, …); default 20.
+    pub depth: usize,
+    /// `batch_norm` (default) or `none`.
+    pub norm: Norm,
+    /// The τ rule (default `1/sqrt(L)`).
+    pub tau: TauRule,
+    /// One shared learnable τ named `tau`, initialized at the rule's value (default false).
+    pub learnable_tau: bool,
+    /// Input channels: 3 for CIFAR (default), 1 for MNIST.
+    pub in_channels: usize,
+    /// Number of classes (default 10).
+    pub num_classes: usize,
+}
+
+impl Default for CifarResNetConfig {
+    fn default() -> Self {
+        Self {
+            depth: 20,
+            norm: Norm::BatchNorm,
+            tau: TauRule::default(),
+            learnable_tau: false,
+            in_channels: 3,
+            num_classes: 10,
+        }
+    }
+}
+
+pub(super) const CIFAR_WIDTHS: [usize; 3] = [16, 32, 64];
+
+impl CifarResNetConfig {
+    /// n, the number of blocks per stage.
+    pub fn blocks_per_stage(&self) -> usize {
+        self.depth.saturating_sub(2) / 6
+    }
+
+    /// L = 3n.
+    pub fn n_blocks(&self) -> usize {
+        3 * self.blocks_per_stage()
+    }
+
+    /// Checks the depth (6n+2, n ≥ 1), channels, classes and τ.
+    ///
+    /// # Errors
+    /// Names the bad setting.
+    pub fn validate(&self) -> Result<()> {
+        let d = self.depth;
+        if d < 8 || !(d - 2).is_multiple_of(6) {
+            candle::bail!(
+                "cifar_resnet: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202, ...), got {d}"
+            )
+        }
+        if d > MAX_CIFAR_DEPTH {
+            candle::bail!("cifar_resnet: depth {d} is beyond the maximum {MAX_CIFAR_DEPTH}")
+        }
+        check_common(
+            "cifar_resnet",
+            &self.tau,
+            self.in_channels,
+            self.num_classes,
+        )?;
+        let per_block = 2 * 9 * 64 * 64 + 4 * 64;
+        check_size(
+            "cifar_resnet",
+            (self.n_blocks() as u128) * per_block
+                + (self.num_classes as u128 + 1) * 64
+                + self.in_channels as u128 * 16 * 9,
+        )
+    }
+
+    pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
+        let n = self.blocks_per_stage();
+        let bn = self.norm == Norm::BatchNorm;
+        let mut specs = Vec::new();
+        conv_spec(&mut specs, "conv1.weight".into(), 16, self.in_channels, 3);
+        if bn {
+            bn_specs(&mut specs, "bn1", 16);
+        }
+        let mut c_in = 16;
+        for (s, &c_out) in CIFAR_WIDTHS.iter().enumerate() {
+            for b in 0..n {
+                let p = format!("layer{}.{b}", s + 1);
+                let block_in = if b == 0 { c_in } else { c_out };
+                if !bn {
+                    scalar_bias_spec(&mut specs, format!("{p}.bias1a"));
+                }
+                conv_spec(&mut specs, format!("{p}.conv1.weight"), c_out, block_in, 3);
+                if bn {
+                    bn_specs(&mut specs, &format!("{p}.bn1"), c_out);
+                } else {
+                    scalar_bias_spec(&mut specs, format!("{p}.bias1b"));
+                    scalar_bias_spec(&mut specs, format!("{p}.bias2a"));
+                }
+                conv_spec(&mut specs, format!("{p}.conv2.weight"), c_out, c_out, 3);
+                if bn {
+                    bn_specs(&mut specs, &format!("{p}.bn2"), c_out);
+                } else {
+                    scalar_bias_spec(&mut specs, format!("{p}.bias2b"));
+                }
+            }
+            c_in = c_out;
+        }
+        fc_specs(&mut specs, 64, self.num_classes);
+        tau_spec(
+            &mut specs,
+            self.learnable_tau,
+            self.tau.resolve(self.n_blocks()),
+        );
+        specs
+    }
+}
+
+/// The Fixup-style scalar biases of a block without normalization.
+#[derive(Debug, Clone)]
+pub struct ScalarBiases {
+    /// Added to the block input before conv1.
+    pub bias1a: Tensor,
+    /// Added after conv1, before the ReLU.
+    pub bias1b: Tensor,
+    /// Added before conv2.
+    pub bias2a: Tensor,
+    /// Added after conv2 (before τ).
+    pub bias2b: Tensor,
+}
+
+/// A basic block: two 3×3 convolutions on the residual branch, scaled by τ.
+#[derive(Debug, Clone)]
+pub struct BasicBlock {
+    conv1: Tensor,
+    conv2: Tensor,
+    /// `Some((bn1, bn2))` with BatchNorm.
+    bns: Option<(BatchNorm, BatchNorm)>,
+    /// `Some` without normalization.
+    biases: Option<ScalarBiases>,
+    /// τ, a one-element tensor (shared with every block; the `tau` parameter if learnable).
+    tau: Tensor,
+    stride: usize,
+}
+
+impl BasicBlock {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+        norm: Norm,
+        tau: Tensor,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let conv1 = vb.get((c_out, c_in, 3, 3), "conv1.weight")?;
+        let conv2 = vb.get((c_out, c_out, 3, 3), "conv2.weight")?;
+        let (bns, biases) = match norm {
+            Norm::BatchNorm => (
+                Some((
+                    candle_nn::batch_norm(c_out, bn_config(), vb.pp("bn1"))?,
+                    candle_nn::batch_norm(c_out, bn_config(), vb.pp("bn2"))?,
+                )),
+                None,
+            ),
+            Norm::None => (
+                None,
+                Some(ScalarBiases {
+                    bias1a: vb.get(1, "bias1a")?,
+                    bias1b: vb.get(1, "bias1b")?,
+                    bias2a: vb.get(1, "bias2a")?,
+                    bias2b: vb.get(1, "bias2b")?,
+                }),
+            ),
+        };
+        Ok(Self {
+            conv1,
+            conv2,
+            bns,
+            biases,
+            tau,
+            stride,
+        })
+    }
+
+    /// The scalar biases (without normalization).
+    pub fn scalar_biases(&self) -> Option<&ScalarBiases> {
+        self.biases.as_ref()
+    }
+}
+
+impl ModuleT for BasicBlock {
+    /// relu(τ · branch(x) + shortcut(x)).
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        // The whole block is one op (one graph node) where the CPU kernels apply, the
+        // composition of the per-layer ops elsewhere.
+        match (&self.bns, &self.biases) {
+            (Some((bn1, bn2)), _) => batch_norm_block(
+                xs,
+                (&self.conv1, bn1),
+                (&self.conv2, bn2),
+                &self.tau,
+                self.stride,
+                train,
+            ),
+            (None, Some(b)) => scalar_bias_block(
+                xs,
+                &self.conv1,
+                &self.conv2,
+                [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
+                &self.tau,
+                self.stride,
+            ),
+            (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),
+        }
+    }
+}
+
+/// A CIFAR ResNet (see [`CifarResNetConfig`]).
+#[derive(Debug, Clone)]
+pub struct CifarResNet {
+    cfg: CifarResNetConfig,
+    conv1: Tensor,
+    bn1: Option<BatchNorm>,
+    blocks: Vec<BasicBlock>,
+    fc: Linear,
+    tau: Tensor,
+}
+
+impl CifarResNet {
+    /// Builds the network from `vb` (PyTorch names, see the crate docs).
+    ///
+    /// # Errors
+    /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
+    pub fn new(cfg: &CifarResNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let tau = tau_tensor(cfg.learnable_tau, cfg.tau.resolve(cfg.n_blocks()), &vb)?;
+        let conv1 = vb.get((16, cfg.in_channels, 3, 3), "conv1.weight")?;
+        let bn1 = match cfg.norm {
+            Norm::BatchNorm => Some(candle_nn::batch_norm(16, bn_config(), vb.pp("bn1"))?),
+            Norm::None => None,
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_blocks());
+        let mut c_in = 16;
+        for (s, &c_out) in CIFAR_WIDTHS.iter().enumerate() {
+            let vb_layer = vb.pp(format!("layer{}", s + 1));
+            for b in 0..cfg.blocks_per_stage() {
+                let (block_in, stride) = if b == 0 && s > 0 {
+                    (c_in, 2)
+                } else {
+                    (c_out, 1)
+                };
+                blocks.push(BasicBlock::new(
+                    block_in,
+                    c_out,
+                    stride,
+                    cfg.norm,
+                    tau.clone(),
+                    vb_layer.pp(b),
+                )?);
+            }
+            c_in = c_out;
+        }
+        let fc = linear(64, cfg.num_classes, vb.pp("fc"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            conv1,
+            bn1,
+            blocks,
+            fc,
+            tau,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CifarResNetConfig {
+        &self.cfg
+    }
+
+    /// The residual blocks, stage by stage.
+    pub fn blocks(&self) -> &[BasicBlock] {
+        &self.blocks
+    }
+
+    /// The current τ (the learnable parameter's value, or the resolved rule).
+    ///
+    /// # Errors
+    /// A device error reading the value back.
+    pub fn tau(&self) -> Result<f64> {
+        tau_value(&self.tau)
+    }
+
+    /// L.
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+impl ModuleT for CifarResNet {
+    /// # Shapes
+    /// (N, in_channels, H, W) → (N, num_classes) logits.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = conv2d(xs, &self.conv1, 1, 1)?;
+        h = match &self.bn1 {
+            Some(bn) => batch_norm_t(bn, &h, train, true)?,
+            None => relu(&h)?,
+        };
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        self.fc.forward(&global_avg_pool(&h)?)
+    }
+}
