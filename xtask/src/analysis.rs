@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::records::{PointState, ProbeRecord};
+use tau_records::ProbeRecord;
+
+use crate::records::PointState;
 use crate::spec::display_value;
 
 /// Depths below this are left out of the growth fits (the heuristic is asymptotic).
@@ -318,8 +320,9 @@ pub fn fmt_log10(x: f64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::records::{ProbeTau, Status};
+    use crate::records::Status;
     use crate::spec::Point;
+    use tau_records::{PROBE_FORMAT, ProbeTau};
 
     /// Synthetic probe records where ln ratio = c·L^(2(α*−α)) (+ small deterministic
     /// noise), for α on the default sweep's grid.
@@ -349,6 +352,8 @@ pub(crate) mod tests {
                                 })
                                 .collect(),
                             log10_grad_ratio: vec![0.0; 8],
+                            block_log10_ratio_median: Vec::new(),
+                            block_log10_grad_median: Vec::new(),
                         }
                     })
                     .collect();
@@ -365,11 +370,15 @@ pub(crate) mod tests {
                     message: None,
                     summary: None,
                     probe: Some(ProbeRecord {
+                        format: PROBE_FORMAT.into(),
                         family: "theory".into(),
                         n_blocks: depth,
                         seeds: vec![seed],
                         n_inputs: 8,
+                        blocks: Vec::new(),
                         taus,
+                        wall_s: 0.0,
+                        version: "0.1.0".into(),
                     }),
                 });
             }

@@ -1,5 +1,8 @@
 //! Reading a sweep's run records (`probe.json`, `summary.json`, `xtask-failure.json`) and
 //! writing `results.csv` from them alone.
+//!
+//! The records of `tau-resnet` are read into their own types ([`Summary`],
+//! [`ProbeRecord`]), defined once in tau-records for the writer and the reader.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,13 +10,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tau_records::{PROBE_FILE, ProbeRecord, RunStatus, SUMMARY_FILE, Summary};
 
 use crate::spec::{Point, RunCommand, SweepSpec, display_value};
 
-/// The record `tau-resnet probe --out DIR` writes.
-pub const PROBE_RECORD: &str = "probe.json";
-/// The record `tau-resnet train` writes when a run ends.
-pub const SUMMARY_RECORD: &str = "summary.json";
 /// The record xtask writes for a point whose process failed (error exit, no record).
 pub const FAILURE_RECORD: &str = "xtask-failure.json";
 /// The stored sweep config under `runs/<sweep>/`.
@@ -53,6 +53,17 @@ impl Status {
     }
 }
 
+impl From<RunStatus> for Status {
+    /// The state of a point whose `summary.json` says the run ended so.
+    fn from(status: RunStatus) -> Status {
+        match status {
+            RunStatus::Finished => Status::Finished,
+            RunStatus::Diverged => Status::Diverged,
+            RunStatus::Interrupted => Status::Interrupted,
+        }
+    }
+}
+
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -68,38 +79,6 @@ pub struct FailureRecord {
     pub message: String,
 }
 
-/// One τ value of a probe record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProbeTau {
-    /// The τ rule as written in the config (`1/sqrt(L)`, `L^-0.3`, `1`).
-    pub rule: String,
-    /// The exponent α when the rule is L^-α (1/√L: 0.5, 1/L: 1), else `None`.
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    /// The resolved τ.
-    pub tau: f64,
-    /// log10 ‖h_L‖/‖h_0‖ for every (seed, input), seeds outermost.
-    pub log10_ratio: Vec<f64>,
-    /// log10 ‖∂ℓ/∂W_1‖/‖∂ℓ/∂W_L‖ for every (seed, input), seeds outermost.
-    #[serde(default)]
-    pub log10_grad_ratio: Vec<f64>,
-}
-
-/// `probe.json`: forward/backward stability of one model at initialization.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProbeRecord {
-    /// Model family (`theory`, `cifar_resnet`, ...).
-    pub family: String,
-    /// L, the number of residual blocks.
-    pub n_blocks: usize,
-    /// The seeds, in the order of the per-input arrays.
-    pub seeds: Vec<u64>,
-    /// Inputs per seed.
-    pub n_inputs: usize,
-    /// One entry per τ.
-    pub taus: Vec<ProbeTau>,
-}
-
 /// A point with everything its records say.
 #[derive(Debug, Clone)]
 pub struct PointState {
@@ -112,7 +91,7 @@ pub struct PointState {
     /// Why it failed, for failed points.
     pub message: Option<String>,
     /// `summary.json` (training sweeps).
-    pub summary: Option<serde_json::Value>,
+    pub summary: Option<Summary>,
     /// `probe.json` (probe sweeps).
     pub probe: Option<ProbeRecord>,
 }
@@ -128,8 +107,8 @@ pub fn read_point(command: RunCommand, point: &Point, dir: &Path) -> PointState 
         probe: None,
     };
     let record = match command {
-        RunCommand::Probe => dir.join(PROBE_RECORD),
-        RunCommand::Train => dir.join(SUMMARY_RECORD),
+        RunCommand::Probe => dir.join(PROBE_FILE),
+        RunCommand::Train => dir.join(SUMMARY_FILE),
     };
     if record.exists() {
         let parsed = std::fs::read_to_string(&record)
@@ -141,13 +120,8 @@ pub fn read_point(command: RunCommand, point: &Point, dir: &Path) -> PointState 
                     Ok(Status::Finished)
                 }
                 RunCommand::Train => {
-                    let summary: serde_json::Value = serde_json::from_str(&text)?;
-                    let status = match summary.get("status").and_then(|s| s.as_str()) {
-                        Some("finished") => Status::Finished,
-                        Some("diverged") => Status::Diverged,
-                        Some("interrupted") => Status::Interrupted,
-                        other => anyhow::bail!("unknown status {other:?}"),
-                    };
+                    let summary: Summary = serde_json::from_str(&text)?;
+                    let status = Status::from(summary.status);
                     state.summary = Some(summary);
                     Ok(status)
                 }
@@ -186,22 +160,16 @@ pub fn read_sweep(spec: &SweepSpec, root: &Path) -> anyhow::Result<Vec<PointStat
         .collect())
 }
 
-/// Writes `contents` to `path` atomically (temporary file in the same folder, then rename).
+/// Writes `contents` to `path` atomically and durably ([`tau_records::write_atomic`]),
+/// creating its folder first.
 ///
 /// # Errors
 /// I/O errors, naming the path.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.unwrap_or_default(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-    Ok(())
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(tau_records::write_atomic(path, contents)?)
 }
 
 /// Formats a number for the CSV: shortest round-trip text, empty for non-finite values.
@@ -211,6 +179,16 @@ pub fn num(x: f64) -> String {
     } else {
         String::new()
     }
+}
+
+/// The scalar fields of a run's summary under dotted keys (`final_metrics.test_acc`), as
+/// [`flatten_scalars`] gives them for the summary's JSON; absent values have no key.
+pub fn summary_scalars(summary: &Summary) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Ok(value) = serde_json::to_value(summary) {
+        flatten_scalars(&value, "", &mut out);
+    }
+    out
 }
 
 /// Flattens the scalar fields of a JSON object into dotted keys (`final_metrics.test_acc`).
@@ -262,10 +240,7 @@ pub fn results_csv(spec: &SweepSpec, states: &[PointState]) -> anyhow::Result<Ve
             let flat: Vec<BTreeMap<String, String>> = states
                 .iter()
                 .map(|s| {
-                    let mut m = BTreeMap::new();
-                    if let Some(summary) = &s.summary {
-                        flatten_scalars(summary, "", &mut m);
-                    }
+                    let mut m = s.summary.as_ref().map(summary_scalars).unwrap_or_default();
                     m.remove("status");
                     extra.extend(m.keys().cloned());
                     m

@@ -547,7 +547,7 @@ fn axis_role(key: &str) -> Option<&'static str> {
 
 /// Reads `(step, train loss)` pairs from a run's `metrics.jsonl`.
 fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
-    let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) else {
+    let Ok(text) = std::fs::read_to_string(dir.join(tau_records::METRICS_FILE)) else {
         return Vec::new();
     };
     text.lines()
@@ -594,11 +594,10 @@ fn train_report(
     let flat: Vec<BTreeMap<String, String>> = states
         .iter()
         .map(|s| {
-            let mut m = BTreeMap::new();
-            if let Some(summary) = &s.summary {
-                records::flatten_scalars(summary, "", &mut m);
-            }
-            m
+            s.summary
+                .as_ref()
+                .map(records::summary_scalars)
+                .unwrap_or_default()
         })
         .collect();
     let mut cols: Vec<String> = flat
@@ -824,7 +823,7 @@ mod tests {
             let dir = root.join(&s.point.name);
             std::fs::create_dir_all(&dir).unwrap();
             let json = serde_json::to_string(s.probe.as_ref().unwrap()).unwrap();
-            std::fs::write(dir.join(records::PROBE_RECORD), json).unwrap();
+            std::fs::write(dir.join(tau_records::PROBE_FILE), json).unwrap();
         }
         let out = generate(&root).unwrap();
         assert_eq!(out.summary_line, "39 finished");

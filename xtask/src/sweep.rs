@@ -9,12 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tau_records::{CHECKPOINTS_DIR, CONFIG_FILE, PROBE_FILE, RunStatus, SUMMARY_FILE, exit_code};
 
 use crate::pool::{self, Job, JobResult};
-use crate::records::{
-    self, FAILURE_RECORD, FailureRecord, PROBE_RECORD, SUMMARY_RECORD, SWEEP_COPY, Status,
-    write_atomic,
-};
+use crate::records::{self, FAILURE_RECORD, FailureRecord, SWEEP_COPY, Status, write_atomic};
 use crate::report;
 use crate::spec::{RunCommand, SweepSpec};
 
@@ -80,7 +78,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
                 eprintln!("\nsecond Ctrl-C: exiting now; running points are left to finish");
-                std::process::exit(130);
+                std::process::exit(i32::from(exit_code::INTERRUPTED));
             }
             eprintln!("\nCtrl-C: no new points start; waiting for running ones (Ctrl-C again to leave now)");
         })
@@ -258,8 +256,8 @@ pub fn run_sweep(
         let dir = root.join(&p.name);
         let resume = spec.command == RunCommand::Train
             && !args.force
-            && dir.join("config.toml").exists()
-            && dir.join("checkpoints").is_dir();
+            && dir.join(CONFIG_FILE).exists()
+            && dir.join(CHECKPOINTS_DIR).is_dir();
         let mut a = vec![spec.command.as_str().to_string()];
         if resume {
             a.extend(["--resume".to_string(), dir.display().to_string()]);
@@ -462,16 +460,21 @@ fn finalize_point(
 ) -> records::PointState {
     let state = records::read_point(spec.command, point, &job.dir);
     let record = match spec.command {
-        RunCommand::Probe => PROBE_RECORD,
-        RunCommand::Train => SUMMARY_RECORD,
+        RunCommand::Probe => PROBE_FILE,
+        RunCommand::Train => SUMMARY_FILE,
     };
+    // tau-resnet's exit codes (tau_records::exit_code): 0 finished and 3 diverged are
+    // results, 130 interrupted is resumable; anything else is an error.
+    let result = |code: i32| RunStatus::from_exit_code(code).is_some_and(RunStatus::is_result);
+    let interrupted = |code: i32| RunStatus::from_exit_code(code) == Some(RunStatus::Interrupted);
     let message = match (r.exit_code, &r.spawn_error) {
         (_, Some(err)) => Some(err.clone()),
-        (Some(0), _) | (Some(3), _) if state.status.is_done() => None,
-        (Some(130), _) if state.status == Status::Interrupted => None,
+        (Some(code), _) if result(code) && state.status.is_done() => None,
+        (Some(code), _) if interrupted(code) && state.status == Status::Interrupted => None,
         // Killed by Ctrl-C (signal, or 130 without a record): resumable, not a failure.
-        (None, _) | (Some(130), _) if stopping => None,
-        (Some(code @ (0 | 3)), _) => Some(format!(
+        (None, _) if stopping => None,
+        (Some(code), _) if interrupted(code) && stopping => None,
+        (Some(code), _) if result(code) => Some(format!(
             "exited with {code} but left no valid {record}{}",
             state
                 .message
@@ -552,20 +555,24 @@ while [ $# -gt 0 ]; do
     *) shift;;
   esac
 done
+# The fields of summary.json (tau_records::Summary) and of its final metrics record that
+# the tests do not look at.
+run='"wall_s":0.5,"device":"cpu","version":{"crate_version":"0.1.0","git_commit":null}'
+last='"step":7,"epoch":0,"epoch_end":false,"lr":0.1,"grad_norm":null,"layer_grad_norms":[],"examples_per_s":100.0,"wall_s":0.5'
 case "$sets" in *depth=999*) echo "error: config base.toml: key \`model.depth\`: 999 is not 6n+2" >&2; exit 1;; esac
 mkdir -p "$out"
 echo "$cmd resume=$resume" >> "$out/count"
 case "$sets" in *depth=77*)
   if [ ! -f "$out/was-interrupted" ]; then
     touch "$out/was-interrupted"; mkdir -p "$out/checkpoints"; touch "$out/config.toml"
-    printf '{"status":"interrupted","step":5}' > "$out/summary.json"; exit 130
+    printf '{"name":"t","status":"interrupted","steps":5,"epochs_completed":0,%s}' "$run" > "$out/summary.json"; exit 130
   fi;;
 esac
 printf '{"step":1,"train_loss":2.0}\n{"step":10,"train_loss":0.5}\n{"step":100,"train_loss":0.01}\n' > "$out/metrics.jsonl"
 case "$sets" in *'tau="1"'*)
-  printf '{"status":"diverged","diverged_at_step":7,"final_metrics":{"train_loss":null}}' > "$out/summary.json"; exit 3;;
+  printf '{"name":"t","status":"diverged","diverged_at_step":7,"divergence_reason":"non-finite loss","steps":7,"epochs_completed":0,"final_metrics":{%s,"train_loss":null},%s}' "$last" "$run" > "$out/summary.json"; exit 3;;
 esac
-printf '{"status":"finished","final_metrics":{"train_loss":0.01,"test_acc":0.9},"best_test_acc":0.92}' > "$out/summary.json"
+printf '{"name":"t","status":"finished","steps":100,"epochs_completed":1,"final_metrics":{%s,"train_loss":0.01,"test_acc":0.9},"best_test_acc":0.92,%s}' "$last" "$run" > "$out/summary.json"
 exit 0
 "#;
 
@@ -627,7 +634,25 @@ exit 0
                 .unwrap()
                 .starts_with("point,model.depth,model.tau,status,message")
         );
-        assert!(csv.contains("depth-16_tau-1,16,1,diverged,,,7,"), "{csv}");
+        // The diverged point's row: no message, no accuracy, where it diverged.
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let row: Vec<&str> = csv
+            .lines()
+            .find(|l| l.starts_with("depth-16_tau-1,"))
+            .unwrap()
+            .split(',')
+            .collect();
+        let col = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(row[..4], ["depth-16_tau-1", "16", "1", "diverged"], "{csv}");
+        assert_eq!(
+            (
+                col("message"),
+                col("best_test_acc"),
+                col("diverged_at_step")
+            ),
+            ("", "", "7"),
+            "{csv}"
+        );
         assert!(
             csv.contains("depth-999_tau-1_sqrt_L,999,1/sqrt(L),failed,exit code 1: error: config")
         );

@@ -7,6 +7,8 @@ pub mod train;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tau_records::{RunStatus, exit_code};
+
 static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// Turns progress bars off (`--quiet`) or on for the commands of this process.
@@ -34,13 +36,25 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The process exit code for this outcome: 0 finished, 3 diverged, 130 interrupted.
-    /// Errors exit with 1 and command-line mistakes with 2.
+    /// The process exit code for this outcome: 0 finished, 3 diverged, 130 interrupted
+    /// ([`tau_records::exit_code`], the codes xtask reads). Errors exit with 1 and
+    /// command-line mistakes with 2.
     pub fn exit_code(self) -> u8 {
         match self {
-            Outcome::Finished => 0,
-            Outcome::Diverged => 3,
-            Outcome::Interrupted => 130,
+            Outcome::Finished => exit_code::FINISHED,
+            Outcome::Diverged => exit_code::DIVERGED,
+            Outcome::Interrupted => exit_code::INTERRUPTED,
+        }
+    }
+}
+
+impl From<RunStatus> for Outcome {
+    /// The outcome of a training run that ended with this status (same exit code).
+    fn from(status: RunStatus) -> Outcome {
+        match status {
+            RunStatus::Finished => Outcome::Finished,
+            RunStatus::Diverged => Outcome::Diverged,
+            RunStatus::Interrupted => Outcome::Interrupted,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tau_records::exit_code;
 use tau_train::cmd;
 use tracing_indicatif::IndicatifLayer;
 use tracing_subscriber::layer::SubscriberExt;
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
     // A bad TAU_KERNELS is a usage error, said once, before any work.
     if let Err(err) = tau_kernels::select::kernels_from_env() {
         eprintln!("error: {}: {err}", tau_kernels::select::KERNELS_ENV);
-        return ExitCode::from(2);
+        return ExitCode::from(exit_code::USAGE);
     }
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),
@@ -101,7 +102,7 @@ fn main() -> ExitCode {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code::ERROR)
         }
     }
 }

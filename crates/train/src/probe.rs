@@ -19,10 +19,12 @@
 //! cancels from every ratio between layers).
 
 use candle::{DType, Tensor};
-use serde::{Deserialize, Serialize};
 use tau_kernels::matmul::block_matmul_f32;
 use tau_kernels::probe::{apply_mask, linear_step, relu_step, set_mask};
 use tau_model::{ModelConfig, TauRule, TheoryConfig, TheoryNet};
+
+// The `probe.json` record, defined in tau-records (shared with xtask).
+pub use tau_records::{PROBE_FORMAT, ProbeRecord, ProbeTau};
 
 /// One τ rule to probe, as written and parsed.
 #[derive(Debug, Clone)]
@@ -47,53 +49,6 @@ pub fn rule_alpha(rule: &TauRule) -> Option<f64> {
         } => Some(-exponent),
         _ => None,
     }
-}
-
-/// The results for one τ, pooled over seeds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ProbeTau {
-    /// The rule as written.
-    pub rule: String,
-    /// α when the rule is L^-α.
-    pub alpha: Option<f64>,
-    /// τ resolved at this depth.
-    pub tau: f64,
-    /// log10 ‖h_L‖/‖h_0‖ per (seed, input), seeds outermost. Inputs whose h_0 is zero are
-    /// left out.
-    pub log10_ratio: Vec<f64>,
-    /// log10 ‖∂ℓ/∂W_1‖/‖∂ℓ/∂W_L‖ per (seed, input) (empty for families without a
-    /// per-input backward probe).
-    pub log10_grad_ratio: Vec<f64>,
-    /// Median over inputs and seeds of log10 ‖h_l‖/‖h_0‖ at the blocks of
-    /// [`ProbeRecord::blocks`].
-    pub block_log10_ratio_median: Vec<f64>,
-    /// Median over inputs and seeds of log10 ‖∂ℓ/∂W_l‖/‖∂ℓ/∂W_L‖ at those blocks (theory
-    /// network), or log10 of the gradient norm of each block's parameters relative to the
-    /// last block's (ResNets, whole batch).
-    pub block_log10_grad_median: Vec<f64>,
-}
-
-/// `probe.json`: the whole probe of one model config.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ProbeRecord {
-    /// Record format tag.
-    pub format: String,
-    /// Model family.
-    pub family: String,
-    /// L, the number of residual blocks.
-    pub n_blocks: usize,
-    /// The seeds, in the order of the per-input arrays.
-    pub seeds: Vec<u64>,
-    /// Inputs per seed.
-    pub n_inputs: usize,
-    /// Blocks (1-based) at which per-block values are reported: powers of two and L.
-    pub blocks: Vec<usize>,
-    /// One entry per τ rule.
-    pub taus: Vec<ProbeTau>,
-    /// Wall time of the probe, seconds.
-    pub wall_s: f64,
-    /// The crate version that wrote the record.
-    pub version: String,
 }
 
 /// Blocks 1, 2, 4, …, and L (1-based).

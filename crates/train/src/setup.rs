@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use tau_model::{Model, ModelConfig, ParamKind};
+use tau_records::{CONFIG_FILE, METRICS_FILE};
 
 use crate::config::{
     AugmentKind, LossKind, NormalizeKind, RunConfig, SourceKind, Subset, TargetsKind,
@@ -536,7 +537,7 @@ fn session<'a>(p: &'a mut Prepared) -> Session<'a> {
 /// An existing run in `run_dir`, an unwritable directory, and the errors of the loop.
 pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> anyhow::Result<Summary> {
     let text = prepared.cfg.to_toml()?;
-    if run_dir.join("config.toml").exists() || run_dir.join("metrics.jsonl").exists() {
+    if run_dir.join(CONFIG_FILE).exists() || run_dir.join(METRICS_FILE).exists() {
         bail!(
             "{} already holds a run: resume it with `--resume {}` or choose another `--out`",
             run_dir.display(),
@@ -559,7 +560,7 @@ pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> anyho
 /// # Errors
 /// A missing or invalid `config.toml`.
 pub fn run_config(run_dir: &Path) -> anyhow::Result<RunConfig> {
-    let path = run_dir.join("config.toml");
+    let path = run_dir.join(CONFIG_FILE);
     if !path.exists() {
         bail!(
             "{} is not a run directory (no config.toml)",

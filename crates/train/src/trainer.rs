@@ -26,8 +26,8 @@ use crate::config::{LossKind, OptimKind, Reduction, RunConfig};
 use crate::loss::{Targets, correct, loss_sum};
 use crate::optim::Sgd;
 use crate::records::{
-    CodeVersion, LayerNorm, MetricsRecord, MetricsWriter, RunStatus, Summary, atomic_write,
-    sync_dir, write_json_atomic,
+    LayerNorm, MetricsRecord, MetricsWriter, RunStatus, Summary, current_code_version, sync_dir,
+    write_atomic, write_json_atomic,
 };
 use crate::schedule::Schedule;
 
@@ -663,9 +663,9 @@ pub fn run_loop(
         best_test_acc: state.best_test_acc,
         wall_s: state.wall_s,
         device: sess.device_name.clone(),
-        version: CodeVersion::current(),
+        version: current_code_version(),
     };
-    write_json_atomic(&run_dir.join("summary.json"), &summary)?;
+    write_json_atomic(&run_dir.join(tau_records::SUMMARY_FILE), &summary)?;
     Ok(summary)
 }
 
@@ -787,13 +787,13 @@ pub fn evaluate(
 
 /// The checkpoint directory `checkpoints/last` points to, if any.
 pub fn last_checkpoint(run_dir: &Path) -> Option<PathBuf> {
-    let last = run_dir.join("checkpoints").join("last");
+    let last = run_dir.join(tau_records::CHECKPOINTS_DIR).join("last");
     if last.is_dir() {
         return Some(last);
     }
     // Where symbolic links are unavailable, `last` is a file holding the directory name.
     let name = std::fs::read_to_string(&last).ok()?;
-    let dir = run_dir.join("checkpoints").join(name.trim());
+    let dir = run_dir.join(tau_records::CHECKPOINTS_DIR).join(name.trim());
     dir.is_dir().then_some(dir)
 }
 
@@ -809,7 +809,7 @@ fn checkpoint(
 ) -> anyhow::Result<()> {
     metrics.sync()?;
     state.metrics_len = metrics.len();
-    let dir = run_dir.join("checkpoints");
+    let dir = run_dir.join(tau_records::CHECKPOINTS_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = format!("step-{:08}", state.step);
     let final_dir = dir.join(&name);
@@ -866,7 +866,7 @@ fn point_last(dir: &Path, name: &str) -> anyhow::Result<()> {
 
 #[cfg(not(unix))]
 fn point_last(dir: &Path, name: &str) -> anyhow::Result<()> {
-    atomic_write(&dir.join("last"), name.as_bytes())
+    Ok(write_atomic(&dir.join("last"), name.as_bytes())?)
 }
 
 /// Reads the optimizer state and the [`TrainState`] of a checkpoint into `optimizer`.
@@ -898,7 +898,10 @@ pub fn load_checkpoint_state(ckpt: &Path, optimizer: &mut Sgd) -> anyhow::Result
 /// # Errors
 /// I/O errors.
 pub fn write_config(run_dir: &Path, text: &str) -> anyhow::Result<()> {
-    atomic_write(&run_dir.join("config.toml"), text.as_bytes())
+    Ok(write_atomic(
+        &run_dir.join(tau_records::CONFIG_FILE),
+        text.as_bytes(),
+    )?)
 }
 
 #[cfg(test)]

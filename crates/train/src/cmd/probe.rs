@@ -1,7 +1,7 @@
 //! `tau-resnet probe`: forward/backward stability of a model at initialization
 //! (PAPER.md, claims 1 and 2), for any model family, over several seeds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -9,10 +9,12 @@ use candle::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tau_model::{Model, ModelConfig, TauRule};
+use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
 
 use super::Outcome;
 use crate::probe::{
-    ProbeRecord, ProbeTau, ProbeTauRule, median, probe_theory, rule_alpha, sample_blocks,
+    PROBE_FORMAT, ProbeRecord, ProbeTau, ProbeTauRule, median, probe_theory, rule_alpha,
+    sample_blocks,
 };
 
 /// Arguments of `tau-resnet probe`.
@@ -317,7 +319,7 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
         }
     };
     let record = ProbeRecord {
-        format: "tau-resnet-probe/1".into(),
+        format: PROBE_FORMAT.into(),
         family: family.into(),
         n_blocks,
         seeds: seeds.clone(),
@@ -330,9 +332,9 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cfg_text = toml::to_string(&r.table).context("serializing the resolved config")?;
-        write_atomic(&dir.join("config.toml"), cfg_text.as_bytes())?;
+        write_atomic(&dir.join(CONFIG_FILE), cfg_text.as_bytes())?;
         let json = serde_json::to_string(&record).context("serializing the probe record")?;
-        write_atomic(&dir.join("probe.json"), json.as_bytes())?;
+        write_atomic(&dir.join(PROBE_FILE), json.as_bytes())?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&record)?);
@@ -340,12 +342,6 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
         print_table(&record, &r.model);
     }
     Ok(Outcome::Finished)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
 }
 
 fn fmt_log10(x: f64) -> String {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
+use tau_records::exit_code;
 
 use super::Outcome;
 use crate::config::{DeviceSpec, load_config};
-use crate::records::RunStatus;
 use crate::setup::{prepare, resume, run_config, start};
 use crate::trainer::RunOptions;
 
@@ -71,7 +71,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             eprintln!("second interrupt: exiting without a checkpoint");
-            std::process::exit(130);
+            std::process::exit(i32::from(exit_code::INTERRUPTED));
         }
         eprintln!("interrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to quit now)");
     })
@@ -90,11 +90,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     let mut line = format!(
         "{}: {} after {} steps",
         run_dir.display(),
-        match summary.status {
-            RunStatus::Finished => "finished",
-            RunStatus::Diverged => "diverged",
-            RunStatus::Interrupted => "interrupted",
-        },
+        summary.status.as_str(),
         summary.steps
     );
     if let Some(l) = last.and_then(|r| r.train_loss) {
@@ -110,9 +106,5 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         ));
     }
     println!("{line}");
-    Ok(match summary.status {
-        RunStatus::Finished => Outcome::Finished,
-        RunStatus::Diverged => Outcome::Diverged,
-        RunStatus::Interrupted => Outcome::Interrupted,
-    })
+    Ok(Outcome::from(summary.status))
 }

@@ -1,0 +1,29 @@
+//! The run records `tau-resnet` writes and `xtask` reads, defined once: `summary.json`
+//! ([`Summary`]), `metrics.jsonl` ([`MetricsRecord`]), `probe.json` ([`ProbeRecord`]),
+//! the file names of a run directory, the process exit codes ([`RunStatus::exit_code`],
+//! [`exit_code`]), and the one durable atomic write every record goes through
+//! ([`write_atomic`], [`write_json_atomic`]).
+//!
+//! The serde attributes of the record types are the on-disk format: changing one changes
+//! the files every run writes and every sweep reads.
+
+mod atomic;
+mod probe;
+mod summary;
+
+pub use atomic::{WriteError, WriteStep, sync_dir, write_atomic, write_json_atomic};
+pub use probe::{PROBE_FORMAT, ProbeRecord, ProbeTau};
+pub use summary::{CodeVersion, LayerNorm, MetricsRecord, RunStatus, Summary, exit_code};
+
+/// `summary.json`: the run's final status and numbers ([`Summary`]), written when a run
+/// ends (finished, diverged or interrupted).
+pub const SUMMARY_FILE: &str = "summary.json";
+/// `metrics.jsonl`: one [`MetricsRecord`] per line, appended as the run goes.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// `probe.json`: the record of `tau-resnet probe --out DIR` ([`ProbeRecord`]).
+pub const PROBE_FILE: &str = "probe.json";
+/// `config.toml`: the resolved config of a run or a probe, as it ran.
+pub const CONFIG_FILE: &str = "config.toml";
+/// `checkpoints/`: the folder of a run's checkpoints (its presence, with
+/// [`CONFIG_FILE`], makes a run resumable).
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
