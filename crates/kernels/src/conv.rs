@@ -2,14 +2,15 @@
 //! everywhere else.
 //!
 //! On the CPU, for `f32`, [`conv2d`] runs a candle custom op. 3×3, stride-1, padding-1
-//! convolutions (most of a CIFAR ResNet) run direct AVX-512 kernels on zero-bordered image
-//! planes where the CPU has AVX-512F (`direct`); every other shape runs im2col + GEMM
-//! forward and two more GEMMs backward (the weight gradient against the re-lowered input,
-//! the input gradient through col2im) with the `gemm` crate (`cpu`). Both use all of
-//! rayon's threads. Stock candle 0.11.1 computes the backward of its `conv2d` with direct
-//! loops (`conv_transpose2d`, and a convolution with an image-sized kernel), which is an
-//! order of magnitude slower. On CUDA and Metal, for other dtypes, and with
-//! [`crate::select::Kernels::Candle`], candle's own `conv2d` runs.
+//! convolutions (most of a CIFAR ResNet) run direct AVX-512 or AVX2 kernels on
+//! zero-bordered image planes where the selected kernel set and the CPU have them
+//! (`direct`); every other shape runs im2col + GEMM forward and two more GEMMs backward
+//! (the weight gradient against the re-lowered input, the input gradient through col2im)
+//! with the `gemm` crate (`cpu`). Both use all of rayon's threads. Stock candle 0.11.1
+//! computes the backward of its `conv2d` with direct loops (`conv_transpose2d`, and a
+//! convolution with an image-sized kernel), which is an order of magnitude slower. On CUDA
+//! and Metal, for other dtypes, and with [`crate::select::Kernels::Candle`], candle's own
+//! `conv2d` runs.
 
 mod cpu;
 mod direct;

@@ -5,7 +5,8 @@
 //! ([`Kernels::ConvOnly`], candle's composed ops for the rest), or every op with the
 //! instructions of a [`KernelSet`] ([`Kernels::Fused`]): a portable path (im2col + GEMM
 //! for the convolution, plain loops for the fused elementwise ops) and, where the CPU has
-//! AVX-512F, direct 3×3 convolution kernels. By default every op runs with the best set the
+//! AVX2 + FMA or AVX-512F, direct 3×3 convolution kernels written for that instruction set.
+//! By default every op runs with the best set the
 //! CPU supports, detected at run time. Forcing a lower set runs what a smaller CPU runs, on
 //! any machine: the tests run every op under each set the machine can execute, and
 //! benchmarks compare them.
@@ -49,10 +50,11 @@ pub const KERNELS_ENV: &str = "TAU_KERNELS";
 pub enum KernelSet {
     /// Any CPU: im2col + GEMM convolutions and plain loops.
     Portable,
-    /// x86-64 with AVX2 and FMA: the probe's element-wise passes compiled for AVX2; the
-    /// convolutions as [`KernelSet::Portable`].
+    /// x86-64 with AVX2 and FMA: direct 3×3, stride-1 convolution kernels in AVX2 and the
+    /// probe's element-wise passes compiled for AVX2; the other convolutions and ops as
+    /// [`KernelSet::Portable`].
     Avx2,
-    /// x86-64 with AVX-512F: direct 3×3, stride-1 convolution kernels besides the rest.
+    /// x86-64 with AVX-512F: the direct 3×3, stride-1 convolution kernels in AVX-512.
     Avx512,
 }
 

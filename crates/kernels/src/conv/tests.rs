@@ -440,7 +440,7 @@ proptest! {
 
 #[test]
 fn shifted_input_at_resnet_shapes() {
-    // A block convolution (direct kernels where the CPU has AVX-512) and a stage
+    // A block convolution (direct kernels under the AVX2 and AVX-512 sets) and a stage
     // transition (im2col + GEMM), batch 2 and batch 1.
     for (n, c_in, c_out, hw, stride) in [(2, 16, 16, 32, 1), (1, 16, 32, 32, 2)] {
         let errs = compare_shifted(8, n, c_in, c_out, (hw, hw), 3, stride, 1);
