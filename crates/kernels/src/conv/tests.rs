@@ -72,6 +72,14 @@ fn direct_loops(
     )
 }
 
+/// The element-wise worst of `errs` over every kernel set this CPU runs.
+fn worst_over_sets<const N: usize>(errs: impl Fn(KernelSet) -> [f64; N]) -> [f64; N] {
+    KernelSet::available()
+        .into_iter()
+        .map(errs)
+        .fold([0.0; N], |w, e| std::array::from_fn(|i| w[i].max(e[i])))
+}
+
 /// Output and gradients (input, weight) of Σ r ⊙ conv(xs, w) with [`conv2d`] in `f32`, and
 /// their worst relative errors against [`direct_loops`] and (where its backward works)
 /// candle's `conv2d`, both in `f64`.
@@ -176,24 +184,21 @@ fn compare(
     padding: usize,
     non_contiguous: bool,
 ) -> [f64; 3] {
-    KernelSet::available()
-        .into_iter()
-        .map(|set| {
-            compare_under(
-                set,
-                seed,
-                n,
-                c_in,
-                c_out,
-                h,
-                w,
-                k,
-                stride,
-                padding,
-                non_contiguous,
-            )
-        })
-        .fold([0.0; 3], |w, e| std::array::from_fn(|i| w[i].max(e[i])))
+    worst_over_sets(|set| {
+        compare_under(
+            set,
+            seed,
+            n,
+            c_in,
+            c_out,
+            h,
+            w,
+            k,
+            stride,
+            padding,
+            non_contiguous,
+        )
+    })
 }
 
 const TOL: f64 = 1e-5;
@@ -411,10 +416,7 @@ fn compare_shifted(
     stride: usize,
     padding: usize,
 ) -> [f64; 4] {
-    KernelSet::available()
-        .into_iter()
-        .map(|set| compare_shifted_under(set, seed, n, c_in, c_out, hw, k, stride, padding))
-        .fold([0.0; 4], |w, e| std::array::from_fn(|i| w[i].max(e[i])))
+    worst_over_sets(|set| compare_shifted_under(set, seed, n, c_in, c_out, hw, k, stride, padding))
 }
 
 proptest! {
