@@ -341,6 +341,106 @@ fn stop_then_resume_through_the_cli() {
     assert_eq!(o.status.code(), Some(1));
 }
 
+/// A run killed before its first checkpoint (a cluster job requeued after a node failure
+/// or an out-of-memory kill) holds a config and partial records but nothing to resume
+/// from: `--resume` starts it over from step 0 and ends with the records of a clean run.
+#[test]
+fn resume_without_a_checkpoint_starts_over_from_step_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let clean = tmp.path().join("clean");
+    let killed = tmp.path().join("killed");
+    for out in [&clean, &killed] {
+        let o = bin()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert_success(&o);
+    }
+    // What a kill before the first checkpoint leaves: the config and a torn metrics line.
+    std::fs::remove_dir_all(killed.join("checkpoints")).unwrap();
+    std::fs::remove_file(killed.join("summary.json")).unwrap();
+    let mut metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
+    metrics.truncate(metrics.len() / 2);
+    std::fs::write(killed.join("metrics.jsonl"), metrics).unwrap();
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert_success(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("starting it over from step 0"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        records_without_timing(&killed),
+        records_without_timing(&clean)
+    );
+    assert_eq!(
+        std::fs::read(killed.join("config.toml")).unwrap(),
+        std::fs::read(clean.join("config.toml")).unwrap()
+    );
+    // A directory that is not a run at all is still refused.
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a run directory"));
+}
+
+/// SIGTERM (what Slurm sends on scancel, preemption and at the time limit, and what a
+/// sweep's job script forwards on its warning signal) stops a run as Ctrl-C does: a
+/// checkpoint, status `interrupted`, exit code 130.
+#[cfg(unix)]
+#[test]
+fn sigterm_writes_a_checkpoint_and_exits_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let child = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            "steps=100000000",
+            "--set",
+            "log.checkpoint_every=0",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "no metrics after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "interrupted");
+    assert!(out.join("checkpoints/last").is_dir());
+}
+
 fn assert_fails_cleanly(args: &[&str], cfg_text: Option<&str>, expect: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use tau_records::exit_code;
+use tau_records::{CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, exit_code};
 
 use super::Outcome;
 use crate::config::{DeviceSpec, load_config};
 use crate::setup::{prepare, resume, run_config, start};
-use crate::trainer::RunOptions;
+use crate::trainer::{RunOptions, last_checkpoint};
 
 /// Arguments of `tau-resnet train`.
 #[derive(Debug, clap::Args)]
@@ -34,7 +34,8 @@ pub struct TrainArgs {
     /// The run directory (default: the config's `out_dir`, else `runs/<name>`).
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub out: Option<PathBuf>,
-    /// Continue the run in DIR from its last checkpoint.
+    /// Continue the run in DIR from its last checkpoint (from step 0 when it was killed
+    /// before its first one).
     #[arg(long, value_name = "DIR", conflicts_with = "config")]
     pub resume: Option<PathBuf>,
     /// Where to compute: auto, cpu, cuda, cuda:N or metal (overrides the config's `device`).
@@ -51,7 +52,7 @@ pub struct TrainArgs {
 /// A bad config, data or checkpoint, an unwritable run directory, or I/O errors while
 /// training. Divergence is not an error: it returns [`Outcome::Diverged`].
 pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
-    let (mut cfg, run_dir, resuming) = match (&args.resume, &args.config) {
+    let (mut cfg, run_dir, mut resuming) = match (&args.resume, &args.config) {
         (Some(dir), _) => (run_config(dir)?, dir.clone(), true),
         (None, Some(path)) => {
             let cfg = load_config(path, &args.sets)?;
@@ -81,6 +82,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         stop_after_steps: args.stop_after_steps,
         progress: super::progress_enabled(),
     };
+    if resuming && last_checkpoint(&run_dir).is_none() {
+        start_over(&run_dir)?;
+        resuming = false;
+    }
     let summary = if resuming {
         resume(prepared, &run_dir, &opts)?
     } else {
@@ -107,4 +112,23 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     }
     println!("{line}");
     Ok(Outcome::from(summary.status))
+}
+
+/// Clears the records of a run killed before its first checkpoint (a requeued cluster job
+/// hits this), so that it starts over from step 0 with the config it was given.
+fn start_over(run_dir: &std::path::Path) -> anyhow::Result<()> {
+    eprintln!(
+        "note: {} has no checkpoint yet (stopped before the first one): starting it over from step 0",
+        run_dir.display()
+    );
+    // config.toml last: a directory killed in between still resumes (it holds a config).
+    for name in [SUMMARY_FILE, METRICS_FILE, CONFIG_FILE] {
+        let path = run_dir.join(name);
+        if let Err(err) = std::fs::remove_file(&path)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(err).with_context(|| format!("removing {}", path.display()));
+        }
+    }
+    Ok(())
 }
