@@ -3,6 +3,7 @@
 //! xtask never computes a gradient: it launches `tau-resnet` processes and aggregates
 //! their run records.
 
+mod aggregate;
 mod analysis;
 #[cfg(test)]
 mod architecture;

@@ -1,12 +1,13 @@
 //! `cargo xtask report runs/<sweep>`: regenerates `results.csv`, `report.md` and
 //! `figures/` from a sweep's stored config and its run records alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::aggregate;
 use crate::analysis::{self, RuleCurve, fmt_log10};
 use crate::figures::{Chart, Series, YAxis};
 use crate::records::{self, PointState, SWEEP_COPY, Status, write_atomic};
@@ -733,39 +734,82 @@ fn train_report(
         ));
     }
 
-    // Test accuracy vs depth: one line per group, mean over seeds.
-    let mut acc_series = Vec::new();
+    // Test accuracy vs depth: a table and one line per group, mean over seeds, the band
+    // spanning the seeds' range.
+    let mut acc_table = aggregate::Table::new();
     let mut metric_name = None;
+    for (s, m) in states.iter().zip(&flat) {
+        let Some(d) = depth_of(s) else { continue };
+        let outcome = match (
+            s.status,
+            accuracy(m, spec.report.accuracy_metric.as_deref()),
+        ) {
+            (Status::Diverged, _) => aggregate::Outcome::Diverged,
+            (Status::Finished, Some((k, a))) => {
+                metric_name.get_or_insert(k);
+                aggregate::Outcome::Value(if a <= 1.0 { 100.0 * a } else { a })
+            }
+            (Status::Finished, None) => aggregate::Outcome::NotReached,
+            _ => continue,
+        };
+        acc_table.entry((group_of(s), d)).or_default().push(outcome);
+    }
+    let mut acc_series = Vec::new();
     for g in &groups {
-        let mut by_depth: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
-        for (s, m) in states.iter().zip(&flat).filter(|(s, _)| &group_of(s) == g) {
-            let (Some(d), Some((k, a))) = (
-                depth_of(s),
-                accuracy(m, spec.report.accuracy_metric.as_deref()),
-            ) else {
-                continue;
-            };
-            metric_name.get_or_insert(k);
-            by_depth
-                .entry(d)
-                .or_default()
-                .push(if a <= 1.0 { 100.0 * a } else { a });
-        }
-        if by_depth.is_empty() {
+        let cells: Vec<(i64, &aggregate::Cell)> = acc_table
+            .iter()
+            .filter(|((gg, _), c)| gg == g && !c.values.is_empty())
+            .map(|((_, d), c)| (*d, c))
+            .collect();
+        if cells.is_empty() {
             continue;
         }
-        let pts = by_depth
-            .into_iter()
-            .map(|(d, v)| (d as f64, v.iter().sum::<f64>() / v.len() as f64))
-            .collect();
-        acc_series.push(Series::new(
+        let mut series = Series::new(
             if g.is_empty() {
                 "all".to_string()
             } else {
                 group_display(g)
             },
-            pts,
-        ));
+            cells
+                .iter()
+                .filter_map(|(d, c)| c.mean().map(|m| (*d as f64, m)))
+                .collect(),
+        );
+        series.band = cells
+            .iter()
+            .filter(|(_, c)| c.values.len() > 1)
+            .filter_map(|(d, c)| c.range().map(|(lo, hi)| (*d as f64, lo, hi)))
+            .collect();
+        acc_series.push(series);
+    }
+    if !acc_table.is_empty() {
+        let metric = metric_name.clone().unwrap_or_default();
+        let n_seeds = states
+            .iter()
+            .filter_map(seed_of)
+            .collect::<BTreeSet<_>>()
+            .len();
+        let _ = writeln!(md, "\n## Test accuracy by depth\n");
+        let _ = writeln!(
+            md,
+            "`{metric}` (%) from each run's summary: the mean over seeds ({n_seeds} seed value(s) in the grid), \
+             the seeds' range in brackets; diverged runs have no accuracy and are counted.\n"
+        );
+        aggregate::write_table(
+            md,
+            &acc_table,
+            &groups,
+            &|g| {
+                if g.is_empty() {
+                    "all".into()
+                } else {
+                    group_display(g)
+                }
+            },
+            &|v| format!("{v:.2}"),
+            "without an accuracy",
+        );
+        within_spread_notes(md, &acc_table, &groups, "points");
     }
     if !acc_series.is_empty() {
         let metric = metric_name.unwrap_or_default();
@@ -775,7 +819,7 @@ fn train_report(
         );
         let _ = writeln!(
             md,
-            "Accuracy: `{metric}` from each run's summary, mean over seeds; diverged runs have no accuracy.\n"
+            "Accuracy: `{metric}` from each run's summary, mean over seeds (shaded: the seeds' range); diverged runs have no accuracy.\n"
         );
         figs.push((
             "accuracy_vs_depth".to_string(),
@@ -792,7 +836,127 @@ fn train_report(
             },
         ));
     }
+
+    // Steps until the training loss first falls to the threshold.
+    if let Some(threshold) = spec.report.loss_threshold {
+        let mut steps_table = aggregate::Table::new();
+        for s in states {
+            let Some(d) = depth_of(s) else { continue };
+            let outcome = match s.status {
+                Status::Diverged => aggregate::Outcome::Diverged,
+                Status::Finished => {
+                    match aggregate::first_step_at_or_below(&loss_curve(&s.dir), threshold) {
+                        Some(step) => aggregate::Outcome::Value(step),
+                        None => aggregate::Outcome::NotReached,
+                    }
+                }
+                _ => continue,
+            };
+            steps_table
+                .entry((group_of(s), d))
+                .or_default()
+                .push(outcome);
+        }
+        let _ = writeln!(md, "\n## Steps to training loss ≤ {threshold:e}\n");
+        let _ = writeln!(
+            md,
+            "The first logged step (records every `log.every` steps) at which the training loss \
+             is at most {threshold:e}; mean over seeds, the seeds' range in brackets.\n"
+        );
+        aggregate::write_table(
+            md,
+            &steps_table,
+            &groups,
+            &|g| {
+                if g.is_empty() {
+                    "all".into()
+                } else {
+                    group_display(g)
+                }
+            },
+            &|v| format!("{v:.0}"),
+            "did not reach it in the run",
+        );
+        within_spread_notes(md, &steps_table, &groups, "steps");
+        let series: Vec<Series> = groups
+            .iter()
+            .filter_map(|g| {
+                let pts: Vec<(f64, f64)> = steps_table
+                    .iter()
+                    .filter(|((gg, _), _)| gg == g)
+                    .filter_map(|((_, d), c)| c.mean().map(|m| (*d as f64, m)))
+                    .collect();
+                (!pts.is_empty()).then(|| {
+                    Series::new(
+                        if g.is_empty() {
+                            "all".to_string()
+                        } else {
+                            group_display(g)
+                        },
+                        pts,
+                    )
+                })
+            })
+            .collect();
+        if !series.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n![steps to the loss threshold vs depth](figures/steps_to_threshold_vs_depth.png)\n\n\
+                 Groups whose runs never reached the threshold have no line.\n"
+            );
+            figs.push((
+                "steps_to_threshold_vs_depth".to_string(),
+                Chart {
+                    title: format!("Steps to training loss ≤ {threshold:e}"),
+                    x_desc: "network depth (log scale)".into(),
+                    y_desc: "steps".into(),
+                    x_log: true,
+                    y_axis: YAxis::Linear,
+                    y_range: None,
+                    series,
+                    vlines: Vec::new(),
+                    hlines: Vec::new(),
+                },
+            ));
+        }
+    }
     figs
+}
+
+/// Notes, per depth, the pairs of groups whose difference lies within the seeds' spread
+/// (their ranges over seeds overlap), so that such a difference is not read as an effect.
+fn within_spread_notes(md: &mut String, table: &aggregate::Table, groups: &[String], unit: &str) {
+    let mut depths: Vec<i64> = table.keys().map(|(_, d)| *d).collect();
+    depths.sort_unstable();
+    depths.dedup();
+    let mut notes = Vec::new();
+    for d in depths {
+        for (i, a) in groups.iter().enumerate() {
+            for b in &groups[i + 1..] {
+                let (Some(ca), Some(cb)) = (table.get(&(a.clone(), d)), table.get(&(b.clone(), d)))
+                else {
+                    continue;
+                };
+                if ca.values.len() < 2 || cb.values.len() < 2 {
+                    continue;
+                }
+                if aggregate::ranges_overlap(ca, cb) == Some(true) {
+                    let diff = (ca.mean().unwrap_or(0.0) - cb.mean().unwrap_or(0.0)).abs();
+                    notes.push(format!(
+                        "depth {d}: {} vs {}: the difference of the means ({diff:.2} {unit}) is within the seeds' spread",
+                        group_display(a),
+                        group_display(b)
+                    ));
+                }
+            }
+        }
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\nNot separated by these seeds:\n");
+        for n in notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
 }
 
 /// A group of grid values (`tau=1/sqrt(L), lr=0.1`) as figure text:
@@ -811,6 +975,88 @@ fn group_display(g: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A train sweep's report from planted run records: the accuracy table shows the mean
+    /// and range over seeds and counts diverged runs, differences within the seeds' spread
+    /// are called so, and the loss-threshold table reads the first step at or below it.
+    #[test]
+    fn train_report_from_planted_records_aggregates_seeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("planted-train");
+        let spec_text = "name = \"planted-train\"\ncommand = \"train\"\n[grid]\n\"model.depth\" = [20, 56]\n\"model.tau\" = [\"1/sqrt(L)\", \"1\"]\nseed = [0, 1]\n[report]\nloss_threshold = 1e-3\n";
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join(SWEEP_COPY), spec_text).unwrap();
+        let spec = load_stored_spec(&root).unwrap();
+        for p in spec.points().unwrap() {
+            let get = |k: &str| {
+                p.values
+                    .iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| display_value(v))
+                    .unwrap()
+            };
+            let (depth, tau, seed) = (get("model.depth"), get("model.tau"), get("seed"));
+            let seed: f64 = seed.parse().unwrap();
+            let dir = root.join(&p.name);
+            std::fs::create_dir_all(&dir).unwrap();
+            // τ = 1 diverges at depth 56 and learns less at 20; τ = 1/√L: 97 + seed (depth
+            // 20), 98 + seed / 2 (depth 56); its loss reaches 1e-3 at step 30 + 10·seed.
+            let (status, acc) = match (tau.as_str(), depth.as_str()) {
+                ("1", "56") => ("diverged", None),
+                ("1", _) => ("finished", Some(0.5 + 0.01 * seed)),
+                (_, "20") => ("finished", Some(0.97 + 0.01 * seed)),
+                _ => ("finished", Some(0.98 + 0.005 * seed)),
+            };
+            let reach = 3 + seed as u64;
+            let mut metrics = String::new();
+            for i in 1..=6u64 {
+                let loss = if tau == "1" {
+                    2.0
+                } else if i >= reach {
+                    1e-4
+                } else {
+                    0.5
+                };
+                metrics.push_str(&format!("{{\"step\":{},\"epoch\":0,\"epoch_end\":false,\"lr\":0.1,\"train_loss\":{loss},\"grad_norm\":1.0,\"layer_grad_norms\":[]}}\n", 10 * i));
+            }
+            std::fs::write(dir.join(tau_records::METRICS_FILE), metrics).unwrap();
+            let summary = serde_json::json!({
+                "name": p.name, "status": status,
+                "diverged_at_step": if status == "diverged" { Some(3) } else { None },
+                "divergence_reason": null, "steps": 60, "epochs_completed": 0,
+                "reached_target_at_step": null,
+                "final_metrics": acc.map(|a| serde_json::json!({
+                    "step": 60, "epoch": 0, "epoch_end": false, "lr": 0.0, "train_loss": 0.1,
+                    "test_acc": a, "grad_norm": 1.0, "layer_grad_norms": [],
+                    "examples_per_s": 1.0, "wall_s": 1.0})),
+                "best_train_loss": null, "best_test_loss": null, "best_test_acc": acc,
+                "wall_s": 1.0, "device": "cpu",
+                "version": {"crate_version": "0.1.0", "git_commit": null}
+            });
+            std::fs::write(dir.join(tau_records::SUMMARY_FILE), summary.to_string()).unwrap();
+        }
+        let out = generate(&root).unwrap();
+        assert_eq!(out.summary_line, "6 finished, 2 diverged");
+        let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+        assert!(md.contains("## Test accuracy by depth"), "{md}");
+        assert!(
+            md.contains("| depth | τ = 1 | τ = 1/sqrt(L) |\n| --- | --- | --- |\n| 20 | 50.50 (50.00–51.00) | 97.50 (97.00–98.00) |\n| 56 | 2 of 2 diverged | 98.25 (98.00–98.50) |"),
+            "{md}"
+        );
+        assert!(!md.contains("Not separated by these seeds"), "{md}");
+        assert!(md.contains("## Steps to training loss ≤ 1e-3"), "{md}");
+        assert!(
+            md.contains("| 20 | 2 of 2 did not reach it in the run | 35 (30–40) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 56 | 2 of 2 diverged | 35 (30–40) |"), "{md}");
+        for fig in ["accuracy_vs_depth", "steps_to_threshold_vs_depth"] {
+            assert!(
+                root.join("figures").join(format!("{fig}.png")).exists(),
+                "{fig}"
+            );
+        }
+    }
 
     #[test]
     fn probe_report_from_planted_records_finds_alpha_star() {

@@ -61,6 +61,10 @@ pub struct ReportSettings {
     /// Training sweeps: the metric plotted against depth (default: the last test accuracy).
     #[serde(default)]
     pub accuracy_metric: Option<String>,
+    /// Training sweeps: report, per depth and group, the first logged step at which the
+    /// training loss is at most this value (e.g. `1e-3` for the GD convergence sweep).
+    #[serde(default)]
+    pub loss_threshold: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
