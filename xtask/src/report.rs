@@ -18,6 +18,10 @@ use crate::spec::{RunCommand, SweepSpec, display_value};
 pub struct ReportArgs {
     /// The sweep's output folder, e.g. `runs/stability`.
     pub dir: PathBuf,
+    /// Also copy the figures (SVG) into this folder, e.g. `docs/figures/stability` for
+    /// the figures that docs/RESULTS.md shows.
+    #[arg(long)]
+    pub figures_out: Option<PathBuf>,
 }
 
 /// Runs `cargo xtask report`.
@@ -26,6 +30,10 @@ pub struct ReportArgs {
 /// A folder without a stored sweep config, or I/O errors.
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     let out = generate(&args.dir)?;
+    if let Some(dest) = &args.figures_out {
+        let n = publish_figures(&args.dir.join("figures"), dest)?;
+        println!("copied {n} figures (SVG) to {}", dest.display());
+    }
     println!("{}", out.summary_line);
     println!("wrote {}", args.dir.join("results.csv").display());
     println!("wrote {}", args.dir.join("report.md").display());
@@ -35,6 +43,30 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         args.dir.join("figures").display()
     );
     Ok(())
+}
+
+/// Copies the SVG figures of `src` into `dest` (created if needed), replacing files of
+/// the same name; returns how many were copied.
+///
+/// # Errors
+/// I/O errors, or `src` without any SVG figure.
+pub fn publish_figures(src: &Path, dest: &Path) -> anyhow::Result<usize> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(src)
+        .with_context(|| format!("reading {}", src.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        anyhow::bail!("{} holds no SVG figure to copy", src.display());
+    }
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    for path in &names {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let name = path.file_name().unwrap_or_default();
+        write_atomic(&dest.join(name), &bytes)?;
+    }
+    Ok(names.len())
 }
 
 /// What [`generate`] produced.
