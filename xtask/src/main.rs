@@ -14,6 +14,7 @@ mod records;
 mod report;
 #[cfg(test)]
 mod shipped_configs;
+mod slurm;
 mod spec;
 mod sweep;
 
@@ -32,7 +33,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a sweep (the default stability sweep when no config is given).
-    Sweep(sweep::SweepArgs),
+    Sweep(Box<sweep::SweepArgs>),
     /// Regenerate results.csv, report.md and the figures of a sweep from its run records.
     Report(report::ReportArgs),
     /// Training-step throughput (images/s) of the CIFAR ResNets and the theory network.
@@ -42,7 +43,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Sweep(args) => sweep::run(args),
+        Command::Sweep(args) => sweep::run(*args),
         Command::Report(args) => report::run(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -15,6 +15,10 @@
 //!
 //! [report]                    # optional: what the report features
 //! rules = ["1", "1/sqrt(L)"]
+//!
+//! [slurm]                     # optional: job settings for `cargo xtask sweep --slurm`
+//! time = "04:00:00"
+//! gpus_per_task = "1"
 //! ```
 
 use std::collections::BTreeSet;
@@ -23,6 +27,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+
+use crate::slurm::SlurmSettings;
 
 /// The `tau-resnet` subcommand a sweep runs for each point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -81,6 +87,8 @@ struct SweepFile {
     grid: toml::Table,
     #[serde(default)]
     report: ReportSettings,
+    #[serde(default)]
+    slurm: SlurmSettings,
 }
 
 /// One grid axis: a dotted config key and the values it takes.
@@ -107,6 +115,8 @@ pub struct SweepSpec {
     pub axes: Vec<Axis>,
     /// Report settings.
     pub report: ReportSettings,
+    /// Job settings for `cargo xtask sweep --slurm` (the `[slurm]` table).
+    pub slurm: SlurmSettings,
 }
 
 /// One point of a sweep: its folder name and the value of every axis.
@@ -196,6 +206,7 @@ impl SweepSpec {
             base,
             axes,
             report: file.report,
+            slurm: file.slurm,
         })
     }
 

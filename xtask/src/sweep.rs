@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tau_records::{CHECKPOINTS_DIR, CONFIG_FILE, PROBE_FILE, RunStatus, SUMMARY_FILE, exit_code};
+use tau_records::{CONFIG_FILE, PROBE_FILE, RunStatus, SUMMARY_FILE, exit_code};
 
 use crate::pool::{self, Job, JobResult};
 use crate::records::{self, FAILURE_RECORD, FailureRecord, SWEEP_COPY, Status, write_atomic};
 use crate::report;
+use crate::slurm::{self, SlurmArgs};
 use crate::spec::{RunCommand, SweepSpec};
 
 /// The default sweep (`cargo xtask sweep` with no config): the theory network's stability
@@ -23,7 +24,7 @@ pub const DEFAULT_SWEEP: &str = include_str!("../../configs/sweep-stability.toml
 /// Arguments of `cargo xtask sweep`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  cargo xtask sweep                                  # the default stability sweep\n  cargo xtask sweep configs/sweep-gd-convergence.toml --jobs 2\n  cargo xtask report runs/stability                  # rebuild CSV, report, figures"
+    after_help = "Examples:\n  cargo xtask sweep                                  # the default stability sweep\n  cargo xtask sweep configs/sweep-gd-convergence.toml --jobs 2\n  cargo xtask report runs/stability                  # rebuild CSV, report, figures\n  cargo xtask sweep configs/sweep-cifar10-bn.toml --slurm --time 12:00:00 --gpus-per-task 1\n  cargo xtask sweep configs/sweep-cifar10-bn.toml --status  # per-point state, with Slurm's"
 )]
 pub struct SweepArgs {
     /// The sweep config (default: the stability sweep, configs/sweep-stability.toml).
@@ -45,9 +46,21 @@ pub struct SweepArgs {
     /// Do not run `cargo build` for tau-resnet first.
     #[arg(long)]
     pub no_build: bool,
-    /// List the points and what would run, and stop.
+    /// List the points and what would run, and stop. With --slurm: write the job script
+    /// and index under runs/<sweep>/slurm/ but do not submit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Submit the points without a result as one Slurm job array (sbatch) instead of
+    /// running them here; see docs/sweeps.md.
+    #[arg(long, conflicts_with = "jobs")]
+    pub slurm: bool,
+    /// Show each point's state (from its records, and from squeue/sacct for a sweep
+    /// submitted to Slurm) and stop.
+    #[arg(long, conflicts_with_all = ["slurm", "force", "dry_run"])]
+    pub status: bool,
+    /// Slurm job settings.
+    #[command(flatten)]
+    pub slurm_opts: SlurmArgs,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -72,6 +85,39 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         None => SweepSpec::from_str_in(DEFAULT_SWEEP, &workspace_root().join("configs"))
             .context("the default sweep config")?,
     };
+    let runs_dir = args
+        .runs_dir
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("runs"));
+    if args.status {
+        slurm::print_status(&spec, &runs_dir.join(&spec.name))?;
+        return Ok(());
+    }
+    if args.slurm {
+        let settings = spec.slurm.overridden_by(&args.slurm_opts);
+        // Check the settings before building anything.
+        settings.sbatch_options()?;
+        let bin = find_binary(&args)?;
+        let bin =
+            std::path::absolute(&bin).with_context(|| format!("resolving {}", bin.display()))?;
+        std::fs::create_dir_all(&runs_dir)
+            .with_context(|| format!("creating {}", runs_dir.display()))?;
+        let root = std::path::absolute(runs_dir.join(&spec.name))
+            .with_context(|| format!("resolving {}", runs_dir.display()))?;
+        let states = records::read_sweep(&spec, &root)?;
+        check_same_base(&spec, &root, &states, args.force)?;
+        let sub = slurm::submit(&spec, &settings, &root, &bin, args.force, args.dry_run)?;
+        if let Some(job) = sub.job_id {
+            println!(
+                "submitted job array {job} ({} points); follow it with `cargo xtask sweep {} --status`",
+                sub.ids.len(),
+                args.config
+                    .as_deref()
+                    .map_or_else(|| "CONFIG".to_string(), |p| p.display().to_string())
+            );
+        }
+        return Ok(());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = Arc::clone(&stop);
@@ -84,10 +130,6 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         })
         .context("installing the Ctrl-C handler")?;
     }
-    let runs_dir = args
-        .runs_dir
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("runs"));
     let bin = if args.dry_run {
         args.bin
             .clone()
@@ -209,6 +251,10 @@ fn resolved_sweep_toml(spec: &SweepSpec) -> anyhow::Result<String> {
     if !report.is_empty() {
         t.insert("report".into(), toml::Value::Table(report));
     }
+    let slurm = toml::Table::try_from(&spec.slurm).context("serializing [slurm]")?;
+    if !slurm.is_empty() {
+        t.insert("slurm".into(), toml::Value::Table(slurm));
+    }
     Ok(format!(
         "# The resolved sweep config, written by `cargo xtask sweep`; `cargo xtask report` reads it.\n{}",
         toml::to_string(&t).context("serializing the sweep config")?
@@ -228,22 +274,9 @@ pub fn run_sweep(
 ) -> anyhow::Result<SweepOutcome> {
     let points = spec.points()?;
     let root = runs_dir.join(&spec.name);
-    let base_path = root.join("base.toml");
-    let base_text = toml::to_string(&spec.base).context("serializing the base config")?;
+    let base_path = root.join(BASE_FILE);
     let states = records::read_sweep(spec, &root)?;
-    let n_done = states.iter().filter(|s| s.status.is_done()).count();
-    if let Ok(old) = std::fs::read_to_string(root.join(SWEEP_COPY))
-        && let Ok(old) = SweepSpec::from_str_in(&old, &root)
-        && (old.base != spec.base || old.command != spec.command)
-        && n_done > 0
-        && !args.force
-    {
-        bail!(
-            "{} holds {n_done} finished points run with a different base config or command; \
-             use --force to redo them, or give the sweep another name",
-            root.display()
-        );
-    }
+    check_same_base(spec, &root, &states, args.force)?;
     let jobs_n = args.jobs.unwrap_or_else(cores).max(1);
     let threads = (cores() / jobs_n).max(1);
     let mut jobs = Vec::new();
@@ -254,10 +287,10 @@ pub fn run_sweep(
             continue;
         }
         let dir = root.join(&p.name);
-        let resume = spec.command == RunCommand::Train
-            && !args.force
-            && dir.join(CONFIG_FILE).exists()
-            && dir.join(CHECKPOINTS_DIR).is_dir();
+        // A run with a config resumes: from its last checkpoint, or from step 0 when it
+        // was killed before the first one.
+        let resume =
+            spec.command == RunCommand::Train && !args.force && dir.join(CONFIG_FILE).exists();
         let mut a = vec![spec.command.as_str().to_string()];
         if resume {
             a.extend(["--resume".to_string(), dir.display().to_string()]);
@@ -310,12 +343,7 @@ pub fn run_sweep(
             interrupted: false,
         });
     }
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    write_atomic(
-        &root.join(SWEEP_COPY),
-        resolved_sweep_toml(spec)?.as_bytes(),
-    )?;
-    write_atomic(&base_path, base_text.as_bytes())?;
+    write_sweep_files(spec, &root)?;
     for j in &jobs {
         prepare_point(spec, &points[j.index], &j.dir, args.force)?;
     }
@@ -402,9 +430,48 @@ pub fn run_sweep(
     })
 }
 
+/// The base run config every point starts from, under `runs/<sweep>/`.
+pub const BASE_FILE: &str = "base.toml";
+
+/// Refuses to add to a sweep folder whose finished points ran with another base config
+/// or command (unless `force`).
+fn check_same_base(
+    spec: &SweepSpec,
+    root: &Path,
+    states: &[records::PointState],
+    force: bool,
+) -> anyhow::Result<()> {
+    let n_done = states.iter().filter(|s| s.status.is_done()).count();
+    if let Ok(old) = std::fs::read_to_string(root.join(SWEEP_COPY))
+        && let Ok(old) = SweepSpec::from_str_in(&old, root)
+        && (old.base != spec.base || old.command != spec.command)
+        && n_done > 0
+        && !force
+    {
+        bail!(
+            "{} holds {n_done} finished points run with a different base config or command; \
+             use --force to redo them, or give the sweep another name",
+            root.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates the sweep folder and writes the resolved sweep config and the base run
+/// config into it.
+pub(crate) fn write_sweep_files(spec: &SweepSpec, root: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    write_atomic(
+        &root.join(SWEEP_COPY),
+        resolved_sweep_toml(spec)?.as_bytes(),
+    )?;
+    let base_text = toml::to_string(&spec.base).context("serializing the base config")?;
+    write_atomic(&root.join(BASE_FILE), base_text.as_bytes())
+}
+
 /// Clears xtask's own stale records of a point about to run (and with `--force`, moves
 /// the earlier outputs aside), then writes `point.json`.
-fn prepare_point(
+pub(crate) fn prepare_point(
     spec: &SweepSpec,
     point: &crate::spec::Point,
     dir: &Path,
@@ -592,6 +659,9 @@ exit 0
             bin: None,
             no_build: true,
             dry_run: false,
+            slurm: false,
+            status: false,
+            slurm_opts: SlurmArgs::default(),
         }
     }
 

@@ -1,0 +1,1426 @@
+//! `cargo xtask sweep CONFIG --slurm` and `--status`: a sweep as one Slurm job array.
+//!
+//! `runs/<sweep>/slurm/` holds the job script (`sweep.sbatch`, array task i runs point i),
+//! the index of array ids to points (`index.tsv`), the submitted jobs (`jobs.json`) and
+//! Slurm's own logs (`logs/`). Each task runs `tau-resnet` into the same point folder a
+//! local sweep uses, so `cargo xtask report` and a later local run read the same records.
+//!
+//! Nothing finished runs twice: a task whose point already holds a result exits at once,
+//! and a resubmission submits only points without a result that are not queued. A task
+//! warned of its time limit (`--signal=B:USR1@…`) has `tau-resnet` checkpoint (SIGTERM)
+//! and requeues itself; preemption and `scancel` send SIGTERM, which checkpoints too; a
+//! task killed before its first checkpoint starts over (`tau-resnet train --resume`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::records::{self, FAILURE_RECORD, PointState, Status, write_atomic};
+use crate::spec::{Point, RunCommand, SweepSpec, display_value};
+
+/// The job script under `runs/<sweep>/slurm/`.
+pub const SCRIPT_FILE: &str = "sweep.sbatch";
+/// The index of array ids to points under `runs/<sweep>/slurm/`.
+pub const INDEX_FILE: &str = "index.tsv";
+/// The submitted jobs under `runs/<sweep>/slurm/`.
+pub const JOBS_FILE: &str = "jobs.json";
+/// Seconds before the time limit at which a task is told to checkpoint, by default.
+pub const DEFAULT_SIGNAL_BEFORE_S: u32 = 120;
+
+/// Slurm settings: the `[slurm]` table of a sweep config, overridden by the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSettings {
+    /// `--partition`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// `--account`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// `--qos`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<String>,
+    /// `--time` per task, e.g. `"04:00:00"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// `--mem` per task, e.g. `"8G"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem: Option<String>,
+    /// `--cpus-per-task` (also the task's compute threads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus_per_task: Option<u32>,
+    /// `--gpus-per-task`, e.g. `"1"` or `"a100:1"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_task: Option<String>,
+    /// At most this many array tasks run at once (`--array=…%N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<u32>,
+    /// Seconds before the time limit at which a task checkpoints and requeues itself
+    /// (default 120).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_before_s: Option<u32>,
+    /// Further `#SBATCH` options, e.g. `"--constraint=a100"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sbatch: Vec<String>,
+    /// Shell lines run before `tau-resnet` in every task, e.g. `"module load cuda/12.4"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setup: Vec<String>,
+}
+
+/// The Slurm options of `cargo xtask sweep` (they override the config's `[slurm]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Slurm (with --slurm; override the config's [slurm] table)")]
+pub struct SlurmArgs {
+    /// Partition to submit to.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Account to charge.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Quality of service.
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Time limit per point, e.g. 04:00:00.
+    #[arg(long)]
+    pub time: Option<String>,
+    /// Memory per point, e.g. 8G.
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// CPUs per point (also its compute threads).
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// GPUs per point, e.g. 1 or a100:1.
+    #[arg(long)]
+    pub gpus_per_task: Option<String>,
+    /// At most N points run at once (the array's %N).
+    #[arg(long, value_name = "N")]
+    pub throttle: Option<u32>,
+    /// Seconds before the time limit at which a point checkpoints and requeues itself.
+    #[arg(long, value_name = "SECONDS")]
+    pub signal_before: Option<u32>,
+    /// A further #SBATCH option, e.g. --sbatch=--constraint=a100 (repeatable).
+    #[arg(long = "sbatch", value_name = "OPTION", allow_hyphen_values = true)]
+    pub sbatch: Vec<String>,
+}
+
+impl SlurmSettings {
+    /// These settings with every option given on the command line replacing the config's.
+    pub fn overridden_by(&self, args: &SlurmArgs) -> SlurmSettings {
+        let mut s = self.clone();
+        let pick = |cli: &Option<String>, cfg: &mut Option<String>| {
+            if cli.is_some() {
+                cfg.clone_from(cli);
+            }
+        };
+        pick(&args.partition, &mut s.partition);
+        pick(&args.account, &mut s.account);
+        pick(&args.qos, &mut s.qos);
+        pick(&args.time, &mut s.time);
+        pick(&args.mem, &mut s.mem);
+        pick(&args.gpus_per_task, &mut s.gpus_per_task);
+        s.cpus_per_task = args.cpus_per_task.or(s.cpus_per_task);
+        s.throttle = args.throttle.or(s.throttle);
+        s.signal_before_s = args.signal_before.or(s.signal_before_s);
+        s.sbatch.extend(args.sbatch.iter().cloned());
+        s
+    }
+
+    /// The `#SBATCH` options these settings add (besides the array, name, log and requeue
+    /// options every sweep script has).
+    ///
+    /// # Errors
+    /// A value with a line break or an empty one, or an extra option not starting with `-`.
+    pub fn sbatch_options(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut opt = |flag: &str, value: Option<String>| -> anyhow::Result<()> {
+            if let Some(v) = value {
+                check_value(flag, &v)?;
+                out.push(format!("--{flag}={v}"));
+            }
+            Ok(())
+        };
+        opt("partition", self.partition.clone())?;
+        opt("account", self.account.clone())?;
+        opt("qos", self.qos.clone())?;
+        opt("time", self.time.clone())?;
+        opt("mem", self.mem.clone())?;
+        opt("cpus-per-task", self.cpus_per_task.map(|n| n.to_string()))?;
+        opt("gpus-per-task", self.gpus_per_task.clone())?;
+        for extra in &self.sbatch {
+            let line = extra.trim().trim_start_matches("#SBATCH").trim();
+            check_value("sbatch", line)?;
+            if !line.starts_with('-') {
+                bail!(
+                    "slurm option `{extra}`: an #SBATCH option starts with `-`, e.g. --constraint=a100"
+                );
+            }
+            out.push(line.to_string());
+        }
+        if self.cpus_per_task == Some(0) {
+            bail!("slurm cpus_per_task: must be at least 1");
+        }
+        if self.throttle == Some(0) {
+            bail!("slurm throttle: must be at least 1");
+        }
+        for line in &self.setup {
+            if line.contains(['\n', '\r']) {
+                bail!("slurm setup line `{line}`: one shell line per entry");
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn check_value(flag: &str, value: &str) -> anyhow::Result<()> {
+    if value.trim().is_empty() {
+        bail!("slurm {flag}: empty value");
+    }
+    if value.chars().any(char::is_control) {
+        bail!("slurm {flag} `{value}`: line breaks and control characters are not allowed");
+    }
+    Ok(())
+}
+
+/// A string as one single-quoted shell word.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Array ids as Slurm's `--array` list: runs of consecutive ids become ranges (`0-3,5,7-8`).
+pub fn array_ranges(ids: &[usize]) -> String {
+    let mut sorted: Vec<usize> = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if end == start {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+/// Parses an `--array` list or the bracketed task list of squeue/sacct (`0-3,5,7-9%2`).
+///
+/// # Errors
+/// Text that is not such a list.
+pub fn parse_ranges(text: &str) -> anyhow::Result<Vec<usize>> {
+    let text = text.trim().trim_start_matches('[').trim_end_matches(']');
+    let text = text.split('%').next().unwrap_or("");
+    let mut out = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("`{part}` in array list `{text}`");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: usize = a.parse().with_context(bad)?;
+                let b: usize = b.parse().with_context(bad)?;
+                if b < a {
+                    bail!("{}: descending range", bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().with_context(bad)?),
+        }
+    }
+    Ok(out)
+}
+
+/// `index.tsv`: one line per point, its array id (its place in the grid), its folder
+/// name and its axis values.
+pub fn index_tsv(spec: &SweepSpec, points: &[Point]) -> String {
+    let mut out = String::from("array_id\tpoint");
+    for a in &spec.axes {
+        out.push('\t');
+        out.push_str(&a.key);
+    }
+    out.push('\n');
+    for (i, p) in points.iter().enumerate() {
+        let _ = write!(out, "{i}\t{}", p.name);
+        for (_, v) in &p.values {
+            out.push('\t');
+            out.push_str(&display_value(v).replace(['\t', '\n'], " "));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The job array script: task i runs point i of `points` into `root/<point>` with `bin`,
+/// as a local sweep would.
+///
+/// # Errors
+/// Invalid settings ([`SlurmSettings::sbatch_options`]) or paths that are not UTF-8.
+pub fn job_script(
+    spec: &SweepSpec,
+    settings: &SlurmSettings,
+    root: &Path,
+    bin: &Path,
+    points: &[Point],
+) -> anyhow::Result<String> {
+    let utf8 = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .with_context(|| format!("path {} is not UTF-8", p.display()))
+    };
+    let root_s = utf8(root)?;
+    let bin_s = utf8(bin)?;
+    let logs = root.join("slurm").join("logs");
+    let logs_s = utf8(&logs)?;
+    if logs_s.contains(['%', '\n']) {
+        bail!(
+            "the sweep folder {root_s} contains `%` or a line break, which #SBATCH --output cannot take"
+        );
+    }
+    let warn = settings.signal_before_s.unwrap_or(DEFAULT_SIGNAL_BEFORE_S);
+    let mut s = String::new();
+    let _ = writeln!(s, "#!/bin/bash");
+    let _ = writeln!(
+        s,
+        "# Sweep `{}` as a Slurm job array, written by `cargo xtask sweep --slurm`.",
+        spec.name
+    );
+    let _ = writeln!(
+        s,
+        "# Array task i runs point i of {INDEX_FILE} with `tau-resnet {}` into the point's",
+        spec.command
+    );
+    let _ = writeln!(
+        s,
+        "# folder, as a local sweep does. Submit with `cargo xtask sweep CONFIG --slurm`,"
+    );
+    let _ = writeln!(
+        s,
+        "# which passes --array with the points that have no result yet."
+    );
+    let _ = writeln!(s, "#SBATCH --job-name=tau-{}", spec.name);
+    let _ = writeln!(s, "#SBATCH --output={logs_s}/%A_%a.out");
+    let _ = writeln!(s, "#SBATCH --open-mode=append");
+    let _ = writeln!(s, "#SBATCH --requeue");
+    let _ = writeln!(s, "#SBATCH --signal=B:USR1@{warn}");
+    for o in settings.sbatch_options()? {
+        let _ = writeln!(s, "#SBATCH {o}");
+    }
+    let done_check = match spec.command {
+        RunCommand::Train => {
+            r#"grep -Eq '"status"[[:space:]]*:[[:space:]]*"(finished|diverged)"' "$dir/summary.json" 2>/dev/null"#
+        }
+        RunCommand::Probe => r#"[ -s "$dir/probe.json" ]"#,
+    };
+    let _ = write!(
+        s,
+        r#"
+set -u
+root={root}
+bin={bin}
+task="${{SLURM_ARRAY_TASK_ID:?submit with sbatch --array (cargo xtask sweep CONFIG --slurm)}}"
+case "$task" in
+"#,
+        root = sh_quote(&root_s),
+        bin = sh_quote(&bin_s),
+    );
+    for (i, p) in points.iter().enumerate() {
+        let sets: Vec<String> = p
+            .set_args()
+            .iter()
+            .map(|a| format!("--set {}", sh_quote(a)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  {i}) point={}; sets=({}) ;;",
+            sh_quote(&p.name),
+            sets.join(" ")
+        );
+    }
+    let _ = write!(
+        s,
+        r#"  *) echo "error: array task $task is not a point of this sweep (see $root/slurm/{INDEX_FILE})" >&2; exit 2 ;;
+esac
+dir="$root/$point"
+echo "task $task: point $point on $(hostname), job ${{SLURM_JOB_ID:-?}}, restart ${{SLURM_RESTART_COUNT:-0}}, $(date -u +%FT%TZ)"
+if {done_check}; then
+  echo "point $point already has a result: nothing to run"
+  exit 0
+fi
+"#
+    );
+    for line in &settings.setup {
+        let _ = writeln!(s, "{line}");
+    }
+    let resume = match spec.command {
+        RunCommand::Train => {
+            r#"if [ -f "$dir/config.toml" ]; then
+  args=(train --resume "$dir")
+else
+  args=(train --config "$root/base.toml" "${sets[@]}" --out "$dir")
+fi"#
+        }
+        RunCommand::Probe => r#"args=(probe --config "$root/base.toml" "${sets[@]}" --out "$dir")"#,
+    };
+    let _ = write!(
+        s,
+        r#"mkdir -p "$dir"
+rm -f "$dir/{FAILURE_RECORD}"
+{resume}
+export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-$(nproc)}}"
+
+# USR1 (--signal=B:USR1, before the time limit) reaches this shell only: have tau-resnet
+# checkpoint (SIGTERM) and requeue the task once it has. SIGTERM (scancel, preemption,
+# the time limit itself) reaches every process, tau-resnet included, which checkpoints.
+signalled=0
+requeue=0
+trap 'signalled=1; requeue=1; kill -TERM "$child" 2>/dev/null' USR1
+trap 'signalled=1' TERM
+"$bin" "${{args[@]}}" >>"$dir/stdout.log" 2>>"$dir/stderr.log" </dev/null &
+child=$!
+while :; do
+  signalled=0
+  wait "$child"
+  code=$?
+  [ "$signalled" = 1 ] || break
+done
+echo "tau-resnet exited with $code"
+case "$code" in
+  0|3) exit 0 ;;
+  130)
+    if [ "$requeue" = 1 ]; then
+      echo "checkpoint written before the time limit: requeueing"
+      scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+    fi
+    exit 130 ;;
+esac
+# A failure: the same record a local sweep writes, with the last error line.
+if [ "$code" -gt 128 ]; then
+  ec=null
+  msg="killed by signal $((code - 128))"
+else
+  ec=$code
+  line=$(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$dir/stderr.log" 2>/dev/null | grep -v '^$' | grep '^error' | tail -n 1)
+  [ -n "$line" ] || line=$(sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$dir/stderr.log" 2>/dev/null | grep -v '^$' | tail -n 1)
+  msg="exit code $code: ${{line:-no error message}}"
+fi
+msg=$(printf '%s' "$msg" | cut -c1-400 | tr -d '\000-\037' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')
+printf '{{\n  "exit_code": %s,\n  "message": "%s"\n}}' "$ec" "$msg" >"$dir/{FAILURE_RECORD}.tmp" &&
+  mv "$dir/{FAILURE_RECORD}.tmp" "$dir/{FAILURE_RECORD}"
+exit "$code"
+"#
+    );
+    Ok(s)
+}
+
+/// One submission of a sweep's job array, as recorded in `jobs.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submission {
+    /// The array's job id.
+    pub job_id: String,
+    /// The array ids (points) submitted, as an `--array` list.
+    pub array: String,
+    /// Seconds since the Unix epoch.
+    pub submitted_unix: u64,
+}
+
+/// The submissions recorded under `slurm_dir` (none when there is no `jobs.json`).
+///
+/// # Errors
+/// An unreadable or invalid `jobs.json`.
+pub fn read_submissions(slurm_dir: &Path) -> anyhow::Result<Vec<Submission>> {
+    let path = slurm_dir.join(JOBS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// A Slurm array task's state, as squeue or sacct report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskState {
+    /// The array's job id.
+    pub job_id: String,
+    /// The array task id (the point's index).
+    pub task: usize,
+    /// Slurm's state (`PENDING`, `RUNNING`, `COMPLETED`, `CANCELLED`, `OUT_OF_MEMORY`, …).
+    pub state: String,
+    /// squeue's reason (pending tasks) or sacct's `exit:signal` code.
+    pub detail: String,
+}
+
+/// Parses `squeue --array --noheader --format=%i|%T|%r` (or sacct's
+/// `--parsable2 --noheader --format=JobID,State,ExitCode`): `123_4|RUNNING|None`,
+/// `123_[5-7%2]|PENDING|JobArrayTaskLimit`, `123_6|CANCELLED by 0|0:15`. Lines of
+/// other jobs, job steps (`123_4.batch`) and unparsable lines are skipped.
+pub fn parse_task_lines(text: &str) -> Vec<TaskState> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.trim().split('|');
+        let (Some(id), Some(state)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let detail = fields.next().unwrap_or("").trim().to_string();
+        let Some((job, tasks)) = id.trim().split_once('_') else {
+            continue;
+        };
+        if tasks.contains('.') {
+            continue;
+        }
+        let state = state.split_whitespace().next().unwrap_or("").to_string();
+        if state.is_empty() {
+            continue;
+        }
+        let Ok(ids) = parse_ranges(tasks) else {
+            continue;
+        };
+        for task in ids {
+            out.push(TaskState {
+                job_id: job.to_string(),
+                task,
+                state: state.clone(),
+                detail: detail.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Parses `scontrol --oneliner show job ID` (Slurm's memory of jobs, kept for
+/// `MinJobAge` after they end, where sacct has no accounting database to read):
+/// `JobId=13 ArrayJobId=12 ArrayTaskId=1 JobName=… JobState=CANCELLED Reason=None … ExitCode=0:15 …`.
+pub fn parse_scontrol(text: &str) -> Vec<TaskState> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let fields: BTreeMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|f| f.split_once('='))
+            .collect();
+        let (Some(job), Some(tasks), Some(state)) = (
+            fields.get("ArrayJobId"),
+            fields.get("ArrayTaskId"),
+            fields.get("JobState"),
+        ) else {
+            continue;
+        };
+        let detail = if *state == "PENDING" {
+            fields.get("Reason").copied().unwrap_or("")
+        } else {
+            fields.get("ExitCode").copied().unwrap_or("")
+        };
+        for task in parse_ranges(tasks).unwrap_or_default() {
+            out.push(TaskState {
+                job_id: (*job).to_string(),
+                task,
+                state: (*state).to_string(),
+                detail: detail.to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// Whether a Slurm state means the task is still in the queue or on a node.
+fn is_live(state: &str) -> bool {
+    matches!(
+        state,
+        "PENDING"
+            | "RUNNING"
+            | "CONFIGURING"
+            | "COMPLETING"
+            | "REQUEUED"
+            | "REQUEUE_HOLD"
+            | "REQUEUE_FED"
+            | "RESIZING"
+            | "SUSPENDED"
+            | "STOPPED"
+            | "SIGNALING"
+            | "STAGE_OUT"
+    )
+}
+
+/// A point's state for `--status`: its records and what Slurm says of its last task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRow {
+    /// The point's folder name.
+    pub point: String,
+    /// `finished`, `diverged`, `running`, `pending`, `interrupted`, `failed` or
+    /// `not submitted`.
+    pub state: String,
+    /// The point's last array task and its Slurm state (`12_3 RUNNING`,
+    /// `12_3 OUT_OF_MEMORY exit 0:125`), empty when never submitted.
+    pub slurm: String,
+    /// Why it failed, or squeue's reason for waiting.
+    pub note: String,
+}
+
+/// Combines the records of every point with the last Slurm task that ran it.
+/// `queue` comes from squeue (live tasks), `acct` from sacct (all tasks it knows);
+/// squeue wins where both speak of a task.
+pub fn status_rows(
+    states: &[PointState],
+    submissions: &[Submission],
+    queue: &[TaskState],
+    acct: &[TaskState],
+) -> Vec<StatusRow> {
+    // The last submission of each point.
+    let mut last_job: BTreeMap<usize, &str> = BTreeMap::new();
+    for sub in submissions {
+        for i in parse_ranges(&sub.array).unwrap_or_default() {
+            last_job.insert(i, &sub.job_id);
+        }
+    }
+    let find = |list: &[TaskState], job: &str, i: usize| {
+        list.iter()
+            .rev()
+            .find(|t| t.job_id == job && t.task == i)
+            .cloned()
+    };
+    states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let job = last_job.get(&i).copied();
+            let live = job.and_then(|j| find(queue, j, i));
+            let ended = job.and_then(|j| find(acct, j, i));
+            let task = live.clone().or_else(|| ended.clone());
+            let slurm = match (&task, job) {
+                (Some(t), _) if t.state == "PENDING" || live.is_some() => {
+                    format!("{}_{i} {}", t.job_id, t.state)
+                }
+                (Some(t), _) => format!("{}_{i} {} exit {}", t.job_id, t.state, t.detail),
+                (None, Some(j)) => format!("{j}_{i}"),
+                (None, None) => String::new(),
+            };
+            let (state, note) = if s.status.is_done() {
+                (s.status.as_str().to_string(), String::new())
+            } else if let Some(t) = live.as_ref().filter(|t| is_live(&t.state)) {
+                let state = if t.state == "PENDING" || t.state.starts_with("REQUEUE") {
+                    "pending"
+                } else {
+                    "running"
+                };
+                let note = if t.state == "PENDING" && t.detail != "None" {
+                    t.detail.clone()
+                } else {
+                    String::new()
+                };
+                (state.to_string(), note)
+            } else if let Some(t) = ended.as_ref().filter(|t| is_live(&t.state)) {
+                // sacct still lists it as queued or running (squeue unavailable).
+                let state = if t.state == "PENDING" {
+                    "pending"
+                } else {
+                    "running"
+                };
+                (state.to_string(), String::new())
+            } else {
+                let why = s.message.clone().unwrap_or_default();
+                match (s.status, &ended) {
+                    (Status::Interrupted, _) => (
+                        "interrupted".to_string(),
+                        "checkpointed; resumes when resubmitted".to_string(),
+                    ),
+                    (Status::Failed, _) => ("failed".to_string(), why),
+                    (_, Some(t)) if t.state == "COMPLETED" => (
+                        "failed".to_string(),
+                        "the task ended without a result".to_string(),
+                    ),
+                    (_, Some(t)) => (
+                        "failed".to_string(),
+                        format!("Slurm {} (exit {})", t.state, t.detail),
+                    ),
+                    (_, None) if job.is_some() => (
+                        "pending".to_string(),
+                        "submitted; Slurm has no record of it (yet)".to_string(),
+                    ),
+                    (_, None) => ("not submitted".to_string(), String::new()),
+                }
+            };
+            StatusRow {
+                point: s.point.name.clone(),
+                state,
+                slurm,
+                note,
+            }
+        })
+        .collect()
+}
+
+/// Runs a Slurm command and returns its stdout.
+fn slurm_command(program: &str, args: &[String]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is Slurm installed and on PATH?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The live tasks of the given jobs (squeue).
+fn query_queue(job_ids: &[String]) -> anyhow::Result<Vec<TaskState>> {
+    if job_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Listing the user's jobs rather than asking for these ids: squeue fails on ids it
+    // no longer knows.
+    let text = slurm_command(
+        "squeue",
+        &[
+            "--me".into(),
+            "--array".into(),
+            "--noheader".into(),
+            "--format=%i|%T|%r".into(),
+        ],
+    )?;
+    let ids: BTreeSet<&String> = job_ids.iter().collect();
+    Ok(parse_task_lines(&text)
+        .into_iter()
+        .filter(|t| ids.contains(&t.job_id))
+        .collect())
+}
+
+/// Every task of the given jobs that Slurm's accounting knows (sacct).
+fn query_acct(job_ids: &[String]) -> anyhow::Result<Vec<TaskState>> {
+    if job_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = slurm_command(
+        "sacct",
+        &[
+            "--noheader".into(),
+            "--parsable2".into(),
+            "--allocations".into(),
+            format!("--jobs={}", job_ids.join(",")),
+            "--format=JobID,State,ExitCode".into(),
+        ],
+    )?;
+    Ok(parse_task_lines(&text))
+}
+
+/// The tasks of the given jobs that Slurm still remembers (scontrol).
+fn query_scontrol(job_ids: &[String]) -> Vec<TaskState> {
+    let mut out = Vec::new();
+    for id in job_ids {
+        // A job Slurm has forgotten is an error here; it has nothing to add then.
+        if let Ok(text) = slurm_command(
+            "scontrol",
+            &["--oneliner".into(), "show".into(), "job".into(), id.clone()],
+        ) {
+            out.extend(parse_scontrol(&text));
+        }
+    }
+    out
+}
+
+/// What `submit` did.
+#[derive(Debug)]
+pub struct Submitted {
+    /// The job id, or `None` when nothing was submitted (dry run, nothing to run).
+    pub job_id: Option<String>,
+    /// The array ids submitted (or that would be).
+    pub ids: Vec<usize>,
+}
+
+/// Writes `root/slurm/` for the sweep and submits the points that have no result and are
+/// not queued as one job array (without `dry_run`).
+///
+/// # Errors
+/// Invalid settings, I/O errors, squeue or sbatch failing.
+pub fn submit(
+    spec: &SweepSpec,
+    settings: &SlurmSettings,
+    root: &Path,
+    bin: &Path,
+    force: bool,
+    dry_run: bool,
+) -> anyhow::Result<Submitted> {
+    let points = spec.points()?;
+    let slurm_dir = root.join("slurm");
+    let states = records::read_sweep(spec, root)?;
+    let submissions = read_submissions(&slurm_dir)?;
+    let job_ids: Vec<String> = submissions.iter().map(|s| s.job_id.clone()).collect();
+    let queued: BTreeSet<usize> = if job_ids.is_empty() {
+        BTreeSet::new()
+    } else {
+        match query_queue(&job_ids) {
+            Ok(tasks) => tasks
+                .iter()
+                .filter(|t| is_live(&t.state))
+                .map(|t| t.task)
+                .collect(),
+            Err(err) if dry_run => {
+                eprintln!("note: cannot tell which points are queued: {err:#}");
+                BTreeSet::new()
+            }
+            Err(err) => {
+                return Err(err).context(
+                    "asking squeue which points of the earlier submissions are still queued",
+                );
+            }
+        }
+    };
+    let mut ids = Vec::new();
+    let (mut done, mut in_queue) = (0, 0);
+    for (i, s) in states.iter().enumerate() {
+        if queued.contains(&i) {
+            in_queue += 1;
+        } else if s.status.is_done() && !force {
+            done += 1;
+        } else {
+            ids.push(i);
+        }
+    }
+    let script = job_script(spec, settings, root, bin, &points)?;
+    crate::sweep::write_sweep_files(spec, root)?;
+    write_atomic(&slurm_dir.join(SCRIPT_FILE), script.as_bytes())?;
+    write_atomic(
+        &slurm_dir.join(INDEX_FILE),
+        index_tsv(spec, &points).as_bytes(),
+    )?;
+    let logs = slurm_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    for &i in &ids {
+        crate::sweep::prepare_point(spec, &points[i], &root.join(&points[i].name), force)?;
+    }
+    println!(
+        "sweep `{}`: {} points ({done} with a result, {in_queue} queued or running), {} to submit",
+        spec.name,
+        points.len(),
+        ids.len()
+    );
+    println!("wrote {}", slurm_dir.join(SCRIPT_FILE).display());
+    println!("wrote {}", slurm_dir.join(INDEX_FILE).display());
+    if ids.is_empty() {
+        println!("nothing to submit");
+        return Ok(Submitted { job_id: None, ids });
+    }
+    let mut array = array_ranges(&ids);
+    let submitted_array = array.clone();
+    if let Some(n) = settings.throttle {
+        let _ = write!(array, "%{n}");
+    }
+    let args = vec![
+        "--parsable".to_string(),
+        format!("--array={array}"),
+        slurm_dir.join(SCRIPT_FILE).display().to_string(),
+    ];
+    println!("sbatch {}", args.join(" "));
+    if dry_run {
+        println!("dry run: not submitted");
+        return Ok(Submitted { job_id: None, ids });
+    }
+    let out = slurm_command("sbatch", &args).context("submitting the job array")?;
+    // --parsable prints `jobid` or `jobid;cluster`.
+    let job_id = out
+        .trim()
+        .split(';')
+        .next()
+        .filter(|j| !j.is_empty() && j.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("sbatch printed `{}`, not a job id", out.trim()))?
+        .to_string();
+    let mut all = submissions;
+    all.push(Submission {
+        job_id: job_id.clone(),
+        array: submitted_array,
+        submitted_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    write_atomic(
+        &slurm_dir.join(JOBS_FILE),
+        serde_json::to_string_pretty(&all)?.as_bytes(),
+    )?;
+    Ok(Submitted {
+        job_id: Some(job_id),
+        ids,
+    })
+}
+
+/// Prints every point's state: its records, and for a sweep submitted to Slurm, squeue's
+/// and sacct's word on its last task.
+///
+/// # Errors
+/// A bad grid or an unreadable `jobs.json`. A Slurm that does not answer is a note.
+pub fn print_status(spec: &SweepSpec, root: &Path) -> anyhow::Result<Vec<StatusRow>> {
+    let states = records::read_sweep(spec, root)?;
+    let submissions = read_submissions(&root.join("slurm"))?;
+    let job_ids: Vec<String> = submissions.iter().map(|s| s.job_id.clone()).collect();
+    let mut notes = Vec::new();
+    let queue = query_queue(&job_ids).unwrap_or_else(|err| {
+        notes.push(format!("{err:#}"));
+        Vec::new()
+    });
+    let acct = query_acct(&job_ids).unwrap_or_else(|err| {
+        notes.push(format!(
+            "{err:#}; the states of ended tasks come from scontrol, which forgets them MinJobAge after they end"
+        ));
+        query_scontrol(&job_ids)
+    });
+    let rows = status_rows(&states, &submissions, &queue, &acct);
+    print!("{}", format_status(&spec.name, root, &submissions, &rows));
+    for n in notes {
+        println!("note: {n}");
+    }
+    Ok(rows)
+}
+
+/// The `--status` table and its summary line.
+pub fn format_status(
+    name: &str,
+    root: &Path,
+    submissions: &[Submission],
+    rows: &[StatusRow],
+) -> String {
+    let mut s = String::new();
+    let jobs: Vec<&str> = submissions.iter().map(|s| s.job_id.as_str()).collect();
+    let _ = writeln!(
+        s,
+        "sweep `{name}` in {}{}",
+        root.display(),
+        if jobs.is_empty() {
+            String::new()
+        } else {
+            format!(" (Slurm jobs {})", jobs.join(", "))
+        }
+    );
+    let w = rows.iter().map(|r| r.point.len()).max().unwrap_or(5).max(5);
+    let ws = rows.iter().map(|r| r.slurm.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(s, "{:w$}  {:13}  {:ws$}  note", "point", "state", "slurm");
+    for r in rows {
+        let line = format!(
+            "{:w$}  {:13}  {:ws$}  {}",
+            r.point, r.state, r.slurm, r.note
+        );
+        let _ = writeln!(s, "{}", line.trim_end());
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rows {
+        *counts.entry(r.state.as_str()).or_default() += 1;
+    }
+    let order = [
+        "finished",
+        "diverged",
+        "running",
+        "pending",
+        "interrupted",
+        "failed",
+        "not submitted",
+    ];
+    let parts: Vec<String> = order
+        .iter()
+        .filter_map(|k| counts.get(k).map(|n| format!("{n} {k}")))
+        .collect();
+    let _ = writeln!(s, "{} points: {}", rows.len(), parts.join(", "));
+    let open = rows
+        .iter()
+        .filter(|r| matches!(r.state.as_str(), "interrupted" | "failed" | "not submitted"))
+        .count();
+    if open > 0 {
+        let _ = writeln!(
+            s,
+            "{open} point(s) without a result and not queued: submit them with `cargo xtask sweep CONFIG --slurm`"
+        );
+    }
+    s
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    const SWEEP: &str = r#"
+name = "s"
+command = "train"
+[base]
+seed = 0
+[grid]
+"model.depth" = [4, 8]
+"model.tau" = ["1/sqrt(L)", "1"]
+[slurm]
+partition = "gpu"
+time = "01:00:00"
+gpus_per_task = "1"
+throttle = 2
+sbatch = ["--constraint=a100"]
+setup = ["module load cuda"]
+"#;
+
+    fn spec() -> SweepSpec {
+        SweepSpec::from_str_in(SWEEP, Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn array_lists_round_trip() {
+        assert_eq!(array_ranges(&[5, 0, 1, 2, 3, 7, 8, 3]), "0-3,5,7-8");
+        assert_eq!(array_ranges(&[4]), "4");
+        assert_eq!(array_ranges(&[]), "");
+        assert_eq!(
+            parse_ranges("0-3,5,7-8").unwrap(),
+            vec![0, 1, 2, 3, 5, 7, 8]
+        );
+        assert_eq!(parse_ranges("[5-7%2]").unwrap(), vec![5, 6, 7]);
+        assert!(parse_ranges("3-1").is_err());
+        assert!(parse_ranges("a").is_err());
+    }
+
+    #[test]
+    fn config_table_and_command_line_combine() {
+        let s = spec().slurm;
+        assert_eq!(s.partition.as_deref(), Some("gpu"));
+        let cli = SlurmArgs {
+            time: Some("02:00:00".into()),
+            cpus_per_task: Some(4),
+            sbatch: vec!["--exclusive".into()],
+            ..SlurmArgs::default()
+        };
+        let o = s.overridden_by(&cli);
+        assert_eq!(
+            o.sbatch_options().unwrap(),
+            [
+                "--partition=gpu",
+                "--time=02:00:00",
+                "--cpus-per-task=4",
+                "--gpus-per-task=1",
+                "--constraint=a100",
+                "--exclusive"
+            ]
+        );
+        assert_eq!(o.throttle, Some(2));
+        let bad = |s: SlurmSettings, needle: &str| {
+            let err = format!("{:#}", s.sbatch_options().unwrap_err());
+            assert!(err.contains(needle), "{needle}: {err}");
+        };
+        bad(
+            SlurmSettings {
+                time: Some("1:00\n#SBATCH --x".into()),
+                ..SlurmSettings::default()
+            },
+            "line breaks",
+        );
+        bad(
+            SlurmSettings {
+                sbatch: vec!["constraint=a100".into()],
+                ..SlurmSettings::default()
+            },
+            "starts with `-`",
+        );
+        bad(
+            SlurmSettings {
+                throttle: Some(0),
+                ..SlurmSettings::default()
+            },
+            "throttle",
+        );
+        let err = SweepSpec::from_str_in(
+            "name = \"a\"\ncommand = \"train\"\n[grid]\nseed = [0]\n[slurm]\npartion = \"x\"\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("partion"), "{err:#}");
+    }
+
+    #[test]
+    fn index_maps_array_ids_to_points() {
+        let spec = spec();
+        let idx = index_tsv(&spec, &spec.points().unwrap());
+        assert_eq!(
+            idx,
+            "array_id\tpoint\tmodel.depth\tmodel.tau\n\
+             0\tdepth-4_tau-1_sqrt_L\t4\t1/sqrt(L)\n\
+             1\tdepth-4_tau-1\t4\t1\n\
+             2\tdepth-8_tau-1_sqrt_L\t8\t1/sqrt(L)\n\
+             3\tdepth-8_tau-1\t8\t1\n"
+        );
+    }
+
+    #[test]
+    fn script_has_the_options_and_one_case_per_point() {
+        let spec = spec();
+        let points = spec.points().unwrap();
+        let script = job_script(
+            &spec,
+            &spec.slurm,
+            Path::new("/r/s"),
+            Path::new("/b/tau-resnet"),
+            &points,
+        )
+        .unwrap();
+        for line in [
+            "#SBATCH --job-name=tau-s",
+            "#SBATCH --output=/r/s/slurm/logs/%A_%a.out",
+            "#SBATCH --requeue",
+            "#SBATCH --signal=B:USR1@120",
+            "#SBATCH --partition=gpu",
+            "#SBATCH --gpus-per-task=1",
+            "#SBATCH --constraint=a100",
+            "module load cuda",
+            "root='/r/s'",
+            "bin='/b/tau-resnet'",
+            "  0) point='depth-4_tau-1_sqrt_L'; sets=(--set 'model.depth=4' --set 'model.tau=\"1/sqrt(L)\"') ;;",
+            "  3) point='depth-8_tau-1'; sets=(--set 'model.depth=8' --set 'model.tau=\"1\"') ;;",
+            "  args=(train --resume \"$dir\")",
+        ] {
+            assert!(
+                script.lines().any(|l| l == line),
+                "no line {line:?} in\n{script}"
+            );
+        }
+        // The throttle goes on the sbatch command line with the array list.
+        assert!(!script.contains("#SBATCH --array"), "{script}");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+
+    /// A stand-in for tau-resnet that the job script runs: it logs its arguments, fails on
+    /// depth 8 with an error line, diverges on τ = 1, and with `$HANG` set waits for
+    /// SIGTERM and exits 130 as tau-resnet does.
+    const FAKE: &str = r#"#!/bin/sh
+echo "$*" >> "$LOG"
+case "$*" in *depth=8*) echo 'error: config: bad "depth" \ here' >&2; exit 1;; esac
+if [ -n "${HANG:-}" ]; then
+  trap 'echo interrupted >> "$LOG"; exit 130' TERM
+  touch "$HANG"
+  while :; do sleep 0.05; done
+fi
+case "$*" in *--out*) out=$(echo "$*" | sed 's/.*--out //');; *) out=$(echo "$*" | sed 's/.*--resume //');; esac
+mkdir -p "$out"; touch "$out/config.toml"
+case "$*" in *'tau="1"'*) printf '{\n  "status": "diverged"\n}\n' > "$out/summary.json"; exit 3;; esac
+exit 0
+"#;
+
+    struct Harness {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        script: PathBuf,
+        path_env: String,
+        log: PathBuf,
+    }
+
+    fn harness() -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let exe = |name: &str, text: &str| {
+            let p = tmp.path().join("bin").join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let bin = exe("tau-resnet", FAKE);
+        // scontrol stand-in: records the requeue request.
+        exe("scontrol", "#!/bin/sh\necho \"scontrol $*\" >> \"$LOG\"\n");
+        let root = tmp.path().join("runs/s");
+        let spec = spec();
+        let mut settings = spec.slurm.clone();
+        settings.setup.clear();
+        let script = job_script(&spec, &settings, &root, &bin, &spec.points().unwrap()).unwrap();
+        let script_path = tmp.path().join("sweep.sbatch");
+        std::fs::write(&script_path, script).unwrap();
+        let path_env = format!(
+            "{}:{}",
+            tmp.path().join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = tmp.path().join("log");
+        Harness {
+            root,
+            script: script_path,
+            path_env,
+            log,
+            _tmp: tmp,
+        }
+    }
+
+    impl Harness {
+        fn task(&self, i: usize) -> Command {
+            let mut c = Command::new("bash");
+            c.arg(&self.script)
+                .env("SLURM_ARRAY_TASK_ID", i.to_string())
+                .env("SLURM_ARRAY_JOB_ID", "77")
+                .env("PATH", &self.path_env)
+                .env("LOG", &self.log)
+                .env_remove("HANG");
+            c
+        }
+        fn run(&self, i: usize) -> i32 {
+            let out = self.task(i).output().unwrap();
+            out.status.code().unwrap_or(-1)
+        }
+        fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn script_starts_resumes_skips_and_records_failures() {
+        let h = harness();
+        let spec = spec();
+        let points = spec.points().unwrap();
+        // Fresh start with the point's settings, into the point's folder.
+        assert_eq!(h.run(0), 0);
+        let dir0 = h.root.join(&points[0].name);
+        assert_eq!(
+            h.log(),
+            format!(
+                "train --config {}/base.toml --set model.depth=4 --set model.tau=\"1/sqrt(L)\" --out {}\n",
+                h.root.display(),
+                dir0.display()
+            )
+        );
+        // Its folder holds a config now: the next attempt resumes.
+        assert_eq!(h.run(0), 0);
+        assert!(
+            h.log()
+                .ends_with(&format!("train --resume {}\n", dir0.display()))
+        );
+        // Diverged is a result: exit 0, and a later task of the point runs nothing.
+        assert_eq!(h.run(1), 0);
+        let before = h.log();
+        assert_eq!(h.run(1), 0);
+        assert_eq!(h.log(), before, "a point with a result ran again");
+        // A failure exits with tau-resnet's code and leaves the record a local sweep does.
+        assert_eq!(h.run(2), 1);
+        let state =
+            records::read_point(RunCommand::Train, &points[2], &h.root.join(&points[2].name));
+        assert_eq!(state.status, Status::Failed);
+        assert_eq!(
+            state.message.as_deref(),
+            Some(r#"exit code 1: error: config: bad "depth" \ here"#)
+        );
+        // An id outside the sweep is refused.
+        assert_eq!(h.run(9), 2);
+    }
+
+    #[test]
+    fn warning_signal_checkpoints_then_requeues_and_sigterm_does_not() {
+        for (signal, requeued) in [("USR1", true), ("TERM", false)] {
+            let h = harness();
+            let ready = h.root.join("ready");
+            let mut c = h.task(0);
+            c.env("HANG", &ready);
+            let mut child = c.spawn().unwrap();
+            let start = std::time::Instant::now();
+            while !ready.exists() {
+                assert!(start.elapsed().as_secs() < 30, "the task did not start");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            // USR1 goes to the batch shell only (--signal=B:USR1); SIGTERM goes to
+            // every process, as Slurm sends it.
+            let pids = if signal == "TERM" {
+                let out = Command::new("pgrep")
+                    .args(["-P", &child.id().to_string()])
+                    .output()
+                    .unwrap();
+                let mut p: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect();
+                p.push(child.id().to_string());
+                p
+            } else {
+                vec![child.id().to_string()]
+            };
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .args(&pids)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let code = child.wait().unwrap().code();
+            assert_eq!(code, Some(130), "{signal}");
+            let log = h.log();
+            assert_eq!(log.matches("interrupted").count(), 1, "{signal}: {log}");
+            assert_eq!(
+                log.contains("scontrol requeue 77_0"),
+                requeued,
+                "{signal}: {log}"
+            );
+        }
+    }
+
+    /// Recorded from a single-node Slurm 22.05: an array of 6 tasks with throttle 3,
+    /// task 0 exiting 0, task 1 exiting 7, task 2 cancelled.
+    const SQUEUE: &str = "3_5|PENDING|Resources\n3_4|RUNNING|None\n3_3|RUNNING|None\n";
+    const SCONTROL: &str = "JobId=3 ArrayJobId=3 ArrayTaskId=5 ArrayTaskThrottle=3 JobName=r.sh JobState=PENDING Reason=Resources Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00
+JobId=6 ArrayJobId=3 ArrayTaskId=2 ArrayTaskThrottle=3 JobName=r.sh JobState=CANCELLED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15 RunTime=00:00:01
+JobId=5 ArrayJobId=3 ArrayTaskId=1 ArrayTaskThrottle=3 JobName=r.sh JobState=FAILED Reason=NonZeroExitCode Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=7:0 RunTime=00:00:00
+JobId=4 ArrayJobId=3 ArrayTaskId=0 ArrayTaskThrottle=3 JobName=r.sh JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00
+";
+    /// sacct's `--parsable2 --noheader --allocations --format=JobID,State,ExitCode`, in
+    /// the shape its manual gives (pending tasks collapsed, "CANCELLED by UID").
+    const SACCT: &str = "3_0|COMPLETED|0:0\n3_1|FAILED|7:0\n3_2|CANCELLED by 0|0:15\n3_3|OUT_OF_MEMORY|0:125\n3_1.batch|FAILED|7:0\n3_[4-5%3]|PENDING|0:0\n41|COMPLETED|0:0\n";
+
+    #[test]
+    fn squeue_scontrol_and_sacct_output_parse() {
+        let q = parse_task_lines(SQUEUE);
+        assert_eq!(q.len(), 3);
+        assert_eq!(
+            q[0],
+            TaskState {
+                job_id: "3".into(),
+                task: 5,
+                state: "PENDING".into(),
+                detail: "Resources".into()
+            }
+        );
+        let a = parse_task_lines(SACCT);
+        let states: Vec<(usize, &str, &str)> = a
+            .iter()
+            .map(|t| (t.task, t.state.as_str(), t.detail.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (0, "COMPLETED", "0:0"),
+                (1, "FAILED", "7:0"),
+                (2, "CANCELLED", "0:15"),
+                (3, "OUT_OF_MEMORY", "0:125"),
+                (4, "PENDING", "0:0"),
+                (5, "PENDING", "0:0")
+            ]
+        );
+        let s = parse_scontrol(SCONTROL);
+        let states: Vec<(usize, &str, &str)> = s
+            .iter()
+            .map(|t| (t.task, t.state.as_str(), t.detail.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (5, "PENDING", "Resources"),
+                (2, "CANCELLED", "0:15"),
+                (1, "FAILED", "7:0"),
+                (0, "COMPLETED", "0:0")
+            ]
+        );
+    }
+
+    #[test]
+    fn status_combines_records_with_slurm() {
+        let text = "name = \"s\"\ncommand = \"train\"\n[grid]\nseed = [0, 1, 2, 3, 4, 5, 6]\n";
+        let spec = SweepSpec::from_str_in(text, Path::new(".")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let points = spec.points().unwrap();
+        let write = |i: usize, name: &str, text: &str| {
+            let d = tmp.path().join(&points[i].name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(name), text).unwrap();
+        };
+        // 0 finished; 1 failed (its record); 2 cancelled after a checkpoint; 3 killed for
+        // memory without a word; 4 running; 5 waiting; 6 never submitted.
+        let summary = |status: &str| {
+            format!(
+                "{{\"name\":\"t\",\"status\":\"{status}\",\"steps\":5,\"epochs_completed\":0,\"wall_s\":0.5,\"device\":\"cpu\",\"version\":{{\"crate_version\":\"0.1.0\",\"git_commit\":null}}}}"
+            )
+        };
+        write(0, "summary.json", &summary("finished"));
+        write(
+            1,
+            FAILURE_RECORD,
+            "{\"exit_code\": 7, \"message\": \"exit code 7: error: boom\"}",
+        );
+        write(2, "summary.json", &summary("interrupted"));
+        let states = records::read_sweep(&spec, tmp.path()).unwrap();
+        let subs = [
+            Submission {
+                job_id: "2".into(),
+                array: "0-3".into(),
+                submitted_unix: 0,
+            },
+            Submission {
+                job_id: "3".into(),
+                array: "0-5".into(),
+                submitted_unix: 1,
+            },
+        ];
+        let queue = parse_task_lines("3_5|PENDING|JobArrayTaskLimit\n3_4|RUNNING|None\n");
+        let rows = status_rows(&states, &subs, &queue, &parse_task_lines(SACCT));
+        let got: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.state.as_str(), r.slurm.as_str(), r.note.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("finished", "3_0 COMPLETED exit 0:0", ""),
+                ("failed", "3_1 FAILED exit 7:0", "exit code 7: error: boom"),
+                (
+                    "interrupted",
+                    "3_2 CANCELLED exit 0:15",
+                    "checkpointed; resumes when resubmitted"
+                ),
+                (
+                    "failed",
+                    "3_3 OUT_OF_MEMORY exit 0:125",
+                    "Slurm OUT_OF_MEMORY (exit 0:125)"
+                ),
+                ("running", "3_4 RUNNING", ""),
+                ("pending", "3_5 PENDING", "JobArrayTaskLimit"),
+                ("not submitted", "", ""),
+            ]
+        );
+        let table = format_status("s", tmp.path(), &subs, &rows);
+        assert!(
+            table.contains("7 points: 1 finished, 1 running, 1 pending, 1 interrupted, 2 failed, 1 not submitted"),
+            "{table}"
+        );
+        assert!(
+            table.contains("4 point(s) without a result and not queued"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn dry_run_writes_the_slurm_folder_and_leaves_finished_points_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = spec();
+        let root = tmp.path().join("s");
+        let points = spec.points().unwrap();
+        let done = root.join(&points[1].name);
+        std::fs::create_dir_all(&done).unwrap();
+        std::fs::write(
+            done.join("summary.json"),
+            "{\"name\":\"t\",\"status\":\"diverged\",\"steps\":5,\"epochs_completed\":0,\"wall_s\":0.5,\"device\":\"cpu\",\"version\":{\"crate_version\":\"0.1.0\",\"git_commit\":null}}",
+        )
+        .unwrap();
+        let sub = submit(
+            &spec,
+            &spec.slurm,
+            &root,
+            Path::new("/b/tau-resnet"),
+            false,
+            true,
+        )
+        .unwrap();
+        assert_eq!(sub.job_id, None);
+        assert_eq!(sub.ids, [0, 2, 3]);
+        for f in [SCRIPT_FILE, INDEX_FILE] {
+            assert!(root.join("slurm").join(f).is_file(), "{f}");
+        }
+        assert!(root.join("slurm/logs").is_dir());
+        assert!(!root.join("slurm").join(JOBS_FILE).exists());
+        assert!(root.join("base.toml").is_file() && root.join("sweep.toml").is_file());
+        assert!(root.join(&points[0].name).join("point.json").is_file());
+        // The stored config keeps [slurm] and reads back.
+        let stored = crate::report::load_stored_spec(&root).unwrap();
+        assert_eq!(stored.slurm, spec.slurm);
+    }
+}
