@@ -3,10 +3,16 @@
 //! Face layout. Both files are written atomically (temporary file, then rename), and
 //! loading checks every tensor's name, shape and dtype against the config.
 //!
-//! `config.json` is either the wrapper this module writes,
-//! `{"model": {"family": "cifar_resnet", ...}, "n_blocks": 54, "tau_resolved": 0.136,
-//! "dtype": "f32"}` (all fields but `model` optional), or a bare model config
-//! `{"family": "cifar_resnet", "depth": 110, ...}`, handy when exporting from PyTorch.
+//! `config.json` is one of
+//! - the wrapper this module writes ([`CheckpointConfig`]):
+//!   `{"model": {"family": "cifar_resnet", ...}, "n_blocks": 54, "tau_resolved": 0.136,
+//!   "dtype": "f32", "preprocessing": {"mean": [...], "std": [...], "input_size": [3, 32, 32]},
+//!   "dataset": "cifar10", "class_names": ["airplane", ...]}` (all fields but `model`
+//!   optional: checkpoints written before the preprocessing fields load unchanged);
+//! - a bare model config `{"family": "cifar_resnet", "depth": 110, ...}`, handy when
+//!   exporting from PyTorch;
+//! - timm's `{"architecture": "resnet50", "num_classes": 1000, "pretrained_cfg": {...}}`
+//!   (see [`crate::timm`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -17,13 +23,15 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
+use crate::preprocess::Preprocessing;
 
 /// The architecture file of a checkpoint.
 pub const CONFIG_FILE: &str = "config.json";
 /// The weights file of a checkpoint.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
-/// Largest `config.json` read (a config is a few hundred bytes).
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest `config.json` read (a config is a few hundred bytes; timm's with ImageNet's
+/// class names and descriptions about 100 KB).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// Everything that can go wrong saving or loading a checkpoint; each names the file and,
 /// where there is one, the tensor.
@@ -110,7 +118,21 @@ pub enum CheckpointError {
     Candle(#[from] candle::Error),
 }
 
-/// The `config.json` this module writes.
+/// The `config.json` this module writes: the architecture, and what a user of the
+/// weights needs to know (the input's preprocessing, the data set, the class names).
+///
+/// ```
+/// # use tau_model::{ModelConfig, checkpoint::CheckpointConfig, preprocess::Preprocessing};
+/// let model: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 20}"#).unwrap();
+/// let mut cfg = CheckpointConfig::new(model);
+/// cfg.preprocessing = Some(Preprocessing::cifar10());
+/// cfg.dataset = Some("cifar10".into());
+/// // A config written before the preprocessing fields existed reads with them unset.
+/// let old: CheckpointConfig = serde_json::from_str(
+///     r#"{"model": {"family": "cifar_resnet", "depth": 20}, "n_blocks": 9, "dtype": "f32"}"#,
+/// ).unwrap();
+/// assert_eq!(old.preprocessing, None);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
@@ -126,6 +148,101 @@ pub struct CheckpointConfig {
     /// The weights' dtype (`f32`, `f64`, `f16`, `bf16`); checked on load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// What the model expects of its input (mean, std, input size and channels, resize
+    /// and crop); its channels must be the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocessing: Option<Preprocessing>,
+    /// The data set the weights were trained on (`mnist`, `cifar10`, `imagenet-1k`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// The name of each output class, one per class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
+}
+
+impl CheckpointConfig {
+    /// A config of `model` with nothing else recorded.
+    pub fn new(model: ModelConfig) -> Self {
+        CheckpointConfig {
+            model,
+            n_blocks: None,
+            tau_resolved: None,
+            dtype: None,
+            preprocessing: None,
+            dataset: None,
+            class_names: None,
+        }
+    }
+
+    /// The name of class `i`: its [`Self::class_names`] entry, else `class {i}`.
+    pub fn class_name(&self, i: usize) -> String {
+        self.class_names
+            .as_ref()
+            .and_then(|n| n.get(i))
+            .cloned()
+            .unwrap_or_else(|| format!("class {i}"))
+    }
+
+    /// Checks everything beside the model's own settings: `n_blocks` and `tau_resolved`
+    /// against the model, a known `dtype`, a valid preprocessing with the model's input
+    /// channels, one class name per output.
+    ///
+    /// # Errors
+    /// One message naming the bad field.
+    pub fn check(&self) -> Result<(), String> {
+        let model = &self.model;
+        model.validate().map_err(|e| e.to_string())?;
+        if let Some(n) = self.n_blocks
+            && n != model.n_blocks()
+        {
+            return Err(format!(
+                "n_blocks is {n} but the model has {} blocks",
+                model.n_blocks()
+            ));
+        }
+        if let Some(tau) = self.tau_resolved {
+            let want = model.tau_init();
+            if !tau.is_finite() || (tau - want).abs() > 1e-9 * want.abs() {
+                return Err(format!(
+                    "tau_resolved is {tau} but rule {} gives {want} at L = {}",
+                    model.tau_rule(),
+                    model.n_blocks()
+                ));
+            }
+        }
+        if let Some(s) = &self.dtype {
+            s.parse::<DType>()
+                .map_err(|_| format!("unknown dtype {s:?}"))?;
+        }
+        if let Some(p) = &self.preprocessing {
+            p.validate().map_err(|e| e.to_string())?;
+            match model.in_channels() {
+                Some(c) if c != p.channels() => {
+                    return Err(format!(
+                        "preprocessing: input_size has {} channels, the model takes {c}",
+                        p.channels()
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "preprocessing is for image models; the {} network takes vectors",
+                        model.family()
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if let Some(names) = &self.class_names
+            && names.len() != model.num_outputs()
+        {
+            return Err(format!(
+                "class_names has {} names, the model has {} outputs",
+                names.len(),
+                model.num_outputs()
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -288,16 +405,38 @@ pub fn check_varmap(cfg: &ModelConfig, varmap: &VarMap) -> Result<DType, Checkpo
 }
 
 /// Saves `varmap` as a checkpoint of `cfg` into `dir` (created if needed): `config.json`
-/// and `model.safetensors`, each written atomically.
+/// and `model.safetensors`, each written atomically. [`save_with`] records the
+/// preprocessing, data set and class names too.
 ///
 /// # Errors
 /// An invalid config, a `varmap` that does not match it (missing, unexpected or
 /// misshapen tensor, mixed dtypes), or an I/O error; nothing is written then.
 pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap) -> Result<(), CheckpointError> {
+    save_with(dir, &CheckpointConfig::new(cfg.clone()), varmap)
+}
+
+/// [`save`] with everything `config` records beside the model (preprocessing, data set,
+/// class names); its `n_blocks`, `tau_resolved` and `dtype` are recomputed from the model
+/// and the tensors.
+///
+/// # Errors
+/// As [`save`], and metadata that does not fit the model (see [`CheckpointConfig::check`]).
+pub fn save_with(
+    dir: &Path,
+    config: &CheckpointConfig,
+    varmap: &VarMap,
+) -> Result<(), CheckpointError> {
+    let cfg = &config.model;
     let weights_path = dir.join(WEIGHTS_FILE);
-    cfg.validate().map_err(|e| CheckpointError::Config {
+    let mut config = CheckpointConfig {
+        n_blocks: None,
+        tau_resolved: None,
+        dtype: None,
+        ..config.clone()
+    };
+    config.check().map_err(|message| CheckpointError::Config {
         path: dir.join(CONFIG_FILE),
-        message: e.to_string(),
+        message,
     })?;
     let tensors = varmap_tensors(varmap)?;
     let dtype = check_tensors(
@@ -308,12 +447,9 @@ pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap) -> Result<(), Checkp
             .map(|(k, t)| (k.as_str(), t.dims().to_vec(), Ok(t.dtype()))),
         None,
     )?;
-    let config = CheckpointConfig {
-        model: cfg.clone(),
-        n_blocks: Some(cfg.n_blocks()),
-        tau_resolved: Some(cfg.tau_init()),
-        dtype: Some(dtype_name(dtype)),
-    };
+    config.n_blocks = Some(cfg.n_blocks());
+    config.tau_resolved = Some(cfg.tau_init());
+    config.dtype = Some(dtype_name(dtype));
     let json = serde_json::to_string_pretty(&config)
         .map_err(|e| candle::Error::Msg(format!("serializing config.json: {e}")))?;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -338,11 +474,12 @@ pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap) -> Result<(), Checkp
     })
 }
 
-/// Reads and validates a `config.json` (either form, see the module docs).
+/// Reads and validates a `config.json` (any of the forms in the module docs).
 ///
 /// # Errors
 /// [`CheckpointError::Io`] when unreadable, [`CheckpointError::Config`] when it does not
-/// parse, is not a valid model, or its `tau_resolved` disagrees with its τ rule.
+/// parse, is not a valid model, or its other fields do not fit the model (see
+/// [`CheckpointConfig::check`]).
 pub fn load_config(path: &Path) -> Result<CheckpointConfig, CheckpointError> {
     let cfg_err = |message: String| CheckpointError::Config {
         path: path.to_path_buf(),
@@ -360,49 +497,39 @@ pub fn load_config(path: &Path) -> Result<CheckpointConfig, CheckpointError> {
     let config = if value.get("family").is_some() {
         let model: ModelConfig =
             serde_json::from_value(value).map_err(|e| cfg_err(format!("invalid model: {e}")))?;
-        CheckpointConfig {
-            model,
-            n_blocks: None,
-            tau_resolved: None,
-            dtype: None,
-        }
+        CheckpointConfig::new(model)
+    } else if crate::timm::is_timm_config(&value) {
+        crate::timm::checkpoint_config(&value).map_err(cfg_err)?
     } else {
         serde_json::from_value(value).map_err(|e| cfg_err(format!("invalid config: {e}")))?
     };
-    config
-        .model
-        .validate()
-        .map_err(|e| cfg_err(e.to_string()))?;
-    if let Some(n) = config.n_blocks
-        && n != config.model.n_blocks()
-    {
-        return Err(cfg_err(format!(
-            "n_blocks is {n} but the model has {} blocks",
-            config.model.n_blocks()
-        )));
-    }
-    if let Some(tau) = config.tau_resolved {
-        let want = config.model.tau_init();
-        if !tau.is_finite() || (tau - want).abs() > 1e-9 * want.abs() {
-            return Err(cfg_err(format!(
-                "tau_resolved is {tau} but rule {} gives {want} at L = {}",
-                config.model.tau_rule(),
-                config.model.n_blocks()
-            )));
-        }
-    }
+    config.check().map_err(cfg_err)?;
     Ok(config)
 }
 
 /// Loads a checkpoint directory onto `device`: the config and a `VarMap` holding every
 /// tensor in the file's dtype (see [`varmap_dtype`]). `*.num_batches_tracked` tensors of
-/// PyTorch exports are accepted and dropped.
+/// PyTorch exports are accepted and dropped. [`load_checkpoint`] returns the whole
+/// [`CheckpointConfig`] (preprocessing, class names).
 ///
 /// # Errors
 /// See [`CheckpointError`]: unreadable files, a bad config, a truncated or garbage
 /// safetensors file, and any missing, unexpected, misshapen or mistyped tensor, by name.
 pub fn load(dir: &Path, device: &Device) -> Result<(ModelConfig, VarMap), CheckpointError> {
     load_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE), device)
+}
+
+/// [`load`], returning the whole [`CheckpointConfig`].
+///
+/// # Errors
+/// As [`load`].
+pub fn load_checkpoint(
+    dir: &Path,
+    device: &Device,
+) -> Result<(CheckpointConfig, VarMap), CheckpointError> {
+    let config = load_config(&dir.join(CONFIG_FILE))?;
+    let varmap = load_weights(&config, &dir.join(WEIGHTS_FILE), device)?;
+    Ok((config, varmap))
 }
 
 /// [`load`] from explicit file paths.
@@ -415,12 +542,26 @@ pub fn load_files(
     device: &Device,
 ) -> Result<(ModelConfig, VarMap), CheckpointError> {
     let config = load_config(config_path)?;
-    let cfg = config.model;
+    let varmap = load_weights(&config, weights_path, device)?;
+    Ok((config.model, varmap))
+}
+
+/// Loads the safetensors file `weights_path` as the tensors of `config`'s model, checked
+/// by name, shape and dtype (the config's `dtype`, when it has one).
+///
+/// # Errors
+/// As [`load`].
+pub fn load_weights(
+    config: &CheckpointConfig,
+    weights_path: &Path,
+    device: &Device,
+) -> Result<VarMap, CheckpointError> {
+    let cfg = &config.model;
     let expected_dtype = match &config.dtype {
         None => None,
         Some(s) => Some(s.parse::<DType>().map_err(|_| CheckpointError::Config {
-            path: config_path.to_path_buf(),
-            message: format!("unknown dtype {s:?}"),
+            path: weights_path.to_path_buf(),
+            message: format!("the config's dtype {s:?} is unknown"),
         })?),
     };
     let bytes = std::fs::read(weights_path).map_err(io_err(weights_path))?;
@@ -432,7 +573,7 @@ pub fn load_files(
     })?;
     let views = st.tensors();
     check_tensors(
-        &cfg,
+        cfg,
         weights_path,
         views.iter().map(|(name, view)| {
             let dt = DType::try_from(view.dtype()).map_err(|_| st_dtype_name(view.dtype()));
@@ -454,5 +595,5 @@ pub fn load_files(
             data.insert(name.clone(), Var::from_tensor(&t)?);
         }
     }
-    Ok((cfg, varmap))
+    Ok(varmap)
 }

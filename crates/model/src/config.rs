@@ -61,6 +61,25 @@ impl ModelConfig {
         }
     }
 
+    /// The channels of the input images (`None` for the theory network, which takes
+    /// vectors).
+    pub fn in_channels(&self) -> Option<usize> {
+        match self {
+            ModelConfig::Theory(_) => None,
+            ModelConfig::CifarResnet(c) => Some(c.in_channels),
+            ModelConfig::BottleneckResnet(c) => Some(c.in_channels),
+        }
+    }
+
+    /// The number of outputs: classes for the ResNets, `output_dim` for the theory network.
+    pub fn num_outputs(&self) -> usize {
+        match self {
+            ModelConfig::Theory(c) => c.output_dim,
+            ModelConfig::CifarResnet(c) => c.num_classes,
+            ModelConfig::BottleneckResnet(c) => c.num_classes,
+        }
+    }
+
     /// The family's name as in the `family` tag.
     pub fn family(&self) -> &'static str {
         match self {

@@ -1,6 +1,30 @@
 //! Loading checkpoints from a local directory or a Hugging Face hub model repo
 //! (hf-hub 1.0): the local cache is tried first with no network access, and the files are
 //! downloaded only on a cache miss, so a cached repo loads offline.
+//!
+//! Besides this crate's own checkpoints, timm's ResNet repos load as they are
+//! (`timm/resnet50.a1_in1k`: their `config.json` is read by [`crate::timm`]), and so do
+//! repos of bare torchvision weights without a `config.json` (`lmz/candle-resnet`'s
+//! `resnet50.safetensors`) given the file name and the architecture:
+//!
+//! ```no_run
+//! use candle::Device;
+//! use tau_model::hub::{HubOptions, LoadSpec, load_pretrained};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let timm = load_pretrained("timm/resnet50.a1_in1k", &LoadSpec::default(), &HubOptions::default(), &dev)?;
+//! let spec = LoadSpec {
+//!     weights_file: Some("resnet50.safetensors".into()),
+//!     config: Some(tau_model::timm::architecture_checkpoint_config("resnet50")?),
+//!     ..Default::default()
+//! };
+//! let candle = load_pretrained("lmz/candle-resnet", &spec, &HubOptions::default(), &dev)?;
+//! let model = candle.model(&dev)?;
+//! // What the weights expect: ImageNet's statistics, resize to 256, crop 224.
+//! assert_eq!(candle.config.preprocessing, Some(tau_model::Preprocessing::imagenet()));
+//! # Ok(()) }
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -8,8 +32,9 @@ use candle::Device;
 use candle_nn::VarMap;
 use hf_hub::{HFClient, HFClientSync, HFError};
 
-use crate::checkpoint::{self, CONFIG_FILE, CheckpointError, WEIGHTS_FILE};
+use crate::checkpoint::{self, CONFIG_FILE, CheckpointConfig, CheckpointError, WEIGHTS_FILE};
 use crate::config::ModelConfig;
+use crate::model::Model;
 
 /// Where and how to reach the hub. The defaults are hf-hub's: the cache directory and
 /// endpoint from the environment (`HF_HUB_CACHE`, `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`…).
@@ -66,6 +91,48 @@ fn is_repo_id(id: &str) -> bool {
     }
 }
 
+/// What to load from a checkpoint directory or hub repo, beyond its name.
+#[derive(Debug, Clone, Default)]
+pub struct LoadSpec {
+    /// Branch, tag or commit of a hub repo (default `main`).
+    pub revision: Option<String>,
+    /// The weights file in the directory or repo (default `model.safetensors`), such as
+    /// `resnet50.safetensors`.
+    pub weights_file: Option<String>,
+    /// The config to use instead of the directory's or repo's `config.json` (for weights
+    /// without one: [`crate::timm::architecture_checkpoint_config`]).
+    pub config: Option<CheckpointConfig>,
+}
+
+/// A loaded checkpoint: its whole config (model, preprocessing, class names) and tensors.
+pub struct Pretrained {
+    /// The config, as read (or as given in [`LoadSpec::config`]).
+    pub config: CheckpointConfig,
+    /// Every tensor, checked against the config.
+    pub varmap: VarMap,
+    /// The weights file read (in the hub cache for a repo).
+    pub weights_path: PathBuf,
+}
+
+impl std::fmt::Debug for Pretrained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pretrained")
+            .field("config", &self.config)
+            .field("weights_path", &self.weights_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pretrained {
+    /// The model, reading its tensors from [`Self::varmap`].
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn model(&self, device: &Device) -> candle::Result<Model> {
+        Model::from_varmap(&self.config.model, &self.varmap, device)
+    }
+}
+
 /// Loads a checkpoint (see [`checkpoint::load`]) from a local directory or a hub repo id,
 /// with hf-hub's default settings.
 ///
@@ -82,7 +149,7 @@ pub fn from_pretrained(
 /// Loads a checkpoint from `id_or_path`: an existing local directory is loaded directly;
 /// otherwise it is a hub model repo id (`owner/name`), whose `config.json` and
 /// `model.safetensors` at `revision` (default `main`) come from the local cache, else
-/// from the hub.
+/// from the hub. [`load_pretrained`] returns the whole config and reads other layouts.
 ///
 /// # Errors
 /// A path that is neither a directory nor a repo id, a repo or file the cache and the hub
@@ -93,18 +160,76 @@ pub fn from_pretrained_with(
     options: &HubOptions,
     device: &Device,
 ) -> Result<(ModelConfig, VarMap), CheckpointError> {
-    let path = Path::new(id_or_path);
-    if path.is_dir() {
-        return checkpoint::load(path, device);
+    let spec = LoadSpec {
+        revision: revision.map(str::to_string),
+        ..Default::default()
+    };
+    let p = load_pretrained(id_or_path, &spec, options, device)?;
+    Ok((p.config.model, p.varmap))
+}
+
+/// Whether `name` is a relative path inside a directory (no `..`, not absolute).
+fn is_inner_file(name: &str) -> bool {
+    let p = Path::new(name);
+    !name.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Loads a checkpoint from a local directory or a hub repo id (see
+/// [`from_pretrained_with`]), in any layout: this crate's, timm's (its `config.json` is
+/// recognized), or bare weights with [`LoadSpec::weights_file`] and [`LoadSpec::config`].
+///
+/// # Errors
+/// As [`from_pretrained_with`]; a weights file name that leaves the directory.
+pub fn load_pretrained(
+    id_or_path: &str,
+    spec: &LoadSpec,
+    options: &HubOptions,
+    device: &Device,
+) -> Result<Pretrained, CheckpointError> {
+    let weights_file = spec.weights_file.as_deref().unwrap_or(WEIGHTS_FILE);
+    if !is_inner_file(weights_file) {
+        return Err(CheckpointError::Hub {
+            id: id_or_path.to_string(),
+            message: format!("weights file {weights_file:?} is not a file name inside it"),
+        });
     }
-    if path.exists() || !is_repo_id(id_or_path) {
+    let path = Path::new(id_or_path);
+    let (config, weights_path) = if path.is_dir() {
+        let config = match &spec.config {
+            Some(c) => c.clone(),
+            None => checkpoint::load_config(&path.join(CONFIG_FILE))?,
+        };
+        (config, path.join(weights_file))
+    } else if path.exists() || !is_repo_id(id_or_path) {
         return Err(CheckpointError::Hub {
             id: id_or_path.to_string(),
             message: "neither a checkpoint directory nor a hub repo id (owner/name)".into(),
         });
+    } else {
+        let revision = spec.revision.as_deref();
+        let config = match &spec.config {
+            Some(c) => c.clone(),
+            None => {
+                checkpoint::load_config(&fetch_file(id_or_path, revision, CONFIG_FILE, options)?)?
+            }
+        };
+        let weights = fetch_file(id_or_path, revision, weights_file, options)?;
+        (config, weights)
+    };
+    if spec.config.is_some() {
+        config.check().map_err(|message| CheckpointError::Config {
+            path: PathBuf::from("the given config"),
+            message,
+        })?;
     }
-    let (config_path, weights_path) = fetch(id_or_path, revision, options)?;
-    checkpoint::load_files(&config_path, &weights_path, device)
+    let varmap = checkpoint::load_weights(&config, &weights_path, device)?;
+    Ok(Pretrained {
+        config,
+        varmap,
+        weights_path,
+    })
 }
 
 /// Paths of `config.json` and `model.safetensors` of a hub repo, cache first.
@@ -116,34 +241,48 @@ pub fn fetch(
     revision: Option<&str>,
     options: &HubOptions,
 ) -> Result<(PathBuf, PathBuf), CheckpointError> {
+    Ok((
+        fetch_file(id, revision, CONFIG_FILE, options)?,
+        fetch_file(id, revision, WEIGHTS_FILE, options)?,
+    ))
+}
+
+/// The local path of one file of a hub repo, cache first (downloaded on a cache miss
+/// unless [`HubOptions::local_files_only`]).
+///
+/// # Errors
+/// [`CheckpointError::Hub`] naming the file the cache and the hub cannot provide.
+pub fn fetch_file(
+    id: &str,
+    revision: Option<&str>,
+    file: &str,
+    options: &HubOptions,
+) -> Result<PathBuf, CheckpointError> {
     let client = options.client(id)?;
     let (owner, name) = hf_hub::split_id(id);
     let repo = client.model(owner, name);
-    let get = |file: &str| -> Result<PathBuf, CheckpointError> {
-        let hub_err = |e: HFError| CheckpointError::Hub {
-            id: id.to_string(),
-            message: format!("{file}: {e}"),
-        };
-        let cached = repo
-            .download_file()
-            .filename(file)
-            .maybe_revision(revision.map(str::to_string))
-            .local_files_only(true)
-            .send();
-        match cached {
-            Ok(p) => Ok(p),
-            Err(HFError::LocalEntryNotFound { .. }) if !options.local_files_only => {
-                tracing::info!(repo = id, file, "downloading from the hub");
-                repo.download_file()
-                    .filename(file)
-                    .maybe_revision(revision.map(str::to_string))
-                    .send()
-                    .map_err(hub_err)
-            }
-            Err(e) => Err(hub_err(e)),
-        }
+    let hub_err = |e: HFError| CheckpointError::Hub {
+        id: id.to_string(),
+        message: format!("{file}: {e}"),
     };
-    Ok((get(CONFIG_FILE)?, get(WEIGHTS_FILE)?))
+    let cached = repo
+        .download_file()
+        .filename(file)
+        .maybe_revision(revision.map(str::to_string))
+        .local_files_only(true)
+        .send();
+    match cached {
+        Ok(p) => Ok(p),
+        Err(HFError::LocalEntryNotFound { .. }) if !options.local_files_only => {
+            tracing::info!(repo = id, file, "downloading from the hub");
+            repo.download_file()
+                .filename(file)
+                .maybe_revision(revision.map(str::to_string))
+                .send()
+                .map_err(hub_err)
+        }
+        Err(e) => Err(hub_err(e)),
+    }
 }
 
 #[cfg(test)]

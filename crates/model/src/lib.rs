@@ -11,8 +11,10 @@
 //! - [`Model`]: the built network, `forward_t(xs, train)`; [`TheoryNet`] adds a traced
 //!   forward pass ([`TheoryNet::forward_traced`]) with log-norms of every hidden state
 //!   and per-layer gradient norms ([`TheoryNet::layer_grad_norms`]), finite at any depth.
-//! - [`checkpoint`]: `config.json` + `model.safetensors` directories; [`hub`]: the same
-//!   from the Hugging Face hub, cache first.
+//! - [`checkpoint`]: `config.json` + `model.safetensors` directories, recording the
+//!   input's [`preprocess::Preprocessing`], the data set and the class names; [`hub`]: the
+//!   same from the Hugging Face hub, cache first, including timm's ResNet repos and bare
+//!   torchvision weights ([`timm`]).
 //!
 //! Device and dtype are the caller's (through the `VarBuilder` / `init_varmap`); the CPU
 //! always works.
@@ -75,19 +77,22 @@ pub mod hub;
 pub mod init;
 pub mod model;
 pub mod params;
+pub mod preprocess;
 pub mod resnet;
 pub mod tau;
 pub mod theory;
+pub mod timm;
 
 /// The CPU kernels the models run on (re-exported: [`tau_kernels`]).
 pub use tau_kernels as kernels;
 /// The allocator policy for CPU training ([`tau_kernels::alloc`]).
 pub use tau_kernels::alloc;
 
-pub use checkpoint::CheckpointError;
+pub use checkpoint::{CheckpointConfig, CheckpointError};
 pub use config::{ModelConfig, ParamInit, ParamKind, ParamSpec};
 pub use init::{init_varmap, named_vars};
 pub use model::Model;
+pub use preprocess::Preprocessing;
 pub use resnet::{BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, Norm};
 pub use tau::{TauRule, TauRuleError};
 pub use theory::{TheoryConfig, TheoryNet, TheoryTrace};
