@@ -29,7 +29,13 @@ fn tau_resnet() -> Option<PathBuf> {
 fn no_slurm() -> Option<String> {
     match Command::new("sbatch").arg("--version").output() {
         Err(_) => return Some("no Slurm (sbatch not found)".into()),
-        Ok(o) if !o.status.success() => return Some("no Slurm (sbatch --version failed)".into()),
+        Ok(o) if !o.status.success() => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            return Some(format!(
+                "no Slurm cluster configured (sbatch --version: {})",
+                err.lines().last().unwrap_or("failed").trim()
+            ));
+        }
         Ok(_) => {}
     }
     match Command::new("sinfo")

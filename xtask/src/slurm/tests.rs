@@ -1,0 +1,483 @@
+//! Tests of the Slurm job array: settings, script, index, squeue/scontrol/sacct parsing,
+//! status, and the job script run under bash with stand-ins for tau-resnet and scontrol.
+
+use super::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+const SWEEP: &str = r#"
+name = "s"
+command = "train"
+[base]
+seed = 0
+[grid]
+"model.depth" = [4, 8]
+"model.tau" = ["1/sqrt(L)", "1"]
+[slurm]
+partition = "gpu"
+time = "01:00:00"
+gpus_per_task = "1"
+throttle = 2
+sbatch = ["--constraint=a100"]
+setup = ["module load cuda"]
+"#;
+
+fn spec() -> SweepSpec {
+    SweepSpec::from_str_in(SWEEP, Path::new(".")).unwrap()
+}
+
+#[test]
+fn array_lists_round_trip() {
+    assert_eq!(array_ranges(&[5, 0, 1, 2, 3, 7, 8, 3]), "0-3,5,7-8");
+    assert_eq!(array_ranges(&[4]), "4");
+    assert_eq!(array_ranges(&[]), "");
+    assert_eq!(
+        parse_ranges("0-3,5,7-8").unwrap(),
+        vec![0, 1, 2, 3, 5, 7, 8]
+    );
+    assert_eq!(parse_ranges("[5-7%2]").unwrap(), vec![5, 6, 7]);
+    assert!(parse_ranges("3-1").is_err());
+    assert!(parse_ranges("a").is_err());
+}
+
+#[test]
+fn config_table_and_command_line_combine() {
+    let s = spec().slurm;
+    assert_eq!(s.partition.as_deref(), Some("gpu"));
+    let cli = SlurmArgs {
+        time: Some("02:00:00".into()),
+        cpus_per_task: Some(4),
+        sbatch: vec!["--exclusive".into()],
+        ..SlurmArgs::default()
+    };
+    let o = s.overridden_by(&cli);
+    assert_eq!(
+        o.sbatch_options().unwrap(),
+        [
+            "--partition=gpu",
+            "--time=02:00:00",
+            "--cpus-per-task=4",
+            "--gpus-per-task=1",
+            "--constraint=a100",
+            "--exclusive"
+        ]
+    );
+    assert_eq!(o.throttle, Some(2));
+    let bad = |s: SlurmSettings, needle: &str| {
+        let err = format!("{:#}", s.sbatch_options().unwrap_err());
+        assert!(err.contains(needle), "{needle}: {err}");
+    };
+    bad(
+        SlurmSettings {
+            time: Some("1:00\n#SBATCH --x".into()),
+            ..SlurmSettings::default()
+        },
+        "line breaks",
+    );
+    bad(
+        SlurmSettings {
+            sbatch: vec!["constraint=a100".into()],
+            ..SlurmSettings::default()
+        },
+        "starts with `-`",
+    );
+    bad(
+        SlurmSettings {
+            throttle: Some(0),
+            ..SlurmSettings::default()
+        },
+        "throttle",
+    );
+    let err = SweepSpec::from_str_in(
+        "name = \"a\"\ncommand = \"train\"\n[grid]\nseed = [0]\n[slurm]\npartion = \"x\"\n",
+        Path::new("."),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("partion"), "{err:#}");
+}
+
+#[test]
+fn index_maps_array_ids_to_points() {
+    let spec = spec();
+    let idx = index_tsv(&spec, &spec.points().unwrap());
+    assert_eq!(
+        idx,
+        "array_id\tpoint\tmodel.depth\tmodel.tau\n\
+         0\tdepth-4_tau-1_sqrt_L\t4\t1/sqrt(L)\n\
+         1\tdepth-4_tau-1\t4\t1\n\
+         2\tdepth-8_tau-1_sqrt_L\t8\t1/sqrt(L)\n\
+         3\tdepth-8_tau-1\t8\t1\n"
+    );
+}
+
+#[test]
+fn script_has_the_options_and_one_case_per_point() {
+    let spec = spec();
+    let points = spec.points().unwrap();
+    let script = job_script(
+        &spec,
+        &spec.slurm,
+        Path::new("/r/s"),
+        Path::new("/b/tau-resnet"),
+        &points,
+    )
+    .unwrap();
+    for line in [
+        "#SBATCH --job-name=tau-s",
+        "#SBATCH --output=/r/s/slurm/logs/%A_%a.out",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --constraint=a100",
+        "module load cuda",
+        "root='/r/s'",
+        "bin='/b/tau-resnet'",
+        "  0) point='depth-4_tau-1_sqrt_L'; sets=(--set 'model.depth=4' --set 'model.tau=\"1/sqrt(L)\"') ;;",
+        "  3) point='depth-8_tau-1'; sets=(--set 'model.depth=8' --set 'model.tau=\"1\"') ;;",
+        "  args=(train --resume \"$dir\")",
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "no line {line:?} in\n{script}"
+        );
+    }
+    // The throttle goes on the sbatch command line with the array list.
+    assert!(!script.contains("#SBATCH --array"), "{script}");
+    assert_eq!(sh_quote("it's"), r"'it'\''s'");
+}
+
+/// A stand-in for tau-resnet that the job script runs: it logs its arguments, fails on
+/// depth 8 with an error line, diverges on τ = 1, and with `$HANG` set waits for
+/// SIGTERM and exits 130 as tau-resnet does.
+const FAKE: &str = r#"#!/bin/sh
+echo "$*" >> "$LOG"
+case "$*" in *depth=8*) echo 'error: config: bad "depth" \ here' >&2; exit 1;; esac
+if [ -n "${HANG:-}" ]; then
+  trap 'echo interrupted >> "$LOG"; exit 130' TERM
+  touch "$HANG"
+  while :; do sleep 0.05; done
+fi
+case "$*" in *--out*) out=$(echo "$*" | sed 's/.*--out //');; *) out=$(echo "$*" | sed 's/.*--resume //');; esac
+mkdir -p "$out"; touch "$out/config.toml"
+case "$*" in *'tau="1"'*) printf '{\n  "status": "diverged"\n}\n' > "$out/summary.json"; exit 3;; esac
+exit 0
+"#;
+
+struct Harness {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    script: PathBuf,
+    path_env: String,
+    log: PathBuf,
+}
+
+fn harness() -> Harness {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = |name: &str, text: &str| {
+        let p = tmp.path().join("bin").join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    };
+    let bin = exe("tau-resnet", FAKE);
+    // scontrol stand-in: records the requeue request.
+    exe("scontrol", "#!/bin/sh\necho \"scontrol $*\" >> \"$LOG\"\n");
+    let root = tmp.path().join("runs/s");
+    let spec = spec();
+    let mut settings = spec.slurm.clone();
+    settings.setup.clear();
+    let script = job_script(&spec, &settings, &root, &bin, &spec.points().unwrap()).unwrap();
+    let script_path = tmp.path().join("sweep.sbatch");
+    std::fs::write(&script_path, script).unwrap();
+    let path_env = format!(
+        "{}:{}",
+        tmp.path().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = tmp.path().join("log");
+    Harness {
+        root,
+        script: script_path,
+        path_env,
+        log,
+        _tmp: tmp,
+    }
+}
+
+impl Harness {
+    fn task(&self, i: usize) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(&self.script)
+            .env("SLURM_ARRAY_TASK_ID", i.to_string())
+            .env("SLURM_ARRAY_JOB_ID", "77")
+            .env("PATH", &self.path_env)
+            .env("LOG", &self.log)
+            .env_remove("HANG");
+        c
+    }
+    fn run(&self, i: usize) -> i32 {
+        let out = self.task(i).output().unwrap();
+        out.status.code().unwrap_or(-1)
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+#[test]
+fn script_starts_resumes_skips_and_records_failures() {
+    let h = harness();
+    let spec = spec();
+    let points = spec.points().unwrap();
+    // Fresh start with the point's settings, into the point's folder.
+    assert_eq!(h.run(0), 0);
+    let dir0 = h.root.join(&points[0].name);
+    assert_eq!(
+        h.log(),
+        format!(
+            "train --config {}/base.toml --set model.depth=4 --set model.tau=\"1/sqrt(L)\" --out {}\n",
+            h.root.display(),
+            dir0.display()
+        )
+    );
+    // Its folder holds a config now: the next attempt resumes.
+    assert_eq!(h.run(0), 0);
+    assert!(
+        h.log()
+            .ends_with(&format!("train --resume {}\n", dir0.display()))
+    );
+    // Diverged is a result: exit 0, and a later task of the point runs nothing.
+    assert_eq!(h.run(1), 0);
+    let before = h.log();
+    assert_eq!(h.run(1), 0);
+    assert_eq!(h.log(), before, "a point with a result ran again");
+    // A failure exits with tau-resnet's code and leaves the record a local sweep does.
+    assert_eq!(h.run(2), 1);
+    let state = records::read_point(RunCommand::Train, &points[2], &h.root.join(&points[2].name));
+    assert_eq!(state.status, Status::Failed);
+    assert_eq!(
+        state.message.as_deref(),
+        Some(r#"exit code 1: error: config: bad "depth" \ here"#)
+    );
+    // An id outside the sweep is refused.
+    assert_eq!(h.run(9), 2);
+}
+
+#[test]
+fn warning_signal_checkpoints_then_requeues_and_sigterm_does_not() {
+    for (signal, requeued) in [("USR1", true), ("TERM", false)] {
+        let h = harness();
+        let ready = h.root.join("ready");
+        let mut c = h.task(0);
+        c.env("HANG", &ready);
+        let mut child = c.spawn().unwrap();
+        let start = std::time::Instant::now();
+        while !ready.exists() {
+            assert!(start.elapsed().as_secs() < 30, "the task did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // USR1 goes to the batch shell only (--signal=B:USR1); SIGTERM goes to
+        // every process, as Slurm sends it.
+        let pids = if signal == "TERM" {
+            let out = Command::new("pgrep")
+                .args(["-P", &child.id().to_string()])
+                .output()
+                .unwrap();
+            let mut p: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            p.push(child.id().to_string());
+            p
+        } else {
+            vec![child.id().to_string()]
+        };
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let code = child.wait().unwrap().code();
+        assert_eq!(code, Some(130), "{signal}");
+        let log = h.log();
+        assert_eq!(log.matches("interrupted").count(), 1, "{signal}: {log}");
+        assert_eq!(
+            log.contains("scontrol requeue 77_0"),
+            requeued,
+            "{signal}: {log}"
+        );
+    }
+}
+
+/// Recorded from a single-node Slurm 22.05: an array of 6 tasks with throttle 3,
+/// task 0 exiting 0, task 1 exiting 7, task 2 cancelled.
+const SQUEUE: &str = "3_5|PENDING|Resources\n3_4|RUNNING|None\n3_3|RUNNING|None\n";
+const SCONTROL: &str = "JobId=3 ArrayJobId=3 ArrayTaskId=5 ArrayTaskThrottle=3 JobName=r.sh JobState=PENDING Reason=Resources Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00
+JobId=6 ArrayJobId=3 ArrayTaskId=2 ArrayTaskThrottle=3 JobName=r.sh JobState=CANCELLED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15 RunTime=00:00:01
+JobId=5 ArrayJobId=3 ArrayTaskId=1 ArrayTaskThrottle=3 JobName=r.sh JobState=FAILED Reason=NonZeroExitCode Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=7:0 RunTime=00:00:00
+JobId=4 ArrayJobId=3 ArrayTaskId=0 ArrayTaskThrottle=3 JobName=r.sh JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00
+";
+/// sacct's `--parsable2 --noheader --allocations --format=JobID,State,ExitCode`, in
+/// the shape its manual gives (pending tasks collapsed, "CANCELLED by UID").
+const SACCT: &str = "3_0|COMPLETED|0:0\n3_1|FAILED|7:0\n3_2|CANCELLED by 0|0:15\n3_3|OUT_OF_MEMORY|0:125\n3_1.batch|FAILED|7:0\n3_[4-5%3]|PENDING|0:0\n41|COMPLETED|0:0\n";
+
+#[test]
+fn squeue_scontrol_and_sacct_output_parse() {
+    let q = parse_task_lines(SQUEUE);
+    assert_eq!(q.len(), 3);
+    assert_eq!(
+        q[0],
+        TaskState {
+            job_id: "3".into(),
+            task: 5,
+            state: "PENDING".into(),
+            detail: "Resources".into()
+        }
+    );
+    let a = parse_task_lines(SACCT);
+    let states: Vec<(usize, &str, &str)> = a
+        .iter()
+        .map(|t| (t.task, t.state.as_str(), t.detail.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (0, "COMPLETED", "0:0"),
+            (1, "FAILED", "7:0"),
+            (2, "CANCELLED", "0:15"),
+            (3, "OUT_OF_MEMORY", "0:125"),
+            (4, "PENDING", "0:0"),
+            (5, "PENDING", "0:0")
+        ]
+    );
+    let s = parse_scontrol(SCONTROL);
+    let states: Vec<(usize, &str, &str)> = s
+        .iter()
+        .map(|t| (t.task, t.state.as_str(), t.detail.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (5, "PENDING", "Resources"),
+            (2, "CANCELLED", "0:15"),
+            (1, "FAILED", "7:0"),
+            (0, "COMPLETED", "0:0")
+        ]
+    );
+}
+
+#[test]
+fn status_combines_records_with_slurm() {
+    let text = "name = \"s\"\ncommand = \"train\"\n[grid]\nseed = [0, 1, 2, 3, 4, 5, 6]\n";
+    let spec = SweepSpec::from_str_in(text, Path::new(".")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let points = spec.points().unwrap();
+    let write = |i: usize, name: &str, text: &str| {
+        let d = tmp.path().join(&points[i].name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), text).unwrap();
+    };
+    // 0 finished; 1 failed (its record); 2 cancelled after a checkpoint; 3 killed for
+    // memory without a word; 4 running; 5 waiting; 6 never submitted.
+    let summary = |status: &str| {
+        format!(
+            "{{\"name\":\"t\",\"status\":\"{status}\",\"steps\":5,\"epochs_completed\":0,\"wall_s\":0.5,\"device\":\"cpu\",\"version\":{{\"crate_version\":\"0.1.0\",\"git_commit\":null}}}}"
+        )
+    };
+    write(0, "summary.json", &summary("finished"));
+    write(
+        1,
+        FAILURE_RECORD,
+        "{\"exit_code\": 7, \"message\": \"exit code 7: error: boom\"}",
+    );
+    write(2, "summary.json", &summary("interrupted"));
+    let states = records::read_sweep(&spec, tmp.path()).unwrap();
+    let subs = [
+        Submission {
+            job_id: "2".into(),
+            array: "0-3".into(),
+            submitted_unix: 0,
+        },
+        Submission {
+            job_id: "3".into(),
+            array: "0-5".into(),
+            submitted_unix: 1,
+        },
+    ];
+    let queue = parse_task_lines("3_5|PENDING|JobArrayTaskLimit\n3_4|RUNNING|None\n");
+    let rows = status_rows(&states, &subs, &queue, &parse_task_lines(SACCT));
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r.state.as_str(), r.slurm.as_str(), r.note.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("finished", "3_0 COMPLETED exit 0:0", ""),
+            ("failed", "3_1 FAILED exit 7:0", "exit code 7: error: boom"),
+            (
+                "interrupted",
+                "3_2 CANCELLED exit 0:15",
+                "checkpointed; resumes when resubmitted"
+            ),
+            (
+                "failed",
+                "3_3 OUT_OF_MEMORY exit 0:125",
+                "Slurm OUT_OF_MEMORY (exit 0:125)"
+            ),
+            ("running", "3_4 RUNNING", ""),
+            ("pending", "3_5 PENDING", "JobArrayTaskLimit"),
+            ("not submitted", "", ""),
+        ]
+    );
+    let table = format_status("s", tmp.path(), &subs, &rows);
+    assert!(
+        table.contains(
+            "7 points: 1 finished, 1 running, 1 pending, 1 interrupted, 2 failed, 1 not submitted"
+        ),
+        "{table}"
+    );
+    assert!(
+        table.contains("4 point(s) without a result and not queued"),
+        "{table}"
+    );
+}
+
+#[test]
+fn dry_run_writes_the_slurm_folder_and_leaves_finished_points_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let root = tmp.path().join("s");
+    let points = spec.points().unwrap();
+    let done = root.join(&points[1].name);
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::write(
+        done.join("summary.json"),
+        "{\"name\":\"t\",\"status\":\"diverged\",\"steps\":5,\"epochs_completed\":0,\"wall_s\":0.5,\"device\":\"cpu\",\"version\":{\"crate_version\":\"0.1.0\",\"git_commit\":null}}",
+    )
+    .unwrap();
+    let sub = submit(
+        &spec,
+        &spec.slurm,
+        &root,
+        Path::new("/b/tau-resnet"),
+        false,
+        true,
+    )
+    .unwrap();
+    assert_eq!(sub.job_id, None);
+    assert_eq!(sub.ids, [0, 2, 3]);
+    for f in [SCRIPT_FILE, INDEX_FILE] {
+        assert!(root.join("slurm").join(f).is_file(), "{f}");
+    }
+    assert!(root.join("slurm/logs").is_dir());
+    assert!(!root.join("slurm").join(JOBS_FILE).exists());
+    assert!(root.join("base.toml").is_file() && root.join("sweep.toml").is_file());
+    assert!(root.join(&points[0].name).join("point.json").is_file());
+    // The stored config keeps [slurm] and reads back.
+    let stored = crate::report::load_stored_spec(&root).unwrap();
+    assert_eq!(stored.slurm, spec.slurm);
+}
