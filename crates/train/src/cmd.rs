@@ -2,6 +2,9 @@
 
 pub mod bench;
 pub mod eval;
+pub mod export;
+pub mod load;
+pub mod predict;
 pub mod probe;
 pub mod train;
 

@@ -22,6 +22,8 @@ use tracing_subscriber::{EnvFilter, Layer};
 Examples:
   tau-resnet train --config configs/theory-gd.toml
   tau-resnet eval --checkpoint runs/mnist-resnet20-nobn --data mnist
+  tau-resnet predict --checkpoint timm/resnet50.a1_in1k photo.jpg
+  tau-resnet export runs/mnist-resnet20-nobn hub/mnist-resnet20-nobn
 
 Logs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) sets their level.
 Exit status: 0 finished, 3 diverged (a result), 130 interrupted, 1 error, 2 usage."
@@ -42,6 +44,10 @@ enum Command {
     Probe(cmd::probe::ProbeArgs),
     /// Test loss and accuracy of a checkpoint.
     Eval(cmd::eval::EvalArgs),
+    /// Classify image files (JPEG, PNG) with a checkpoint or hub model.
+    Predict(cmd::predict::PredictArgs),
+    /// Write a hub-ready folder (config, weights, model card) from a finished run.
+    Export(cmd::export::ExportArgs),
     /// Training-step throughput of the CIFAR ResNets and the theory network.
     Bench(cmd::bench::BenchArgs),
 }
@@ -97,6 +103,8 @@ fn main() -> ExitCode {
         Command::Probe(args) => cmd::probe::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Predict(args) => cmd::predict::run(args),
+        Command::Export(args) => cmd::export::run(args),
     };
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),

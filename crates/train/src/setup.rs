@@ -34,6 +34,9 @@ pub struct TauModel {
     pub model: Model,
     /// The device the tensors live on.
     pub device: Device,
+    /// What each checkpoint records beside the architecture: the input's preprocessing,
+    /// the data set, the class names (see [`tau_model::CheckpointConfig`]).
+    pub record: tau_model::CheckpointConfig,
 }
 
 impl TauModel {
@@ -64,6 +67,7 @@ impl TauModel {
             varmap,
             model,
             device: device.clone(),
+            record: tau_model::CheckpointConfig::new(cfg.clone()),
         })
     }
 
@@ -141,7 +145,11 @@ impl TrainModel for TauModel {
 
 impl ModelStore for TauModel {
     fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        tau_model::checkpoint::save(dir, &self.cfg, &self.varmap)
+        let record = tau_model::CheckpointConfig {
+            model: self.cfg.clone(),
+            ..self.record.clone()
+        };
+        tau_model::checkpoint::save_with(dir, &record, &self.varmap)
             .with_context(|| format!("writing the model checkpoint into {}", dir.display()))
     }
 }
@@ -246,6 +254,42 @@ pub struct RunData {
     pub outputs: usize,
 }
 
+/// What a model trained on a run's data expects and outputs, as its checkpoints record
+/// it (the fields of [`tau_model::CheckpointConfig`] beside the model).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DataRecord {
+    /// The normalization and image size (image data for convolutional models only).
+    pub preprocessing: Option<tau_model::Preprocessing>,
+    /// The data set's name (`mnist`, `cifar10`, `cifar100`).
+    pub dataset: Option<String>,
+    /// The class names, by label.
+    pub class_names: Option<Vec<String>>,
+}
+
+impl DataRecord {
+    /// The checkpoint config of `model` recording this (class names only when there is
+    /// one per output).
+    pub fn checkpoint_config(&self, model: &ModelConfig) -> tau_model::CheckpointConfig {
+        let mut c = tau_model::CheckpointConfig::new(model.clone());
+        c.preprocessing = self
+            .preprocessing
+            .clone()
+            .filter(|p| model.in_channels() == Some(p.channels()));
+        c.dataset = self.dataset.clone();
+        c.class_names = self
+            .class_names
+            .clone()
+            .filter(|n| n.len() == model.num_outputs());
+        c
+    }
+}
+
+/// An `f32` statistic as the `f64` of its shortest decimal form (0.4914, not
+/// 0.49140000343322754).
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 /// The largest synthetic data set accepted (elements of inputs plus targets).
 const MAX_SYNTHETIC_ELEMENTS: usize = 1 << 30;
 
@@ -280,6 +324,22 @@ pub fn load_data(
     device: &Device,
     flat: bool,
 ) -> anyhow::Result<RunData> {
+    Ok(load_data_with(cfg, dtype, device, flat, None)?.0)
+}
+
+/// [`load_data`] with an explicit per-channel normalization of the images (instead of
+/// `data.normalize`, as `eval` applies a checkpoint's), also returning what a checkpoint
+/// of a model trained on it records ([`DataRecord`]).
+///
+/// # Errors
+/// As [`load_data`]; a normalization with another number of channels than the images.
+pub fn load_data_with(
+    cfg: &RunConfig,
+    dtype: DType,
+    device: &Device,
+    flat: bool,
+    normalize_override: Option<tau_data::Normalize>,
+) -> anyhow::Result<(RunData, DataRecord)> {
     let d = &cfg.data;
     if d.source == SourceKind::Synthetic {
         let (n, p, out) = (d.n.unwrap_or(0), d.p.unwrap_or(0), d.d.unwrap_or(0));
@@ -302,12 +362,15 @@ pub fn load_data(
         } else {
             None
         };
-        return Ok(RunData {
-            train: Box::new(train),
-            test,
-            input_shape: vec![p],
-            outputs: out,
-        });
+        return Ok((
+            RunData {
+                train: Box::new(train),
+                test,
+                input_shape: vec![p],
+                outputs: out,
+            },
+            DataRecord::default(),
+        ));
     }
     let source = match d.source {
         SourceKind::Mnist => tau_data::DataSource::Mnist,
@@ -332,6 +395,15 @@ pub fn load_data(
     }
     let [c, h, w] = train.shape;
     let outputs = train.num_classes;
+    let mut record = DataRecord {
+        preprocessing: None,
+        dataset: matches!(
+            d.source,
+            SourceKind::Mnist | SourceKind::Cifar10 | SourceKind::Cifar100
+        )
+        .then(|| d.source.to_string()),
+        class_names: (train.class_names.len() == outputs).then(|| train.class_names.clone()),
+    };
     let normalize = d.normalize.unwrap_or(match (flat, d.source) {
         (true, _) => NormalizeKind::UnitNorm,
         (false, SourceKind::Mnist) => NormalizeKind::Mnist,
@@ -355,17 +427,30 @@ pub fn load_data(
         } else {
             Some(Box::new(flat_tensor_data(&test, dtype, device)?))
         };
-        return Ok(RunData {
-            train: Box::new(train),
-            test,
-            input_shape: vec![c * h * w],
-            outputs,
-        });
+        return Ok((
+            RunData {
+                train: Box::new(train),
+                test,
+                input_shape: vec![c * h * w],
+                outputs,
+            },
+            record,
+        ));
     }
-    let norm = match normalize {
-        NormalizeKind::Mnist => tau_data::Normalize::mnist(),
-        NormalizeKind::Cifar10 => tau_data::Normalize::cifar10(),
-        NormalizeKind::None | NormalizeKind::UnitNorm => tau_data::Normalize::identity(c),
+    let norm = match (normalize_override, normalize) {
+        (Some(n), _) => {
+            if n.mean.len() != c || n.std.len() != c {
+                bail!(
+                    "the normalization has {} means and {} stds, the images have {c} channels",
+                    n.mean.len(),
+                    n.std.len()
+                );
+            }
+            n
+        }
+        (None, NormalizeKind::Mnist) => tau_data::Normalize::mnist(),
+        (None, NormalizeKind::Cifar10) => tau_data::Normalize::cifar10(),
+        (None, NormalizeKind::None | NormalizeKind::UnitNorm) => tau_data::Normalize::identity(c),
     };
     if norm.mean.len() != c {
         bail!(
@@ -373,6 +458,13 @@ pub fn load_data(
             norm.mean.len()
         );
     }
+    record.preprocessing = Some(tau_model::Preprocessing {
+        mean: norm.mean.iter().copied().map(decimal).collect(),
+        std: norm.std.iter().copied().map(decimal).collect(),
+        input_size: [c, h, w],
+        crop_pct: 1.0,
+        interpolation: tau_model::preprocess::Interpolation::Bilinear,
+    });
     let augment = match d.augment {
         AugmentKind::None => tau_data::Augment::None,
         AugmentKind::CifarStandard => tau_data::Augment::CifarStandard,
@@ -390,12 +482,15 @@ pub fn load_data(
     } else {
         Some(Box::new(make(test)))
     };
-    Ok(RunData {
-        train: Box::new(make(train)),
-        test,
-        input_shape: vec![c, h, w],
-        outputs,
-    })
+    Ok((
+        RunData {
+            train: Box::new(make(train)),
+            test,
+            input_shape: vec![c, h, w],
+            outputs,
+        },
+        record,
+    ))
 }
 
 fn unreachable_synthetic() -> anyhow::Result<tau_data::DataSource> {
@@ -474,8 +569,10 @@ pub fn prepare(cfg: &RunConfig, device: &Device) -> anyhow::Result<Prepared> {
     if cfg.loss.kind == LossKind::CrossEntropy && cfg.data.source == SourceKind::Synthetic {
         bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
     }
-    let data = load_data(cfg, dtype, device, flat)?;
-    Prepared::from_parts(cfg, device, data)
+    let (data, record) = load_data_with(cfg, dtype, device, flat, None)?;
+    let mut prepared = Prepared::from_parts(cfg, device, data)?;
+    prepared.model.record = record.checkpoint_config(&cfg.model);
+    Ok(prepared)
 }
 
 impl Prepared {

@@ -1,6 +1,6 @@
 //! `tau-resnet eval`: test loss and accuracy of a checkpoint on a data set.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use candle::DType;
@@ -8,12 +8,13 @@ use serde::Serialize;
 use tau_model::ModelConfig;
 
 use super::Outcome;
+use super::load::{ModelArgs, check_stat};
 use crate::config::{
     AugmentKind, DTypeSpec, DataConfig, DeviceSpec, LogConfig, LossConfig, LossKind, OptimConfig,
     OptimKind, Reduction, RunConfig, ScheduleConfig, SourceKind, Subset, WeightDecayMode,
 };
-use crate::setup::{TauModel, check_fit, load_data};
-use crate::trainer::{evaluate, last_checkpoint};
+use crate::setup::{TauModel, check_fit, load_data_with};
+use crate::trainer::evaluate;
 
 /// The data sets `eval` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -33,21 +34,33 @@ pub enum EvalData {
 #[command(after_help = "\
 Examples:
   tau-resnet eval --checkpoint runs/mnist-resnet20-nobn --data mnist --data-dir ../data/mnist
-  tau-resnet eval --checkpoint runs/mnist-resnet20-nobn/checkpoints/last --data mnist --json")]
+  tau-resnet eval --checkpoint runs/mnist-resnet20-nobn/checkpoints/last --data mnist --json
+  tau-resnet eval --checkpoint timm/resnet50.a1_in1k --data folder --data-dir imagenet-val
+
+Images are normalized with the checkpoint's recorded mean and std (config.json
+`preprocessing`), else the data set's usual ones; --mean and --std override both.")]
 pub struct EvalArgs {
-    /// A checkpoint directory (`config.json` + `model.safetensors`), a run directory
-    /// (its last checkpoint), or a Hugging Face hub model id.
-    #[arg(long, value_name = "DIR_OR_HUB_ID")]
-    pub checkpoint: String,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The data set whose test split is evaluated.
     #[arg(long, value_enum)]
     pub data: EvalData,
     /// Directory of the data files (else `TAU_DATA_DIR`, else the hub).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Revision (branch, tag or commit) of a hub checkpoint.
-    #[arg(long, value_name = "REV")]
-    pub revision: Option<String>,
+    /// Per-channel mean of the pixels in [0, 1], overriding the checkpoint's
+    /// (comma-separated: 0.485,0.456,0.406).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "M,...",
+        allow_hyphen_values = true
+    )]
+    pub mean: Option<Vec<f64>>,
+    /// Per-channel standard deviation, overriding the checkpoint's (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "S,...")]
+    pub std: Option<Vec<f64>>,
     /// Loss to report: `squared` or `cross_entropy` (default: squared for the theory
     /// network, cross-entropy otherwise).
     #[arg(long, value_name = "KIND")]
@@ -71,28 +84,17 @@ struct EvalResult {
     loss_kind: String,
     test_loss: Option<f64>,
     test_acc: Option<f64>,
+    /// The normalization applied (none for the theory network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    normalize: Option<NormalizeUsed>,
 }
 
-/// Loads the checkpoint `arg` names: a checkpoint directory, a run directory (its last
-/// checkpoint), or a hub model id.
-fn load_checkpoint(
-    arg: &str,
-    revision: Option<&str>,
-    device: &candle::Device,
-) -> anyhow::Result<(String, ModelConfig, candle_nn::VarMap)> {
-    let p = Path::new(arg);
-    let (place, id) = if p.is_dir() && !p.join("config.json").is_file() {
-        let dir = last_checkpoint(p).with_context(|| {
-            format!("{arg} is neither a checkpoint (config.json) nor a run directory with checkpoints/last")
-        })?;
-        (dir.display().to_string(), dir)
-    } else {
-        (arg.to_string(), PathBuf::from(arg))
-    };
-    let id = id.to_string_lossy().to_string();
-    let (cfg, varmap) = tau_model::hub::from_pretrained(&id, revision, device)
-        .with_context(|| format!("loading checkpoint {place}"))?;
-    Ok((place, cfg, varmap))
+#[derive(Debug, Serialize)]
+struct NormalizeUsed {
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    /// `command_line`, `checkpoint` or `data_set`.
+    source: &'static str,
 }
 
 /// Runs `tau-resnet eval`.
@@ -104,8 +106,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         bail!("--batch-size must be positive");
     }
     let device = args.device.device()?;
-    let (place, model_cfg, varmap) =
-        load_checkpoint(&args.checkpoint, args.revision.as_deref(), &device)?;
+    let (place, pretrained) = args.model.load(&device)?;
+    let checkpoint = pretrained.config;
+    let (model_cfg, varmap) = (checkpoint.model.clone(), pretrained.varmap);
     let loss = match args.loss.as_deref() {
         None if matches!(model_cfg, ModelConfig::Theory(_)) => LossKind::Squared,
         None | Some("cross_entropy") => LossKind::CrossEntropy,
@@ -130,8 +133,32 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         dtype,
     )?;
     let flat = matches!(model_cfg, ModelConfig::Theory(_));
-    let data = load_data(&cfg, dtype, &device, flat)?;
+    let normalize = normalization(&args, &checkpoint)?;
+    let (data, record) = load_data_with(
+        &cfg,
+        dtype,
+        &device,
+        flat,
+        normalize.as_ref().map(|n| tau_data::Normalize {
+            mean: n.mean.iter().map(|&m| m as f32).collect(),
+            std: n.std.iter().map(|&s| s as f32).collect(),
+        }),
+    )?;
     check_fit(&model_cfg, &data, loss)?;
+    let used = record.preprocessing.as_ref().map(|p| NormalizeUsed {
+        mean: p.mean.clone(),
+        std: p.std.clone(),
+        source: normalize.as_ref().map_or("data_set", |n| n.source),
+    });
+    if let (Some(want), Some(got)) = (&checkpoint.preprocessing, &record.preprocessing)
+        && want.input_size != got.input_size
+    {
+        tracing::warn!(
+            "the checkpoint expects {:?} inputs, the data set's images are {:?}",
+            want.input_size,
+            got.input_size
+        );
+    }
     let test = data.test.context("the data set has no test split")?;
     let model = TauModel::from_varmap(&model_cfg, varmap, &device)?;
     let (test_loss, test_acc) = evaluate(&model, test.as_ref(), loss, args.batch_size)?;
@@ -145,6 +172,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         },
         test_loss,
         test_acc,
+        normalize: used,
     };
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
@@ -160,8 +188,49 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         if let Some(a) = test_acc {
             println!("test acc    {:.2}%", 100.0 * a);
         }
+        if let Some(n) = &result.normalize {
+            println!(
+                "normalize   mean {:?} std {:?} ({})",
+                n.mean,
+                n.std,
+                n.source.replace('_', " ")
+            );
+        }
     }
     Ok(Outcome::Finished)
+}
+
+/// The normalization `eval` applies to images: `--mean`/`--std` (both, or either with the
+/// checkpoint's other one), else the checkpoint's; `None` leaves the data set's default.
+fn normalization(
+    args: &EvalArgs,
+    checkpoint: &tau_model::CheckpointConfig,
+) -> anyhow::Result<Option<NormalizeUsed>> {
+    let recorded = checkpoint.preprocessing.as_ref();
+    if args.mean.is_none() && args.std.is_none() {
+        return Ok(recorded.map(|p| NormalizeUsed {
+            mean: p.mean.clone(),
+            std: p.std.clone(),
+            source: "checkpoint",
+        }));
+    }
+    let Some(channels) = checkpoint.model.in_channels() else {
+        bail!("--mean and --std are for image models; the theory network takes unit-norm vectors");
+    };
+    let pick = |given: &Option<Vec<f64>>, name: &str, from: Option<&Vec<f64>>| {
+        given.clone().or_else(|| from.cloned()).with_context(|| {
+            format!("--{name} is needed too: the checkpoint records no preprocessing")
+        })
+    };
+    let mean = pick(&args.mean, "mean", recorded.map(|p| &p.mean))?;
+    let std = pick(&args.std, "std", recorded.map(|p| &p.std))?;
+    check_stat("mean", &mean, channels)?;
+    check_stat("std", &std, channels)?;
+    Ok(Some(NormalizeUsed {
+        mean,
+        std,
+        source: "command_line",
+    }))
 }
 
 fn cfg_with_dtype(mut cfg: RunConfig, dtype: DType) -> anyhow::Result<RunConfig> {

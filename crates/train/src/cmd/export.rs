@@ -1,0 +1,494 @@
+//! `tau-resnet export`: a hub-ready folder from a finished run: `config.json` (with the
+//! preprocessing), `model.safetensors` (weights and buffers, no optimizer state) and a
+//! `README.md` model card, ready for `huggingface-cli upload`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle::Device;
+use tau_model::{CheckpointConfig, ModelConfig, Preprocessing};
+use tau_records::{RunStatus, SUMMARY_FILE, Summary};
+
+use super::Outcome;
+use crate::config::{NormalizeKind, RunConfig, SourceKind};
+use crate::setup::run_config;
+use crate::trainer::last_checkpoint;
+
+/// Arguments of `tau-resnet export`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  tau-resnet export runs/cifar10-resnet110-bn hub/resnet110-cifar10
+  huggingface-cli upload my-name/resnet110-cifar10 hub/resnet110-cifar10
+
+The folder holds config.json (architecture, tau, preprocessing, class names),
+model.safetensors (weights and BatchNorm statistics, no optimizer state) and README.md, a
+model card with the hub's YAML metadata and the run's metrics and config.")]
+pub struct ExportArgs {
+    /// The run directory (`config.toml`, `summary.json`, `checkpoints/last`).
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// The folder to write (refused when it exists and is not empty, unless --force).
+    #[arg(value_name = "OUT_DIR")]
+    pub out_dir: PathBuf,
+    /// Write into a non-empty OUT_DIR, replacing the three files.
+    #[arg(long)]
+    pub force: bool,
+    /// The hub repo id the card's usage examples name (default `<your-name>/<run name>`).
+    #[arg(long, value_name = "OWNER/NAME")]
+    pub repo_id: Option<String>,
+}
+
+/// The hub data set repos of the data sets `tau-resnet` downloads.
+fn hub_dataset(source: SourceKind) -> Option<&'static str> {
+    match source {
+        SourceKind::Mnist => Some("ylecun/mnist"),
+        SourceKind::Cifar10 => Some("uoft-cs/cifar10"),
+        SourceKind::Cifar100 => Some("uoft-cs/cifar100"),
+        SourceKind::Folder | SourceKind::Synthetic => None,
+    }
+}
+
+/// What a checkpoint written before checkpoints recorded their preprocessing would have
+/// recorded: the run's normalization, the data set's image size, and the class names of
+/// MNIST and CIFAR-10 (their loaders' names).
+fn record_from_run(cfg: &RunConfig, checkpoint: &mut CheckpointConfig) {
+    let d = &cfg.data;
+    if checkpoint.dataset.is_none()
+        && matches!(
+            d.source,
+            SourceKind::Mnist | SourceKind::Cifar10 | SourceKind::Cifar100
+        )
+    {
+        checkpoint.dataset = Some(d.source.to_string());
+    }
+    let Some(channels) = checkpoint.model.in_channels() else {
+        return;
+    };
+    if checkpoint.preprocessing.is_none() {
+        let size = match d.source {
+            SourceKind::Mnist => Some([1, 28, 28]),
+            SourceKind::Cifar10 | SourceKind::Cifar100 => Some([3, 32, 32]),
+            _ => None,
+        };
+        let normalize = d.normalize.unwrap_or(match d.source {
+            SourceKind::Mnist => NormalizeKind::Mnist,
+            SourceKind::Cifar10 | SourceKind::Cifar100 => NormalizeKind::Cifar10,
+            _ => NormalizeKind::None,
+        });
+        if let Some(size) = size.filter(|s| s[0] == channels) {
+            let p = match normalize {
+                NormalizeKind::Mnist => Preprocessing::mnist(),
+                NormalizeKind::Cifar10 => Preprocessing::cifar10(),
+                NormalizeKind::None | NormalizeKind::UnitNorm => Preprocessing::identity(size),
+            };
+            if p.channels() == channels {
+                checkpoint.preprocessing = Some(Preprocessing {
+                    input_size: size,
+                    ..p
+                });
+            }
+        }
+    }
+    if checkpoint.class_names.is_none() {
+        let names: Option<Vec<String>> = match d.source {
+            SourceKind::Mnist => Some((0..10).map(|i| i.to_string()).collect()),
+            SourceKind::Cifar10 => Some(
+                [
+                    "airplane",
+                    "automobile",
+                    "bird",
+                    "cat",
+                    "deer",
+                    "dog",
+                    "frog",
+                    "horse",
+                    "ship",
+                    "truck",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            _ => None,
+        };
+        checkpoint.class_names = names.filter(|n| n.len() == checkpoint.model.num_outputs());
+    }
+}
+
+/// Whether `dir` exists and holds anything.
+fn non_empty(dir: &Path) -> anyhow::Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    if !dir.is_dir() {
+        bail!("{} exists and is not a directory", dir.display());
+    }
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .next()
+        .is_some())
+}
+
+/// A YAML string scalar (double-quoted, escaped as JSON, which YAML reads).
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn describe_model(model: &ModelConfig) -> String {
+    match model {
+        ModelConfig::Theory(t) => format!(
+            "the paper's fully connected theory network (width {}, depth {})",
+            t.width, t.depth
+        ),
+        ModelConfig::CifarResnet(c) => format!(
+            "a CIFAR ResNet-{} ({}, option-A shortcut, {} input channels, {} classes)",
+            c.depth,
+            if c.norm == tau_model::Norm::BatchNorm {
+                "BatchNorm"
+            } else {
+                "no normalization, scalar biases"
+            },
+            c.in_channels,
+            c.num_classes
+        ),
+        ModelConfig::BottleneckResnet(c) => format!(
+            "a bottleneck ResNet-{} ({}, {} input channels, {} classes)",
+            c.depth,
+            if c.norm == tau_model::Norm::BatchNorm {
+                "BatchNorm"
+            } else {
+                "no normalization, scalar biases"
+            },
+            c.in_channels,
+            c.num_classes
+        ),
+    }
+}
+
+/// The model card: YAML front matter for the hub, then what the model is, its results,
+/// its preprocessing, how to load it, and the training config.
+fn model_card(
+    name: &str,
+    repo_id: &str,
+    checkpoint: &CheckpointConfig,
+    learned_tau: Option<f64>,
+    cfg: &RunConfig,
+    config_toml: &str,
+    summary: &Summary,
+) -> String {
+    let model = &checkpoint.model;
+    let metrics = summary.final_metrics.as_ref();
+    let test_acc = metrics.and_then(|m| m.test_acc).filter(|v| v.is_finite());
+    let test_loss = metrics.and_then(|m| m.test_loss).filter(|v| v.is_finite());
+    let train_loss = metrics.and_then(|m| m.train_loss).filter(|v| v.is_finite());
+    let dataset = hub_dataset(cfg.data.source);
+    let loss_name = match cfg.loss.kind {
+        crate::config::LossKind::Squared => "squared",
+        crate::config::LossKind::CrossEntropy => "cross_entropy",
+    };
+
+    let mut y = String::from("---\n");
+    y.push_str("library_name: tau-model\n");
+    y.push_str("tags:\n- tau-resnet\n- candle\n- resnet\n");
+    if model.in_channels().is_some() {
+        y.push_str("- image-classification\n");
+        y.push_str("pipeline_tag: image-classification\n");
+    }
+    if let Some(d) = dataset {
+        let _ = writeln!(y, "datasets:\n- {d}");
+    }
+    let mut results = Vec::new();
+    if let Some(a) = test_acc {
+        results.push(("accuracy", a, "Test accuracy".to_string()));
+    }
+    if let Some(l) = test_loss {
+        results.push(("loss", l, format!("Test loss ({loss_name})")));
+    }
+    if !results.is_empty() {
+        y.push_str("metrics:\n");
+        for (kind, _, _) in &results {
+            let _ = writeln!(y, "- {kind}");
+        }
+        let _ = writeln!(y, "model-index:\n- name: {}\n  results:", yaml_str(name));
+        y.push_str(
+            "  - task:\n      type: image-classification\n      name: Image Classification\n",
+        );
+        let _ = writeln!(
+            y,
+            "    dataset:\n      name: {}\n      type: {}\n      split: test",
+            yaml_str(&cfg.data.source.to_string()),
+            yaml_str(dataset.unwrap_or("custom"))
+        );
+        y.push_str("    metrics:\n");
+        for (kind, value, label) in &results {
+            let _ = writeln!(
+                y,
+                "    - type: {kind}\n      value: {value}\n      name: {}",
+                yaml_str(label)
+            );
+        }
+    }
+    y.push_str("---\n\n");
+
+    let mut md = y;
+    let tau_rule = model.tau_rule();
+    let _ = writeln!(md, "# {name}\n");
+    let _ = writeln!(
+        md,
+        "{} trained with [tau-resnet](https://github.com/tau-resnet/tau-resnet) on {}. Each \
+         residual branch is scaled by τ before it is added to the shortcut, \
+         `x_(l+1) = x_l + τ·F(x_l)` (Zhang et al., \"Stabilize Deep ResNet with A Sharp \
+         Scaling Factor τ\", 2022).\n",
+        capitalize(&describe_model(model)),
+        checkpoint
+            .dataset
+            .as_deref()
+            .unwrap_or(match cfg.data.source {
+                SourceKind::Folder => "an image folder",
+                _ => "its data set",
+            })
+    );
+    let _ = writeln!(
+        md,
+        "- τ rule: `{tau_rule}`, at L = {} residual blocks τ = {:.6}{}",
+        model.n_blocks(),
+        model.tau_init(),
+        match learned_tau {
+            Some(t) => format!(" at initialization; τ is learned, its trained value is {t:.6}"),
+            None => String::new(),
+        }
+    );
+    let _ = writeln!(
+        md,
+        "- parameters: {} (plus BatchNorm running statistics, if any)",
+        model.num_parameters()
+    );
+    let _ = writeln!(
+        md,
+        "- run: `{}`, status {}, {} steps, {} epochs",
+        summary.name,
+        summary.status.as_str(),
+        summary.steps,
+        summary.epochs_completed
+    );
+
+    md.push_str("\n## Results\n\n| metric | value |\n| --- | --- |\n");
+    if let Some(a) = test_acc {
+        let _ = writeln!(md, "| test accuracy | {:.2}% |", 100.0 * a);
+    }
+    if let Some(l) = test_loss {
+        let _ = writeln!(md, "| test loss ({loss_name}) | {l:.6} |");
+    }
+    if let Some(l) = train_loss {
+        let _ = writeln!(md, "| training loss ({loss_name}) | {l:.6} |");
+    }
+    if let Some(a) = summary.best_test_acc.filter(|v| v.is_finite()) {
+        let _ = writeln!(
+            md,
+            "| best test accuracy during training | {:.2}% |",
+            100.0 * a
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| training time | {:.0} s on {} |",
+        summary.wall_s, summary.device
+    );
+
+    if let Some(p) = &checkpoint.preprocessing {
+        md.push_str("\n## Preprocessing\n\n");
+        let _ = writeln!(
+            md,
+            "Inputs are {}×{} images with {} channel(s), pixels scaled to [0, 1], then \
+             normalized per channel with mean {:?} and std {:?}. Images of another size are \
+             resized ({}) so that the shorter side is {} and center-cropped (`crop_pct` {}). \
+             `config.json` records this under `preprocessing`; tau-model applies it.",
+            p.input_size[1],
+            p.input_size[2],
+            p.input_size[0],
+            p.mean,
+            p.std,
+            p.interpolation.name(),
+            p.resize_size().0,
+            p.crop_pct
+        );
+    }
+
+    md.push_str("\n## Use it with tau-model (Rust)\n\n```sh\n");
+    let _ = writeln!(md, "tau-resnet predict --checkpoint {repo_id} image.png");
+    let _ = writeln!(
+        md,
+        "tau-resnet eval --checkpoint {repo_id} --data {}",
+        cfg.data.source
+    );
+    md.push_str("```\n\n```rust\n");
+    md.push_str("use candle::Device;\n");
+    md.push_str("use tau_model::hub::{HubOptions, LoadSpec, load_pretrained};\n\n");
+    let _ = writeln!(
+        md,
+        "let p = load_pretrained({}, &LoadSpec::default(), &HubOptions::default(), &Device::Cpu)?;",
+        yaml_str(repo_id)
+    );
+    md.push_str("let model = p.model(&Device::Cpu)?;\n");
+    if checkpoint.preprocessing.is_some() {
+        md.push_str("let prep = p.config.preprocessing.clone().expect(\"recorded\");\n");
+        md.push_str("let img = tau_model::preprocess::image::open(\"image.png\")?;\n");
+        md.push_str("let x = prep.image_to_tensor(&img, &Device::Cpu)?.unsqueeze(0)?;\n");
+        md.push_str("let logits = model.forward_t(&x, /* train */ false)?;\n");
+    }
+    md.push_str("```\n\n## Use it with PyTorch\n\n");
+    md.push_str(
+        "`model.safetensors` holds every parameter and BatchNorm buffer under PyTorch \
+         `state_dict` names (`conv1.weight`, `bn1.running_mean`, `layer2.0.conv1.weight`, \
+         `fc.bias`, …):\n\n```python\nfrom safetensors.torch import load_file\n\n\
+         state_dict = load_file(\"model.safetensors\")\n",
+    );
+    match model {
+        ModelConfig::BottleneckResnet(c)
+            if c.norm == tau_model::Norm::BatchNorm
+                && !c.learnable_tau
+                && model.tau_init() == 1.0 =>
+        {
+            let _ = writeln!(
+                md,
+                "import torchvision\n\nmodel = torchvision.models.resnet{}(num_classes={})\n\
+                 model.load_state_dict(state_dict, strict=False)  # no num_batches_tracked\n\
+                 model.eval()\n```\n\nWith τ = 1 this is torchvision's ResNet-{} exactly.",
+                c.depth, c.num_classes, c.depth
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                md,
+                "```\n\nA PyTorch module with these names computes the same function if each \
+                 residual block returns `relu(shortcut(x) + tau * branch(x))` with τ = {:.9} \
+                 (the `tau` tensor when τ is learned); the architecture is `config.json`'s \
+                 `model`, documented in tau-model's crate docs.",
+                model.tau_init()
+            );
+        }
+    }
+
+    md.push_str("\n## Training config\n\n```toml\n");
+    md.push_str(config_toml.trim_end());
+    md.push_str("\n```\n");
+    md
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Runs `tau-resnet export`.
+///
+/// # Errors
+/// Not a finished run (no config, summary or checkpoint; a diverged run), a corrupt
+/// checkpoint (naming the file and tensor), a non-empty OUT_DIR without --force, I/O.
+pub fn run(args: ExportArgs) -> anyhow::Result<Outcome> {
+    let run_dir = &args.run_dir;
+    let cfg = run_config(run_dir)?;
+    let summary_path = run_dir.join(SUMMARY_FILE);
+    let summary: Summary =
+        serde_json::from_slice(&std::fs::read(&summary_path).with_context(|| {
+            format!("reading {} (is the run finished?)", summary_path.display())
+        })?)
+        .with_context(|| format!("{}: not a run summary", summary_path.display()))?;
+    match summary.status {
+        RunStatus::Finished => {}
+        RunStatus::Diverged => bail!(
+            "{}: the run diverged (step {:?}); its weights are not exported",
+            run_dir.display(),
+            summary.diverged_at_step
+        ),
+        RunStatus::Interrupted => tracing::warn!(
+            "{}: the run was interrupted after {} steps; exporting its last checkpoint",
+            run_dir.display(),
+            summary.steps
+        ),
+    }
+    let ckpt = last_checkpoint(run_dir)
+        .with_context(|| format!("{} has no checkpoint (checkpoints/last)", run_dir.display()))?;
+    let (mut checkpoint, varmap) = tau_model::checkpoint::load_checkpoint(&ckpt, &Device::Cpu)
+        .with_context(|| format!("loading checkpoint {}", ckpt.display()))?;
+    record_from_run(&cfg, &mut checkpoint);
+    let learned_tau = if checkpoint.model.learnable_tau() {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("model lock poisoned"))?;
+        match data.get("tau") {
+            Some(t) => Some(
+                t.as_tensor()
+                    .flatten_all()?
+                    .to_dtype(candle::DType::F64)?
+                    .to_vec1::<f64>()?[0],
+            ),
+            None => None,
+        }
+    } else {
+        None
+    };
+    let out = &args.out_dir;
+    if non_empty(out)? && !args.force {
+        bail!(
+            "{} exists and is not empty: choose another folder or pass --force",
+            out.display()
+        );
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| summary.name.clone());
+    let repo_id = args
+        .repo_id
+        .clone()
+        .unwrap_or_else(|| format!("<your-name>/{name}"));
+    // The card shows the config without the paths of this machine.
+    let mut shown = cfg.clone();
+    shown.data.dir = None;
+    shown.out_dir = None;
+    let config_toml = shown.to_toml()?;
+    let card = model_card(
+        &name,
+        &repo_id,
+        &checkpoint,
+        learned_tau,
+        &cfg,
+        &config_toml,
+        &summary,
+    );
+    // config.json and model.safetensors (each atomic), then the card.
+    tau_model::checkpoint::save_with(out, &checkpoint, &varmap)
+        .with_context(|| format!("writing the model into {}", out.display()))?;
+    tau_records::write_atomic(&out.join("README.md"), card.as_bytes())?;
+    tau_records::sync_dir(out);
+    let extra: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("listing {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !["config.json", "model.safetensors", "README.md"].contains(&n.as_str()))
+        .collect();
+    if !extra.is_empty() {
+        tracing::warn!(
+            "{} also holds {extra:?}, which an upload of the folder would include",
+            out.display()
+        );
+    }
+    println!(
+        "exported {} ({}) to {}",
+        ckpt.display(),
+        summary.status.as_str(),
+        out.display()
+    );
+    for f in ["config.json", "model.safetensors", "README.md"] {
+        let len = std::fs::metadata(out.join(f)).map(|m| m.len()).unwrap_or(0);
+        println!("  {f:<18} {len:>10} bytes");
+    }
+    Ok(Outcome::Finished)
+}

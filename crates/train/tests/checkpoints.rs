@@ -1,0 +1,341 @@
+//! Checkpoints as users meet them, through the `tau-resnet` binary: a run's checkpoint
+//! records its preprocessing and class names, `eval` applies them, `predict` classifies
+//! image files with them, and `export` writes a hub-ready folder that loads back through a
+//! hub cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle::{DType, Device, Tensor};
+use tau_model::hub::{self, HubOptions, LoadSpec};
+use tau_model::preprocess::image;
+
+const RUN: &str = r#"
+name = "folder-resnet8"
+seed = 3
+steps = 2
+device = "cpu"
+[model]
+family = "cifar_resnet"
+depth = 8
+num_classes = 2
+[data]
+source = "folder"
+normalize = "cifar10"
+batch_size = 4
+[loss]
+kind = "cross_entropy"
+[optim]
+kind = "sgd"
+lr = 0.05
+"#;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
+    c.arg("--quiet");
+    c
+}
+
+fn ok(o: &std::process::Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// A 16×16 test image: class 0 darker, class 1 brighter, with some texture.
+fn picture(class: usize, i: usize) -> image::RgbImage {
+    image::RgbImage::from_fn(16, 16, |x, y| {
+        let base = 60 + 120 * class as u32;
+        let v = |k: u32| (base + (x * 7 + y * 3 + k * 11 + i as u32 * 5) % 50) as u8;
+        image::Rgb([v(0), v(1), v(2)])
+    })
+}
+
+/// An image folder (`train/` and `test/`, classes `cat` and `dog`).
+fn image_folder(root: &Path) {
+    for (split, n) in [("train", 4), ("test", 2)] {
+        for (c, class) in ["cat", "dog"].iter().enumerate() {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                picture(c, i).save(dir.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+/// Trains the tiny run on the folder; returns the run directory.
+fn train(tmp: &Path) -> PathBuf {
+    let data = tmp.join("images");
+    image_folder(&data);
+    let cfg = tmp.join("run.toml");
+    std::fs::write(&cfg, RUN).unwrap();
+    let run = tmp.join("run");
+    let set = format!("data.dir={:?}", data.display().to_string());
+    ok(&bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--set", &set, "--out"])
+        .arg(&run)
+        .output()
+        .unwrap());
+    run
+}
+
+#[test]
+fn a_run_records_preprocessing_and_predict_export_and_eval_use_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = train(tmp.path());
+    let ckpt = run.join("checkpoints/last");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["preprocessing"],
+        serde_json::json!({
+            "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.201],
+            "input_size": [3, 16, 16], "crop_pct": 1.0, "interpolation": "bilinear"
+        })
+    );
+    assert_eq!(config["class_names"], serde_json::json!(["cat", "dog"]));
+
+    // eval normalizes with the checkpoint's statistics, and says so.
+    let data_dir = tmp.path().join("images");
+    let out = ok(&bin()
+        .args(["eval", "--json", "--data", "folder", "--checkpoint"])
+        .arg(&run)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .unwrap());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["examples"], 4);
+    assert_eq!(r["normalize"]["source"], "checkpoint");
+    assert_eq!(r["normalize"]["mean"][0], 0.4914);
+    let out = ok(&bin()
+        .args([
+            "eval",
+            "--json",
+            "--data",
+            "folder",
+            "--mean",
+            "0.5,0.5,0.5",
+        ])
+        .args(["--std", "0.25,0.25,0.25", "--checkpoint"])
+        .arg(&run)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .unwrap());
+    let r2: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r2["normalize"]["source"], "command_line");
+    assert_ne!(r2["test_loss"], r["test_loss"]);
+
+    // predict: the probabilities are the softmax of the model's logits on the image
+    // normalized by hand with the recorded mean and std (a 16×16 image needs no resize).
+    let img = tmp.path().join("dog.png");
+    picture(1, 9).save(&img).unwrap();
+    let big = tmp.path().join("big.jpg");
+    image::DynamicImage::ImageRgb8(picture(0, 1))
+        .resize_exact(40, 30, image::imageops::FilterType::Triangle)
+        .save(&big)
+        .unwrap();
+    let out = ok(&bin()
+        .args(["predict", "--json", "--top-k", "2", "--checkpoint"])
+        .arg(&run)
+        .arg(&img)
+        .arg(&big)
+        .output()
+        .unwrap());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let preds = r["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 2);
+    let top = preds[0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 2);
+    let (pretrained_cfg, vm) = tau_model::checkpoint::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    let model = tau_model::Model::from_varmap(&pretrained_cfg.model, &vm, &Device::Cpu).unwrap();
+    let (mean, std) = ([0.4914f32, 0.4822, 0.4465], [0.2023f32, 0.1994, 0.2010]);
+    let px = picture(1, 9);
+    let mut x = vec![0f32; 3 * 16 * 16];
+    for (i, p) in px.pixels().enumerate() {
+        for c in 0..3 {
+            x[c * 256 + i] = (p.0[c] as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+    let x = Tensor::from_vec(x, (1, 3, 16, 16), &Device::Cpu).unwrap();
+    let logits = model
+        .forward_t(&x, false)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let z: f64 = logits.iter().map(|l| (l - logits[0]).exp()).sum();
+    for s in top {
+        let class = s["class"].as_u64().unwrap() as usize;
+        let want = (logits[class] - logits[0]).exp() / z;
+        let got = s["prob"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-6, "class {class}: {got} vs {want}");
+        assert_eq!(s["label"], ["cat", "dog"][class]);
+    }
+    assert!(top[0]["prob"].as_f64() >= top[1]["prob"].as_f64());
+    assert_eq!(
+        r["preprocessing"]["input_size"],
+        serde_json::json!([3, 16, 16])
+    );
+    // The table form names the classes.
+    let text = ok(&bin()
+        .args(["predict", "--checkpoint"])
+        .arg(&run)
+        .arg(&img)
+        .output()
+        .unwrap());
+    assert!(
+        text.contains("dog.png") && text.contains("cat (0)") && text.contains('%'),
+        "{text}"
+    );
+
+    // A bad image file: one error naming it, exit status 1.
+    let bad = tmp.path().join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let o = bin()
+        .args(["predict", "--checkpoint"])
+        .arg(&run)
+        .arg(&img)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("broken.png") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    // export → a hub cache → load_pretrained gives the same config and tensors.
+    let hub_dir = tmp.path().join("hub-folder");
+    let out = ok(&bin()
+        .arg("export")
+        .arg(&run)
+        .arg(&hub_dir)
+        .args(["--repo-id", "someone/folder-resnet8"])
+        .output()
+        .unwrap());
+    assert!(out.contains("model.safetensors"), "{out}");
+    let mut names: Vec<String> = std::fs::read_dir(&hub_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["README.md", "config.json", "model.safetensors"]);
+    let card = std::fs::read_to_string(hub_dir.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: tau-model\n"), "{card}");
+    for needle in [
+        "- image-classification",
+        "τ rule",
+        "on an image folder",
+        "`1/sqrt(L)`, at L = 3 residual blocks τ = 0.577350",
+        "load_pretrained(\"someone/folder-resnet8\"",
+        "safetensors.torch import load_file",
+        "[model]\nfamily = \"cifar_resnet\"",
+        "mean [0.4914, 0.4822, 0.4465]",
+    ] {
+        assert!(
+            card.to_lowercase().contains(&needle.to_lowercase()),
+            "{needle}: {card}"
+        );
+    }
+    let front = card.split("---\n").nth(1).unwrap();
+    assert!(
+        front.contains("metrics:\n- accuracy\n- loss\n") && front.contains("value: 1\n"),
+        "{front}"
+    );
+    // The card names no path of the machine it was exported on.
+    assert!(!card.contains(tmp.path().to_str().unwrap()), "{card}");
+    // No optimizer state: the weights are exactly the model's tensors.
+    let st = candle::safetensors::load(hub_dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(st.len(), vm.data().lock().unwrap().len());
+    assert!(
+        !st.keys()
+            .any(|k| k.contains("momentum") || k.contains("optim"))
+    );
+
+    let cache = tempfile::tempdir().unwrap();
+    let commit = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c";
+    let repo = cache.path().join("models--someone--folder-resnet8");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors", "README.md"] {
+        std::fs::copy(hub_dir.join(f), snap.join(f)).unwrap();
+    }
+    let options = HubOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        endpoint: Some("http://127.0.0.1:9".into()),
+        retry_max_attempts: Some(0),
+        local_files_only: true,
+        ..Default::default()
+    };
+    let p = hub::load_pretrained(
+        "someone/folder-resnet8",
+        &LoadSpec::default(),
+        &options,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(p.config.model, pretrained_cfg.model);
+    assert_eq!(p.config.preprocessing, pretrained_cfg.preprocessing);
+    assert_eq!(p.config.class_names, pretrained_cfg.class_names);
+    let a = p.model(&Device::Cpu).unwrap().forward_t(&x, false).unwrap();
+    let b = model.forward_t(&x, false).unwrap();
+    assert_eq!(
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+
+    // An existing non-empty folder is refused without --force, and nothing is changed.
+    let before = std::fs::read(hub_dir.join("README.md")).unwrap();
+    let o = bin()
+        .arg("export")
+        .arg(&run)
+        .arg(&hub_dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(std::fs::read(hub_dir.join("README.md")).unwrap(), before);
+    ok(&bin()
+        .arg("export")
+        .arg(&run)
+        .arg(&hub_dir)
+        .arg("--force")
+        .output()
+        .unwrap());
+    // Not a run directory: one clear error.
+    let o = bin()
+        .arg("export")
+        .arg(tmp.path().join("images"))
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a run directory"));
+}
+
+#[test]
+fn predict_and_export_have_help_with_examples() {
+    for cmd in ["predict", "export"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tau-resnet"))
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
+        let text = ok(&o);
+        assert!(text.contains("Example"), "{cmd}: {text}");
+    }
+}
