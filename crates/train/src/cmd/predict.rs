@@ -229,8 +229,9 @@ impl Classifier {
         for chunk in images.chunks(batch_size.max(1)) {
             let mut inputs = Vec::with_capacity(chunk.len());
             for path in chunk {
+                // The data crate's error names the file and what is wrong with it.
                 let img = tau_data::folder::decode_image_file(path)
-                    .with_context(|| format!("reading image {}", path.display()))?;
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
                 inputs.push(
                     self.preprocessing
                         .image_to_tensor(&img, &self.device)
