@@ -316,7 +316,9 @@ fn model_card(
     }
 
     md.push_str("\n## Use it with tau-model (Rust)\n\n```sh\n");
-    let _ = writeln!(md, "tau-resnet predict --checkpoint {repo_id} image.png");
+    if model.in_channels().is_some() {
+        let _ = writeln!(md, "tau-resnet predict --checkpoint {repo_id} image.png");
+    }
     let _ = writeln!(
         md,
         "tau-resnet eval --checkpoint {repo_id} --data {}",
