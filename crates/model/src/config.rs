@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::params::{MAX_ELEMENTS, ParamInit, ParamKind, ParamSpec};
+pub use crate::params::{MAX_ELEMENTS, ParamInit, ParamKind, ParamName, ParamSpec};
 use crate::resnet::{BottleneckResNetConfig, CifarResNetConfig};
 use crate::theory::TheoryConfig;
 
@@ -36,6 +36,34 @@ impl ModelConfig {
             ModelConfig::CifarResnet(c) => c.n_blocks(),
             ModelConfig::BottleneckResnet(c) => c.n_blocks(),
         }
+    }
+
+    /// The number of residual blocks in each stage, in order: `[depth]` for the theory
+    /// network, `[n, n, n]` for a CIFAR ResNet, e.g. `[3, 4, 6, 3]` for ResNet-50. Their
+    /// sum is the length of the residual chain, which for the bottleneck ResNets is more
+    /// than [`Self::n_blocks`] (the largest stage).
+    pub fn stage_blocks(&self) -> Vec<usize> {
+        match self {
+            ModelConfig::Theory(c) => vec![c.depth],
+            ModelConfig::CifarResnet(c) => vec![c.blocks_per_stage(); 3],
+            ModelConfig::BottleneckResnet(c) => c.stage_blocks().to_vec(),
+        }
+    }
+
+    /// The residual block (0-based, counted over all stages, see [`Self::stage_blocks`])
+    /// that the tensor `name` belongs to; `None` for the stem, the head, τ and names the
+    /// model does not have. The names are read by [`ParamName`].
+    ///
+    /// ```
+    /// # use tau_model::ModelConfig;
+    /// let cfg: ModelConfig =
+    ///     serde_json::from_str(r#"{"family": "bottleneck_resnet", "depth": 50}"#).unwrap();
+    /// assert_eq!(cfg.block_index("layer2.0.downsample.1.weight"), Some(3));
+    /// assert_eq!(cfg.block_index("layer4.2.conv3.weight"), Some(15));
+    /// assert_eq!(cfg.block_index("conv1.weight"), None);
+    /// ```
+    pub fn block_index(&self, name: &str) -> Option<usize> {
+        ParamName::parse(name).block_index(&self.stage_blocks())
     }
 
     /// The τ rule.

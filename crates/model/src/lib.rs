@@ -69,7 +69,8 @@
 //! The CIFAR shortcut is option A (stride-2 subsample, zero channels appended), which has
 //! no parameters; a model with a BN in its shortcut (as the companion code's BN variant)
 //! does not match this layout. [`ModelConfig::param_specs`] lists every name with its
-//! shape, and [`ModelConfig::param_kind`] says how an optimizer treats it.
+//! shape, and [`ModelConfig::param_kind`] says how an optimizer treats it;
+//! [`params::ParamName`] is the one parser of the scheme (block, module, leaf).
 
 pub mod checkpoint;
 pub mod config;
@@ -89,7 +90,7 @@ pub use tau_kernels as kernels;
 pub use tau_kernels::alloc;
 
 pub use checkpoint::{CheckpointConfig, CheckpointError};
-pub use config::{ModelConfig, ParamInit, ParamKind, ParamSpec};
+pub use config::{ModelConfig, ParamInit, ParamKind, ParamName, ParamSpec};
 pub use init::{init_varmap, named_vars};
 pub use model::Model;
 pub use preprocess::Preprocessing;

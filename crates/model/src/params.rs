@@ -1,6 +1,7 @@
 //! The vocabulary every model family describes its tensors with: a name's kind (how an
-//! optimizer treats it), how it is initialized, its shape; and the size guard. A leaf
-//! module: the families and [`crate::config`] depend on it, it depends on none of them.
+//! optimizer treats it), how it is initialized, its shape; the one parser of the names
+//! ([`ParamName`]); and the size guard. A leaf module: the families and [`crate::config`]
+//! depend on it, it depends on none of them.
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,152 @@ impl ParamSpec {
     }
 }
 
+/// Where a residual block sits, from the first two segments of a parameter name
+/// (`layer{s}.{b}.…` in the ResNets, `blocks.{l}.…` in the theory network). Part of a
+/// [`ParamName`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockPos<'a> {
+    /// The name's first segment: `layer2`, `blocks`.
+    pub group: &'a str,
+    /// The stage s of a `layer{s}` group (1-based); `None` for any other group (the
+    /// theory network's `blocks`).
+    pub stage: Option<usize>,
+    /// The second segment: the block's index within its stage (0-based), or within the
+    /// network for a group without a stage.
+    pub index: usize,
+}
+
+/// A parameter name of any family split into its parts: the residual block it belongs
+/// to (if any), the module inside that block (or at the top level), and the leaf. Every
+/// family's names follow one scheme (see the crate docs' table), and this is its one
+/// parser: the optimizer's [`ParamKind`]s, the trainer's per-layer gradient norms
+/// ([`ParamName::layer`]) and the probe's per-block gradients
+/// ([`ParamName::block_index`], [`crate::ModelConfig::block_index`]) all read names
+/// through it.
+///
+/// Any string parses; a name the scheme does not describe simply has no block.
+///
+/// ```
+/// use tau_model::params::{BlockPos, ParamName};
+///
+/// let p = ParamName::parse("layer2.0.downsample.1.running_var");
+/// assert_eq!(p.block, Some(BlockPos { group: "layer2", stage: Some(2), index: 0 }));
+/// assert_eq!((p.module, p.leaf), ("downsample.1", "running_var"));
+/// assert_eq!(p.layer(), "layer2.0");
+/// // Stage 2 of a CIFAR ResNet-20 (3 blocks per stage) starts at block 3.
+/// assert_eq!(p.block_index(&[3, 3, 3]), Some(3));
+///
+/// let p = ParamName::parse("bn1.weight");
+/// assert_eq!((p.block, p.module, p.leaf, p.layer()), (None, "bn1", "weight", "bn1"));
+/// assert_eq!(ParamName::parse("blocks.7.weight").layer(), "blocks.7");
+/// assert_eq!(ParamName::parse("tau").layer(), "tau");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ParamName<'a> {
+    name: &'a str,
+    /// The residual block, when the second segment is an index (`layer1.2.…`,
+    /// `blocks.7.…`).
+    pub block: Option<BlockPos<'a>>,
+    /// The module owning the leaf, after the block if there is one: `conv1`, `bn2`,
+    /// `downsample.1`, `fc`; empty for a leaf directly in a block (`layer1.0.bias1a`) or
+    /// at the top level (`tau`).
+    pub module: &'a str,
+    /// The last segment: `weight`, `bias`, `running_mean`, `bias1a`, `tau`.
+    pub leaf: &'a str,
+}
+
+impl<'a> ParamName<'a> {
+    /// Splits `name` at its dots. Never fails: every string is some name.
+    pub fn parse(name: &'a str) -> Self {
+        let mut parts = name.splitn(3, '.');
+        let first = parts.next().unwrap_or(name);
+        let second = parts.next();
+        let block = second
+            .and_then(|s| s.parse::<usize>().ok())
+            .map(|index| BlockPos {
+                group: first,
+                stage: first
+                    .strip_prefix("layer")
+                    .and_then(|s| s.parse::<usize>().ok()),
+                index,
+            });
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        // What lies between the block (or the start) and the leaf.
+        let body = match (block, second) {
+            (Some(_), Some(second)) => name.get(first.len() + second.len() + 2..).unwrap_or(""),
+            _ => name,
+        };
+        let module = body.rsplit_once('.').map_or("", |(m, _)| m);
+        Self {
+            name,
+            block,
+            module,
+            leaf,
+        }
+    }
+
+    /// The whole name.
+    pub fn as_str(&self) -> &'a str {
+        self.name
+    }
+
+    /// The layer the name is grouped under in per-layer gradient norms: the block
+    /// (`layer2.3`, `blocks.7`) when there is one, else the first segment (`conv1`, `bn1`,
+    /// `fc`, `tau`).
+    pub fn layer(&self) -> &'a str {
+        let first = self.name.split('.').next().unwrap_or(self.name);
+        match self.name[first.len()..].strip_prefix('.') {
+            Some(rest) if self.block.is_some() => {
+                let second = rest.split('.').next().unwrap_or(rest);
+                &self.name[..first.len() + 1 + second.len()]
+            }
+            _ => first,
+        }
+    }
+
+    /// The 0-based index of the residual block over the whole network, for a network
+    /// with `stage_blocks[s − 1]` blocks in stage s: `layer{s}.{b}` is block b after the
+    /// blocks of the stages before s; `blocks.{l}` (one stage) is block l. `None` for a
+    /// name outside the blocks (the stem, the head, τ) or a block the network lacks.
+    pub fn block_index(&self, stage_blocks: &[usize]) -> Option<usize> {
+        let block = self.block?;
+        match block.stage {
+            Some(s) => {
+                let in_stage = *stage_blocks.get(s.checked_sub(1)?)?;
+                (block.index < in_stage)
+                    .then(|| stage_blocks[..s - 1].iter().sum::<usize>() + block.index)
+            }
+            None => (block.group == "blocks"
+                && stage_blocks.len() == 1
+                && block.index < stage_blocks[0])
+                .then_some(block.index),
+        }
+    }
+
+    /// Whether the leaf is a BatchNorm buffer: `running_mean`, `running_var`,
+    /// `num_batches_tracked`.
+    pub fn is_bn_buffer(&self) -> bool {
+        matches!(
+            self.leaf,
+            "running_mean" | "running_var" | "num_batches_tracked"
+        )
+    }
+
+    /// Whether the leaf is a no-BN scalar bias: `bias` followed by a digit and one more
+    /// character (`bias1a`, `bias3b`).
+    pub fn is_scalar_bias(&self) -> bool {
+        let l = self.leaf.as_bytes();
+        l.len() == 6 && self.leaf.starts_with("bias") && l[4].is_ascii_digit()
+    }
+
+    /// Whether the module is a BatchNorm: `bn…` (`bn1`, `layer1.0.bn2`) or a shortcut's
+    /// `downsample.1`.
+    pub fn in_batch_norm(&self) -> bool {
+        let last = self.module.rsplit('.').next().unwrap_or("");
+        last.starts_with("bn") || self.module.ends_with("downsample.1")
+    }
+}
+
 /// Total elements of a set of shapes, or an error when above [`MAX_ELEMENTS`]. Counts in
 /// u128 so that absurd configs cannot overflow.
 pub(crate) fn check_size(what: &str, elements: u128) -> candle::Result<()> {
@@ -88,4 +235,164 @@ pub(crate) fn check_size(what: &str, elements: u128) -> candle::Result<()> {
         )
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(group: &str, stage: Option<usize>, index: usize) -> Option<BlockPos<'_>> {
+        Some(BlockPos {
+            group,
+            stage,
+            index,
+        })
+    }
+
+    /// The real names of every family, taken apart.
+    #[test]
+    fn parses_the_names_of_every_family() {
+        type Case<'a> = (&'a str, Option<BlockPos<'a>>, &'a str, &'a str, &'a str);
+        let cases: &[Case] = &[
+            // theory
+            ("input.weight", None, "input", "weight", "input"),
+            (
+                "blocks.0.weight",
+                block("blocks", None, 0),
+                "",
+                "weight",
+                "blocks.0",
+            ),
+            (
+                "blocks.63.weight",
+                block("blocks", None, 63),
+                "",
+                "weight",
+                "blocks.63",
+            ),
+            ("output.weight", None, "output", "weight", "output"),
+            // CIFAR ResNet, with and without BatchNorm
+            ("conv1.weight", None, "conv1", "weight", "conv1"),
+            ("bn1.running_mean", None, "bn1", "running_mean", "bn1"),
+            (
+                "layer1.0.conv1.weight",
+                block("layer1", Some(1), 0),
+                "conv1",
+                "weight",
+                "layer1.0",
+            ),
+            (
+                "layer3.17.bn2.bias",
+                block("layer3", Some(3), 17),
+                "bn2",
+                "bias",
+                "layer3.17",
+            ),
+            (
+                "layer2.4.bias1a",
+                block("layer2", Some(2), 4),
+                "",
+                "bias1a",
+                "layer2.4",
+            ),
+            ("fc.weight", None, "fc", "weight", "fc"),
+            ("fc.bias", None, "fc", "bias", "fc"),
+            ("tau", None, "", "tau", "tau"),
+            // bottleneck ResNet
+            (
+                "layer4.0.downsample.0.weight",
+                block("layer4", Some(4), 0),
+                "downsample.0",
+                "weight",
+                "layer4.0",
+            ),
+            (
+                "layer4.0.downsample.1.num_batches_tracked",
+                block("layer4", Some(4), 0),
+                "downsample.1",
+                "num_batches_tracked",
+                "layer4.0",
+            ),
+            (
+                "layer3.22.bias3b",
+                block("layer3", Some(3), 22),
+                "",
+                "bias3b",
+                "layer3.22",
+            ),
+        ];
+        for &(name, blk, module, leaf, layer) in cases {
+            let p = ParamName::parse(name);
+            assert_eq!(p.as_str(), name);
+            assert_eq!(p.block, blk, "{name}");
+            assert_eq!(
+                (p.module, p.leaf, p.layer()),
+                (module, leaf, layer),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn odd_strings_parse_without_panicking() {
+        for name in [
+            "", ".", "..", "layer", "layer1", "layer1.", "layer1.0", "a..b", "é.1.ü",
+        ] {
+            let p = ParamName::parse(name);
+            assert_eq!(p.as_str(), name);
+            let _ = (p.layer(), p.block_index(&[1, 2]), p.in_batch_norm());
+        }
+        let p = ParamName::parse("layer1.0");
+        assert_eq!((p.layer(), p.module, p.leaf), ("layer1.0", "", "0"));
+        assert_eq!(ParamName::parse("").layer(), "");
+        assert_eq!(ParamName::parse("layer1.x.weight").block, None);
+        assert_eq!(ParamName::parse("layer1.x.weight").layer(), "layer1");
+    }
+
+    #[test]
+    fn block_index_counts_the_stages_before() {
+        let bottleneck50 = [3, 4, 6, 3];
+        let at = |name: &str, stages: &[usize]| ParamName::parse(name).block_index(stages);
+        assert_eq!(at("layer1.0.conv1.weight", &bottleneck50), Some(0));
+        assert_eq!(at("layer2.3.bn3.bias", &bottleneck50), Some(6));
+        assert_eq!(at("layer3.0.downsample.0.weight", &bottleneck50), Some(7));
+        assert_eq!(at("layer4.2.conv3.weight", &bottleneck50), Some(15));
+        // CIFAR ResNet-20: three stages of three blocks.
+        assert_eq!(at("layer3.2.bias2b", &[3, 3, 3]), Some(8));
+        // The theory network: one stage.
+        assert_eq!(at("blocks.5.weight", &[8]), Some(5));
+        // Outside the blocks, or beyond the network.
+        for name in [
+            "conv1.weight",
+            "bn1.weight",
+            "fc.bias",
+            "tau",
+            "input.weight",
+        ] {
+            assert_eq!(at(name, &bottleneck50), None, "{name}");
+        }
+        assert_eq!(at("layer1.3.conv1.weight", &bottleneck50), None);
+        assert_eq!(at("layer5.0.conv1.weight", &bottleneck50), None);
+        assert_eq!(at("layer0.0.conv1.weight", &bottleneck50), None);
+        assert_eq!(at("blocks.8.weight", &[8]), None);
+        assert_eq!(at("blocks.0.weight", &[3, 3, 3]), None);
+    }
+
+    #[test]
+    fn leaf_and_module_classes() {
+        let p = ParamName::parse;
+        assert!(p("layer1.0.bias1a").is_scalar_bias());
+        assert!(p("layer3.5.bias3b").is_scalar_bias());
+        assert!(!p("fc.bias").is_scalar_bias());
+        assert!(!p("layer1.0.biasxa").is_scalar_bias());
+        assert!(p("bn1.running_var").is_bn_buffer());
+        assert!(p("layer1.0.bn1.num_batches_tracked").is_bn_buffer());
+        assert!(!p("bn1.weight").is_bn_buffer());
+        assert!(p("bn1.weight").in_batch_norm());
+        assert!(p("layer2.0.bn2.bias").in_batch_norm());
+        assert!(p("layer4.0.downsample.1.weight").in_batch_norm());
+        assert!(!p("layer4.0.downsample.0.weight").in_batch_norm());
+        assert!(!p("conv1.weight").in_batch_norm());
+        assert!(!p("layer1.0.bias1a").in_batch_norm());
+    }
 }

@@ -10,7 +10,7 @@ use candle::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::params::{ParamInit, ParamKind, ParamSpec, check_size};
+use crate::params::{ParamInit, ParamKind, ParamName, ParamSpec, check_size};
 use crate::tau::TauRule;
 use tau_kernels::{
     add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, conv2d, conv2d_shifted,
@@ -156,22 +156,21 @@ pub(super) fn linear(c_in: usize, classes: usize, vb: VarBuilder) -> Result<Line
     Ok(Linear::new(w, Some(b)))
 }
 
-/// The ResNet naming scheme decides the kind from the name alone.
+/// The ResNet naming scheme decides the kind from the name alone (read through
+/// [`ParamName`]).
 pub(crate) fn param_kind(name: &str) -> ParamKind {
+    let p = ParamName::parse(name);
     if name == "tau" {
         return ParamKind::Tau;
     }
-    let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-    if matches!(leaf, "running_mean" | "running_var" | "num_batches_tracked") {
+    if p.is_bn_buffer() {
         return ParamKind::Buffer;
     }
-    if leaf.starts_with("bias") && leaf.len() == 6 && leaf.as_bytes()[4].is_ascii_digit() {
+    if p.is_scalar_bias() {
         return ParamKind::ScalarBias;
     }
-    let last = module.rsplit('.').next().unwrap_or("");
-    let is_bn = last.starts_with("bn") || module.ends_with("downsample.1");
-    match leaf {
-        "weight" | "bias" if is_bn => ParamKind::BnAffine,
+    match p.leaf {
+        "weight" | "bias" if p.in_batch_norm() => ParamKind::BnAffine,
         "weight" | "bias" => ParamKind::Weight,
         _ => ParamKind::Buffer,
     }

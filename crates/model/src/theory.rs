@@ -12,7 +12,7 @@ use candle::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::params::{ParamInit, ParamKind, ParamSpec, check_size};
+use crate::params::{ParamInit, ParamKind, ParamName, ParamSpec, check_size};
 use crate::tau::TauRule;
 
 /// Largest depth and width accepted (guards configs against unbounded allocation).
@@ -151,8 +151,14 @@ impl TheoryConfig {
             "input.weight" if self.train_a => ParamKind::Weight,
             "output.weight" if self.train_b => ParamKind::Weight,
             "input.weight" | "output.weight" => ParamKind::Frozen,
-            _ if name.starts_with("blocks.") && name.ends_with(".weight") => ParamKind::Weight,
-            _ => ParamKind::Buffer,
+            _ => {
+                let p = ParamName::parse(name);
+                if p.block.is_some_and(|b| b.group == "blocks") && p.leaf == "weight" {
+                    ParamKind::Weight
+                } else {
+                    ParamKind::Buffer
+                }
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle::Tensor;
 use serde::{Deserialize, Serialize};
+use tau_model::params::ParamName;
 use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use crate::config::{LossKind, OptimKind, Reduction, RunConfig};
@@ -227,14 +228,9 @@ pub fn total_steps(cfg: &RunConfig, n: usize) -> u64 {
 
 /// The name used for a parameter's layer in the per-layer gradient norms: the block
 /// (`layer2.3`, `blocks.7`) when the second name segment is an index, else the first
-/// segment (`conv1`, `fc`, `tau`).
+/// segment (`conv1`, `fc`, `tau`). See [`tau_model::params::ParamName::layer`].
 pub fn layer_of(name: &str) -> &str {
-    let mut parts = name.splitn(3, '.');
-    let first = parts.next().unwrap_or(name);
-    match parts.next() {
-        Some(second) if second.parse::<usize>().is_ok() => &name[..first.len() + 1 + second.len()],
-        _ => first,
-    }
+    ParamName::parse(name).layer()
 }
 
 /// Sorts names with numbers compared as numbers (`layer1.2` before `layer1.10`).
@@ -969,5 +965,40 @@ mod tests {
         let mut g = grads([3.0, 0.0], 16.0);
         clip_grad_norm(&o, &mut g, 6.0).unwrap();
         assert_eq!(values(&g), vec![3.0, 0.0, 16.0]);
+    }
+
+    /// Per-layer gradient norms group every family's parameters by block, the stem's and
+    /// head's by module, and sum the squares within a group.
+    #[test]
+    fn gradient_norms_group_by_layer() {
+        for (name, layer) in [
+            ("input.weight", "input"),
+            ("blocks.7.weight", "blocks.7"),
+            ("conv1.weight", "conv1"),
+            ("bn1.bias", "bn1"),
+            ("layer2.3.conv1.weight", "layer2.3"),
+            ("layer2.3.bias1a", "layer2.3"),
+            ("layer3.0.downsample.0.weight", "layer3.0"),
+            ("fc.bias", "fc"),
+            ("tau", "tau"),
+        ] {
+            assert_eq!(layer_of(name), layer, "{name}");
+        }
+        let names: Vec<String> = [
+            "layer1.0.conv1.weight",
+            "fc.weight",
+            "layer1.0.bias1a",
+            "tau",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let g = |v: &[f64]| Some(Tensor::new(v, &Device::Cpu).unwrap());
+        let grads = vec![g(&[3.0, 0.0]), g(&[1.0]), g(&[4.0]), None];
+        let n = grad_norms(&names, &grads).unwrap();
+        let layers: Vec<(&str, f64)> = n.layers.iter().map(|l| (l.name.as_str(), l.norm)).collect();
+        assert_eq!(layers, vec![("layer1.0", 5.0), ("fc", 1.0)]);
+        assert_eq!(n.param_sq, vec![9.0, 1.0, 16.0, 0.0]);
+        assert!((n.global - 26f64.sqrt()).abs() < 1e-12);
     }
 }

@@ -596,7 +596,7 @@ fn probe_resnet(
                 .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
             let mut per_block = vec![0f64; n_blocks];
             for (name, var) in data.iter() {
-                let Some(b) = block_index(&c, name) else {
+                let Some(b) = c.block_index(name) else {
                     continue;
                 };
                 if let Some(g) = grads.get(var.as_tensor()) {
@@ -633,22 +633,6 @@ fn probe_resnet(
         });
     }
     Ok(out)
-}
-
-/// The residual block (0-based, over all stages) a parameter belongs to: `layer{s}.{b}.…`.
-fn block_index(cfg: &ModelConfig, name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("layer")?;
-    let (stage, rest) = rest.split_once('.')?;
-    let (block, _) = rest.split_once('.')?;
-    let stage: usize = stage.parse().ok()?;
-    let block: usize = block.parse().ok()?;
-    let per_stage: Vec<usize> = match cfg {
-        ModelConfig::CifarResnet(c) => vec![c.blocks_per_stage(); 3],
-        ModelConfig::BottleneckResnet(c) => c.stage_blocks().to_vec(),
-        ModelConfig::Theory(_) => return None,
-    };
-    let before: usize = per_stage.iter().take(stage.checked_sub(1)?).sum();
-    Some(before + block)
 }
 
 #[cfg(test)]
