@@ -40,7 +40,21 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Restores the default action of SIGPIPE (Rust ignores it, so that `println!` panics
+/// on a closed pipe): `cargo xtask … | head` then ends xtask quietly, like other tools.
+#[cfg(unix)]
+fn reset_sigpipe() {
+    unsafe extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    // SAFETY: signal(2) with SIGPIPE (13 on Linux and macOS) and SIG_DFL (0), before any
+    // other thread exists.
+    unsafe { signal(13, 0) };
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    reset_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sweep(args) => sweep::run(*args),

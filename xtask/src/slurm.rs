@@ -1,9 +1,12 @@
 //! `cargo xtask sweep CONFIG --slurm` and `--status`: a sweep as one Slurm job array.
 //!
-//! `runs/<sweep>/slurm/` holds the job script (`sweep.sbatch`, array task i runs point i),
-//! the index of array ids to points (`index.tsv`), the submitted jobs (`jobs.json`) and
-//! Slurm's own logs (`logs/`). Each task runs `tau-resnet` into the same point folder a
-//! local sweep uses, so `cargo xtask report` and a later local run read the same records.
+//! `runs/<sweep>/slurm/` holds the job script (`sweep.sbatch`, array task i runs the point
+//! of line i of `index.tsv`; the deepest points have the lowest ids, so they start first),
+//! the submitted jobs with the point of each of their array ids (`jobs.json`), the
+//! settings of the last submission (`settings.json`), the copies of `tau-resnet` the tasks
+//! run (`bin/`, one per binary content, never overwritten) and Slurm's own logs (`logs/`).
+//! Each task runs `tau-resnet` into the same point folder a local sweep uses, so
+//! `cargo xtask report` and a later local run read the same records.
 //!
 //! Nothing finished runs twice: a task whose point already holds a result exits at once,
 //! and a resubmission submits only points without a result that are not queued. A task
@@ -13,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -28,6 +31,12 @@ pub const SCRIPT_FILE: &str = "sweep.sbatch";
 pub const INDEX_FILE: &str = "index.tsv";
 /// The submitted jobs under `runs/<sweep>/slurm/`.
 pub const JOBS_FILE: &str = "jobs.json";
+/// The settings of the last submission under `runs/<sweep>/slurm/`.
+pub const SETTINGS_FILE: &str = "settings.json";
+/// The folder of the binaries the tasks run, under `runs/<sweep>/slurm/`.
+pub const BIN_DIR: &str = "bin";
+/// The largest `signal_before_s` sbatch takes (`--signal=…@time`, 0 to 65535).
+pub const MAX_SIGNAL_BEFORE_S: u32 = 65535;
 /// Seconds before the time limit at which a task is told to checkpoint, by default.
 pub const DEFAULT_SIGNAL_BEFORE_S: u32 = 120;
 
@@ -158,7 +167,23 @@ impl SlurmSettings {
                     "slurm option `{extra}`: an #SBATCH option starts with `-`, e.g. --constraint=a100"
                 );
             }
+            // Every script has `--ntasks=1` (one tau-resnet process per array task).
+            match ntasks_value(line) {
+                Some("1") => continue,
+                Some(_) => bail!(
+                    "slurm option `{extra}`: each array task runs one tau-resnet process, and the \
+                     job script always sets --ntasks=1; leave the task count out"
+                ),
+                None => {}
+            }
             out.push(line.to_string());
+        }
+        if let Some(s) = self.signal_before_s
+            && s > MAX_SIGNAL_BEFORE_S
+        {
+            bail!(
+                "slurm signal_before_s {s}: sbatch's --signal takes 0 to {MAX_SIGNAL_BEFORE_S} seconds"
+            );
         }
         if self.cpus_per_task == Some(0) {
             bail!("slurm cpus_per_task: must be at least 1");
@@ -173,6 +198,136 @@ impl SlurmSettings {
         }
         Ok(out)
     }
+}
+
+/// `settings.json`: the settings the last submission used and the config's `[slurm]`
+/// table they were made from, so that a later `--slurm` call without options submits
+/// with the same settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredSettings {
+    /// The effective settings of the last submission.
+    pub settings: SlurmSettings,
+    /// The config's `[slurm]` table at that submission.
+    pub config: SlurmSettings,
+}
+
+/// The settings stored under `slurm_dir` by the last submission (none before the first).
+///
+/// # Errors
+/// An unreadable or invalid `settings.json`.
+pub fn read_stored_settings(slurm_dir: &Path) -> anyhow::Result<Option<StoredSettings>> {
+    let path = slurm_dir.join(SETTINGS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).with_context(|| {
+            format!(
+                "parsing {} (delete it to start from the config's [slurm] table)",
+                path.display()
+            )
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The `[slurm]` keys given on the command line.
+fn cli_keys(cli: &SlurmArgs) -> BTreeSet<&'static str> {
+    [
+        ("partition", cli.partition.is_some()),
+        ("account", cli.account.is_some()),
+        ("qos", cli.qos.is_some()),
+        ("time", cli.time.is_some()),
+        ("mem", cli.mem.is_some()),
+        ("cpus_per_task", cli.cpus_per_task.is_some()),
+        ("gpus_per_task", cli.gpus_per_task.is_some()),
+        ("throttle", cli.throttle.is_some()),
+        ("signal_before_s", cli.signal_before.is_some()),
+        ("sbatch", !cli.sbatch.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(k, given)| given.then_some(k))
+    .collect()
+}
+
+fn settings_map(s: &SlurmSettings) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// The settings of a `--slurm` call, and the `key = value` of each setting taken over
+/// from the last submission (`stored`) that the config's table alone would not give.
+///
+/// Key by key: an option on the command line wins; otherwise, where the config's
+/// `[slurm]` table still holds what it held at the last submission, the last
+/// submission's value (which may have come from its command line); otherwise (the key
+/// was changed in the table since) the table's. `--sbatch` options on the command line
+/// replace the extra options of the last submission: the table's `sbatch` list followed
+/// by the command line's, as in a first submission.
+///
+/// # Errors
+/// Stored settings that do not read back (cannot happen with files xtask wrote).
+pub fn effective_settings(
+    config: &SlurmSettings,
+    stored: Option<&StoredSettings>,
+    cli: &SlurmArgs,
+) -> anyhow::Result<(SlurmSettings, Vec<String>)> {
+    let Some(stored) = stored else {
+        return Ok((config.overridden_by(cli), Vec::new()));
+    };
+    let now = settings_map(config);
+    let then = settings_map(&stored.config);
+    let last = settings_map(&stored.settings);
+    let given = cli_keys(cli);
+    let mut merged = now.clone();
+    let mut reused = Vec::new();
+    let keys: BTreeSet<&String> = now.keys().chain(then.keys()).chain(last.keys()).collect();
+    for key in keys {
+        if now.get(key) != then.get(key) {
+            continue;
+        }
+        match last.get(key) {
+            Some(v) => merged.insert(key.clone(), v.clone()),
+            None => merged.remove(key),
+        };
+        if last.get(key) != now.get(key) && !given.contains(key.as_str()) {
+            reused.push(key.clone());
+        }
+    }
+    let mut base: SlurmSettings = serde_json::from_value(serde_json::Value::Object(merged))
+        .context("the stored settings of the last submission")?;
+    if !cli.sbatch.is_empty() {
+        base.sbatch.clone_from(&config.sbatch);
+    }
+    let settings = base.overridden_by(cli);
+    let shown = settings_map(&settings);
+    let reused = reused
+        .into_iter()
+        .map(|k| match shown.get(&k) {
+            Some(v) => format!("{k} = {v}"),
+            None => format!("{k} unset"),
+        })
+        .collect();
+    Ok((settings, reused))
+}
+
+/// The task count an extra `#SBATCH` option sets (`--ntasks=N`, `--ntasks N`, `-n N`,
+/// `-nN`), or `None` for other options.
+fn ntasks_value(option: &str) -> Option<&str> {
+    let value = if let Some(rest) = option.strip_prefix("--ntasks") {
+        if let Some(v) = rest.strip_prefix('=') {
+            v
+        } else if rest.starts_with(char::is_whitespace) {
+            rest
+        } else {
+            // --ntasks-per-node and the like.
+            return None;
+        }
+    } else {
+        option.strip_prefix("-n")?
+    };
+    Some(value.trim())
 }
 
 fn check_value(flag: &str, value: &str) -> anyhow::Result<()> {
@@ -239,8 +394,26 @@ pub fn parse_ranges(text: &str) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
-/// `index.tsv`: one line per point, its array id (its place in the grid), its folder
-/// name and its axis values.
+/// A point's depth: the integer value of its axis whose key ends in `depth`, 0 without one.
+fn point_depth(p: &Point) -> i64 {
+    p.values
+        .iter()
+        .find(|(k, _)| k.rsplit('.').next() == Some("depth"))
+        .and_then(|(_, v)| v.as_integer())
+        .unwrap_or(0)
+}
+
+/// The points in array order, array id i being the i-th: the deepest first, as a local
+/// sweep starts them (Slurm starts the pending tasks of an array lowest id first, so with
+/// a throttle the longest runs start early), in grid order among equal depths.
+pub fn array_order(points: &[Point]) -> Vec<Point> {
+    let mut out = points.to_vec();
+    out.sort_by_key(|p| std::cmp::Reverse(point_depth(p)));
+    out
+}
+
+/// `index.tsv`: one line per point of `points` (in array order, [`array_order`]), its
+/// array id, its folder name and its axis values.
 pub fn index_tsv(spec: &SweepSpec, points: &[Point]) -> String {
     let mut out = String::from("array_id\tpoint");
     for a in &spec.axes {
@@ -259,8 +432,8 @@ pub fn index_tsv(spec: &SweepSpec, points: &[Point]) -> String {
     out
 }
 
-/// The job array script: task i runs point i of `points` into `root/<point>` with `bin`,
-/// as a local sweep would.
+/// The job array script: task i runs point i of `points` (in array order) into
+/// `root/<point>` with `bin`, as a local sweep would.
 ///
 /// # Errors
 /// Invalid settings ([`SlurmSettings::sbatch_options`]) or paths that are not UTF-8.
@@ -310,6 +483,8 @@ pub fn job_script(
     let _ = writeln!(s, "#SBATCH --output={logs_s}/%A_%a.out");
     let _ = writeln!(s, "#SBATCH --open-mode=append");
     let _ = writeln!(s, "#SBATCH --requeue");
+    // One tau-resnet process per task; --gpus-per-task needs an explicit task count.
+    let _ = writeln!(s, "#SBATCH --ntasks=1");
     let _ = writeln!(s, "#SBATCH --signal=B:USR1@{warn}");
     for o in settings.sbatch_options()? {
         let _ = writeln!(s, "#SBATCH {o}");
@@ -426,10 +601,48 @@ exit "$code"
 pub struct Submission {
     /// The array's job id.
     pub job_id: String,
-    /// The array ids (points) submitted, as an `--array` list.
+    /// The array ids submitted, as an `--array` list.
     pub array: String,
     /// Seconds since the Unix epoch.
     pub submitted_unix: u64,
+    /// The point (folder name) of each array id submitted. Array ids are read through
+    /// this, never against the current grid, which may have changed since. Empty in a
+    /// `jobs.json` from before it was recorded: then the ids are places in the grid.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub points: BTreeMap<usize, String>,
+}
+
+impl Submission {
+    /// `(array id, point)` of every task of this submission; `grid` (the current grid's
+    /// point names) only serves a submission recorded without its points.
+    pub fn tasks(&self, grid: &[String]) -> Vec<(usize, String)> {
+        if !self.points.is_empty() {
+            return self.points.iter().map(|(id, p)| (*id, p.clone())).collect();
+        }
+        parse_ranges(&self.array)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|id| grid.get(id).map(|p| (id, p.clone())))
+            .collect()
+    }
+}
+
+/// The points of the given live tasks (squeue), through the submissions that hold them.
+pub fn points_of_tasks(
+    submissions: &[Submission],
+    grid: &[String],
+    tasks: &[TaskState],
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for sub in submissions {
+        let by_id: BTreeMap<usize, String> = sub.tasks(grid).into_iter().collect();
+        for t in tasks.iter().filter(|t| t.job_id == sub.job_id) {
+            if let Some(p) = by_id.get(&t.task) {
+                out.insert(p.clone());
+            }
+        }
+    }
+    out
 }
 
 /// The submissions recorded under `slurm_dir` (none when there is no `jobs.json`).
@@ -574,11 +787,12 @@ pub fn status_rows(
     queue: &[TaskState],
     acct: &[TaskState],
 ) -> Vec<StatusRow> {
-    // The last submission of each point.
-    let mut last_job: BTreeMap<usize, &str> = BTreeMap::new();
+    // The last task of each point, by name: (job id, array id).
+    let grid: Vec<String> = states.iter().map(|s| s.point.name.clone()).collect();
+    let mut last_task: BTreeMap<String, (&str, usize)> = BTreeMap::new();
     for sub in submissions {
-        for i in parse_ranges(&sub.array).unwrap_or_default() {
-            last_job.insert(i, &sub.job_id);
+        for (id, point) in sub.tasks(&grid) {
+            last_task.insert(point, (sub.job_id.as_str(), id));
         }
     }
     let find = |list: &[TaskState], job: &str, i: usize| {
@@ -589,18 +803,17 @@ pub fn status_rows(
     };
     states
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let job = last_job.get(&i).copied();
-            let live = job.and_then(|j| find(queue, j, i));
-            let ended = job.and_then(|j| find(acct, j, i));
+        .map(|s| {
+            let job = last_task.get(&s.point.name).copied();
+            let live = job.and_then(|(j, i)| find(queue, j, i));
+            let ended = job.and_then(|(j, i)| find(acct, j, i));
             let task = live.clone().or_else(|| ended.clone());
             let slurm = match (&task, job) {
                 (Some(t), _) if t.state == "PENDING" || live.is_some() => {
-                    format!("{}_{i} {}", t.job_id, t.state)
+                    format!("{}_{} {}", t.job_id, t.task, t.state)
                 }
-                (Some(t), _) => format!("{}_{i} {} exit {}", t.job_id, t.state, t.detail),
-                (None, Some(j)) => format!("{j}_{i}"),
+                (Some(t), _) => format!("{}_{} {} exit {}", t.job_id, t.task, t.state, t.detail),
+                (None, Some((j, i))) => format!("{j}_{i}"),
                 (None, None) => String::new(),
             };
             let (state, note) = if s.status.is_done() {
@@ -737,10 +950,76 @@ pub struct Submitted {
     pub job_id: Option<String>,
     /// The array ids submitted (or that would be).
     pub ids: Vec<usize>,
+    /// The copy of `tau-resnet` the tasks run.
+    pub bin: PathBuf,
 }
 
-/// Writes `root/slurm/` for the sweep and submits the points that have no result and are
-/// not queued as one job array (without `dry_run`).
+/// Copies `bin` to `slurm_dir/bin/tau-resnet-<hash of its content>`, unless a copy of
+/// that content is there already, and returns the copy. A copy is never overwritten, so
+/// the tasks of an earlier submission keep running the binary they were submitted with
+/// whatever is rebuilt or copied later.
+///
+/// # Errors
+/// I/O errors.
+pub fn stage_binary(bin: &Path, slurm_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::hash::Hasher as _;
+    let bytes = std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
+    // SipHash with fixed keys: the same content gets the same name (a Rust release that
+    // changed the hash would only make one more copy).
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(&bytes);
+    let dir = slurm_dir.join(BIN_DIR);
+    let copy = dir.join(format!(
+        "tau-resnet-{:016x}{}",
+        h.finish(),
+        std::env::consts::EXE_SUFFIX
+    ));
+    if std::fs::metadata(&copy).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return Ok(copy);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".copy-{}", std::process::id()));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let perms = std::fs::metadata(bin)
+        .with_context(|| format!("reading {}", bin.display()))?
+        .permissions();
+    std::fs::set_permissions(&tmp, perms)
+        .with_context(|| format!("setting the permissions of {}", tmp.display()))?;
+    std::fs::rename(&tmp, &copy).with_context(|| format!("creating {}", copy.display()))?;
+    Ok(copy)
+}
+
+/// Which points to submit: the array ids (places in `order`, the array order) of the
+/// points that have no result (or all, with `force`) and are not `queued`; and how many
+/// were left out for having a result and for being queued.
+pub fn select_points(
+    order: &[Point],
+    states: &[PointState],
+    queued: &BTreeSet<String>,
+    force: bool,
+) -> (Vec<usize>, usize, usize) {
+    let mut ids = Vec::new();
+    let (mut done, mut in_queue) = (0, 0);
+    for (id, p) in order.iter().enumerate() {
+        let has_result = states
+            .iter()
+            .find(|s| s.point.name == p.name)
+            .is_some_and(|s| s.status.is_done());
+        if queued.contains(&p.name) {
+            in_queue += 1;
+        } else if has_result && !force {
+            done += 1;
+        } else {
+            ids.push(id);
+        }
+    }
+    (ids, done, in_queue)
+}
+
+/// Writes `root/slurm/` for the sweep (the script runs a copy of `bin` under
+/// `slurm/bin/`) and submits the points that have no result and are not queued as one
+/// job array (without `dry_run`); then records the submission in `jobs.json` and its
+/// settings in `settings.json`.
 ///
 /// # Errors
 /// Invalid settings, I/O errors, squeue or sbatch failing.
@@ -752,20 +1031,22 @@ pub fn submit(
     force: bool,
     dry_run: bool,
 ) -> anyhow::Result<Submitted> {
-    let points = spec.points()?;
+    let grid = spec.points()?;
+    let grid_names: Vec<String> = grid.iter().map(|p| p.name.clone()).collect();
+    let order = array_order(&grid);
     let slurm_dir = root.join("slurm");
     let states = records::read_sweep(spec, root)?;
     let submissions = read_submissions(&slurm_dir)?;
     let job_ids: Vec<String> = submissions.iter().map(|s| s.job_id.clone()).collect();
-    let queued: BTreeSet<usize> = if job_ids.is_empty() {
+    let queued: BTreeSet<String> = if job_ids.is_empty() {
         BTreeSet::new()
     } else {
         match query_queue(&job_ids) {
-            Ok(tasks) => tasks
-                .iter()
-                .filter(|t| is_live(&t.state))
-                .map(|t| t.task)
-                .collect(),
+            Ok(tasks) => {
+                let live: Vec<TaskState> =
+                    tasks.into_iter().filter(|t| is_live(&t.state)).collect();
+                points_of_tasks(&submissions, &grid_names, &live)
+            }
             Err(err) if dry_run => {
                 eprintln!("note: cannot tell which points are queued: {err:#}");
                 BTreeSet::new()
@@ -777,40 +1058,40 @@ pub fn submit(
             }
         }
     };
-    let mut ids = Vec::new();
-    let (mut done, mut in_queue) = (0, 0);
-    for (i, s) in states.iter().enumerate() {
-        if queued.contains(&i) {
-            in_queue += 1;
-        } else if s.status.is_done() && !force {
-            done += 1;
-        } else {
-            ids.push(i);
-        }
-    }
-    let script = job_script(spec, settings, root, bin, &points)?;
+    let (ids, done, in_queue) = select_points(&order, &states, &queued, force);
+    let staged = stage_binary(bin, &slurm_dir)?;
+    let script = job_script(spec, settings, root, &staged, &order)?;
     crate::sweep::write_sweep_files(spec, root)?;
     write_atomic(&slurm_dir.join(SCRIPT_FILE), script.as_bytes())?;
     write_atomic(
         &slurm_dir.join(INDEX_FILE),
-        index_tsv(spec, &points).as_bytes(),
+        index_tsv(spec, &order).as_bytes(),
     )?;
     let logs = slurm_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     for &i in &ids {
-        crate::sweep::prepare_point(spec, &points[i], &root.join(&points[i].name), force)?;
+        crate::sweep::prepare_point(spec, &order[i], &root.join(&order[i].name), force)?;
     }
     println!(
         "sweep `{}`: {} points ({done} with a result, {in_queue} queued or running), {} to submit",
         spec.name,
-        points.len(),
+        order.len(),
         ids.len()
     );
     println!("wrote {}", slurm_dir.join(SCRIPT_FILE).display());
     println!("wrote {}", slurm_dir.join(INDEX_FILE).display());
+    println!(
+        "tasks run {} (a copy of {}, kept as is for queued tasks)",
+        staged.display(),
+        bin.display()
+    );
     if ids.is_empty() {
         println!("nothing to submit");
-        return Ok(Submitted { job_id: None, ids });
+        return Ok(Submitted {
+            job_id: None,
+            ids,
+            bin: staged,
+        });
     }
     let mut array = array_ranges(&ids);
     let submitted_array = array.clone();
@@ -825,7 +1106,11 @@ pub fn submit(
     println!("sbatch {}", args.join(" "));
     if dry_run {
         println!("dry run: not submitted");
-        return Ok(Submitted { job_id: None, ids });
+        return Ok(Submitted {
+            job_id: None,
+            ids,
+            bin: staged,
+        });
     }
     let out = slurm_command("sbatch", &args).context("submitting the job array")?;
     // --parsable prints `jobid` or `jobid;cluster`.
@@ -843,14 +1128,24 @@ pub fn submit(
         submitted_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        points: ids.iter().map(|&i| (i, order[i].name.clone())).collect(),
     });
     write_atomic(
         &slurm_dir.join(JOBS_FILE),
         serde_json::to_string_pretty(&all)?.as_bytes(),
     )?;
+    let stored = StoredSettings {
+        settings: settings.clone(),
+        config: spec.slurm.clone(),
+    };
+    write_atomic(
+        &slurm_dir.join(SETTINGS_FILE),
+        serde_json::to_string_pretty(&stored)?.as_bytes(),
+    )?;
     Ok(Submitted {
         job_id: Some(job_id),
         ids,
+        bin: staged,
     })
 }
 

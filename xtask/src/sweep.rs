@@ -46,6 +46,10 @@ pub struct SweepArgs {
     /// Do not run `cargo build` for tau-resnet first.
     #[arg(long)]
     pub no_build: bool,
+    /// Cargo features for the tau-resnet build xtask runs first (passed to
+    /// `cargo build --features`), e.g. --features cuda for a sweep on GPUs.
+    #[arg(long, value_name = "FEATURES", conflicts_with_all = ["bin", "no_build"])]
+    pub features: Option<String>,
     /// List the points and what would run, and stop. With --slurm: write the job script
     /// and index under runs/<sweep>/slurm/ but do not submit.
     #[arg(long)]
@@ -94,23 +98,34 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.slurm {
-        let settings = spec.slurm.overridden_by(&args.slurm_opts);
-        // Check the settings before building anything.
+        let root = std::path::absolute(runs_dir.join(&spec.name))
+            .with_context(|| format!("resolving {}", runs_dir.display()))?;
+        let stored = slurm::read_stored_settings(&root.join("slurm"))?;
+        let (settings, reused) =
+            slurm::effective_settings(&spec.slurm, stored.as_ref(), &args.slurm_opts)?;
+        if !reused.is_empty() {
+            println!(
+                "settings of the last submission reused ({}): {}; options on the command line replace them",
+                root.join("slurm").join(slurm::SETTINGS_FILE).display(),
+                reused.join(", ")
+            );
+        }
+        // Check the settings and the build before building anything.
         settings.sbatch_options()?;
+        check_cuda_build(&spec, &args)?;
         let bin = find_binary(&args)?;
         let bin =
             std::path::absolute(&bin).with_context(|| format!("resolving {}", bin.display()))?;
         std::fs::create_dir_all(&runs_dir)
             .with_context(|| format!("creating {}", runs_dir.display()))?;
-        let root = std::path::absolute(runs_dir.join(&spec.name))
-            .with_context(|| format!("resolving {}", runs_dir.display()))?;
         let states = records::read_sweep(&spec, &root)?;
         check_same_base(&spec, &root, &states, args.force)?;
         let sub = slurm::submit(&spec, &settings, &root, &bin, args.force, args.dry_run)?;
         if let Some(job) = sub.job_id {
             println!(
-                "submitted job array {job} ({} points); follow it with `cargo xtask sweep {} --status`",
+                "submitted job array {job} ({} points, running {}); follow it with `cargo xtask sweep {} --status`",
                 sub.ids.len(),
+                sub.bin.display(),
                 args.config
                     .as_deref()
                     .map_or_else(|| "CONFIG".to_string(), |p| p.display().to_string())
@@ -175,17 +190,56 @@ impl SweepOutcome {
 
 /// Builds the release `tau-resnet` binary with the cargo running xtask.
 pub(crate) fn build_tau_resnet() -> anyhow::Result<()> {
+    build_tau_resnet_with(None)
+}
+
+/// The arguments of the `cargo build` of `tau-resnet`, with `features` if given.
+fn build_args(features: Option<&str>) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "build",
+        "--release",
+        "-p",
+        "tau-train",
+        "--bin",
+        "tau-resnet",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(f) = features {
+        a.extend(["--features".to_string(), f.to_string()]);
+    }
+    a
+}
+
+/// Refuses a `--slurm` sweep whose base config runs on CUDA when xtask is about to build
+/// `tau-resnet` without the `cuda` feature (the tasks would all fail opening the GPU).
+fn check_cuda_build(spec: &SweepSpec, args: &SweepArgs) -> anyhow::Result<()> {
+    let on_cuda = spec
+        .base
+        .get("device")
+        .and_then(|d| d.as_str())
+        .is_some_and(|d| d.starts_with("cuda"));
+    let cuda_feature = args
+        .features
+        .as_deref()
+        .is_some_and(|f| f.split([',', ' ']).any(|f| f.trim() == "cuda"));
+    if on_cuda && args.bin.is_none() && !args.no_build && !cuda_feature {
+        bail!(
+            "the sweep runs on device = \"cuda\", but without --features cuda xtask would build \
+             a CPU-only tau-resnet for the tasks: pass --features cuda (or --bin a CUDA build)"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the release `tau-resnet` binary with the cargo running xtask, with the given
+/// cargo features.
+pub(crate) fn build_tau_resnet_with(features: Option<&str>) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building tau-resnet (cargo build --release -p tau-train --bin tau-resnet)");
+    let args = build_args(features);
+    eprintln!("building tau-resnet (cargo {})", args.join(" "));
     let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "tau-train",
-            "--bin",
-            "tau-resnet",
-        ])
+        .args(&args)
         .current_dir(workspace_root())
         .status()
         .context("running cargo build for tau-resnet")?;
@@ -204,7 +258,7 @@ fn find_binary(args: &SweepArgs) -> anyhow::Result<PathBuf> {
     }
     let exe_name = format!("tau-resnet{}", std::env::consts::EXE_SUFFIX);
     if !args.no_build {
-        build_tau_resnet()?;
+        build_tau_resnet_with(args.features.as_deref())?;
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe()
@@ -658,6 +712,7 @@ exit 0
             runs_dir: None,
             bin: None,
             no_build: true,
+            features: None,
             dry_run: false,
             slurm: false,
             status: false,
@@ -809,6 +864,30 @@ exit 0
         changed.base.insert("seed".into(), toml::Value::Integer(5));
         let err = run_sweep(&changed, tmp.path(), &bin, &args(false), &stop).unwrap_err();
         assert!(err.to_string().contains("--force"), "{err}");
+    }
+
+    #[test]
+    fn the_build_takes_cargo_features_and_a_cuda_sweep_asks_for_them() {
+        assert_eq!(
+            build_args(Some("cuda")).join(" "),
+            "build --release -p tau-train --bin tau-resnet --features cuda"
+        );
+        assert!(!build_args(None).contains(&"--features".to_string()));
+        let mut cuda = spec("4");
+        cuda.base.insert("device".into(), "cuda".into());
+        let mut a = args(false);
+        a.no_build = false;
+        let err = check_cuda_build(&cuda, &a).unwrap_err();
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+        a.features = Some("cuda".into());
+        check_cuda_build(&cuda, &a).unwrap();
+        // A CPU sweep, a binary given or no build: nothing to say.
+        check_cuda_build(&spec("4"), &args(false)).unwrap();
+        let mut given = args(false);
+        given.no_build = false;
+        given.bin = Some(PathBuf::from("/x/tau-resnet-cuda"));
+        check_cuda_build(&cuda, &given).unwrap();
+        check_cuda_build(&cuda, &args(false)).unwrap();
     }
 
     #[test]

@@ -195,9 +195,16 @@ fn slurm_sweep_with_a_cancelled_task_matches_a_local_run() {
     assert!(cancelled_row.contains("interrupted"), "{status}");
     assert!(status.contains("1 interrupted"), "{status}");
 
-    // Resubmitting runs only the cancelled point, which resumes from its checkpoint.
-    let out = run(sweep(&cluster).args(["--slurm", "--cpus-per-task", "1"]));
+    // Resubmitting runs only the cancelled point, which resumes from its checkpoint,
+    // with the settings of the first submission although none is given now.
+    let out = run(sweep(&cluster).arg("--slurm"));
     assert!(out.contains("1 to submit"), "{out}");
+    assert!(
+        out.contains("settings of the last submission reused") && out.contains("cpus_per_task = 1"),
+        "{out}"
+    );
+    let script = std::fs::read_to_string(root.join("slurm/sweep.sbatch")).expect("script");
+    assert!(script.contains("\n#SBATCH --cpus-per-task=1\n"), "{script}");
     assert!(out.contains(&format!("--array={} ", cancelled.0)), "{out}");
     let job2 = last_job(&root);
     assert_ne!(job, job2);
@@ -227,7 +234,7 @@ fn slurm_sweep_with_a_cancelled_task_matches_a_local_run() {
             assert_eq!(log.lines().count(), 1, "{}: {log}", dir.display());
         }
     }
-    let out = run(sweep(&cluster).args(["--slurm", "--cpus-per-task", "1"]));
+    let out = run(sweep(&cluster).arg("--slurm"));
     assert!(out.contains("nothing to submit"), "{out}");
     run(xtask().arg("report").arg(&root));
 
@@ -240,4 +247,29 @@ fn slurm_sweep_with_a_cancelled_task_matches_a_local_run() {
         "results.csv differs between the local and the Slurm run"
     );
     eprintln!("slurm sweep test: {:.0} s", start.elapsed().as_secs_f64());
+}
+
+/// `cargo xtask … | head`: a closed stdout ends xtask as it ends other tools (SIGPIPE),
+/// not with a panic. Needs no Slurm: `--status` of a sweep never submitted.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_xtask_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sweep-slurm-tiny.toml");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = xtask()
+        .arg("sweep")
+        .arg(&cfg)
+        .arg("--status")
+        .arg("--runs-dir")
+        .arg(tmp.path())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("xtask runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
 }

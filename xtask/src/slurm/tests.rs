@@ -97,23 +97,179 @@ fn config_table_and_command_line_combine() {
 }
 
 #[test]
-fn index_maps_array_ids_to_points() {
+fn index_maps_array_ids_to_points_deepest_first() {
     let spec = spec();
-    let idx = index_tsv(&spec, &spec.points().unwrap());
+    let idx = index_tsv(&spec, &array_order(&spec.points().unwrap()));
     assert_eq!(
         idx,
         "array_id\tpoint\tmodel.depth\tmodel.tau\n\
-         0\tdepth-4_tau-1_sqrt_L\t4\t1/sqrt(L)\n\
-         1\tdepth-4_tau-1\t4\t1\n\
-         2\tdepth-8_tau-1_sqrt_L\t8\t1/sqrt(L)\n\
-         3\tdepth-8_tau-1\t8\t1\n"
+         0\tdepth-8_tau-1_sqrt_L\t8\t1/sqrt(L)\n\
+         1\tdepth-8_tau-1\t8\t1\n\
+         2\tdepth-4_tau-1_sqrt_L\t4\t1/sqrt(L)\n\
+         3\tdepth-4_tau-1\t4\t1\n"
     );
+    // Equal depths keep their grid order.
+    let text = "name = \"d\"\ncommand = \"train\"\n[grid]\nseed = [0, 1]\n\"model.depth\" = [20, 1202, 56]\n";
+    let spec = SweepSpec::from_str_in(text, Path::new(".")).unwrap();
+    let names: Vec<String> = array_order(&spec.points().unwrap())
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "depth-1202_seed-0",
+            "depth-1202_seed-1",
+            "depth-56_seed-0",
+            "depth-56_seed-1",
+            "depth-20_seed-0",
+            "depth-20_seed-1"
+        ]
+    );
+}
+
+#[test]
+fn extra_task_counts_and_out_of_range_signal_times_are_handled() {
+    let with = |sbatch: &[&str]| SlurmSettings {
+        sbatch: sbatch.iter().map(|s| (*s).to_string()).collect(),
+        ..SlurmSettings::default()
+    };
+    // The script sets --ntasks=1 itself: an extra one is dropped, another count refused.
+    assert_eq!(
+        with(&[
+            "--ntasks=1",
+            "-n 1",
+            "#SBATCH --ntasks 1",
+            "--ntasks-per-node=1"
+        ])
+        .sbatch_options()
+        .unwrap(),
+        ["--ntasks-per-node=1"]
+    );
+    for bad in ["--ntasks=2", "-n4", "--ntasks 8"] {
+        let err = format!("{:#}", with(&[bad]).sbatch_options().unwrap_err());
+        assert!(err.contains("--ntasks=1"), "{bad}: {err}");
+    }
+    let signal = |s: u32| SlurmSettings {
+        signal_before_s: Some(s),
+        ..SlurmSettings::default()
+    };
+    signal(0).sbatch_options().unwrap();
+    signal(65535).sbatch_options().unwrap();
+    let err = format!("{:#}", signal(65536).sbatch_options().unwrap_err());
+    assert!(err.contains("0 to 65535"), "{err}");
+}
+
+fn cli(f: impl FnOnce(&mut SlurmArgs)) -> SlurmArgs {
+    let mut a = SlurmArgs::default();
+    f(&mut a);
+    a
+}
+
+#[test]
+fn a_later_submission_reuses_the_settings_of_the_last_one() {
+    let table = SlurmSettings {
+        time: Some("01:00:00".into()),
+        setup: vec!["module load cuda".into()],
+        ..SlurmSettings::default()
+    };
+    // The first submission: the table and its command line.
+    let first = cli(|a| {
+        a.partition = Some("gpu".into());
+        a.gpus_per_task = Some("1".into());
+        a.throttle = Some(4);
+        a.sbatch = vec!["--constraint=a100".into()];
+    });
+    let (s1, reused) = effective_settings(&table, None, &first).unwrap();
+    assert!(reused.is_empty());
+    let stored = StoredSettings {
+        settings: s1.clone(),
+        config: table.clone(),
+    };
+    // A resubmission without options submits with the same settings, and says so.
+    let (s2, reused) = effective_settings(&table, Some(&stored), &SlurmArgs::default()).unwrap();
+    assert_eq!(s2, s1);
+    assert_eq!(
+        reused,
+        [
+            "gpus_per_task = \"1\"",
+            "partition = \"gpu\"",
+            "sbatch = [\"--constraint=a100\"]",
+            "throttle = 4"
+        ]
+    );
+    // Options on the command line replace what they name, field by field; a repeated
+    // --sbatch does not pile up.
+    let again = cli(|a| {
+        a.throttle = Some(2);
+        a.sbatch = vec!["--constraint=a100".into()];
+    });
+    let (s3, reused) = effective_settings(&table, Some(&stored), &again).unwrap();
+    assert_eq!(s3.throttle, Some(2));
+    assert_eq!(s3.sbatch, ["--constraint=a100"]);
+    assert_eq!(s3.partition.as_deref(), Some("gpu"));
+    assert_eq!(reused, ["gpus_per_task = \"1\"", "partition = \"gpu\""]);
+    // A key changed in the [slurm] table since takes the table's value (removal too);
+    // the unchanged ones keep the last submission's.
+    let edited = SlurmSettings {
+        time: Some("24:00:00".into()),
+        setup: vec![],
+        ..table.clone()
+    };
+    let (s4, _) = effective_settings(&edited, Some(&stored), &SlurmArgs::default()).unwrap();
+    assert_eq!(s4.time.as_deref(), Some("24:00:00"));
+    assert!(s4.setup.is_empty());
+    assert_eq!(s4.gpus_per_task.as_deref(), Some("1"));
+    // settings.json reads back.
+    let tmp = tempfile::tempdir().unwrap();
+    assert_eq!(read_stored_settings(tmp.path()).unwrap(), None);
+    std::fs::write(
+        tmp.path().join(SETTINGS_FILE),
+        serde_json::to_string_pretty(&stored).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(read_stored_settings(tmp.path()).unwrap(), Some(stored));
+}
+
+#[test]
+fn the_binary_is_copied_once_per_content_and_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("tau-resnet");
+    std::fs::write(&bin, "#!/bin/sh\necho cpu\n").unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let slurm = tmp.path().join("slurm");
+    let a = stage_binary(&bin, &slurm).unwrap();
+    assert!(a.starts_with(slurm.join(BIN_DIR)), "{}", a.display());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&bin).unwrap());
+    assert_eq!(
+        std::fs::metadata(&a).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        stage_binary(&bin, &slurm).unwrap(),
+        a,
+        "same content, same copy"
+    );
+    // A rebuild (here: a CPU binary replaced by a CUDA one) gets a copy of its own; the
+    // copy queued tasks run stays as it was.
+    std::fs::write(&bin, "#!/bin/sh\necho cuda\n").unwrap();
+    let b = stage_binary(&bin, &slurm).unwrap();
+    assert_ne!(a, b);
+    assert_eq!(
+        std::fs::read_to_string(&a).unwrap(),
+        "#!/bin/sh\necho cpu\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&b).unwrap(),
+        "#!/bin/sh\necho cuda\n"
+    );
+    assert_eq!(std::fs::read_dir(slurm.join(BIN_DIR)).unwrap().count(), 2);
 }
 
 #[test]
 fn script_has_the_options_and_one_case_per_point() {
     let spec = spec();
-    let points = spec.points().unwrap();
+    let points = array_order(&spec.points().unwrap());
     let script = job_script(
         &spec,
         &spec.slurm,
@@ -126,6 +282,7 @@ fn script_has_the_options_and_one_case_per_point() {
         "#SBATCH --job-name=tau-s",
         "#SBATCH --output=/r/s/slurm/logs/%A_%a.out",
         "#SBATCH --requeue",
+        "#SBATCH --ntasks=1",
         "#SBATCH --signal=B:USR1@120",
         "#SBATCH --partition=gpu",
         "#SBATCH --gpus-per-task=1",
@@ -133,8 +290,8 @@ fn script_has_the_options_and_one_case_per_point() {
         "module load cuda",
         "root='/r/s'",
         "bin='/b/tau-resnet'",
-        "  0) point='depth-4_tau-1_sqrt_L'; sets=(--set 'model.depth=4' --set 'model.tau=\"1/sqrt(L)\"') ;;",
-        "  3) point='depth-8_tau-1'; sets=(--set 'model.depth=8' --set 'model.tau=\"1\"') ;;",
+        "  0) point='depth-8_tau-1_sqrt_L'; sets=(--set 'model.depth=8' --set 'model.tau=\"1/sqrt(L)\"') ;;",
+        "  3) point='depth-4_tau-1'; sets=(--set 'model.depth=4' --set 'model.tau=\"1\"') ;;",
         "  args=(train --resume \"$dir\")",
     ] {
         assert!(
@@ -144,6 +301,16 @@ fn script_has_the_options_and_one_case_per_point() {
     }
     // The throttle goes on the sbatch command line with the array list.
     assert!(!script.contains("#SBATCH --array"), "{script}");
+    // --gpus-per-task needs an explicit task count: there is one even without settings.
+    let bare = job_script(
+        &spec,
+        &SlurmSettings::default(),
+        Path::new("/r/s"),
+        Path::new("/b/tau-resnet"),
+        &points,
+    )
+    .unwrap();
+    assert_eq!(bare.matches("#SBATCH --ntasks=1\n").count(), 1, "{bare}");
     assert_eq!(sh_quote("it's"), r"'it'\''s'");
 }
 
@@ -396,15 +563,19 @@ fn status_combines_records_with_slurm() {
     write(2, "summary.json", &summary("interrupted"));
     let states = records::read_sweep(&spec, tmp.path()).unwrap();
     let subs = [
+        // Recorded without point names (a jobs.json from before they were): the ids
+        // are places in the grid.
         Submission {
             job_id: "2".into(),
             array: "0-3".into(),
             submitted_unix: 0,
+            points: BTreeMap::new(),
         },
         Submission {
             job_id: "3".into(),
             array: "0-5".into(),
             submitted_unix: 1,
+            points: BTreeMap::new(),
         },
     ];
     let queue = parse_task_lines("3_5|PENDING|JobArrayTaskLimit\n3_4|RUNNING|None\n");
@@ -459,20 +630,32 @@ fn dry_run_writes_the_slurm_folder_and_leaves_finished_points_out() {
         "{\"name\":\"t\",\"status\":\"diverged\",\"steps\":5,\"epochs_completed\":0,\"wall_s\":0.5,\"device\":\"cpu\",\"version\":{\"crate_version\":\"0.1.0\",\"git_commit\":null}}",
     )
     .unwrap();
-    let sub = submit(
-        &spec,
-        &spec.slurm,
-        &root,
-        Path::new("/b/tau-resnet"),
-        false,
-        true,
-    )
-    .unwrap();
+    let bin = tmp.path().join("tau-resnet");
+    std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+    let sub = submit(&spec, &spec.slurm, &root, &bin, false, true).unwrap();
     assert_eq!(sub.job_id, None);
-    assert_eq!(sub.ids, [0, 2, 3]);
+    // Array order: depth 8 (ids 0, 1), then depth 4; the diverged depth-4 τ = 1 is id 3.
+    assert_eq!(sub.ids, [0, 1, 2]);
     for f in [SCRIPT_FILE, INDEX_FILE] {
         assert!(root.join("slurm").join(f).is_file(), "{f}");
     }
+    let index = std::fs::read_to_string(root.join("slurm").join(INDEX_FILE)).unwrap();
+    assert!(
+        index
+            .lines()
+            .nth(4)
+            .unwrap()
+            .starts_with(&format!("3\t{}\t", points[1].name)),
+        "{index}"
+    );
+    // The script runs the copy under slurm/bin/, not the binary given.
+    assert!(sub.bin.starts_with(root.join("slurm").join(BIN_DIR)));
+    let script = std::fs::read_to_string(root.join("slurm").join(SCRIPT_FILE)).unwrap();
+    assert!(
+        script.contains(&format!("bin={}\n", sh_quote(sub.bin.to_str().unwrap()))),
+        "{script}"
+    );
+    assert!(!root.join("slurm").join(SETTINGS_FILE).exists());
     assert!(root.join("slurm/logs").is_dir());
     assert!(!root.join("slurm").join(JOBS_FILE).exists());
     assert!(root.join("base.toml").is_file() && root.join("sweep.toml").is_file());
@@ -480,4 +663,63 @@ fn dry_run_writes_the_slurm_folder_and_leaves_finished_points_out() {
     // The stored config keeps [slurm] and reads back.
     let stored = crate::report::load_stored_spec(&root).unwrap();
     assert_eq!(stored.slurm, spec.slurm);
+}
+
+#[test]
+fn a_changed_grid_reads_earlier_tasks_by_point_name() {
+    // Submitted from a grid of depths 4 and 8 (ids 0-3, depth 8 first)...
+    let old = spec();
+    let old_order = array_order(&old.points().unwrap());
+    let sub = Submission {
+        job_id: "5".into(),
+        array: "0-3".into(),
+        submitted_unix: 0,
+        points: old_order
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.name.clone()))
+            .collect(),
+    };
+    // ...then the grid grew by depth 16 while task 0 (depth-8 τ = 1/√L) runs and task 3
+    // (depth-4 τ = 1) waits: in the new array order ids 0 and 3 are other points.
+    let new =
+        SweepSpec::from_str_in(&SWEEP.replace("[4, 8]", "[4, 8, 16]"), Path::new(".")).unwrap();
+    let grid = new.points().unwrap();
+    let order = array_order(&grid);
+    assert_eq!(order[0].name, "depth-16_tau-1_sqrt_L");
+    let names: Vec<String> = grid.iter().map(|p| p.name.clone()).collect();
+    let queue = parse_task_lines("5_0|RUNNING|None\n5_3|PENDING|Priority\n");
+    let queued = points_of_tasks(std::slice::from_ref(&sub), &names, &queue);
+    assert_eq!(
+        queued,
+        BTreeSet::from([
+            "depth-8_tau-1_sqrt_L".to_string(),
+            "depth-4_tau-1".to_string()
+        ])
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let states = records::read_sweep(&new, tmp.path()).unwrap();
+    let (ids, done, in_queue) = select_points(&order, &states, &queued, false);
+    let to_submit: Vec<&str> = ids.iter().map(|&i| order[i].name.as_str()).collect();
+    assert_eq!(
+        to_submit,
+        [
+            "depth-16_tau-1_sqrt_L",
+            "depth-16_tau-1",
+            "depth-8_tau-1",
+            "depth-4_tau-1_sqrt_L"
+        ]
+    );
+    assert_eq!((done, in_queue), (0, 2));
+    // --status shows each point's own task.
+    let rows = status_rows(&states, &[sub], &queue, &[]);
+    let row = |p: &str| {
+        let r = rows.iter().find(|r| r.point == p).unwrap();
+        (r.state.as_str(), r.slurm.as_str())
+    };
+    assert_eq!(row("depth-8_tau-1_sqrt_L"), ("running", "5_0 RUNNING"));
+    assert_eq!(row("depth-4_tau-1"), ("pending", "5_3 PENDING"));
+    assert_eq!(row("depth-16_tau-1_sqrt_L"), ("not submitted", ""));
+    assert_eq!(row("depth-8_tau-1").0, "pending");
+    assert_eq!(row("depth-8_tau-1").1, "5_1");
 }
