@@ -67,6 +67,47 @@ impl Model {
         }
     }
 
+    /// The output for a batch, as [`Self::forward_t`], calling `hook(l, h_l)` on the way
+    /// with h_0, the stem's output (the first block's input), and then h_l, the output of
+    /// the l-th residual block, l = 1, 2, … through the residual chain (its length is the
+    /// sum of [`ModelConfig::stage_blocks`]). The hook sees the very tensors the model
+    /// computes, so a probe of the hidden states measures the model itself.
+    ///
+    /// ```
+    /// use candle::{DType, Device, Tensor};
+    /// use tau_model::{Model, ModelConfig, init_varmap};
+    ///
+    /// # fn main() -> candle::Result<()> {
+    /// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)
+    ///     .map_err(candle::Error::wrap)?;
+    /// let dev = Device::Cpu;
+    /// let model = Model::from_varmap(&cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?, &dev)?;
+    /// let xs = Tensor::ones((2, 3, 8, 8), DType::F32, &dev)?;
+    /// let mut shapes = Vec::new();
+    /// let logits = model.forward_hooked(&xs, false, |l, h| {
+    ///     shapes.push((l, h.dims().to_vec()));
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!(shapes[0], (0, vec![2, 16, 8, 8])); // the stem
+    /// assert_eq!(shapes[3], (3, vec![2, 64, 2, 2])); // the last of 3 blocks
+    /// let same = model.forward_t(&xs, false)?;
+    /// assert_eq!(logits.to_vec2::<f32>()?, same.to_vec2::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype, or the hook's error (which stops the pass).
+    pub fn forward_hooked<F>(&self, xs: &Tensor, train: bool, hook: F) -> Result<Tensor>
+    where
+        F: FnMut(usize, &Tensor) -> Result<()>,
+    {
+        match self {
+            Model::Theory(m) => m.forward_hooked(xs, hook),
+            Model::CifarResNet(m) => m.forward_hooked(xs, train, hook),
+            Model::BottleneckResNet(m) => m.forward_hooked(xs, train, hook),
+        }
+    }
+
     /// The current τ (a learnable τ's present value).
     ///
     /// # Errors

@@ -418,10 +418,26 @@ impl TheoryNet {
     /// # Errors
     /// Wrong input shape or dtype.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_hooked(xs, |_, _| Ok(()))
+    }
+
+    /// The network output ([`Self::forward`] is this with a hook that does nothing),
+    /// calling `hook(0, h_0)` with φ(A x) and `hook(l, h_l)` with each block's output,
+    /// l = 1..=L. The hidden states are the plain ones, which overflow at depths where
+    /// [`Self::forward_traced`]'s log-norms do not. See [`crate::Model::forward_hooked`].
+    ///
+    /// # Errors
+    /// Wrong input shape or dtype, or the hook's error (which stops the pass).
+    pub fn forward_hooked<F>(&self, xs: &Tensor, mut hook: F) -> Result<Tensor>
+    where
+        F: FnMut(usize, &Tensor) -> Result<()>,
+    {
         self.check_input(xs)?;
         let mut h = self.stem(xs)?;
-        for w in &self.ws {
+        hook(0, &h)?;
+        for (l, w) in self.ws.iter().enumerate() {
             h = self.block(&h, w)?;
+            hook(l + 1, &h)?;
         }
         h.matmul(&self.b.t()?)
     }

@@ -524,3 +524,80 @@ fn bottleneck_f32_fused_matches_f64_composed() {
         }
     }
 }
+
+/// The hooked forward pass is the model's forward pass: the same logits, the stem's
+/// output first (h_0, the first block's input), then one output per block of the residual
+/// chain, the last of which the head turns into the logits.
+#[test]
+fn forward_hooked_sees_the_stem_and_every_block() {
+    for (cfg, image, chain, stem) in [
+        (
+            ModelConfig::CifarResnet(cifar(14, Norm::BatchNorm)),
+            8,
+            6,
+            [16, 8, 8],
+        ),
+        (
+            ModelConfig::CifarResnet(cifar(8, Norm::None)),
+            8,
+            3,
+            [16, 8, 8],
+        ),
+        (
+            ModelConfig::BottleneckResnet(BottleneckResNetConfig {
+                num_classes: 10,
+                ..Default::default()
+            }),
+            32,
+            16,
+            [64, 8, 8],
+        ),
+    ] {
+        let (model, _vm) = build(&cfg, 3);
+        let c = cfg.in_channels().unwrap();
+        let xs = input((2, c, image, image), 3);
+        let mut seen: Vec<(usize, Tensor)> = Vec::new();
+        let logits = model
+            .forward_hooked(&xs, true, |l, h| {
+                seen.push((l, h.clone()));
+                Ok(())
+            })
+            .unwrap();
+        let ls: Vec<usize> = seen.iter().map(|(l, _)| *l).collect();
+        assert_eq!(ls, (0..=chain).collect::<Vec<_>>(), "{}", cfg.family());
+        assert_eq!(chain, cfg.stage_blocks().iter().sum::<usize>());
+        assert_eq!(seen[0].1.dims()[1..], stem);
+        let plain = model.forward_t(&xs, true).unwrap();
+        assert_eq!(
+            logits.to_vec2::<f32>().unwrap(),
+            plain.to_vec2::<f32>().unwrap()
+        );
+        let (stem_out, head_out) = match &model {
+            Model::CifarResNet(m) => (m.stem(&xs, true).unwrap(), m.head(&seen[chain].1).unwrap()),
+            Model::BottleneckResNet(m) => {
+                (m.stem(&xs, true).unwrap(), m.head(&seen[chain].1).unwrap())
+            }
+            Model::Theory(_) => unreachable!(),
+        };
+        assert_eq!(
+            stem_out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            seen[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            head_out.to_vec2::<f32>().unwrap(),
+            plain.to_vec2::<f32>().unwrap()
+        );
+    }
+    // A hook's error stops the pass and comes back.
+    let cfg = ModelConfig::CifarResnet(cifar(8, Norm::None));
+    let (model, _vm) = build(&cfg, 3);
+    let err = model
+        .forward_hooked(&input((1, 3, 8, 8), 3), false, |l, _| {
+            if l == 2 {
+                candle::bail!("stop at 2")
+            }
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("stop at 2"), "{err}");
+}

@@ -368,20 +368,58 @@ impl BottleneckResNet {
     pub fn n_blocks(&self) -> usize {
         self.cfg.n_blocks()
     }
+
+    /// The stem: the 7×7 stride-2 convolution `conv1`, BatchNorm (if any), ReLU and the
+    /// 3×3 stride-2 max-pool. Its output h_0 is the first block's input.
+    ///
+    /// # Shapes
+    /// (N, in_channels, H, W) → (N, 64, ⌈H/4⌉, ⌈W/4⌉) (for even H, W).
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype.
+    pub fn stem(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = conv2d(xs, &self.conv1, 2, 3)?;
+        if let Some(bn) = &self.bn1 {
+            h = batch_norm_t(bn, &h, train, false)?;
+        }
+        max_pool_3x3_s2(&relu(&h)?)
+    }
+
+    /// The head: global average pooling of the last block's output, then the linear
+    /// layer `fc`: (N, 2048, H, W) → (N, num_classes) logits.
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.fc.forward(&global_avg_pool(h)?)
+    }
+
+    /// The forward pass ([`ModuleT::forward_t`] is this with a hook that does nothing),
+    /// calling `hook(0, h_0)` with the stem's output and `hook(l, h_l)` with the output
+    /// of each block of the residual chain, stage after stage: l = 1..=Σ
+    /// [`BottleneckResNetConfig::stage_blocks`] (16 for ResNet-50, more than L). See
+    /// [`crate::Model::forward_hooked`] for an example.
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype, or the hook's error (which stops the pass).
+    pub fn forward_hooked<F>(&self, xs: &Tensor, train: bool, mut hook: F) -> Result<Tensor>
+    where
+        F: FnMut(usize, &Tensor) -> Result<()>,
+    {
+        let mut h = self.stem(xs, train)?;
+        hook(0, &h)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            h = block.forward_t(&h, train)?;
+            hook(l + 1, &h)?;
+        }
+        self.head(&h)
+    }
 }
 
 impl ModuleT for BottleneckResNet {
     /// # Shapes
     /// (N, in_channels, H, W) → (N, num_classes) logits.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = conv2d(xs, &self.conv1, 2, 3)?;
-        if let Some(bn) = &self.bn1 {
-            h = batch_norm_t(bn, &h, train, false)?;
-        }
-        h = max_pool_3x3_s2(&relu(&h)?)?;
-        for block in &self.blocks {
-            h = block.forward_t(&h, train)?;
-        }
-        self.fc.forward(&global_avg_pool(&h)?)
+        self.forward_hooked(xs, train, |_, _| Ok(()))
     }
 }

@@ -297,20 +297,57 @@ impl CifarResNet {
     pub fn n_blocks(&self) -> usize {
         self.blocks.len()
     }
+
+    /// The stem: the 3×3 convolution `conv1`, then BatchNorm and ReLU (one fused op) or
+    /// the ReLU alone. Its output h_0 is the first block's input.
+    ///
+    /// # Shapes
+    /// (N, in_channels, H, W) → (N, 16, H, W).
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype.
+    pub fn stem(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let h = conv2d(xs, &self.conv1, 1, 1)?;
+        match &self.bn1 {
+            Some(bn) => batch_norm_t(bn, &h, train, true),
+            None => relu(&h),
+        }
+    }
+
+    /// The head: global average pooling of the last block's output, then the linear
+    /// layer `fc`: (N, 64, H, W) → (N, num_classes) logits.
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.fc.forward(&global_avg_pool(h)?)
+    }
+
+    /// The forward pass ([`ModuleT::forward_t`] is this with a hook that does nothing),
+    /// calling `hook(0, h_0)` with the stem's output and `hook(l, h_l)` with each block's
+    /// output, l = 1..=L: a traced forward that sees exactly what the model computes.
+    /// See [`crate::Model::forward_hooked`] for an example.
+    ///
+    /// # Errors
+    /// Inputs of the wrong shape or dtype, or the hook's error (which stops the pass).
+    pub fn forward_hooked<F>(&self, xs: &Tensor, train: bool, mut hook: F) -> Result<Tensor>
+    where
+        F: FnMut(usize, &Tensor) -> Result<()>,
+    {
+        let mut h = self.stem(xs, train)?;
+        hook(0, &h)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            h = block.forward_t(&h, train)?;
+            hook(l + 1, &h)?;
+        }
+        self.head(&h)
+    }
 }
 
 impl ModuleT for CifarResNet {
     /// # Shapes
     /// (N, in_channels, H, W) → (N, num_classes) logits.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = conv2d(xs, &self.conv1, 1, 1)?;
-        h = match &self.bn1 {
-            Some(bn) => batch_norm_t(bn, &h, train, true)?,
-            None => relu(&h)?,
-        };
-        for block in &self.blocks {
-            h = block.forward_t(&h, train)?;
-        }
-        self.fc.forward(&global_avg_pool(&h)?)
+        self.forward_hooked(xs, train, |_, _| Ok(()))
     }
 }

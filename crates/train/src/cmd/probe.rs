@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle::{DType, Device, ModuleT, Tensor};
+use candle::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tau_model::{Model, ModelConfig, TauRule};
@@ -324,7 +324,7 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
         n_blocks,
         seeds: seeds.clone(),
         n_inputs,
-        blocks: sample_blocks(n_blocks),
+        blocks: sample_blocks(chain_len(&r.model)),
         taus,
         wall_s: start.elapsed().as_secs_f64(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -469,6 +469,12 @@ fn sample_log_norms(xs: &Tensor) -> candle::Result<Vec<f64>> {
     Ok(sq.into_iter().map(|s| 0.5 * s.ln()).collect())
 }
 
+/// The number of residual blocks one after another, which the per-block values are
+/// reported over: L, except in a bottleneck ResNet, whose L is its longest stage.
+fn chain_len(cfg: &ModelConfig) -> usize {
+    cfg.stage_blocks().iter().sum()
+}
+
 /// The ResNets: per-sample ‖h_l‖/‖h_0‖ after each block (h_0: the stem's output), and
 /// the gradient norm of each block's parameters for the cross-entropy of random labels,
 /// relative to the last block's. BatchNorm uses batch statistics, as in training.
@@ -481,7 +487,10 @@ fn probe_resnet(
 ) -> anyhow::Result<Vec<ProbeTau>> {
     let dev = Device::Cpu;
     let n_blocks = cfg.n_blocks();
-    let blocks = sample_blocks(n_blocks);
+    // The residual chain: L blocks in a CIFAR ResNet, more in a bottleneck ResNet (whose
+    // L is its longest stage).
+    let chain = chain_len(cfg);
+    let blocks = sample_blocks(chain);
     let ln10 = std::f64::consts::LN_10;
     let mut out = Vec::new();
     for rule in rules {
@@ -515,55 +524,18 @@ fn probe_resnet(
             let xs = (Tensor::from_slice(&data.xs, (n, in_ch, image, image), &dev)?
                 .to_dtype(DType::F32)?
                 * (dim as f64).sqrt())?;
-            // Forward through the stem and the blocks, as the model does.
-            let (conv_stride, conv_pad, pool) = match &model {
-                Model::BottleneckResNet(_) => (2, 3, true),
-                _ => (1, 1, false),
-            };
-            let conv1 = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?
-                .get("conv1.weight")
-                .map(|v| v.as_tensor().clone())
-                .context("the model has no conv1.weight")?;
-            let mut h = tau_kernels::conv2d(&xs, &conv1, conv_stride, conv_pad)?;
-            let has_bn = varmap
-                .data()
-                .lock()
-                .is_ok_and(|d| d.contains_key("bn1.weight"));
-            if has_bn {
-                let bn = candle_nn::batch_norm(
-                    conv1.dim(0)?,
-                    candle_nn::BatchNormConfig {
-                        eps: 1e-5,
-                        remove_mean: true,
-                        affine: true,
-                        momentum: 0.1,
-                    },
-                    vb.pp("bn1"),
-                )?;
-                h = bn.forward_t(&h, true)?;
-            }
-            h = h.relu()?;
-            if pool {
-                h = tau_model::resnet::max_pool_3x3_s2(&h)?;
-            }
-            let log0 = sample_log_norms(&h)?;
+            // One forward pass of the model itself, the stem's output and the sampled
+            // blocks' outputs measured on the way; its logits feed the backward pass.
+            let mut log0 = Vec::new();
+            let mut last = Vec::new();
             let mut logs_at: Vec<Vec<f64>> = Vec::new();
-            let mut last = log0.clone();
-            let block_fwd: Vec<&dyn ModuleT> = match &model {
-                Model::CifarResNet(m) => m.blocks().iter().map(|b| b as &dyn ModuleT).collect(),
-                Model::BottleneckResNet(m) => {
-                    m.blocks().iter().map(|b| b as &dyn ModuleT).collect()
-                }
-                Model::Theory(_) => Vec::new(),
-            };
-            for (l, block) in block_fwd.iter().enumerate() {
-                h = block.forward_t(&h, true)?;
-                if blocks.contains(&(l + 1)) || l + 1 == block_fwd.len() {
-                    last = sample_log_norms(&h)?;
-                    if blocks.contains(&(l + 1)) {
+            let logits = model.forward_hooked(&xs, true, |l, h| {
+                if l == 0 {
+                    log0 = sample_log_norms(h)?;
+                    last = log0.clone();
+                } else if blocks.contains(&l) || l == chain {
+                    last = sample_log_norms(h)?;
+                    if blocks.contains(&l) {
                         logs_at.push(
                             last.iter()
                                 .zip(&log0)
@@ -572,7 +544,8 @@ fn probe_resnet(
                         );
                     }
                 }
-            }
+                Ok(())
+            })?;
             ratios.extend(
                 last.iter()
                     .zip(&log0)
@@ -582,20 +555,22 @@ fn probe_resnet(
             for (dst, src) in block_ratio.iter_mut().zip(&logs_at) {
                 dst.extend(src.iter().copied().filter(|v| v.is_finite()));
             }
-            // Backward: cross-entropy of random labels through the library's forward.
+            // Backward: cross-entropy of random labels.
             let labels: Vec<u32> = (0..n)
                 .map(|i| ((seed as usize + 7 * i) % classes) as u32)
                 .collect();
             let labels = Tensor::from_vec(labels, n, &dev)?;
-            let logits = model.forward_t(&xs, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let grads = loss.backward()?;
             let data = varmap
                 .data()
                 .lock()
                 .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
-            let mut per_block = vec![0f64; n_blocks];
-            for (name, var) in data.iter() {
+            let mut per_block = vec![0f64; chain];
+            // In name order, so that the sums (and the record) repeat bit for bit.
+            let mut named: Vec<_> = data.iter().collect();
+            named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (name, var) in named {
                 let Some(b) = c.block_index(name) else {
                     continue;
                 };
@@ -608,7 +583,7 @@ fn probe_resnet(
                     per_block[b] += s;
                 }
             }
-            let log_last = 0.5 * per_block[n_blocks - 1].ln();
+            let log_last = 0.5 * per_block[chain - 1].ln();
             let rel: Vec<f64> = per_block
                 .iter()
                 .map(|s| (0.5 * s.ln() - log_last) / ln10)
@@ -719,5 +694,33 @@ mod tests {
         );
         assert_eq!(out[0].log10_grad_ratio.len(), 1);
         assert!(out[1].log10_ratio.iter().all(|v| v.is_finite()));
+    }
+
+    /// A bottleneck ResNet's per-block values run over its whole residual chain (16
+    /// blocks in ResNet-50, whose L is 6), the gradients grouped by the block of each
+    /// parameter, and the record's block list matches.
+    #[test]
+    fn bottleneck_probe_covers_the_residual_chain() {
+        let mut a = args(&[
+            "model.depth=50",
+            "model.num_classes=10",
+            "probe.n_inputs=2",
+            "probe.n_seeds=1",
+            "probe.image_size=32",
+        ]);
+        a.family = Some("bottleneck_resnet".into());
+        let r = resolve(&a).unwrap();
+        assert_eq!((r.model.n_blocks(), chain_len(&r.model)), (6, 16));
+        let out = probe_resnet(&r.model, &r.rules, &[0], 2, 32).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].tau, 1.0 / 6f64.sqrt());
+        assert_eq!(out[0].log10_ratio.len(), 2);
+        assert_eq!(sample_blocks(16), vec![1, 2, 4, 8, 16]);
+        assert_eq!(out[0].block_log10_ratio_median.len(), 5);
+        assert_eq!(out[0].block_log10_grad_median.len(), 5);
+        // Relative to the last block: 1 there, and finite at every sampled block.
+        assert_eq!(out[0].block_log10_grad_median[4], 0.0);
+        assert!(out[0].block_log10_grad_median.iter().all(|v| v.is_finite()));
+        assert_eq!(out[0].log10_grad_ratio.len(), 1);
     }
 }
