@@ -1,0 +1,205 @@
+//! The probe's configuration: a run config's `[model]` and `seed` or a probe config
+//! with a `[probe]` table, the command-line flags and `--set` overrides on top.
+
+use super::*;
+
+/// The `[probe]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProbeSettings {
+    #[serde(default)]
+    pub(super) n_inputs: Option<usize>,
+    #[serde(default = "default_seeds")]
+    pub(super) n_seeds: usize,
+    #[serde(default)]
+    pub(super) taus: Vec<String>,
+    #[serde(default)]
+    pub(super) image_size: Option<usize>,
+    /// The τ rules (a subset of `taus`, as written there) that get the backward probe of
+    /// the theory network; absent: all of them.
+    #[serde(default)]
+    pub(super) grad_taus: Option<Vec<String>>,
+}
+
+fn default_seeds() -> usize {
+    3
+}
+
+/// Top-level keys of a run config that the probe reads past.
+const RUN_KEYS: &[&str] = &[
+    "name", "steps", "epochs", "device", "dtype", "out_dir", "data", "loss", "optim", "log",
+];
+
+pub(super) struct Resolved {
+    pub(super) model: ModelConfig,
+    pub(super) seed: u64,
+    pub(super) settings: ProbeSettings,
+    pub(super) rules: Vec<ProbeTauRule>,
+    pub(super) table: toml::Table,
+}
+
+/// Checks that `table` with the `--set` overrides `sets` applied is a valid probe config
+/// (the keys, the model, the `[probe]` settings and every τ rule), as `tau-resnet probe
+/// --config FILE --set ...` would read it, without probing anything.
+///
+/// # Errors
+/// The first problem found, naming the key.
+pub fn validate_config(table: toml::Table, sets: &[String]) -> anyhow::Result<()> {
+    let args = ProbeArgs {
+        config: None,
+        sets: sets.to_vec(),
+        family: None,
+        depth: None,
+        width: None,
+        taus: Vec::new(),
+        seed: None,
+        seeds: None,
+        inputs: None,
+        json: false,
+        out: None,
+    };
+    resolve_table(table, &args).map(|_| ())
+}
+
+pub(super) fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
+    let table = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            text.parse::<toml::Table>()
+                .with_context(|| format!("parsing config {}", path.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    resolve_table(table, args)
+}
+
+fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Resolved> {
+    let mut sets = Vec::new();
+    if let Some(f) = &args.family {
+        sets.push(format!("model.family=\"{f}\""));
+    }
+    if let Some(d) = args.depth {
+        sets.push(format!("model.depth={d}"));
+    }
+    if let Some(w) = args.width {
+        sets.push(format!("model.width={w}"));
+    }
+    if let Some(s) = args.seed {
+        sets.push(format!("seed={s}"));
+    }
+    if let Some(n) = args.seeds {
+        sets.push(format!("probe.n_seeds={n}"));
+    }
+    if let Some(n) = args.inputs {
+        sets.push(format!("probe.n_inputs={n}"));
+    }
+    if !args.taus.is_empty() {
+        let list = toml::Value::Array(
+            args.taus
+                .iter()
+                .map(|t| toml::Value::String(t.clone()))
+                .collect(),
+        );
+        sets.push(format!("probe.taus={list}"));
+    }
+    sets.extend(args.sets.iter().cloned());
+    crate::config::apply_overrides(&mut table, &sets)?;
+    let model_table = match table.get_mut("model") {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => bail!("`model` must be a table"),
+        None => {
+            table.insert("model".into(), toml::Value::Table(toml::Table::new()));
+            match table.get_mut("model") {
+                Some(toml::Value::Table(t)) => t,
+                _ => bail!("`model` must be a table"),
+            }
+        }
+    };
+    model_table
+        .entry("family")
+        .or_insert_with(|| toml::Value::String("theory".into()));
+    for key in table.keys() {
+        if !matches!(key.as_str(), "model" | "seed" | "probe") && !RUN_KEYS.contains(&key.as_str())
+        {
+            bail!("unknown key `{key}` (a probe config has `seed`, `[model]` and `[probe]`)");
+        }
+    }
+    let seed = match table.get("seed") {
+        None => 0,
+        Some(toml::Value::Integer(s)) if *s >= 0 => *s as u64,
+        Some(other) => bail!("key `seed`: expected a non-negative integer, got {other}"),
+    };
+    let model: ModelConfig = table
+        .get("model")
+        .cloned()
+        .context("missing [model]")?
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("key `model`: {e}"))?;
+    model.validate().context("key `model`")?;
+    let settings: ProbeSettings = match table.get("probe") {
+        Some(v) => v
+            .clone()
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("key `probe`: {e}"))?,
+        None => ProbeSettings {
+            n_inputs: None,
+            n_seeds: default_seeds(),
+            taus: Vec::new(),
+            image_size: None,
+            grad_taus: None,
+        },
+    };
+    if settings.n_seeds == 0 || settings.n_seeds > 1000 {
+        bail!(
+            "key `probe.n_seeds`: must be 1..=1000, got {}",
+            settings.n_seeds
+        );
+    }
+    if let Some(n) = settings.n_inputs
+        && (n == 0 || n > 1 << 20)
+    {
+        bail!("key `probe.n_inputs`: must be 1..=1048576, got {n}");
+    }
+    let rules = if settings.taus.is_empty() {
+        let rule = model.tau_rule();
+        vec![ProbeTauRule {
+            text: rule.to_string(),
+            rule,
+            backward: true,
+        }]
+    } else {
+        settings
+            .taus
+            .iter()
+            .map(|t| {
+                let rule: TauRule = t.parse().with_context(|| "key `probe.taus`".to_string())?;
+                Ok(ProbeTauRule {
+                    text: t.clone(),
+                    rule,
+                    backward: settings
+                        .grad_taus
+                        .as_ref()
+                        .is_none_or(|g| g.iter().any(|x| x == t)),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    if let Some(g) = &settings.grad_taus {
+        for t in g {
+            if !rules.iter().any(|r| &r.text == t) {
+                bail!(
+                    "key `probe.grad_taus`: `{t}` is not one of the probed rules {:?}",
+                    rules.iter().map(|r| r.text.as_str()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+    Ok(Resolved {
+        model,
+        seed,
+        settings,
+        rules,
+        table,
+    })
+}

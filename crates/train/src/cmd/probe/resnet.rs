@@ -1,0 +1,153 @@
+//! The probe of the ResNets: hidden-state norms through the model's own hooked forward
+//! pass, gradient norms per residual block.
+
+use super::*;
+
+/// Per-sample ln‖x‖ of a batch (N, ...), in f64.
+fn sample_log_norms(xs: &Tensor) -> candle::Result<Vec<f64>> {
+    let n = xs.dim(0)?;
+    let flat = xs.reshape((n, ()))?.to_dtype(DType::F64)?;
+    let sq = flat.sqr()?.sum(1)?.to_vec1::<f64>()?;
+    Ok(sq.into_iter().map(|s| 0.5 * s.ln()).collect())
+}
+
+/// The number of residual blocks one after another, which the per-block values are
+/// reported over: L, except in a bottleneck ResNet, whose L is its longest stage.
+pub(super) fn chain_len(cfg: &ModelConfig) -> usize {
+    cfg.stage_blocks().iter().sum()
+}
+
+/// The ResNets: per-sample ‖h_l‖/‖h_0‖ after each block (h_0: the stem's output), and
+/// the gradient norm of each block's parameters for the cross-entropy of random labels,
+/// relative to the last block's. BatchNorm uses batch statistics, as in training.
+pub(super) fn probe_resnet(
+    cfg: &ModelConfig,
+    rules: &[ProbeTauRule],
+    seeds: &[u64],
+    n: usize,
+    image: usize,
+) -> anyhow::Result<Vec<ProbeTau>> {
+    let dev = Device::Cpu;
+    let n_blocks = cfg.n_blocks();
+    // The residual chain: L blocks in a CIFAR ResNet, more in a bottleneck ResNet (whose
+    // L is its longest stage).
+    let chain = chain_len(cfg);
+    let blocks = sample_blocks(chain);
+    let ln10 = std::f64::consts::LN_10;
+    let mut out = Vec::new();
+    for rule in rules {
+        let mut c = cfg.clone();
+        match &mut c {
+            ModelConfig::CifarResnet(x) => x.tau = rule.rule,
+            ModelConfig::BottleneckResnet(x) => x.tau = rule.rule,
+            ModelConfig::Theory(_) => bail!("the theory network takes the fast path"),
+        }
+        let (in_ch, classes) = match &c {
+            ModelConfig::CifarResnet(x) => (x.in_channels, x.num_classes),
+            ModelConfig::BottleneckResnet(x) => (x.in_channels, x.num_classes),
+            ModelConfig::Theory(_) => (1, 1),
+        };
+        let mut ratios = Vec::new();
+        let mut grad_ratio = Vec::new();
+        let mut block_ratio: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
+        let mut block_grad: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
+        for &seed in seeds {
+            let varmap = tau_model::init_varmap(&c, seed, DType::F32, &dev)?;
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let model = Model::new(&c, vb.clone())?;
+            let dim = in_ch * image * image;
+            let data = tau_data::synthetic::sphere(
+                n,
+                dim,
+                1,
+                tau_data::synthetic::Targets::Gaussian,
+                seed,
+            );
+            let xs = (Tensor::from_slice(&data.xs, (n, in_ch, image, image), &dev)?
+                .to_dtype(DType::F32)?
+                * (dim as f64).sqrt())?;
+            // One forward pass of the model itself, the stem's output and the sampled
+            // blocks' outputs measured on the way; its logits feed the backward pass.
+            let mut log0 = Vec::new();
+            let mut last = Vec::new();
+            let mut logs_at: Vec<Vec<f64>> = Vec::new();
+            let logits = model.forward_hooked(&xs, true, |l, h| {
+                if l == 0 {
+                    log0 = sample_log_norms(h)?;
+                    last = log0.clone();
+                } else if blocks.contains(&l) || l == chain {
+                    last = sample_log_norms(h)?;
+                    if blocks.contains(&l) {
+                        logs_at.push(
+                            last.iter()
+                                .zip(&log0)
+                                .map(|(a, b)| (a - b) / ln10)
+                                .collect(),
+                        );
+                    }
+                }
+                Ok(())
+            })?;
+            ratios.extend(
+                last.iter()
+                    .zip(&log0)
+                    .map(|(a, b)| (a - b) / ln10)
+                    .filter(|v| v.is_finite()),
+            );
+            for (dst, src) in block_ratio.iter_mut().zip(&logs_at) {
+                dst.extend(src.iter().copied().filter(|v| v.is_finite()));
+            }
+            // Backward: cross-entropy of random labels.
+            let labels: Vec<u32> = (0..n)
+                .map(|i| ((seed as usize + 7 * i) % classes) as u32)
+                .collect();
+            let labels = Tensor::from_vec(labels, n, &dev)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let grads = loss.backward()?;
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
+            let mut per_block = vec![0f64; chain];
+            // In name order, so that the sums (and the record) repeat bit for bit.
+            let mut named: Vec<_> = data.iter().collect();
+            named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (name, var) in named {
+                let Some(b) = c.block_index(name) else {
+                    continue;
+                };
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let s = g
+                        .to_dtype(DType::F64)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f64>()?;
+                    per_block[b] += s;
+                }
+            }
+            let log_last = 0.5 * per_block[chain - 1].ln();
+            let rel: Vec<f64> = per_block
+                .iter()
+                .map(|s| (0.5 * s.ln() - log_last) / ln10)
+                .collect();
+            if rel[0].is_finite() {
+                grad_ratio.push(rel[0]);
+            }
+            for (k, &b) in blocks.iter().enumerate() {
+                if rel[b - 1].is_finite() {
+                    block_grad[k].push(rel[b - 1]);
+                }
+            }
+        }
+        out.push(ProbeTau {
+            rule: rule.text.clone(),
+            alpha: rule_alpha(&rule.rule),
+            tau: rule.rule.resolve(n_blocks),
+            log10_ratio: ratios,
+            log10_grad_ratio: grad_ratio,
+            block_log10_ratio_median: block_ratio.iter().map(|v| median(v)).collect(),
+            block_log10_grad_median: block_grad.iter().map(|v| median(v)).collect(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,120 @@
+//! The probe's table on the terminal (the record itself is `--json`).
+
+use super::*;
+
+fn fmt_log10(x: f64) -> String {
+    if !x.is_finite() {
+        return "overflow".into();
+    }
+    if x.abs() < 3.0 {
+        return format!("{:.3}", 10f64.powf(x));
+    }
+    let e = x.floor();
+    format!("{:.2}e{e:.0}", 10f64.powf(x - e))
+}
+
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut xs: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let pos = q * (xs.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    xs[lo] + (xs[hi] - xs[lo]) * (pos - lo as f64)
+}
+
+fn log10_mean(values: &[f64]) -> f64 {
+    let xs: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if xs.is_empty() || !m.is_finite() {
+        return f64::NAN;
+    }
+    m + (xs.iter().map(|x| 10f64.powf(x - m)).sum::<f64>() / xs.len() as f64).log10()
+}
+
+pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig) {
+    let what = match model {
+        ModelConfig::Theory(c) => format!(
+            "theory network, width {}, input dim {}",
+            c.width, c.input_dim
+        ),
+        ModelConfig::CifarResnet(c) => format!("CIFAR ResNet-{} ({:?})", c.depth, c.norm),
+        ModelConfig::BottleneckResnet(c) => format!("bottleneck ResNet-{} ({:?})", c.depth, c.norm),
+    };
+    println!(
+        "{what}: L = {} blocks, {} inputs x {} seeds ({}..={}), {:.2}s",
+        rec.n_blocks,
+        rec.n_inputs,
+        rec.seeds.len(),
+        rec.seeds.first().unwrap_or(&0),
+        rec.seeds.last().unwrap_or(&0),
+        rec.wall_s
+    );
+    println!(
+        "\n{:<14} {:>10}  {:>12} {:>10} {:>22}  {:>12} {:>22}",
+        "tau rule", "tau", "mean |h_L|", "median", "[10%, 90%]", "|dW_1|/|dW_L|", "[10%, 90%]"
+    );
+    println!("{:<14} {:>10}  {:>12}", "", "", "/ |h_0|");
+    for t in &rec.taus {
+        let g = &t.log10_grad_ratio;
+        println!(
+            "{:<14} {:>10.4e}  {:>12} {:>10} {:>22}  {:>12} {:>22}",
+            t.rule,
+            t.tau,
+            fmt_log10(log10_mean(&t.log10_ratio)),
+            fmt_log10(median(&t.log10_ratio)),
+            format!(
+                "[{}, {}]",
+                fmt_log10(quantile(&t.log10_ratio, 0.1)),
+                fmt_log10(quantile(&t.log10_ratio, 0.9))
+            ),
+            if g.is_empty() {
+                "-".into()
+            } else {
+                fmt_log10(median(g))
+            },
+            if g.is_empty() {
+                "-".into()
+            } else {
+                format!(
+                    "[{}, {}]",
+                    fmt_log10(quantile(g, 0.1)),
+                    fmt_log10(quantile(g, 0.9))
+                )
+            },
+        );
+    }
+    for t in &rec.taus {
+        println!(
+            "\nper block, tau = {} ({:.4e}): medians over inputs and seeds",
+            t.rule, t.tau
+        );
+        println!(
+            "{:>8}  {:>14}  {:>16}",
+            "block l", "|h_l|/|h_0|", "|dW_l|/|dW_L|"
+        );
+        for (k, b) in rec.blocks.iter().enumerate() {
+            println!(
+                "{:>8}  {:>14}  {:>16}",
+                b,
+                fmt_log10(
+                    t.block_log10_ratio_median
+                        .get(k)
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                ),
+                fmt_log10(
+                    t.block_log10_grad_median
+                        .get(k)
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                ),
+            );
+        }
+        if rec.taus.len() > 4 {
+            println!("\n(per-block tables of the other rules: --json)");
+            break;
+        }
+    }
+}
