@@ -824,8 +824,8 @@ fn train_report(
         let _ = writeln!(md, "\n## Test accuracy by depth\n");
         let _ = writeln!(
             md,
-            "`{metric}` (%) from each run's summary: the mean over seeds ({n_seeds} seed value(s) in the grid), \
-             the seeds' range in brackets; diverged runs have no accuracy and are counted.\n"
+            "`{metric}` (%) from each run's summary: the mean over the runs of each cell ({n_seeds} seed(s) in the grid), \
+             the lowest and highest run in parentheses; diverged runs have no accuracy and are counted.\n"
         );
         aggregate::write_table(
             md,
@@ -893,7 +893,7 @@ fn train_report(
         let _ = writeln!(
             md,
             "The first logged step (records every `log.every` steps) at which the training loss \
-             is at most {threshold:e}; mean over seeds, the seeds' range in brackets.\n"
+             is at most {threshold:e}; the mean over seeds, the lowest and highest in parentheses.\n"
         );
         aggregate::write_table(
             md,

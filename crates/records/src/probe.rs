@@ -43,7 +43,10 @@ pub struct ProbeRecord {
     pub seeds: Vec<u64>,
     /// Inputs per seed.
     pub n_inputs: usize,
-    /// Blocks (1-based) at which per-block values are reported: powers of two and L.
+    /// Blocks (1-based) at which per-block values are reported: the powers of two and the
+    /// last block of the residual chain. The chain is L blocks long for the theory network
+    /// and the CIFAR ResNets; for the bottleneck ResNets it runs through every stage (16
+    /// blocks for ResNet-50), while L is the longest stage.
     pub blocks: Vec<usize>,
     /// One entry per τ rule.
     pub taus: Vec<ProbeTau>,
