@@ -1,0 +1,438 @@
+//! The report of a training sweep: the results table, loss-vs-step figures, test accuracy
+//! and steps to a loss threshold by depth with their spread over seeds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::{axis_role, sanitize_file};
+use crate::aggregate;
+use crate::figures::{Chart, Series, YAxis};
+use crate::records::{self, PointState, Status};
+use crate::spec::{SweepSpec, display_value};
+
+/// Reads `(step, train loss)` pairs from a run's `metrics.jsonl`.
+fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
+    let Ok(text) = std::fs::read_to_string(dir.join(tau_records::METRICS_FILE)) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let step = v.get("step")?.as_f64()?;
+            let loss = ["train_loss", "loss"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(|x| x.as_f64()))?;
+            Some((step, loss))
+        })
+        .collect()
+}
+
+/// Picks a test-accuracy number out of a flattened summary.
+fn accuracy(flat: &BTreeMap<String, String>, preferred: Option<&str>) -> Option<(String, f64)> {
+    let keys: Vec<&str> = match preferred {
+        Some(k) => vec![k],
+        // tau-resnet train's summary.json: the last metrics record, then the best test
+        // accuracy over the run.
+        None => vec!["final_metrics.test_acc", "best_test_acc"],
+    };
+    keys.iter()
+        .find_map(|k| {
+            flat.get(*k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| (k.to_string(), v))
+        })
+        .or_else(|| {
+            flat.iter()
+                .filter(|(k, _)| k.contains("test") && k.contains("acc"))
+                .find_map(|(k, v)| v.parse::<f64>().ok().map(|x| (k.clone(), x)))
+        })
+}
+
+pub(super) fn train_report(
+    spec: &SweepSpec,
+    states: &[PointState],
+    _fig_dir: &Path,
+    md: &mut String,
+) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
+    // Results table: axes, status, loss/accuracy numbers.
+    let flat: Vec<BTreeMap<String, String>> = states
+        .iter()
+        .map(|s| {
+            s.summary
+                .as_ref()
+                .map(records::summary_scalars)
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut cols: Vec<String> = flat
+        .iter()
+        .flat_map(|m| m.keys())
+        .filter(|k| {
+            (k.contains("loss") || k.contains("acc") || k.contains("diverged")) && !k.contains("lr")
+        })
+        .cloned()
+        .collect();
+    cols.sort();
+    cols.dedup();
+    cols.truncate(8);
+    let _ = writeln!(md, "## Results\n");
+    let _ = write!(md, "| point |");
+    for a in &spec.axes {
+        let _ = write!(md, " {} |", a.key);
+    }
+    let _ = write!(md, " status |");
+    for c in &cols {
+        let _ = write!(md, " {c} |");
+    }
+    let _ = write!(md, "\n| --- |");
+    for _ in 0..spec.axes.len() + 1 + cols.len() {
+        let _ = write!(md, " --- |");
+    }
+    let _ = writeln!(md);
+    for (s, m) in states.iter().zip(&flat) {
+        let _ = write!(md, "| `{}` |", s.point.name);
+        for (_, v) in &s.point.values {
+            let _ = write!(md, " {} |", display_value(v));
+        }
+        let _ = write!(md, " {} |", s.status);
+        for c in &cols {
+            let v = m.get(c).map(String::as_str).unwrap_or("");
+            let short = if v.parse::<i64>().is_ok() {
+                v.to_string()
+            } else {
+                v.parse::<f64>()
+                    .map_or(v.to_string(), |x| format!("{x:.4}"))
+            };
+            let _ = write!(md, " {short} |");
+        }
+        let _ = writeln!(md);
+    }
+
+    // Group points by the axes other than depth and seed.
+    let group_of = |s: &PointState| {
+        s.point
+            .values
+            .iter()
+            .filter(|(k, _)| axis_role(k).is_none())
+            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), display_value(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let depth_of = |s: &PointState| {
+        s.point
+            .values
+            .iter()
+            .find(|(k, _)| axis_role(k) == Some("depth"))
+            .and_then(|(_, v)| v.as_integer())
+    };
+    let seed_of = |s: &PointState| {
+        s.point
+            .values
+            .iter()
+            .find(|(k, _)| axis_role(k) == Some("seed"))
+            .map(|(_, v)| display_value(v))
+    };
+    let mut groups: Vec<String> = states.iter().map(group_of).collect();
+    groups.sort();
+    groups.dedup();
+
+    // Loss vs step: one figure per group, one line per depth (first seed).
+    for g in &groups {
+        let mut series = Vec::new();
+        let first_seed = states
+            .iter()
+            .filter(|s| &group_of(s) == g)
+            .find_map(seed_of);
+        for s in states
+            .iter()
+            .filter(|s| &group_of(s) == g && seed_of(s) == first_seed)
+        {
+            let curve: Vec<(f64, f64)> = loss_curve(&s.dir)
+                .into_iter()
+                .filter(|(_, l)| l.is_finite() && *l > 0.0)
+                .map(|(st, l)| (st.max(1.0), l.log10()))
+                .collect();
+            if curve.is_empty() {
+                continue;
+            }
+            let label = match depth_of(s) {
+                Some(d) => format!(
+                    "depth {d}{}",
+                    if s.status == Status::Diverged {
+                        " (diverged)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => s.point.name.clone(),
+            };
+            series.push(Series::new(label, curve));
+        }
+        if series.is_empty() {
+            continue;
+        }
+        let stem = if g.is_empty() {
+            "loss_vs_step".to_string()
+        } else {
+            format!("loss_vs_step_{}", sanitize_file(g))
+        };
+        let _ = writeln!(md, "\n![training loss vs step {g}](figures/{stem}.png)\n");
+        figs.push((
+            stem,
+            Chart {
+                title: if g.is_empty() {
+                    "Training loss vs step".into()
+                } else {
+                    format!("Training loss vs step ({})", group_display(g))
+                },
+                x_desc: "step (log scale)".into(),
+                y_desc: "training loss (log scale)".into(),
+                x_log: true,
+                y_axis: YAxis::Log10Values,
+                y_range: None,
+                series,
+                vlines: Vec::new(),
+                hlines: Vec::new(),
+            },
+        ));
+    }
+
+    // Test accuracy vs depth: a table and one line per group, mean over seeds, the band
+    // spanning the seeds' range.
+    let mut acc_table = aggregate::Table::new();
+    let mut metric_name = None;
+    for (s, m) in states.iter().zip(&flat) {
+        let Some(d) = depth_of(s) else { continue };
+        let outcome = match (
+            s.status,
+            accuracy(m, spec.report.accuracy_metric.as_deref()),
+        ) {
+            (Status::Diverged, _) => aggregate::Outcome::Diverged,
+            (Status::Finished, Some((k, a))) => {
+                metric_name.get_or_insert(k);
+                aggregate::Outcome::Value(if a <= 1.0 { 100.0 * a } else { a })
+            }
+            (Status::Finished, None) => aggregate::Outcome::NotReached,
+            _ => continue,
+        };
+        acc_table.entry((group_of(s), d)).or_default().push(outcome);
+    }
+    let mut acc_series = Vec::new();
+    for g in &groups {
+        let cells: Vec<(i64, &aggregate::Cell)> = acc_table
+            .iter()
+            .filter(|((gg, _), c)| gg == g && !c.values.is_empty())
+            .map(|((_, d), c)| (*d, c))
+            .collect();
+        if cells.is_empty() {
+            continue;
+        }
+        let mut series = Series::new(
+            if g.is_empty() {
+                "all".to_string()
+            } else {
+                group_display(g)
+            },
+            cells
+                .iter()
+                .filter_map(|(d, c)| c.mean().map(|m| (*d as f64, m)))
+                .collect(),
+        );
+        series.band = cells
+            .iter()
+            .filter(|(_, c)| c.values.len() > 1)
+            .filter_map(|(d, c)| c.range().map(|(lo, hi)| (*d as f64, lo, hi)))
+            .collect();
+        acc_series.push(series);
+    }
+    if !acc_table.is_empty() {
+        let metric = metric_name.clone().unwrap_or_default();
+        let n_seeds = states
+            .iter()
+            .filter_map(seed_of)
+            .collect::<BTreeSet<_>>()
+            .len();
+        let _ = writeln!(md, "\n## Test accuracy by depth\n");
+        let _ = writeln!(
+            md,
+            "`{metric}` (%) from each run's summary: the mean over the runs of each cell ({n_seeds} seed(s) in the grid), \
+             the lowest and highest run in parentheses; diverged runs have no accuracy and are counted.\n"
+        );
+        aggregate::write_table(
+            md,
+            &acc_table,
+            &groups,
+            &|g| {
+                if g.is_empty() {
+                    "all".into()
+                } else {
+                    group_display(g)
+                }
+            },
+            &|v| format!("{v:.2}"),
+            "without an accuracy",
+        );
+        within_spread_notes(md, &acc_table, &groups, "points");
+    }
+    if !acc_series.is_empty() {
+        let metric = metric_name.unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "\n![test accuracy vs depth](figures/accuracy_vs_depth.png)\n"
+        );
+        let _ = writeln!(
+            md,
+            "Accuracy: `{metric}` from each run's summary, mean over seeds (shaded: the seeds' range); diverged runs have no accuracy.\n"
+        );
+        figs.push((
+            "accuracy_vs_depth".to_string(),
+            Chart {
+                title: "Test accuracy vs depth".into(),
+                x_desc: "network depth (log scale)".into(),
+                y_desc: format!("test accuracy (%) [{metric}]"),
+                x_log: true,
+                y_axis: YAxis::Linear,
+                y_range: None,
+                series: acc_series,
+                vlines: Vec::new(),
+                hlines: Vec::new(),
+            },
+        ));
+    }
+
+    // Steps until the training loss first falls to the threshold.
+    if let Some(threshold) = spec.report.loss_threshold {
+        let mut steps_table = aggregate::Table::new();
+        for s in states {
+            let Some(d) = depth_of(s) else { continue };
+            let outcome = match s.status {
+                Status::Diverged => aggregate::Outcome::Diverged,
+                Status::Finished => {
+                    match aggregate::first_step_at_or_below(&loss_curve(&s.dir), threshold) {
+                        Some(step) => aggregate::Outcome::Value(step),
+                        None => aggregate::Outcome::NotReached,
+                    }
+                }
+                _ => continue,
+            };
+            steps_table
+                .entry((group_of(s), d))
+                .or_default()
+                .push(outcome);
+        }
+        let _ = writeln!(md, "\n## Steps to training loss ≤ {threshold:e}\n");
+        let _ = writeln!(
+            md,
+            "The first logged step (records every `log.every` steps) at which the training loss \
+             is at most {threshold:e}; the mean over seeds, the lowest and highest in parentheses.\n"
+        );
+        aggregate::write_table(
+            md,
+            &steps_table,
+            &groups,
+            &|g| {
+                if g.is_empty() {
+                    "all".into()
+                } else {
+                    group_display(g)
+                }
+            },
+            &|v| format!("{v:.0}"),
+            "did not reach it in the run",
+        );
+        within_spread_notes(md, &steps_table, &groups, "steps");
+        let series: Vec<Series> = groups
+            .iter()
+            .filter_map(|g| {
+                let pts: Vec<(f64, f64)> = steps_table
+                    .iter()
+                    .filter(|((gg, _), _)| gg == g)
+                    .filter_map(|((_, d), c)| c.mean().map(|m| (*d as f64, m)))
+                    .collect();
+                (!pts.is_empty()).then(|| {
+                    Series::new(
+                        if g.is_empty() {
+                            "all".to_string()
+                        } else {
+                            group_display(g)
+                        },
+                        pts,
+                    )
+                })
+            })
+            .collect();
+        if !series.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n![steps to the loss threshold vs depth](figures/steps_to_threshold_vs_depth.png)\n\n\
+                 Groups whose runs never reached the threshold have no line.\n"
+            );
+            figs.push((
+                "steps_to_threshold_vs_depth".to_string(),
+                Chart {
+                    title: format!("Steps to training loss ≤ {threshold:e}"),
+                    x_desc: "network depth (log scale)".into(),
+                    y_desc: "steps".into(),
+                    x_log: true,
+                    y_axis: YAxis::Linear,
+                    y_range: None,
+                    series,
+                    vlines: Vec::new(),
+                    hlines: Vec::new(),
+                },
+            ));
+        }
+    }
+    figs
+}
+
+/// Notes, per depth, the pairs of groups whose difference lies within the seeds' spread
+/// (their ranges over seeds overlap), so that such a difference is not read as an effect.
+fn within_spread_notes(md: &mut String, table: &aggregate::Table, groups: &[String], unit: &str) {
+    let mut depths: Vec<i64> = table.keys().map(|(_, d)| *d).collect();
+    depths.sort_unstable();
+    depths.dedup();
+    let mut notes = Vec::new();
+    for d in depths {
+        for (i, a) in groups.iter().enumerate() {
+            for b in &groups[i + 1..] {
+                let (Some(ca), Some(cb)) = (table.get(&(a.clone(), d)), table.get(&(b.clone(), d)))
+                else {
+                    continue;
+                };
+                if ca.values.len() < 2 || cb.values.len() < 2 {
+                    continue;
+                }
+                if aggregate::ranges_overlap(ca, cb) == Some(true) {
+                    let diff = (ca.mean().unwrap_or(0.0) - cb.mean().unwrap_or(0.0)).abs();
+                    notes.push(format!(
+                        "depth {d}: {} vs {}: the difference of the means ({diff:.2} {unit}) is within the seeds' spread",
+                        group_display(a),
+                        group_display(b)
+                    ));
+                }
+            }
+        }
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\nNot separated by these seeds:\n");
+        for n in notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+}
+
+/// A group of grid values (`tau=1/sqrt(L), lr=0.1`) as figure text:
+/// `τ = 1/sqrt(L), lr = 0.1`.
+fn group_display(g: &str) -> String {
+    g.split(", ")
+        .map(|kv| match kv.split_once('=') {
+            Some(("tau", v)) => format!("τ = {v}"),
+            Some((k, v)) => format!("{k} = {v}"),
+            None => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
