@@ -219,34 +219,7 @@ pub(super) fn train_report(
         };
         acc_table.entry((group_of(s), d)).or_default().push(outcome);
     }
-    let mut acc_series = Vec::new();
-    for g in &groups {
-        let cells: Vec<(i64, &aggregate::Cell)> = acc_table
-            .iter()
-            .filter(|((gg, _), c)| gg == g && !c.values.is_empty())
-            .map(|((_, d), c)| (*d, c))
-            .collect();
-        if cells.is_empty() {
-            continue;
-        }
-        let mut series = Series::new(
-            if g.is_empty() {
-                "all".to_string()
-            } else {
-                group_display(g)
-            },
-            cells
-                .iter()
-                .filter_map(|(d, c)| c.mean().map(|m| (*d as f64, m)))
-                .collect(),
-        );
-        series.band = cells
-            .iter()
-            .filter(|(_, c)| c.values.len() > 1)
-            .filter_map(|(d, c)| c.range().map(|(lo, hi)| (*d as f64, lo, hi)))
-            .collect();
-        acc_series.push(series);
-    }
+    let acc_series = table_series(&acc_table, &groups, true);
     if !acc_table.is_empty() {
         let metric = metric_name.clone().unwrap_or_default();
         let n_seeds = states
@@ -264,13 +237,7 @@ pub(super) fn train_report(
             md,
             &acc_table,
             &groups,
-            &|g| {
-                if g.is_empty() {
-                    "all".into()
-                } else {
-                    group_display(g)
-                }
-            },
+            &group_label,
             &|v| format!("{v:.2}"),
             "without an accuracy",
         );
@@ -332,37 +299,12 @@ pub(super) fn train_report(
             md,
             &steps_table,
             &groups,
-            &|g| {
-                if g.is_empty() {
-                    "all".into()
-                } else {
-                    group_display(g)
-                }
-            },
+            &group_label,
             &|v| format!("{v:.0}"),
             "did not reach it in the run",
         );
         within_spread_notes(md, &steps_table, &groups, "steps");
-        let series: Vec<Series> = groups
-            .iter()
-            .filter_map(|g| {
-                let pts: Vec<(f64, f64)> = steps_table
-                    .iter()
-                    .filter(|((gg, _), _)| gg == g)
-                    .filter_map(|((_, d), c)| c.mean().map(|m| (*d as f64, m)))
-                    .collect();
-                (!pts.is_empty()).then(|| {
-                    Series::new(
-                        if g.is_empty() {
-                            "all".to_string()
-                        } else {
-                            group_display(g)
-                        },
-                        pts,
-                    )
-                })
-            })
-            .collect();
+        let series = table_series(&steps_table, &groups, false);
         if !series.is_empty() {
             let _ = writeln!(
                 md,
@@ -422,6 +364,49 @@ fn within_spread_notes(md: &mut String, table: &aggregate::Table, groups: &[Stri
             let _ = writeln!(md, "- {n}");
         }
     }
+}
+
+/// A group's name in tables and legends: its grid values, or `all` for a sweep without
+/// axes besides depth and seed.
+fn group_label(g: &str) -> String {
+    if g.is_empty() {
+        "all".to_string()
+    } else {
+        group_display(g)
+    }
+}
+
+/// One line per group through the mean of each depth's cell (groups without any value
+/// have no line); with `band`, the cells of several runs are shaded from lowest to highest.
+fn table_series(table: &aggregate::Table, groups: &[String], band: bool) -> Vec<Series> {
+    groups
+        .iter()
+        .filter_map(|g| {
+            let cells: Vec<(f64, &aggregate::Cell)> = table
+                .iter()
+                .filter(|((gg, _), c)| gg == g && !c.values.is_empty())
+                .map(|((_, d), c)| (*d as f64, c))
+                .collect();
+            if cells.is_empty() {
+                return None;
+            }
+            let mut series = Series::new(
+                group_label(g),
+                cells
+                    .iter()
+                    .filter_map(|(d, c)| c.mean().map(|m| (*d, m)))
+                    .collect(),
+            );
+            if band {
+                series.band = cells
+                    .iter()
+                    .filter(|(_, c)| c.values.len() > 1)
+                    .filter_map(|(d, c)| c.range().map(|(lo, hi)| (*d, lo, hi)))
+                    .collect();
+            }
+            Some(series)
+        })
+        .collect()
 }
 
 /// A group of grid values (`tau=1/sqrt(L), lr=0.1`) as figure text:
