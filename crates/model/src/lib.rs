@@ -2,6 +2,42 @@
 //! BatchNorm, and ImageNet bottleneck ResNets, each with its residual branch scaled by τ
 //! (Zhang et al., "Stabilize Deep ResNet with A Sharp Scaling Factor τ", 2022).
 //!
+//! # The story in ten lines
+//!
+//! Build a τ-ResNet from a JSON config, run it on a batch, take one SGD step (τ and the
+//! scalar biases at lr/10, as the paper trains them), save it, load it back with
+//! [`hub::from_pretrained`] and get the same logits. The crate's
+//! [`examples/use-tau-model`](https://github.com/tau-resnet/tau-resnet/tree/main/examples/use-tau-model)
+//! is the same story at full length, including a load from a Hugging Face hub cache.
+//!
+//! ```
+//! use candle::{DType, Device, Tensor};
+//! use candle_nn::{Optimizer, SGD};
+//! use tau_model::{Model, ModelConfig, ParamKind, init_varmap, named_vars};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let (dev, ckpt) = (Device::Cpu, dir.path().join("ckpt"));
+//! let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8,
+//!     "norm": "none", "tau": "1/sqrt(L)", "learnable_tau": true}"#)?;
+//! let varmap = init_varmap(&cfg, /* seed */ 42, DType::F32, &dev)?;
+//! let model = Model::from_varmap(&cfg, &varmap, &dev)?;
+//! let (xs, ys) = (Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev)?, Tensor::new(&[0u32, 1, 2, 3], &dev)?);
+//! let (slow, main): (Vec<_>, Vec<_>) = named_vars(&varmap).into_iter()
+//!     .filter(|(name, _)| cfg.param_kind(name).is_trainable())
+//!     .partition(|(name, _)| matches!(cfg.param_kind(name), ParamKind::Tau | ParamKind::ScalarBias));
+//! let grads = candle_nn::loss::cross_entropy(&model.forward_t(&xs, true)?, &ys)?.backward()?;
+//! SGD::new(main.into_iter().map(|(_, v)| v).collect(), 0.1)?.step(&grads)?;
+//! SGD::new(slow.into_iter().map(|(_, v)| v).collect(), 0.01)?.step(&grads)?;
+//! tau_model::checkpoint::save(&ckpt, &cfg, &varmap)?;
+//! let (cfg2, varmap2) = tau_model::hub::from_pretrained(ckpt.to_str().unwrap(), None, &dev)?;
+//! let reloaded = Model::from_varmap(&cfg2, &varmap2, &dev)?;
+//! let diff = (model.forward_t(&xs, false)? - reloaded.forward_t(&xs, false)?)?.abs()?.max_all()?;
+//! assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+//! # Ok(()) }
+//! ```
+//!
+//! # What is here
+//!
 //! - [`TauRule`]: τ as a function of the number of residual blocks L, parsed from strings
 //!   such as `"1/sqrt(L)"`, `"0.5/sqrt(L)"`, `"L^-0.25"`, `"1/L"` or `"0.136"`.
 //! - [`ModelConfig`]: the architecture, a serde enum tagged by `family` (`theory`,
@@ -15,29 +51,23 @@
 //!   input's [`preprocess::Preprocessing`], the data set and the class names; [`hub`]: the
 //!   same from the Hugging Face hub, cache first, including timm's ResNet repos and bare
 //!   torchvision weights ([`timm`]).
+//! - [`ParamKind`], [`named_vars`]: how an optimizer groups the tensors, by name.
+//! - [`kernels`]: the CPU kernels the models run on (`tau-kernels`, re-exported), with
+//!   the one switch between kernel sets.
 //!
 //! Device and dtype are the caller's (through the `VarBuilder` / `init_varmap`); the CPU
-//! always works.
+//! always works. Checkpoints and the hub return [`CheckpointError`], τ rules
+//! [`TauRuleError`]; building and running a model returns `candle::Error`.
 //!
-//! # Example
+//! # The theory network
 //!
 //! ```
 //! use candle::{DType, Device, Tensor};
 //! use tau_model::{Model, ModelConfig, init_varmap};
 //!
 //! # fn main() -> candle::Result<()> {
-//! let cfg: ModelConfig = serde_json::from_str(
-//!     r#"{"family": "cifar_resnet", "depth": 8, "norm": "none",
-//!         "tau": "1/sqrt(L)", "learnable_tau": true, "in_channels": 1}"#,
-//! ).map_err(candle::Error::wrap)?;
 //! let dev = Device::Cpu;
-//! let varmap = init_varmap(&cfg, 42, DType::F32, &dev)?;
-//! let model = Model::from_varmap(&cfg, &varmap, &dev)?;
-//! let logits = model.forward_t(&Tensor::zeros((2, 1, 28, 28), DType::F32, &dev)?, true)?;
-//! assert_eq!(logits.dims(), [2, 10]);
-//! assert!((model.tau()? - 1.0 / 3f64.sqrt()).abs() < 1e-6); // L = 3 blocks
-//!
-//! // The theory network's norms, in log form: no overflow even where ‖h_L‖ would.
+//! // Its norms in log form: no overflow even where ‖h_L‖ would.
 //! let cfg = ModelConfig::Theory(tau_model::TheoryConfig {
 //!     input_dim: 4, width: 32, depth: 64, tau: "1".parse().map_err(candle::Error::wrap)?,
 //!     ..Default::default()
