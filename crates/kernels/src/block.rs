@@ -1,5 +1,6 @@
 //! A whole basic block as one custom op: without normalization
-//! relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + shortcut(x)), with BatchNorm
+//! relu(τ · (conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b) + shortcut(x)) (or Fixup's
+//! relu(s · conv2(…) + b2b + shortcut(x)), the bias after the multiplier), with BatchNorm
 //! relu(τ · BN2(conv2(relu(BN1(conv1 x)))) + shortcut(x)); the shortcut is the identity or,
 //! at a stage transition, option A (stride-2 subsampling and zero channels).
 //!
@@ -60,17 +61,68 @@ pub fn scalar_bias_block(
     tau: &Tensor,
     stride: usize,
 ) -> Result<Tensor> {
+    bias_block(
+        "scalar_bias_block",
+        xs,
+        [conv1, conv2],
+        biases,
+        tau,
+        stride,
+        false,
+    )
+}
+
+/// relu(s · conv2(relu(conv1(x + b1a) + b1b) + b2a) + b2b + shortcut(x)): the basic block
+/// of Fixup (Zhang, Dauphin & Ma 2019, Figure 1 and the authors' CIFAR code), with the
+/// branch's one-element multiplier `scale` (s) applied before the last bias, where
+/// [`scalar_bias_block`] scales the biased branch. Same weights, biases, shortcut, fast
+/// path and fallback as [`scalar_bias_block`]; only the place of b2b differs.
+///
+/// # Errors
+/// As [`scalar_bias_block`], with `scale` in place of `tau`.
+pub fn fixup_block(
+    xs: &Tensor,
+    conv1: &Tensor,
+    conv2: &Tensor,
+    biases: [&Tensor; 4],
+    scale: &Tensor,
+    stride: usize,
+) -> Result<Tensor> {
+    bias_block(
+        "fixup_block",
+        xs,
+        [conv1, conv2],
+        biases,
+        scale,
+        stride,
+        true,
+    )
+}
+
+/// [`scalar_bias_block`] (`bias_after_scale` false) or [`fixup_block`] (true).
+fn bias_block(
+    what: &str,
+    xs: &Tensor,
+    [conv1, conv2]: [&Tensor; 2],
+    biases: [&Tensor; 4],
+    tau: &Tensor,
+    stride: usize,
+    bias_after_scale: bool,
+) -> Result<Tensor> {
     let [b1a, b1b, b2a, b2b] = biases;
     if biases.iter().any(|b| b.elem_count() != 1) || tau.elem_count() != 1 {
-        candle::bail!("scalar_bias_block: the biases and tau must have one element each");
+        candle::bail!("{what}: the biases and the branch multiplier must have one element each");
     }
-    let bg = BlockGeom::new("scalar_bias_block", xs, conv1, conv2, stride)?;
+    let bg = BlockGeom::new(what, xs, conv1, conv2, stride)?;
     let fast = fused_f32(&[xs, conv1, conv2, b1a, b1b, b2a, b2b, tau]);
     if !fast {
         let out = conv2d_shifted(xs, b1a, conv1, stride, 1)?;
         let out = bias_relu_bias(&out, b1b, b2a)?;
         let out = conv2d(&out, conv2, 1, 1)?;
         let shortcut = option_a_shortcut(xs, stride, bg.g1.c_out)?;
+        if bias_after_scale {
+            return residual_relu(&out, tau, None, &shortcut.broadcast_add(b2b)?);
+        }
         return residual_relu(&out, tau, Some(b2b), &shortcut);
     }
     let params = Tensor::cat(
@@ -87,6 +139,7 @@ pub fn scalar_bias_block(
     )?;
     let op = BlockFwd {
         bg,
+        bias_after_scale,
         keep: xs.track_op() || params.track_op(),
         keep_branch: tau.track_op(),
         state: Arc::new(Mutex::new(None)),
@@ -259,6 +312,8 @@ struct State {
 /// Forward of [`scalar_bias_block`]: (x, packed parameters) → the block's output.
 struct BlockFwd {
     bg: BlockGeom,
+    /// b2b added after τ (Fixup's multiplier) rather than before.
+    bias_after_scale: bool,
     /// Keep the intermediates for a backward (some input needs a gradient).
     keep: bool,
     /// Keep conv2's output too (τ needs a gradient).
@@ -439,7 +494,11 @@ impl CustomOp2 for BlockFwd {
         // out = relu(τ·(conv2(h) + b2b) + shortcut(x)), like `residual_relu`.
         let mut y2 = forward_vec(&bg.g2, &h, None, p.w2);
         let sc = bg.shortcut(x);
-        let (a, c) = (p.tau, p.tau * p.b2b);
+        let (a, c) = if self.bias_after_scale {
+            (p.tau, p.b2b)
+        } else {
+            (p.tau, p.tau * p.b2b)
+        };
         let end = |yc: &[f32], xc: &[f32], oc: &mut [MaybeUninit<f32>]| {
             for ((o, &v), &t) in oc.iter_mut().zip(yc).zip(xc) {
                 o.write((a * v + c + t).max(0.0));
@@ -480,6 +539,7 @@ impl CustomOp2 for BlockFwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let op = BlockBwd {
             bg: self.bg,
+            bias_after_scale: self.bias_after_scale,
             params: params.to_vec1()?,
             state: self.state.clone(),
         };
@@ -490,6 +550,8 @@ impl CustomOp2 for BlockFwd {
 /// Backward of [`BlockFwd`]: (dy, y, x) → [dx, dw1, dw2, db1a, db1b, db2a, db2b, dτ].
 struct BlockBwd {
     bg: BlockGeom,
+    /// As [`BlockFwd`]'s.
+    bias_after_scale: bool,
     params: Vec<f32>,
     state: Arc<Mutex<Option<State>>>,
 }
@@ -515,8 +577,9 @@ impl CustomOp3 for BlockBwd {
         let guard = lock_state(&self.state)?;
         let st = kept_state(&guard, self.name())?;
         // m = dy ⊙ 1(y > 0): the shortcut's gradient; the branch's is τ·m.
-        // Sums: Σ m·(y2 + b2b) (dτ) and Σ m (db2b = τ·Σ m).
-        let b2b = p.b2b;
+        // Sums: Σ m·(y2 + b2b) (dτ) and Σ m (db2b = τ·Σ m); with the bias after the
+        // multiplier (Fixup) Σ m·y2 (dτ) and Σ m (db2b = Σ m).
+        let b2b = if self.bias_after_scale { 0.0 } else { p.b2b };
         let mut sums = (0f64, 0f64);
         let m = written(len, |m| {
             sums = m
@@ -555,7 +618,11 @@ impl CustomOp3 for BlockBwd {
             sum_dxb as f32,
             sum_dy1 as f32,
             sum_dh as f32,
-            (tau as f64 * sum_m) as f32,
+            if self.bias_after_scale {
+                sum_m as f32
+            } else {
+                (tau as f64 * sum_m) as f32
+            },
             sum_my as f32,
         ]);
         let total = dx.len();

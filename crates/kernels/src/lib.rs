@@ -57,7 +57,7 @@ mod util;
 mod test_util;
 
 pub use batch_norm::{batch_norm_residual_relu, batch_norm_t};
-pub use block::{batch_norm_block, scalar_bias_block};
+pub use block::{batch_norm_block, fixup_block, scalar_bias_block};
 pub use conv::{conv2d, conv2d_shifted};
 pub use elementwise::{add_scalar, bias_relu_bias, relu, residual_relu};
 pub use pool::{global_avg_pool, max_pool_3x3_s2, max_pool_3x3_s2_composed};

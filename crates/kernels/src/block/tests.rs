@@ -92,6 +92,59 @@ fn scalar_bias_block_matches_candle() {
     }
 }
 
+/// Fixup's block in candle's own ops (f64 reference): as [`block_reference`] with the
+/// multiplier (input 7) applied to conv2's output before the last bias (input 6).
+fn fixup_reference(t: &[&Tensor], s: &Terms, stride: usize) -> Tensor {
+    let (x, w1, w2) = (t[0], t[1], t[2]);
+    let y1 = x
+        .broadcast_add(&s.at(t, 3, x))
+        .unwrap()
+        .conv2d(w1, 1, stride, 1, 1)
+        .unwrap();
+    let h = y1.broadcast_add(&s.at(t, 4, &y1)).unwrap().relu().unwrap();
+    let h = h.broadcast_add(&s.at(t, 5, &h)).unwrap();
+    let y2 = h.conv2d(w2, 1, 1, 1, 1).unwrap();
+    let y2 = y2.broadcast_mul(&s.at(t, 7, &y2)).unwrap();
+    let y2 = y2.broadcast_add(&s.at(t, 6, &y2)).unwrap();
+    (y2 + shortcut_reference(x, w1, stride))
+        .unwrap()
+        .relu()
+        .unwrap()
+}
+
+fn fused_fixup(t: &[&Tensor], stride: usize) -> Tensor {
+    crate::fixup_block(t[0], t[1], t[2], [t[3], t[4], t[5], t[6]], t[7], stride).unwrap()
+}
+
+/// Fixup's block (the bias after the multiplier): output and every gradient, the
+/// multiplier's and b2b's included, under every kernel set (the candle set is the
+/// composed fallback).
+#[test]
+fn fixup_block_matches_candle() {
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    for (dims, c_out, stride) in [
+        ([2, 3, 5, 7], 3, 1),
+        ([1, 16, 8, 8], 16, 1),
+        ([2, 8, 32, 32], 8, 1),
+        ([2, 4, 8, 8], 8, 2),
+        ([3, 3, 7, 5], 6, 2),
+    ] {
+        let inputs = block_inputs(&mut rng, dims, c_out);
+        compare(
+            &inputs,
+            |t| fused_fixup(t, stride),
+            |t, s| fixup_reference(t, s, stride),
+            &format!("fixup_block {dims:?} → {c_out} stride {stride}"),
+        );
+    }
+    // A multiplier of 0 (Fixup's zero-initialized branch): the block is relu(b2b + x).
+    let mut t = block_inputs(&mut rng, [2, 4, 6, 6], 4);
+    t[7] = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let args: Vec<&Tensor> = t.iter().collect();
+    let want = t[0].broadcast_add(&t[6]).unwrap().relu().unwrap();
+    assert!(rel_err(&fused_fixup(&args, 1), &want) < 1e-7);
+}
+
 /// With a constant τ (no gradient, as in the non-learnable configs) the op keeps less and
 /// writes its output in place; the gradients of the rest are unchanged. Without any
 /// gradient (evaluation) it keeps nothing and gives the same output.
