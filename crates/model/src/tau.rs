@@ -13,14 +13,68 @@
 //!
 //! The constant c and τ itself must be finite and positive; the exponent e any finite
 //! number (`L^-1/4` reads as L^(−1/4), the paper's notation).
+//!
+//! # Example
+//!
+//! A rule read from a config resolves to the τ of each depth; a typo is an error that
+//! lists the accepted forms.
+//!
+//! ```
+//! use tau_model::TauRule;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! #[derive(serde::Deserialize)]
+//! struct Model {
+//!     tau: TauRule,
+//! }
+//! let m: Model = serde_json::from_str(r#"{"tau": "1/sqrt(L)"}"#)?;
+//! // ResNet-110 on CIFAR has L = 54 blocks: τ = 1/√54 ≈ 0.136.
+//! assert!((m.tau.resolve(54) - 0.136).abs() < 1e-3);
+//! // A bare number is a fixed τ.
+//! let fixed: Model = serde_json::from_str(r#"{"tau": 0.136}"#)?;
+//! assert_eq!(fixed.tau, TauRule::Fixed(0.136));
+//! assert!(serde_json::from_str::<Model>(r#"{"tau": "1/sqrt(K)"}"#).is_err());
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 use std::str::FromStr;
 
-/// The accepted forms, shown in every parse error.
+/// The accepted forms, shown in every parse error. See the
+/// [example](TauRuleError#example).
 pub const ACCEPTED_FORMS: &str = "a positive number (\"0.136\"), \"c/sqrt(L)\" (\"1/sqrt(L)\", \"0.5/sqrt(L)\"), \"c/L\" (\"1/L\"), or \"c*L^e\" (\"L^-0.25\", \"2*L^-0.5\", \"L^(-1/4)\"), with c > 0 finite";
 
 /// How τ depends on the number of residual blocks L.
+///
+/// # Example
+///
+/// Parse a rule, resolve it at a depth (the values are the closed forms of the table in
+/// the [module docs](self)), and write it back.
+///
+/// ```
+/// use tau_model::TauRule;
+///
+/// # fn main() -> Result<(), tau_model::TauRuleError> {
+/// let rule: TauRule = "1/sqrt(L)".parse()?;
+/// assert_eq!(rule, TauRule::InvSqrtDepth { scale: 1.0 });
+/// assert_eq!(rule, TauRule::default());
+/// assert_eq!(rule.resolve(16), 0.25); // 1/√16
+/// assert_eq!(rule.resolve(0), 1.0); // L = 0 counts as L = 1
+///
+/// let quarter: TauRule = "L^(-1/4)".parse()?;
+/// assert_eq!(quarter, TauRule::Power { scale: 1.0, exponent: -0.25 });
+/// assert_eq!(quarter.resolve(16), 0.5); // 16^(−1/4)
+/// assert_eq!("0.1/L".parse::<TauRule>()?.resolve(10), 0.01);
+///
+/// // Display gives a string that parses back to the same rule.
+/// assert_eq!(quarter.to_string(), "L^-0.25");
+/// assert_eq!(quarter.to_string().parse::<TauRule>()?, quarter);
+///
+/// // A rule built in code is checked with validate.
+/// assert!(TauRule::Fixed(0.136).validate().is_ok());
+/// assert!(TauRule::InvDepth { scale: -1.0 }.validate().is_err());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TauRule {
     /// τ = value, whatever the depth.
@@ -52,6 +106,19 @@ impl Default for TauRule {
 }
 
 /// A τ rule string that is not one of [`ACCEPTED_FORMS`].
+///
+/// # Example
+///
+/// ```
+/// use tau_model::tau::{ACCEPTED_FORMS, TauRule, TauRuleError};
+///
+/// let err: TauRuleError = "-1/sqrt(L)".parse::<TauRule>().unwrap_err();
+/// assert_eq!(err.input, "-1/sqrt(L)");
+/// assert_eq!(err.reason, "the constant must be finite and > 0, got -1");
+/// // The message names the input, the reason, and every accepted form.
+/// assert!(err.to_string().starts_with("invalid tau rule \"-1/sqrt(L)\""));
+/// assert!(err.to_string().ends_with(ACCEPTED_FORMS));
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid tau rule {input:?}: {reason}; accepted forms: {ACCEPTED_FORMS}")]
 pub struct TauRuleError {
@@ -63,6 +130,7 @@ pub struct TauRuleError {
 
 impl TauRule {
     /// τ for a network of `n_blocks` residual blocks (L). L = 0 is treated as L = 1.
+    /// See the [example](TauRule#example).
     pub fn resolve(&self, n_blocks: usize) -> f64 {
         let l = n_blocks.max(1) as f64;
         match *self {
@@ -74,7 +142,7 @@ impl TauRule {
     }
 
     /// Checks that the constants are finite and positive (parsing already ensures it; this
-    /// guards rules built in code).
+    /// guards rules built in code). See the [example](TauRule#example).
     ///
     /// # Errors
     /// Names the offending constant.
