@@ -13,6 +13,50 @@
 //!   exporting from PyTorch;
 //! - timm's `{"architecture": "resnet50", "num_classes": 1000, "pretrained_cfg": {...}}`
 //!   (see [`crate::timm`]).
+//!
+//! # Example
+//!
+//! A save and load round trip: the files, what `config.json` records, and every tensor
+//! back bit for bit.
+//!
+//! ```
+//! use candle::{DType, Device};
+//! use tau_model::checkpoint::{self, CONFIG_FILE, WEIGHTS_FILE};
+//! use tau_model::{ModelConfig, init_varmap, named_vars};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let tmp = tempfile::tempdir()?;
+//! let (dir, dev) = (tmp.path().join("theory-l4"), Device::Cpu);
+//! let cfg: ModelConfig = serde_json::from_str(
+//!     r#"{"family": "theory", "input_dim": 2, "width": 8, "depth": 4, "tau": "1/sqrt(L)"}"#,
+//! )?;
+//! let varmap = init_varmap(&cfg, 0, DType::F32, &dev)?;
+//! assert_eq!(checkpoint::check_varmap(&cfg, &varmap)?, DType::F32);
+//! checkpoint::save(&dir, &cfg, &varmap)?;
+//! assert!(dir.join(CONFIG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file());
+//!
+//! // config.json records L, τ resolved there (1/√4) and the dtype.
+//! let written = checkpoint::load_config(&dir.join(CONFIG_FILE))?;
+//! assert_eq!(written.n_blocks, Some(4));
+//! assert_eq!(written.tau_resolved, Some(0.5));
+//! assert_eq!(written.dtype.as_deref(), Some("f32"));
+//!
+//! let (cfg2, varmap2) = checkpoint::load(&dir, &dev)?;
+//! assert_eq!(cfg2, cfg);
+//! assert_eq!(checkpoint::varmap_dtype(&varmap2), Some(DType::F32));
+//! let (before, after) = (named_vars(&varmap), named_vars(&varmap2));
+//! assert_eq!(before.len(), 6); // A, W_1..W_4, B
+//! for ((name, x), (name2, y)) in before.iter().zip(&after) {
+//!     assert_eq!(name, name2);
+//!     assert_eq!(x.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
+//! }
+//! // The same from explicit file paths, and the weights alone for a config already read.
+//! let (cfg3, _) = checkpoint::load_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE), &dev)?;
+//! assert_eq!(cfg3, cfg);
+//! let weights = checkpoint::load_weights(&written, &dir.join(WEIGHTS_FILE), &dev)?;
+//! assert_eq!(named_vars(&weights).len(), 6);
+//! # Ok(()) }
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -25,9 +69,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::preprocess::Preprocessing;
 
-/// The architecture file of a checkpoint.
+/// The architecture file of a checkpoint. See the [module example](self#example).
 pub const CONFIG_FILE: &str = "config.json";
-/// The weights file of a checkpoint.
+/// The weights file of a checkpoint. See the [module example](self#example).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Largest `config.json` read (a config is a few hundred bytes; timm's with ImageNet's
 /// class names and descriptions about 100 KB).
@@ -35,6 +79,36 @@ const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// Everything that can go wrong saving or loading a checkpoint; each names the file and,
 /// where there is one, the tensor.
+///
+/// # Example
+///
+/// ```
+/// use candle::{DType, Device};
+/// use tau_model::{CheckpointError, ModelConfig, checkpoint, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// let (dir, dev) = (tmp.path(), Device::Cpu);
+/// // Nothing there: the I/O error names the file.
+/// let err = checkpoint::load(&dir.join("absent"), &dev).err().unwrap();
+/// let CheckpointError::Io { path, .. } = &err else { panic!("{err}") };
+/// assert!(path.ends_with("absent/config.json"));
+///
+/// // The weights of a depth-2 theory network under a config that says depth 3.
+/// let json = |depth| {
+///     format!(r#"{{"family": "theory", "input_dim": 2, "width": 4, "depth": {depth}}}"#)
+/// };
+/// let cfg: ModelConfig = serde_json::from_str(&json(2))?;
+/// checkpoint::save(dir, &cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?)?;
+/// std::fs::write(dir.join("config.json"), json(3))?;
+/// let err = checkpoint::load(dir, &dev).err().unwrap();
+/// let CheckpointError::MissingTensor { name, .. } = &err else { panic!("{err}") };
+/// assert_eq!(name, "blocks.2.weight");
+/// assert!(err.to_string().ends_with(
+///     r#"model.safetensors: missing tensor "blocks.2.weight" (required by the theory config)"#
+/// ));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// A file could not be read or written.
@@ -121,17 +195,45 @@ pub enum CheckpointError {
 /// The `config.json` this module writes: the architecture, and what a user of the
 /// weights needs to know (the input's preprocessing, the data set, the class names).
 ///
+/// # Example
+///
 /// ```
-/// # use tau_model::{ModelConfig, checkpoint::CheckpointConfig, preprocess::Preprocessing};
-/// let model: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 20}"#).unwrap();
-/// let mut cfg = CheckpointConfig::new(model);
+/// use candle::{DType, Device};
+/// use tau_model::checkpoint::{self, CheckpointConfig};
+/// use tau_model::{ModelConfig, Preprocessing, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// let model: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)?;
+/// let mut cfg = CheckpointConfig::new(model.clone());
 /// cfg.preprocessing = Some(Preprocessing::cifar10());
 /// cfg.dataset = Some("cifar10".into());
+/// cfg.class_names = Some(
+///     ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+///         .map(String::from)
+///         .to_vec(),
+/// );
+/// cfg.check()?;
+/// assert_eq!(cfg.class_name(3), "cat");
+/// // One class name per output of the model, which has 10.
+/// let mut short = cfg.clone();
+/// short.class_names = Some(vec!["cat".into()]);
+/// assert_eq!(short.check().unwrap_err(), "class_names has 1 names, the model has 10 outputs");
+///
+/// // save_with writes it next to the weights, with L, τ and the dtype filled in.
+/// let varmap = init_varmap(&model, 0, DType::F32, &Device::Cpu)?;
+/// checkpoint::save_with(tmp.path(), &cfg, &varmap)?;
+/// let (back, _varmap) = checkpoint::load_checkpoint(tmp.path(), &Device::Cpu)?;
+/// assert_eq!(back.preprocessing, Some(Preprocessing::cifar10()));
+/// assert_eq!(back.n_blocks, Some(3)); // depth 8 = 6·1 + 2: three blocks
+///
 /// // A config written before the preprocessing fields existed reads with them unset.
 /// let old: CheckpointConfig = serde_json::from_str(
 ///     r#"{"model": {"family": "cifar_resnet", "depth": 20}, "n_blocks": 9, "dtype": "f32"}"#,
-/// ).unwrap();
+/// )?;
 /// assert_eq!(old.preprocessing, None);
+/// assert_eq!(old.class_name(7), "class 7");
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,7 +263,8 @@ pub struct CheckpointConfig {
 }
 
 impl CheckpointConfig {
-    /// A config of `model` with nothing else recorded.
+    /// A config of `model` with nothing else recorded. See the
+    /// [example](CheckpointConfig#example).
     pub fn new(model: ModelConfig) -> Self {
         CheckpointConfig {
             model,
@@ -174,7 +277,8 @@ impl CheckpointConfig {
         }
     }
 
-    /// The name of class `i`: its [`Self::class_names`] entry, else `class {i}`.
+    /// The name of class `i`: its [`Self::class_names`] entry, else `class {i}`. See the
+    /// [example](CheckpointConfig#example).
     pub fn class_name(&self, i: usize) -> String {
         self.class_names
             .as_ref()
@@ -185,7 +289,7 @@ impl CheckpointConfig {
 
     /// Checks everything beside the model's own settings: `n_blocks` and `tau_resolved`
     /// against the model, a known `dtype`, a valid preprocessing with the model's input
-    /// channels, one class name per output.
+    /// channels, one class name per output. See the [example](CheckpointConfig#example).
     ///
     /// # Errors
     /// One message naming the bad field.
@@ -296,7 +400,8 @@ fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>, Checkpoin
         .collect())
 }
 
-/// The dtype shared by the tensors of a `VarMap` (`None` when it is empty).
+/// The dtype shared by the tensors of a `VarMap` (`None` when it is empty). See the
+/// [module example](self#example).
 pub fn varmap_dtype(varmap: &VarMap) -> Option<DType> {
     let data = varmap.data().lock().ok()?;
     let mut names: Vec<&String> = data.keys().collect();
@@ -388,7 +493,8 @@ fn check_tensors<'a>(
 
 /// Checks that `varmap` holds exactly the tensors `cfg` describes: every name present,
 /// none extra, each of its config shape, all of one float dtype; returns that dtype.
-/// Errors name the tensor (the path they carry is `VarMap`).
+/// Errors name the tensor (the path they carry is `VarMap`). See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// A missing, unexpected, misshapen or mistyped tensor.
@@ -406,7 +512,7 @@ pub fn check_varmap(cfg: &ModelConfig, varmap: &VarMap) -> Result<DType, Checkpo
 
 /// Saves `varmap` as a checkpoint of `cfg` into `dir` (created if needed): `config.json`
 /// and `model.safetensors`, each written atomically. [`save_with`] records the
-/// preprocessing, data set and class names too.
+/// preprocessing, data set and class names too. See the [module example](self#example).
 ///
 /// # Errors
 /// An invalid config, a `varmap` that does not match it (missing, unexpected or
@@ -417,7 +523,7 @@ pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap) -> Result<(), Checkp
 
 /// [`save`] with everything `config` records beside the model (preprocessing, data set,
 /// class names); its `n_blocks`, `tau_resolved` and `dtype` are recomputed from the model
-/// and the tensors.
+/// and the tensors. See the [example](CheckpointConfig#example).
 ///
 /// # Errors
 /// As [`save`], and metadata that does not fit the model (see [`CheckpointConfig::check`]).
@@ -474,7 +580,8 @@ pub fn save_with(
     })
 }
 
-/// Reads and validates a `config.json` (any of the forms in the module docs).
+/// Reads and validates a `config.json` (any of the forms in the module docs). See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// [`CheckpointError::Io`] when unreadable, [`CheckpointError::Config`] when it does not
@@ -510,7 +617,8 @@ pub fn load_config(path: &Path) -> Result<CheckpointConfig, CheckpointError> {
 /// Loads a checkpoint directory onto `device`: the config and a `VarMap` holding every
 /// tensor in the file's dtype (see [`varmap_dtype`]). `*.num_batches_tracked` tensors of
 /// PyTorch exports are accepted and dropped. [`load_checkpoint`] returns the whole
-/// [`CheckpointConfig`] (preprocessing, class names).
+/// [`CheckpointConfig`] (preprocessing, class names). See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// See [`CheckpointError`]: unreadable files, a bad config, a truncated or garbage
@@ -519,7 +627,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<(ModelConfig, VarMap), Checkp
     load_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE), device)
 }
 
-/// [`load`], returning the whole [`CheckpointConfig`].
+/// [`load`], returning the whole [`CheckpointConfig`]. See the
+/// [example](CheckpointConfig#example).
 ///
 /// # Errors
 /// As [`load`].
@@ -532,7 +641,7 @@ pub fn load_checkpoint(
     Ok((config, varmap))
 }
 
-/// [`load`] from explicit file paths.
+/// [`load`] from explicit file paths. See the [module example](self#example).
 ///
 /// # Errors
 /// As [`load`].
@@ -547,7 +656,8 @@ pub fn load_files(
 }
 
 /// Loads the safetensors file `weights_path` as the tensors of `config`'s model, checked
-/// by name, shape and dtype (the config's `dtype`, when it has one).
+/// by name, shape and dtype (the config's `dtype`, when it has one). See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// As [`load`].

@@ -25,6 +25,52 @@
 //! assert_eq!(candle.config.preprocessing, Some(tau_model::Preprocessing::imagenet()));
 //! # Ok(()) }
 //! ```
+//!
+//! # Example
+//!
+//! A checkpoint loads from its directory, and from a hub cache with no network access
+//! (`local_files_only`), here a cache laid out as hf-hub's: `refs/main` names the
+//! commit, `snapshots/<commit>/` holds the files.
+//!
+//! ```
+//! use candle::{DType, Device, Tensor};
+//! use tau_model::hub::{self, HubOptions};
+//! use tau_model::{Model, ModelConfig, checkpoint, init_varmap};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let tmp = tempfile::tempdir()?;
+//! let dev = Device::Cpu;
+//! let cfg: ModelConfig = serde_json::from_str(
+//!     r#"{"family": "theory", "input_dim": 2, "width": 8, "depth": 4}"#,
+//! )?;
+//! let ckpt = tmp.path().join("ckpt");
+//! checkpoint::save(&ckpt, &cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?)?;
+//! let (cfg1, varmap1) = hub::from_pretrained(ckpt.to_str().unwrap(), None, &dev)?;
+//!
+//! // The same files as the repo `tau-resnet/example` in a hub cache.
+//! let (cache, commit) = (tmp.path().join("hub"), "0123456789abcdef0123456789abcdef01234567");
+//! let repo = cache.join("models--tau-resnet--example");
+//! std::fs::create_dir_all(repo.join("refs"))?;
+//! std::fs::write(repo.join("refs/main"), commit)?;
+//! let snapshot = repo.join("snapshots").join(commit);
+//! std::fs::create_dir_all(&snapshot)?;
+//! for file in [checkpoint::CONFIG_FILE, checkpoint::WEIGHTS_FILE] {
+//!     std::fs::copy(ckpt.join(file), snapshot.join(file))?;
+//! }
+//! let options = HubOptions {
+//!     cache_dir: Some(cache),
+//!     local_files_only: true,
+//!     ..Default::default()
+//! };
+//! let (cfg2, varmap2) = hub::from_pretrained_with("tau-resnet/example", None, &options, &dev)?;
+//! assert_eq!((&cfg1, &cfg2), (&cfg, &cfg));
+//!
+//! let xs = Tensor::ones((3, 2), DType::F32, &dev)?;
+//! let y1 = Model::from_varmap(&cfg1, &varmap1, &dev)?.forward_t(&xs, false)?;
+//! let y2 = Model::from_varmap(&cfg2, &varmap2, &dev)?.forward_t(&xs, false)?;
+//! assert_eq!(y1.to_vec2::<f32>()?, y2.to_vec2::<f32>()?);
+//! # Ok(()) }
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +84,49 @@ use crate::model::Model;
 
 /// Where and how to reach the hub. The defaults are hf-hub's: the cache directory and
 /// endpoint from the environment (`HF_HUB_CACHE`, `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`…).
+///
+/// # Example
+///
+/// A cache of its own, never the network: a cached file is found, a missing one is an
+/// error naming it.
+///
+/// ```
+/// use candle::{DType, Device};
+/// use tau_model::hub::{self, HubOptions};
+/// use tau_model::{CheckpointError, ModelConfig, checkpoint, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// # let dev = Device::Cpu;
+/// # let cfg: ModelConfig = serde_json::from_str(
+/// #     r#"{"family": "theory", "input_dim": 2, "width": 8, "depth": 4}"#)?;
+/// # let ckpt = tmp.path().join("ckpt");
+/// # checkpoint::save(&ckpt, &cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?)?;
+/// // `tau-resnet/example` in a hub cache laid out as hf-hub's (see the module example).
+/// # let (cache, commit) = (tmp.path().join("hub"), "0123456789abcdef0123456789abcdef01234567");
+/// # let repo = cache.join("models--tau-resnet--example");
+/// # std::fs::create_dir_all(repo.join("refs"))?;
+/// # std::fs::write(repo.join("refs/main"), commit)?;
+/// # let snapshot = repo.join("snapshots").join(commit);
+/// # std::fs::create_dir_all(&snapshot)?;
+/// # for file in [checkpoint::CONFIG_FILE, checkpoint::WEIGHTS_FILE] {
+/// #     std::fs::copy(ckpt.join(file), snapshot.join(file))?;
+/// # }
+/// let options = HubOptions {
+///     cache_dir: Some(cache),
+///     local_files_only: true,
+///     ..Default::default()
+/// };
+/// let (config, weights) = hub::fetch("tau-resnet/example", Some("main"), &options)?;
+/// assert_eq!(config, snapshot.join("config.json"));
+/// assert_eq!(weights, snapshot.join("model.safetensors"));
+///
+/// let err = hub::fetch_file("tau-resnet/absent", None, "config.json", &options).unwrap_err();
+/// let CheckpointError::Hub { id, message } = &err else { panic!("{err}") };
+/// assert_eq!(id, "tau-resnet/absent");
+/// assert!(message.starts_with("config.json: "));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct HubOptions {
     /// The hub cache directory (the `…/huggingface/hub` folder).
@@ -92,6 +181,42 @@ fn is_repo_id(id: &str) -> bool {
 }
 
 /// What to load from a checkpoint directory or hub repo, beyond its name.
+///
+/// # Example
+///
+/// Bare weights, as torchvision's: another file name and no `config.json`, so the config
+/// is given.
+///
+/// ```
+/// use candle::{DType, Device};
+/// use tau_model::checkpoint::{self, CheckpointConfig};
+/// use tau_model::hub::{self, HubOptions, LoadSpec};
+/// use tau_model::{ModelConfig, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// let (dir, dev) = (tmp.path().join("bare"), Device::Cpu);
+/// let cfg: ModelConfig = serde_json::from_str(
+///     r#"{"family": "theory", "input_dim": 2, "width": 8, "depth": 4}"#,
+/// )?;
+/// checkpoint::save(&dir, &cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?)?;
+/// std::fs::rename(dir.join("model.safetensors"), dir.join("theory.safetensors"))?;
+/// std::fs::remove_file(dir.join("config.json"))?;
+///
+/// let spec = LoadSpec {
+///     weights_file: Some("theory.safetensors".into()),
+///     config: Some(CheckpointConfig::new(cfg.clone())),
+///     ..Default::default()
+/// };
+/// let id = dir.to_str().unwrap();
+/// let loaded = hub::load_pretrained(id, &spec, &HubOptions::default(), &dev)?;
+/// assert_eq!(loaded.config.model, cfg);
+/// assert_eq!(loaded.weights_path, dir.join("theory.safetensors"));
+/// // A weights file outside the directory is refused.
+/// let outside = LoadSpec { weights_file: Some("../theory.safetensors".into()), ..spec };
+/// assert!(hub::load_pretrained(id, &outside, &HubOptions::default(), &dev).is_err());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct LoadSpec {
     /// Branch, tag or commit of a hub repo (default `main`).
@@ -105,6 +230,36 @@ pub struct LoadSpec {
 }
 
 /// A loaded checkpoint: its whole config (model, preprocessing, class names) and tensors.
+///
+/// # Example
+///
+/// The checkpoint says how to prepare an image for its model.
+///
+/// ```
+/// use candle::{DType, Device};
+/// use tau_model::checkpoint::{self, CheckpointConfig};
+/// use tau_model::hub::{self, HubOptions, LoadSpec};
+/// use tau_model::preprocess::{Preprocessing, image};
+/// use tau_model::{ModelConfig, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// let (dir, dev) = (tmp.path().join("cifar"), Device::Cpu);
+/// let model: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)?;
+/// let mut cfg = CheckpointConfig::new(model.clone());
+/// cfg.preprocessing = Some(Preprocessing::cifar10());
+/// checkpoint::save_with(&dir, &cfg, &init_varmap(&model, 0, DType::F32, &dev)?)?;
+///
+/// let id = dir.to_str().unwrap();
+/// let loaded = hub::load_pretrained(id, &LoadSpec::default(), &HubOptions::default(), &dev)?;
+/// assert_eq!(loaded.weights_path, dir.join("model.safetensors"));
+/// let prep = loaded.config.preprocessing.as_ref().unwrap();
+/// let img = image::DynamicImage::new_rgb8(48, 40); // W×H: resized to 38×32, cropped to 32×32
+/// let xs = prep.image_to_tensor(&img, &dev)?.unsqueeze(0)?;
+/// let logits = loaded.model(&dev)?.forward_t(&xs, false)?;
+/// assert_eq!(logits.dims(), [1, 10]);
+/// # Ok(()) }
+/// ```
 pub struct Pretrained {
     /// The config, as read (or as given in [`LoadSpec::config`]).
     pub config: CheckpointConfig,
@@ -124,7 +279,8 @@ impl std::fmt::Debug for Pretrained {
 }
 
 impl Pretrained {
-    /// The model, reading its tensors from [`Self::varmap`].
+    /// The model, reading its tensors from [`Self::varmap`]. See the
+    /// [example](Pretrained#example).
     ///
     /// # Errors
     /// Device errors.
@@ -134,7 +290,7 @@ impl Pretrained {
 }
 
 /// Loads a checkpoint (see [`checkpoint::load`]) from a local directory or a hub repo id,
-/// with hf-hub's default settings.
+/// with hf-hub's default settings. See the [module example](self#example).
 ///
 /// # Errors
 /// As [`from_pretrained_with`].
@@ -150,6 +306,7 @@ pub fn from_pretrained(
 /// otherwise it is a hub model repo id (`owner/name`), whose `config.json` and
 /// `model.safetensors` at `revision` (default `main`) come from the local cache, else
 /// from the hub. [`load_pretrained`] returns the whole config and reads other layouts.
+/// See the [module example](self#example).
 ///
 /// # Errors
 /// A path that is neither a directory nor a repo id, a repo or file the cache and the hub
@@ -179,6 +336,7 @@ fn is_inner_file(name: &str) -> bool {
 /// Loads a checkpoint from a local directory or a hub repo id (see
 /// [`from_pretrained_with`]), in any layout: this crate's, timm's (its `config.json` is
 /// recognized), or bare weights with [`LoadSpec::weights_file`] and [`LoadSpec::config`].
+/// See the [example](LoadSpec#example) and [this one](Pretrained#example).
 ///
 /// # Errors
 /// As [`from_pretrained_with`]; a weights file name that leaves the directory.
@@ -232,7 +390,8 @@ pub fn load_pretrained(
     })
 }
 
-/// Paths of `config.json` and `model.safetensors` of a hub repo, cache first.
+/// Paths of `config.json` and `model.safetensors` of a hub repo, cache first. See the
+/// [example](HubOptions#example).
 ///
 /// # Errors
 /// [`CheckpointError::Hub`] naming the file the cache and the hub cannot provide.
@@ -248,7 +407,7 @@ pub fn fetch(
 }
 
 /// The local path of one file of a hub repo, cache first (downloaded on a cache miss
-/// unless [`HubOptions::local_files_only`]).
+/// unless [`HubOptions::local_files_only`]). See the [example](HubOptions#example).
 ///
 /// # Errors
 /// [`CheckpointError::Hub`] naming the file the cache and the hub cannot provide.
