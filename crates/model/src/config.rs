@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::params::{MAX_ELEMENTS, ParamInit, ParamKind, ParamName, ParamSpec};
-use crate::resnet::{BottleneckResNetConfig, CifarResNetConfig};
+use crate::resnet::{BottleneckResNetConfig, CifarResNetConfig, Scaling};
 use crate::theory::TheoryConfig;
 
 /// Any τ-ResNet, tagged by `family` (`theory`, `cifar_resnet`, `bottleneck_resnet`).
@@ -75,9 +75,22 @@ impl ModelConfig {
         }
     }
 
-    /// τ at initialization: the rule resolved at L = [`Self::n_blocks`].
+    /// τ at initialization: the rule resolved at L = [`Self::n_blocks`]; 1 for a ResNet
+    /// whose branches another [`Scaling`] scheme scales.
     pub fn tau_init(&self) -> f64 {
-        self.tau_rule().resolve(self.n_blocks())
+        match self {
+            ModelConfig::CifarResnet(c) => c.tau_init(),
+            _ => self.tau_rule().resolve(self.n_blocks()),
+        }
+    }
+
+    /// How the residual branches are scaled ([`Scaling::Tau`] for the theory network).
+    pub fn scaling(&self) -> Scaling {
+        match self {
+            ModelConfig::Theory(_) => Scaling::Tau,
+            ModelConfig::CifarResnet(c) => c.scaling,
+            ModelConfig::BottleneckResnet(c) => c.scaling,
+        }
     }
 
     /// Whether τ is a learnable parameter named `tau`.

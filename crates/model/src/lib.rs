@@ -124,6 +124,8 @@ pub use config::{ModelConfig, ParamInit, ParamKind, ParamName, ParamSpec};
 pub use init::{init_varmap, named_vars};
 pub use model::Model;
 pub use preprocess::Preprocessing;
-pub use resnet::{BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, Norm};
+pub use resnet::{
+    BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, Norm, Scaling,
+};
 pub use tau::{TauRule, TauRuleError};
 pub use theory::{TheoryConfig, TheoryNet, TheoryTrace};

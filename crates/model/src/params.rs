@@ -21,6 +21,12 @@ pub enum ParamKind {
     ScalarBias,
     /// The shared learnable τ: learning rate / 10, gradient divided by L.
     Tau,
+    /// Fixup's per-branch scalar multiplier (`layer1.0.scale`, init 1): learning rate / 10
+    /// with the scalar biases, as the Fixup authors' code groups them.
+    BranchScale,
+    /// SkipInit's and ReZero's per-branch α (`layer1.0.alpha`, init 0): the main learning
+    /// rate (ReZero trains α with the other weights), no weight decay.
+    Alpha,
     /// BatchNorm running statistics (and `num_batches_tracked`): never optimized.
     Buffer,
     /// Parameters held at their initial value (theory A and B by default): never optimized.

@@ -14,7 +14,7 @@ use crate::params::{ParamInit, ParamKind, ParamName, ParamSpec, check_size};
 use crate::tau::TauRule;
 use tau_kernels::{
     add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, conv2d, conv2d_shifted,
-    global_avg_pool, relu, residual_relu, scalar_bias_block,
+    fixup_block, global_avg_pool, option_a_shortcut, relu, residual_relu, scalar_bias_block,
 };
 pub use tau_kernels::{max_pool_3x3_s2, subsample2};
 
@@ -27,6 +27,66 @@ pub enum Norm {
     BatchNorm,
     /// No normalization: Fixup-style scalar biases around the convolutions.
     None,
+}
+
+/// How the residual branches are scaled (and initialized) so that a deep network trains:
+/// the paper's τ, or one of the schemes it is compared with. The CIFAR ResNets take every
+/// scheme; the bottleneck ResNets `tau` only.
+///
+/// | scheme | block | per block | init | norm |
+/// | --- | --- | --- | --- | --- |
+/// | `tau` | relu(τ·F(x) + x) | — (one τ, fixed or learnable) | He | either |
+/// | `fixup` | relu(s·F(x) + b2b + x), F with scalar biases | `scale` s | last conv 0, other He·L^(−1/2), classifier 0 | none |
+/// | `skipinit` | relu(α·F(x) + x) | `alpha` α | α = 0, He | either |
+/// | `rezero` | x + α·F(x) (no ReLU after the sum, no biases) | `alpha` α | α = 0, He | none |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scaling {
+    /// The paper's τ: one τ (from the τ rule, fixed or learnable) shared by every block.
+    #[default]
+    Tau,
+    /// Fixup (Zhang, Dauphin & Ma 2019): scalar biases before each convolution, activation
+    /// and the classifier, a multiplier per branch (init 1) before the branch's last bias,
+    /// the branch's last convolution and the classifier initialized at zero, the other
+    /// branch convolution at He init × L^(−1/(2m−2)) with m = 2 layers per branch.
+    /// Without normalization only.
+    Fixup,
+    /// SkipInit (De & Smith 2020): a learnable scalar α per branch, initialized at 0, with
+    /// BatchNorm kept or removed (then with this project's scalar biases).
+    SkipInit,
+    /// ReZero (Bachlechner et al. 2020): x + α·F(x), a learnable α per block initialized
+    /// at 0, no normalization, no biases, no activation after the sum.
+    ReZero,
+}
+
+impl Scaling {
+    /// The scheme's name as in configs (`tau`, `fixup`, `skipinit`, `rezero`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scaling::Tau => "tau",
+            Scaling::Fixup => "fixup",
+            Scaling::SkipInit => "skipinit",
+            Scaling::ReZero => "rezero",
+        }
+    }
+
+    /// Whether this is [`Scaling::Tau`], the default (which configs and checkpoints leave
+    /// unwritten, so that they read as before the option existed).
+    pub fn is_tau(&self) -> bool {
+        *self == Scaling::Tau
+    }
+
+    /// Whether every residual block starts as the identity on its input (α = 0):
+    /// SkipInit's and ReZero's branches contribute nothing at initialization.
+    pub fn identity_at_init(self) -> bool {
+        matches!(self, Scaling::SkipInit | Scaling::ReZero)
+    }
+}
+
+impl std::fmt::Display for Scaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Largest CIFAR ResNet depth accepted (ResNet-1202 is the largest in the paper).
@@ -96,12 +156,12 @@ pub(super) fn conv_spec(
 }
 
 pub(super) fn scalar_bias_spec(specs: &mut Vec<ParamSpec>, name: String) {
-    specs.push(ParamSpec::new(
-        name,
-        vec![1],
-        ParamInit::Const(0.0),
-        ParamKind::ScalarBias,
-    ));
+    scalar_spec(specs, name, 0.0, ParamKind::ScalarBias);
+}
+
+/// A one-element parameter of `kind` starting at `init`.
+pub(super) fn scalar_spec(specs: &mut Vec<ParamSpec>, name: String, init: f64, kind: ParamKind) {
+    specs.push(ParamSpec::new(name, vec![1], ParamInit::Const(init), kind));
 }
 
 /// The linear head, PyTorch's default `nn.Linear` init: U(−1/√fan_in, 1/√fan_in).
@@ -166,8 +226,16 @@ pub(crate) fn param_kind(name: &str) -> ParamKind {
     if p.is_bn_buffer() {
         return ParamKind::Buffer;
     }
-    if p.is_scalar_bias() {
+    // Fixup's scalar biases of the stem (`bias1`) and before the classifier (`bias2`).
+    if p.is_scalar_bias() || matches!(name, "bias1" | "bias2") {
         return ParamKind::ScalarBias;
+    }
+    if p.block.is_some() && p.module.is_empty() {
+        match p.leaf {
+            "scale" => return ParamKind::BranchScale,
+            "alpha" => return ParamKind::Alpha,
+            _ => {}
+        }
     }
     match p.leaf {
         "weight" | "bias" if p.in_batch_norm() => ParamKind::BnAffine,

@@ -52,7 +52,7 @@ use serde::Deserialize;
 use crate::checkpoint::CheckpointConfig;
 use crate::config::ModelConfig;
 use crate::preprocess::{Interpolation, Preprocessing};
-use crate::resnet::{BottleneckResNetConfig, Norm};
+use crate::resnet::{BottleneckResNetConfig, Norm, Scaling};
 use crate::tau::TauRule;
 
 /// The architecture names this module builds, with their depths.
@@ -94,6 +94,7 @@ pub fn model_config(
         norm: Norm::BatchNorm,
         tau: TauRule::Fixed(1.0),
         learnable_tau: false,
+        scaling: Scaling::Tau,
         in_channels,
         num_classes,
     }))

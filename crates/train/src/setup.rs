@@ -157,8 +157,9 @@ impl ModelStore for TauModel {
 impl TauModel {
     /// The optimizer's parameters: every trainable tensor (by the model's [`ParamKind`]),
     /// minus the config's `optim.freeze` prefixes, in natural name order, with its group:
-    /// τ and the scalar biases at `small_lr_factor` × lr, τ's gradient divided by L, no
-    /// weight decay on τ.
+    /// τ, the scalar biases and Fixup's multipliers at `small_lr_factor` × lr, τ's
+    /// gradient divided by L, no weight decay on τ; SkipInit's and ReZero's α at the main
+    /// lr without weight decay.
     ///
     /// # Errors
     /// A poisoned lock (not expected).
@@ -184,10 +185,19 @@ impl TauModel {
             }
             let spec = match self.cfg.param_kind(name) {
                 ParamKind::Weight | ParamKind::BnAffine => ParamSpec::WEIGHT,
-                ParamKind::ScalarBias => ParamSpec {
+                // Fixup's scalars, biases and multipliers alike, at lr/10 (the Fixup
+                // authors' code), with weight decay as every other group there.
+                ParamKind::ScalarBias | ParamKind::BranchScale => ParamSpec {
                     lr_mult: small,
                     grad_scale: 1.0,
                     weight_decay: true,
+                },
+                // SkipInit's and ReZero's α at the main learning rate (ReZero trains α
+                // with the network's weights); no weight decay, like τ (a scale).
+                ParamKind::Alpha => ParamSpec {
+                    lr_mult: 1.0,
+                    grad_scale: 1.0,
+                    weight_decay: false,
                 },
                 ParamKind::Tau => ParamSpec {
                     lr_mult: small,

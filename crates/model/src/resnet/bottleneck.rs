@@ -17,6 +17,10 @@ pub struct BottleneckResNetConfig {
     pub tau: TauRule,
     /// One shared learnable τ named `tau` (default false).
     pub learnable_tau: bool,
+    /// How the residual branches are scaled: `tau` (default) only, for now; the other
+    /// [`Scaling`] schemes are CIFAR ResNet options.
+    #[serde(skip_serializing_if = "Scaling::is_tau")]
+    pub scaling: Scaling,
     /// Input channels (default 3).
     pub in_channels: usize,
     /// Number of classes (default 1000).
@@ -30,6 +34,7 @@ impl Default for BottleneckResNetConfig {
             norm: Norm::BatchNorm,
             tau: TauRule::default(),
             learnable_tau: false,
+            scaling: Scaling::Tau,
             in_channels: 3,
             num_classes: 1000,
         }
@@ -72,6 +77,12 @@ impl BottleneckResNetConfig {
             self.in_channels,
             self.num_classes,
         )?;
+        if self.scaling != Scaling::Tau {
+            candle::bail!(
+                "bottleneck_resnet: scaling = \"{}\" is not supported for the bottleneck ResNets yet (only \"tau\"); the cifar_resnet family takes every scheme",
+                self.scaling
+            )
+        }
         check_size(
             "bottleneck_resnet",
             70_000_000 + self.num_classes as u128 * 2049 + self.in_channels as u128 * 64 * 49,

@@ -1,5 +1,6 @@
 //! The CIFAR ResNets of He et al. (2016): depth 6n+2, three stages of basic blocks at
-//! 16/32/64 channels, option-A shortcut, with BatchNorm or Fixup-style scalar biases.
+//! 16/32/64 channels, option-A shortcut, with BatchNorm or Fixup-style scalar biases, the
+//! branches scaled by τ or by one of the schemes of [`Scaling`] (Fixup, SkipInit, ReZero).
 
 use super::*;
 
@@ -17,6 +18,10 @@ pub struct CifarResNetConfig {
     pub tau: TauRule,
     /// One shared learnable τ named `tau`, initialized at the rule's value (default false).
     pub learnable_tau: bool,
+    /// How the residual branches are scaled: `tau` (default), `fixup`, `skipinit` or
+    /// `rezero` (see [`Scaling`]). With any scheme but `tau` the τ rule is not used.
+    #[serde(skip_serializing_if = "Scaling::is_tau")]
+    pub scaling: Scaling,
     /// Input channels: 3 for CIFAR (default), 1 for MNIST.
     pub in_channels: usize,
     /// Number of classes (default 10).
@@ -30,6 +35,7 @@ impl Default for CifarResNetConfig {
             norm: Norm::BatchNorm,
             tau: TauRule::default(),
             learnable_tau: false,
+            scaling: Scaling::Tau,
             in_channels: 3,
             num_classes: 10,
         }
@@ -37,6 +43,9 @@ impl Default for CifarResNetConfig {
 }
 
 pub(super) const CIFAR_WIDTHS: [usize; 3] = [16, 32, 64];
+
+/// m, the layers of a basic block's branch, in Fixup's L^(−1/(2m−2)).
+const FIXUP_BRANCH_LAYERS: f64 = 2.0;
 
 impl CifarResNetConfig {
     /// n, the number of blocks per stage.
@@ -69,6 +78,17 @@ impl CifarResNetConfig {
             self.in_channels,
             self.num_classes,
         )?;
+        let scaling = self.scaling;
+        if scaling != Scaling::Tau && self.learnable_tau {
+            candle::bail!(
+                "cifar_resnet: learnable_tau applies to scaling = \"tau\" only; scaling = \"{scaling}\" learns its own per-block scalars"
+            )
+        }
+        if matches!(scaling, Scaling::Fixup | Scaling::ReZero) && self.norm != Norm::None {
+            candle::bail!(
+                "cifar_resnet: scaling = \"{scaling}\" trains without normalization; set norm = \"none\" (got \"batch_norm\")"
+            )
+        }
         let per_block = 2 * 9 * 64 * 64 + 4 * 64;
         check_size(
             "cifar_resnet",
@@ -78,45 +98,98 @@ impl CifarResNetConfig {
         )
     }
 
+    /// Fixup's factor on the He standard deviation of a branch's first convolution,
+    /// L^(−1/(2m−2)) with m = 2 layers per branch: 1/√L.
+    pub fn fixup_std_factor(&self) -> f64 {
+        (self.n_blocks().max(1) as f64).powf(-1.0 / (2.0 * FIXUP_BRANCH_LAYERS - 2.0))
+    }
+
     pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
         let n = self.blocks_per_stage();
         let bn = self.norm == Norm::BatchNorm;
+        let scaling = self.scaling;
+        let fixup = scaling == Scaling::Fixup;
+        // ReZero's branch has no biases; every other no-BN branch has the scalar biases.
+        let biases = !bn && scaling != Scaling::ReZero;
         let mut specs = Vec::new();
         conv_spec(&mut specs, "conv1.weight".into(), 16, self.in_channels, 3);
         if bn {
             bn_specs(&mut specs, "bn1", 16);
+        }
+        if fixup {
+            scalar_bias_spec(&mut specs, "bias1".into());
         }
         let mut c_in = 16;
         for (s, &c_out) in CIFAR_WIDTHS.iter().enumerate() {
             for b in 0..n {
                 let p = format!("layer{}.{b}", s + 1);
                 let block_in = if b == 0 { c_in } else { c_out };
-                if !bn {
+                if biases {
                     scalar_bias_spec(&mut specs, format!("{p}.bias1a"));
                 }
                 conv_spec(&mut specs, format!("{p}.conv1.weight"), c_out, block_in, 3);
+                if fixup
+                    && let Some(ParamSpec {
+                        init: ParamInit::Normal { std },
+                        ..
+                    }) = specs.last_mut()
+                {
+                    *std *= self.fixup_std_factor();
+                }
                 if bn {
                     bn_specs(&mut specs, &format!("{p}.bn1"), c_out);
-                } else {
+                } else if biases {
                     scalar_bias_spec(&mut specs, format!("{p}.bias1b"));
                     scalar_bias_spec(&mut specs, format!("{p}.bias2a"));
                 }
                 conv_spec(&mut specs, format!("{p}.conv2.weight"), c_out, c_out, 3);
+                if fixup && let Some(spec) = specs.last_mut() {
+                    spec.init = ParamInit::Const(0.0);
+                }
                 if bn {
                     bn_specs(&mut specs, &format!("{p}.bn2"), c_out);
-                } else {
+                }
+                if fixup {
+                    scalar_spec(
+                        &mut specs,
+                        format!("{p}.scale"),
+                        1.0,
+                        ParamKind::BranchScale,
+                    );
+                }
+                if biases {
                     scalar_bias_spec(&mut specs, format!("{p}.bias2b"));
+                }
+                if scaling.identity_at_init() {
+                    scalar_spec(&mut specs, format!("{p}.alpha"), 0.0, ParamKind::Alpha);
                 }
             }
             c_in = c_out;
         }
+        if fixup {
+            scalar_bias_spec(&mut specs, "bias2".into());
+        }
         fc_specs(&mut specs, 64, self.num_classes);
+        if fixup {
+            for spec in specs.iter_mut().filter(|s| s.name.starts_with("fc.")) {
+                spec.init = ParamInit::Const(0.0);
+            }
+        }
         tau_spec(
             &mut specs,
-            self.learnable_tau,
+            self.learnable_tau && scaling == Scaling::Tau,
             self.tau.resolve(self.n_blocks()),
         );
         specs
+    }
+
+    /// τ at initialization: the rule at L for `scaling = "tau"`, 1 for the other schemes
+    /// (whose branches τ does not scale).
+    pub fn tau_init(&self) -> f64 {
+        match self.scaling {
+            Scaling::Tau => self.tau.resolve(self.n_blocks()),
+            _ => 1.0,
+        }
     }
 }
 
@@ -133,17 +206,20 @@ pub struct ScalarBiases {
     pub bias2b: Tensor,
 }
 
-/// A basic block: two 3×3 convolutions on the residual branch, scaled by τ.
+/// A basic block: two 3×3 convolutions on the residual branch, scaled by the branch's
+/// multiplier (τ, Fixup's `scale` or SkipInit's / ReZero's `alpha`, see [`Scaling`]).
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
     conv1: Tensor,
     conv2: Tensor,
     /// `Some((bn1, bn2))` with BatchNorm.
     bns: Option<(BatchNorm, BatchNorm)>,
-    /// `Some` without normalization.
+    /// `Some` without normalization (but ReZero).
     biases: Option<ScalarBiases>,
-    /// τ, a one-element tensor (shared with every block; the `tau` parameter if learnable).
-    tau: Tensor,
+    /// The branch's one-element multiplier: τ (shared with every block; the `tau`
+    /// parameter if learnable), or this block's `scale` / `alpha`.
+    multiplier: Tensor,
+    scaling: Scaling,
     stride: usize,
 }
 
@@ -152,12 +228,17 @@ impl BasicBlock {
         c_in: usize,
         c_out: usize,
         stride: usize,
-        norm: Norm,
+        (norm, scaling): (Norm, Scaling),
         tau: Tensor,
         vb: VarBuilder,
     ) -> Result<Self> {
         let conv1 = vb.get((c_out, c_in, 3, 3), "conv1.weight")?;
         let conv2 = vb.get((c_out, c_out, 3, 3), "conv2.weight")?;
+        let multiplier = match scaling {
+            Scaling::Tau => tau,
+            Scaling::Fixup => vb.get(1, "scale")?,
+            Scaling::SkipInit | Scaling::ReZero => vb.get(1, "alpha")?,
+        };
         let (bns, biases) = match norm {
             Norm::BatchNorm => (
                 Some((
@@ -166,6 +247,7 @@ impl BasicBlock {
                 )),
                 None,
             ),
+            Norm::None if scaling == Scaling::ReZero => (None, None),
             Norm::None => (
                 None,
                 Some(ScalarBiases {
@@ -181,40 +263,60 @@ impl BasicBlock {
             conv2,
             bns,
             biases,
-            tau,
+            multiplier,
+            scaling,
             stride,
         })
     }
 
-    /// The scalar biases (without normalization).
+    /// The scalar biases (without normalization, but ReZero's blocks have none).
     pub fn scalar_biases(&self) -> Option<&ScalarBiases> {
         self.biases.as_ref()
+    }
+
+    /// The branch's one-element multiplier: the shared τ, Fixup's `scale` or
+    /// SkipInit's / ReZero's `alpha`.
+    pub fn multiplier(&self) -> &Tensor {
+        &self.multiplier
     }
 }
 
 impl ModuleT for BasicBlock {
-    /// relu(τ · branch(x) + shortcut(x)).
+    /// relu(τ · branch(x) + shortcut(x)), the multiplier in τ's place; Fixup's
+    /// relu(s · conv2(…) + b2b + shortcut(x)); ReZero's shortcut(x) + α · branch(x).
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         // The whole block is one op (one graph node) where the CPU kernels apply, the
-        // composition of the per-layer ops elsewhere.
+        // composition of the per-layer ops elsewhere (and for ReZero).
+        let m = &self.multiplier;
         match (&self.bns, &self.biases) {
             (Some((bn1, bn2)), _) => batch_norm_block(
                 xs,
                 (&self.conv1, bn1),
                 (&self.conv2, bn2),
-                &self.tau,
+                m,
                 self.stride,
                 train,
             ),
-            (None, Some(b)) => scalar_bias_block(
-                xs,
-                &self.conv1,
-                &self.conv2,
-                [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
-                &self.tau,
-                self.stride,
-            ),
-            (None, None) => candle::bail!("basic block without BatchNorm or scalar biases"),
+            (None, Some(b)) => {
+                let block = match self.scaling {
+                    Scaling::Fixup => fixup_block,
+                    _ => scalar_bias_block,
+                };
+                block(
+                    xs,
+                    &self.conv1,
+                    &self.conv2,
+                    [&b.bias1a, &b.bias1b, &b.bias2a, &b.bias2b],
+                    m,
+                    self.stride,
+                )
+            }
+            (None, None) => {
+                let h = relu(&conv2d(xs, &self.conv1, self.stride, 1)?)?;
+                let branch = conv2d(&h, &self.conv2, 1, 1)?;
+                let shortcut = option_a_shortcut(xs, self.stride, self.conv1.dim(0)?)?;
+                branch.broadcast_mul(m)? + shortcut
+            }
         }
     }
 }
@@ -225,6 +327,8 @@ pub struct CifarResNet {
     cfg: CifarResNetConfig,
     conv1: Tensor,
     bn1: Option<BatchNorm>,
+    /// Fixup's scalar biases of the stem (`bias1`) and before the classifier (`bias2`).
+    fixup_biases: Option<(Tensor, Tensor)>,
     blocks: Vec<BasicBlock>,
     fc: Linear,
     tau: Tensor,
@@ -237,11 +341,19 @@ impl CifarResNet {
     /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
     pub fn new(cfg: &CifarResNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let tau = tau_tensor(cfg.learnable_tau, cfg.tau.resolve(cfg.n_blocks()), &vb)?;
+        let tau = tau_tensor(
+            cfg.learnable_tau && cfg.scaling == Scaling::Tau,
+            cfg.tau_init(),
+            &vb,
+        )?;
         let conv1 = vb.get((16, cfg.in_channels, 3, 3), "conv1.weight")?;
         let bn1 = match cfg.norm {
             Norm::BatchNorm => Some(candle_nn::batch_norm(16, bn_config(), vb.pp("bn1"))?),
             Norm::None => None,
+        };
+        let fixup_biases = match cfg.scaling {
+            Scaling::Fixup => Some((vb.get(1, "bias1")?, vb.get(1, "bias2")?)),
+            _ => None,
         };
         let mut blocks = Vec::with_capacity(cfg.n_blocks());
         let mut c_in = 16;
@@ -257,7 +369,7 @@ impl CifarResNet {
                     block_in,
                     c_out,
                     stride,
-                    cfg.norm,
+                    (cfg.norm, cfg.scaling),
                     tau.clone(),
                     vb_layer.pp(b),
                 )?);
@@ -269,6 +381,7 @@ impl CifarResNet {
             cfg: cfg.clone(),
             conv1,
             bn1,
+            fixup_biases,
             blocks,
             fc,
             tau,
@@ -285,7 +398,8 @@ impl CifarResNet {
         &self.blocks
     }
 
-    /// The current τ (the learnable parameter's value, or the resolved rule).
+    /// The current τ (the learnable parameter's value, or the resolved rule; 1 for the
+    /// schemes other than `tau`, whose per-block multipliers are [`BasicBlock::multiplier`]).
     ///
     /// # Errors
     /// A device error reading the value back.
@@ -298,8 +412,9 @@ impl CifarResNet {
         self.blocks.len()
     }
 
-    /// The stem: the 3×3 convolution `conv1`, then BatchNorm and ReLU (one fused op) or
-    /// the ReLU alone. Its output h_0 is the first block's input.
+    /// The stem: the 3×3 convolution `conv1`, then BatchNorm and ReLU (one fused op), the
+    /// ReLU alone, or (Fixup) the scalar bias `bias1` and the ReLU. Its output h_0 is the
+    /// first block's input.
     ///
     /// # Shapes
     /// (N, in_channels, H, W) → (N, 16, H, W).
@@ -308,19 +423,25 @@ impl CifarResNet {
     /// Inputs of the wrong shape or dtype.
     pub fn stem(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let h = conv2d(xs, &self.conv1, 1, 1)?;
-        match &self.bn1 {
-            Some(bn) => batch_norm_t(bn, &h, train, true),
-            None => relu(&h),
+        match (&self.bn1, &self.fixup_biases) {
+            (Some(bn), _) => batch_norm_t(bn, &h, train, true),
+            (None, Some((bias1, _))) => add_scalar(&h, bias1, true),
+            (None, None) => relu(&h),
         }
     }
 
-    /// The head: global average pooling of the last block's output, then the linear
-    /// layer `fc`: (N, 64, H, W) → (N, num_classes) logits.
+    /// The head: global average pooling of the last block's output, (Fixup) plus the
+    /// scalar bias `bias2`, then the linear layer `fc`: (N, 64, H, W) → (N, num_classes)
+    /// logits.
     ///
     /// # Errors
     /// Inputs of the wrong shape or dtype.
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
-        self.fc.forward(&global_avg_pool(h)?)
+        let pooled = global_avg_pool(h)?;
+        match &self.fixup_biases {
+            Some((_, bias2)) => self.fc.forward(&pooled.broadcast_add(bias2)?),
+            None => self.fc.forward(&pooled),
+        }
     }
 
     /// The forward pass ([`ModuleT::forward_t`] is this with a hook that does nothing),
