@@ -50,13 +50,15 @@
 //! - [`checkpoint`]: `config.json` + `model.safetensors` directories, recording the
 //!   input's [`preprocess::Preprocessing`], the data set and the class names; [`hub`]: the
 //!   same from the Hugging Face hub, cache first, including timm's ResNet repos and bare
-//!   torchvision weights ([`timm`]).
+//!   torchvision weights ([`timm`]); [`pth`]: PyTorch `.pth` files (`torch.save`'s zip
+//!   format) read as a model's tensors, checked name by name against its config.
 //! - [`ParamKind`], [`named_vars`]: how an optimizer groups the tensors, by name.
 //! - [`kernels`]: the CPU kernels the models run on (`tau-kernels`, re-exported), with
 //!   the one switch between kernel sets.
 //!
 //! Device and dtype are the caller's (through the `VarBuilder` / `init_varmap`); the CPU
-//! always works. Checkpoints and the hub return [`CheckpointError`], τ rules
+//! always works. Checkpoints and the hub return [`CheckpointError`], `.pth` imports
+//! [`pth::PthError`], τ rules
 //! [`TauRuleError`]; building and running a model returns `candle::Error`.
 //!
 //! # The theory network
@@ -109,6 +111,7 @@ pub mod init;
 pub mod model;
 pub mod params;
 pub mod preprocess;
+pub mod pth;
 pub mod resnet;
 pub mod tau;
 pub mod theory;

@@ -24,6 +24,7 @@ Examples:
   tau-resnet eval --checkpoint runs/mnist-resnet20-nobn --data mnist
   tau-resnet predict --checkpoint timm/resnet50.a1_in1k photo.jpg
   tau-resnet export runs/mnist-resnet20-nobn hub/mnist-resnet20-nobn
+  tau-resnet import resnet20.pth --config resnet20.json --out checkpoints/resnet20
 
 Logs go to stderr; RUST_LOG (e.g. RUST_LOG=debug) sets their level.
 Exit status: 0 finished, 3 diverged (a result), 130 interrupted, 1 error, 2 usage."
@@ -48,6 +49,8 @@ enum Command {
     Predict(cmd::predict::PredictArgs),
     /// Write a hub-ready folder (config, weights, model card) from a finished run.
     Export(cmd::export::ExportArgs),
+    /// Turn a PyTorch .pth file (torch.save's zip format) into a checkpoint directory.
+    Import(cmd::import::ImportArgs),
     /// Training-step throughput of the CIFAR ResNets and the theory network.
     Bench(cmd::bench::BenchArgs),
 }
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Predict(args) => cmd::predict::run(args),
         Command::Export(args) => cmd::export::run(args),
+        Command::Import(args) => cmd::import::run(args),
     };
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
