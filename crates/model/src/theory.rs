@@ -401,8 +401,7 @@ impl TheoryNet {
 
     /// One residual block: φ(h + τ W h), rows of `h` as hidden states.
     fn block(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let branch = (h.matmul(&w.t()?)? * self.tau)?;
-        (h + branch)?.relu()
+        tau_kernels::matmul::residual_dense_relu(h, w, self.tau)
     }
 
     /// h_0 = φ(A x) for the rows of `xs`.

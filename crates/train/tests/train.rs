@@ -638,6 +638,46 @@ fn eval_reads_a_run_checkpoint() {
 }
 
 #[test]
+fn bench_measures_the_theory_network_gd_step_at_each_depth() {
+    let o = bin()
+        .args(["bench", "--skip-resnets", "--theory-depth", "4,8"])
+        .args(["--theory-width", "16", "--theory-inputs", "3"])
+        .args(["--steps", "1", "--warmup", "0", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let recs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let points: Vec<(u64, &str)> = recs
+        .iter()
+        .map(|r| (r["depth"].as_u64().unwrap(), r["phase"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        points,
+        [
+            (4, "forward"),
+            (4, "gd_step"),
+            (8, "forward"),
+            (8, "gd_step")
+        ],
+        "{out}"
+    );
+    // Forward multiply-adds per input at L = 8: A (16×16) + 8 W (16×16) + B (1×16).
+    let gflop = 2.0 * (16 * 16 + 8 * 16 * 16 + 16) as f64 * 3.0 / 1e9;
+    assert!(
+        (recs[2]["gflop"].as_f64().unwrap() - gflop).abs() < 1e-12,
+        "{out}"
+    );
+    assert!(
+        recs.iter()
+            .all(|r| r["batch"] == 3 && r["model"] == "theory")
+    );
+}
+
+#[test]
 fn bench_measures_a_bottleneck_resnet_and_rejects_bad_depths() {
     // A ResNet-50 step on two 32×32 images (BatchNorm needs two values per channel in the
     // last stage, which is 1×1): the point is the record, not the speed.

@@ -61,14 +61,16 @@ pub struct BenchArgs {
     /// Height and width of the bottleneck ResNets' inputs (3×S×S, 1000 classes).
     #[arg(long, default_value_t = 224)]
     pub bottleneck_size: usize,
-    /// Depth L of the theory network; 0 skips it.
-    #[arg(long, default_value_t = 1024)]
-    pub theory_depth: usize,
+    /// Depths L of the theory network (`0` skips it). Its step is full-batch gradient
+    /// descent as `configs/theory-gd.toml` trains it (claim 3): input dimension 16, only
+    /// the W_l trained, the squared loss averaged over the inputs.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    pub theory_depth: Vec<usize>,
     /// Width m of the theory network.
     #[arg(long, default_value_t = 512)]
     pub theory_width: usize,
     /// Number of inputs (the full batch) of the theory network.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 32)]
     pub theory_inputs: usize,
     /// Timed steps per point (the median is reported).
     #[arg(long, default_value_t = 5)]
@@ -228,8 +230,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             report(&r)?;
         }
     }
-    if args.theory_depth > 0 {
-        for r in bench_theory(&args, &conv, &device).context("benchmarking the theory network")? {
+    for &depth in args.theory_depth.iter().filter(|&&d| d > 0) {
+        for r in bench_theory(depth, &args, &conv, &device)
+            .with_context(|| format!("benchmarking the theory network at L = {depth}"))?
+        {
             report(&r)?;
         }
     }
@@ -416,12 +420,17 @@ fn bottleneck_forward_flops(depth: usize, size: usize, num_classes: usize) -> f6
     flops + 2.0 * (c_in * num_classes) as f64
 }
 
-fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result<Vec<BenchRecord>> {
+fn bench_theory(
+    depth: usize,
+    args: &BenchArgs,
+    conv: &str,
+    device: &Device,
+) -> anyhow::Result<Vec<BenchRecord>> {
+    // configs/theory-gd.toml's network: p = 16, d = 1, τ = 1/√L, A and B frozen.
     let tcfg = TheoryConfig {
-        depth: args.theory_depth,
+        input_dim: 16,
+        depth,
         width: args.theory_width,
-        train_a: true,
-        train_b: true,
         ..TheoryConfig::default()
     };
     let (p, m, d, l, n) = (
@@ -434,7 +443,12 @@ fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result
     let cfg = ModelConfig::Theory(tcfg);
     let varmap = init_varmap(&cfg, 0, DType::F32, device)?;
     let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
+    let trained: Vec<_> = tau_model::named_vars(&varmap)
+        .into_iter()
+        .filter(|(name, _)| cfg.param_kind(name).is_trainable())
+        .map(|(_, v)| v)
+        .collect();
+    let mut opt = SGD::new(trained, 0.02)?;
     let xs = Tensor::randn(0f32, 1f32, (n, p), device)?;
     let ys = Tensor::randn(0f32, 1f32, (n, d), device)?;
     // Per input: A (m×p), L blocks of W (m×m), B (d×m), 2 flops per multiply-add.
@@ -458,8 +472,10 @@ fn bench_theory(args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result
         model.forward_t(&xs, false)?;
         Ok(())
     })?;
+    // The trainer's step: ½ Σ (y − y*)² / n, backward, W_l −= lr · ∂.
     let step = time_steps(args.warmup, args.steps, || {
-        let loss = candle_nn::loss::mse(&model.forward_t(&xs, true)?, &ys)?;
+        let diff = (model.forward_t(&xs, true)? - &ys)?;
+        let loss = diff.sqr()?.sum_all()?.affine(0.5 / n as f64, 0.0)?;
         opt.backward_step(&loss)
     })?;
     Ok(vec![
