@@ -1,4 +1,31 @@
 //! [`Model`]: any τ-ResNet family behind one type, built from a [`ModelConfig`].
+//!
+//! # Example
+//!
+//! The same code builds and runs every family; [`Model`] is a candle [`ModuleT`].
+//!
+//! ```
+//! use candle::{DType, Device, ModuleT, Tensor};
+//! use tau_model::{Model, ModelConfig, init_varmap};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let cases = [
+//!     (r#"{"family": "theory", "input_dim": 5, "width": 16, "depth": 9}"#, vec![2, 5], [2, 1]),
+//!     (r#"{"family": "cifar_resnet", "depth": 14}"#, vec![2, 3, 8, 8], [2, 10]),
+//! ];
+//! for (json, input, output) in cases {
+//!     let cfg: ModelConfig = serde_json::from_str(json)?;
+//!     let model = Model::from_varmap(&cfg, &init_varmap(&cfg, 7, DType::F32, &dev)?, &dev)?;
+//!     let ys = ModuleT::forward_t(&model, &Tensor::ones(input, DType::F32, &dev)?, false)?;
+//!     assert_eq!(ys.dims(), output);
+//!     // Depth 9 for the theory network and 6·2 + 2 for the CIFAR ResNet: L = 9 and 6.
+//!     assert_eq!(model.n_blocks(), cfg.n_blocks());
+//!     // τ = 1/√L (a ResNet holds it as an f32 tensor).
+//!     assert!((model.tau()? - 1.0 / (cfg.n_blocks() as f64).sqrt()).abs() < 1e-7);
+//! }
+//! # Ok(()) }
+//! ```
 
 use candle::{Device, ModuleT, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -8,6 +35,43 @@ use crate::resnet::{BottleneckResNet, CifarResNet};
 use crate::theory::TheoryNet;
 
 /// A built τ-ResNet of any family.
+///
+/// # Example
+///
+/// ```
+/// use std::collections::HashMap;
+///
+/// use candle::{DType, Device, Tensor};
+/// use candle_nn::VarBuilder;
+/// use tau_model::{Model, ModelConfig, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// // A scalar theory network with every weight 1: y = (1 + τ)^L x for x > 0.
+/// let cfg: ModelConfig = serde_json::from_str(
+///     r#"{"family": "theory", "input_dim": 1, "width": 1, "depth": 4, "tau": "1/sqrt(L)"}"#,
+/// )?;
+/// let one = Tensor::ones((1, 1), DType::F32, &dev)?;
+/// let tensors: HashMap<String, Tensor> =
+///     cfg.param_specs().into_iter().map(|s| (s.name, one.clone())).collect();
+/// let model = Model::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+/// assert_eq!((model.n_blocks(), model.tau()?), (4, 0.5));
+/// let ys = model.forward_t(&Tensor::new(&[[2f32]], &dev)?, false)?;
+/// assert_eq!(ys.to_vec2::<f32>()?, [[2.0 * 1.5f32.powi(4)]]); // 10.125
+/// assert!(model.as_theory().is_some());
+///
+/// // A CIFAR ResNet-8 (L = 3) with a learnable τ, on a seeded VarMap.
+/// let cfg: ModelConfig = serde_json::from_str(
+///     r#"{"family": "cifar_resnet", "depth": 8, "tau": "1/sqrt(L)", "learnable_tau": true}"#,
+/// )?;
+/// let model = Model::from_varmap(&cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?, &dev)?;
+/// assert_eq!(model.n_blocks(), 3);
+/// assert!((model.tau()? - 1.0 / 3f64.sqrt()).abs() < 1e-7); // τ is an f32 tensor
+/// let logits = model.forward_t(&Tensor::zeros((2, 3, 8, 8), DType::F32, &dev)?, true)?;
+/// assert_eq!(logits.dims(), [2, 10]);
+/// assert!(model.as_theory().is_none());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub enum Model {
     /// The theory network.
@@ -20,7 +84,7 @@ pub enum Model {
 
 impl Model {
     /// Builds the model `cfg` describes from the tensors in `vb` (device and dtype are
-    /// `vb`'s).
+    /// `vb`'s). See the [example](Model#example).
     ///
     /// A `vb` made by `VarBuilder::from_varmap` *creates* any tensor the `VarMap` lacks
     /// (candle's `get_or_init`), so a partial map silently gets default tensors; use
@@ -42,6 +106,7 @@ impl Model {
     /// Builds the model `cfg` describes on the tensors of `varmap`, after checking that the
     /// map holds exactly the config's tensors (names, shapes, one float dtype, which is the
     /// model's dtype). The model shares the map's variables: training them trains it.
+    /// See the [example](Model#example).
     ///
     /// # Errors
     /// An invalid config, or a missing, unexpected, misshapen or mistyped tensor, named.
@@ -53,6 +118,7 @@ impl Model {
 
     /// The output for a batch: BatchNorm uses batch statistics and updates its running
     /// statistics (in the VarMap) when `train`, and the running statistics otherwise.
+    /// See the [example](Model#example).
     ///
     /// # Shapes
     /// Theory: (n, p) → (n, d). ResNets: (N, C, H, W) → (N, num_classes).
@@ -108,7 +174,7 @@ impl Model {
         }
     }
 
-    /// The current τ (a learnable τ's present value).
+    /// The current τ (a learnable τ's present value). See the [example](Model#example).
     ///
     /// # Errors
     /// A device error reading a learnable τ back.
@@ -120,7 +186,8 @@ impl Model {
         }
     }
 
-    /// L, the number of residual blocks τ is resolved against.
+    /// L, the number of residual blocks τ is resolved against. See the
+    /// [example](Model#example).
     pub fn n_blocks(&self) -> usize {
         match self {
             Model::Theory(m) => m.n_blocks(),
@@ -129,7 +196,7 @@ impl Model {
         }
     }
 
-    /// The theory network, if this is one.
+    /// The theory network, if this is one. See the [example](Model#example).
     pub fn as_theory(&self) -> Option<&TheoryNet> {
         match self {
             Model::Theory(m) => Some(m),

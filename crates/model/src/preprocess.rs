@@ -15,6 +15,8 @@
 //! 3. Convert to grayscale (C = 1) or RGB (C = 3), scale the bytes to `[0, 1]`.
 //! 4. Subtract `mean[c]`, divide by `std[c]` (in `f32`, as `torchvision`'s `Normalize`).
 //!
+//! # Example
+//!
 //! ```
 //! use candle::Device;
 //! use tau_model::preprocess::{Preprocessing, image};
@@ -35,7 +37,8 @@ use serde::{Deserialize, Serialize};
 /// takes (re-exported so that callers name the same version).
 pub use image;
 
-/// Largest input side accepted (the same bound as decoded images).
+/// Largest input side accepted (the same bound as decoded images). See the
+/// [example](Preprocessing#example).
 pub const MAX_INPUT_SIDE: usize = 1 << 14;
 
 /// Largest image the resize step produces, in pixels (an extreme aspect ratio would ask
@@ -43,6 +46,25 @@ pub const MAX_INPUT_SIDE: usize = 1 << 14;
 const MAX_RESIZED_PIXELS: u128 = 1 << 25;
 
 /// How an image is resampled when resized (timm's and PIL's names).
+///
+/// # Example
+///
+/// ```
+/// use tau_model::preprocess::{Interpolation, Preprocessing};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// assert_eq!(Interpolation::default(), Interpolation::Bilinear);
+/// for i in [Interpolation::Nearest, Interpolation::Bicubic, Interpolation::Lanczos] {
+///     assert_eq!(Interpolation::from_name(i.name())?, i);
+/// }
+/// // In config.json, by the same name; bilinear when left out.
+/// let prep: Preprocessing = serde_json::from_str(
+///     r#"{"mean": [0.5], "std": [0.5], "input_size": [1, 28, 28], "interpolation": "bicubic"}"#,
+/// )?;
+/// assert_eq!(prep.interpolation, Interpolation::Bicubic);
+/// assert_eq!(serde_json::to_string(&Interpolation::Lanczos)?, r#""lanczos""#);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Interpolation {
@@ -80,7 +102,7 @@ impl Interpolation {
         }
     }
 
-    /// The name, as in `config.json`.
+    /// The name, as in `config.json`. See the [example](Interpolation#example).
     pub fn name(self) -> &'static str {
         match self {
             Self::Nearest => "nearest",
@@ -110,6 +132,46 @@ fn one() -> f64 {
 /// In `config.json`:
 /// `{"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.201], "input_size": [3, 32, 32],
 /// "crop_pct": 1.0, "interpolation": "bilinear"}` (the last two optional).
+///
+/// # Example
+///
+/// ```
+/// use candle::{Device, IndexOp};
+/// use tau_model::preprocess::{MAX_INPUT_SIDE, Preprocessing, image};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let prep = Preprocessing::cifar10();
+/// prep.validate()?;
+/// assert_eq!((prep.channels(), prep.resize_size()), (3, (32, 32)));
+///
+/// // One color: every pixel is ((255, 0, 51) / 255 − mean) / std, channel by channel.
+/// let img = image::RgbImage::from_pixel(32, 32, image::Rgb([255, 0, 51]));
+/// let xs = prep.image_to_tensor(&img.into(), &dev)?;
+/// assert_eq!(xs.dims(), [3, 32, 32]);
+/// let want = [(1.0 - 0.4914) / 0.2023, (0.0 - 0.4822) / 0.1994, (0.2 - 0.4465) / 0.2010];
+/// for (got, want) in xs.i((.., 5, 7))?.to_vec1::<f32>()?.into_iter().zip(want) {
+///     assert!((got - want as f32).abs() < 1e-5, "{got} vs {want}");
+/// }
+///
+/// // Images of any size, as one batch: each resized so that the shorter side is 32,
+/// // then center-cropped.
+/// let images = [image::DynamicImage::new_rgb8(64, 48), image::DynamicImage::new_rgb8(20, 20)];
+/// assert_eq!(prep.images_to_tensor(&images, &dev)?.dims(), [2, 3, 32, 32]);
+/// // torchvision's Resize(256) of a 640×480 image for ImageNet: 341×256 (H, W = 256, 341).
+/// assert_eq!(Preprocessing::imagenet().resized_dims(480, 640), (256, 341));
+///
+/// // Grayscale, pixels scaled to [0, 1] only.
+/// let gray = image::GrayImage::from_raw(2, 2, vec![0, 51, 204, 255]).unwrap();
+/// let xs = Preprocessing::identity([1, 2, 2]).image_to_tensor(&gray.into(), &dev)?;
+/// assert_eq!(xs.flatten_all()?.to_vec1::<f32>()?, [0.0, 0.2, 0.8, 1.0]);
+/// assert_eq!(Preprocessing::mnist().channels(), 1);
+///
+/// // A setting out of range is one error naming it.
+/// let huge = Preprocessing { input_size: [3, 32, MAX_INPUT_SIDE + 1], ..prep };
+/// assert!(huge.validate().unwrap_err().to_string().contains("outside 1..=16384"));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Preprocessing {
@@ -131,7 +193,7 @@ pub struct Preprocessing {
 impl Preprocessing {
     /// ImageNet as torchvision and timm evaluate it: mean (0.485, 0.456, 0.406), std
     /// (0.229, 0.224, 0.225), 3×224×224, `crop_pct` 0.875 (resize to 256, crop 224),
-    /// bilinear.
+    /// bilinear. See the [example](Preprocessing#example).
     pub fn imagenet() -> Self {
         Preprocessing {
             mean: vec![0.485, 0.456, 0.406],
@@ -144,6 +206,7 @@ impl Preprocessing {
 
     /// CIFAR-10 at 3×32×32, with the per-channel mean (0.4914, 0.4822, 0.4465) and std
     /// (0.2023, 0.1994, 0.2010) that `tau-resnet` trains with.
+    /// See the [example](Preprocessing#example).
     pub fn cifar10() -> Self {
         Preprocessing {
             mean: vec![0.4914, 0.4822, 0.4465],
@@ -154,7 +217,7 @@ impl Preprocessing {
         }
     }
 
-    /// MNIST at 1×28×28, mean 0.1307, std 0.3081.
+    /// MNIST at 1×28×28, mean 0.1307, std 0.3081. See the [example](Preprocessing#example).
     pub fn mnist() -> Self {
         Preprocessing {
             mean: vec![0.1307],
@@ -166,6 +229,7 @@ impl Preprocessing {
     }
 
     /// Pixels scaled to `[0, 1]` only (mean 0, std 1), at `[C, H, W]`.
+    /// See the [example](Preprocessing#example).
     pub fn identity(input_size: [usize; 3]) -> Self {
         Preprocessing {
             mean: vec![0.0; input_size[0]],
@@ -176,13 +240,14 @@ impl Preprocessing {
         }
     }
 
-    /// The number of channels, `input_size[0]`.
+    /// The number of channels, `input_size[0]`. See the [example](Preprocessing#example).
     pub fn channels(&self) -> usize {
         self.input_size[0]
     }
 
     /// Checks the settings: C is 1 or 3 with one mean and one std per channel, the std
     /// positive and everything finite, H and W in `1..=16384`, `crop_pct` in `(0, 1]`.
+    /// See the [example](Preprocessing#example).
     ///
     /// # Errors
     /// One message naming the bad setting.
@@ -223,7 +288,7 @@ impl Preprocessing {
 
     /// The size images are resized to before the center crop: `floor(side / crop_pct)`,
     /// as (height, width). For a square input the shorter side of the image goes to it
-    /// (see [`Self::resized_dims`]).
+    /// (see [`Self::resized_dims`]). See the [example](Preprocessing#example).
     pub fn resize_size(&self) -> (usize, usize) {
         let scale = |s: usize| ((s as f64 / self.crop_pct).floor() as usize).max(s);
         (scale(self.input_size[1]), scale(self.input_size[2]))
@@ -232,7 +297,7 @@ impl Preprocessing {
     /// The (height, width) an image of `height × width` is resized to: for a square input,
     /// the shorter side to [`Self::resize_size`] and the longer one to
     /// `floor(size × long / short)` (torchvision's `Resize(int)`); for a non-square input,
-    /// exactly [`Self::resize_size`].
+    /// exactly [`Self::resize_size`]. See the [example](Preprocessing#example).
     pub fn resized_dims(&self, height: usize, width: usize) -> (usize, usize) {
         let (rh, rw) = self.resize_size();
         if self.input_size[1] != self.input_size[2] || height == 0 || width == 0 {
@@ -249,7 +314,7 @@ impl Preprocessing {
 
     /// An image as a `[C, H, W]` `f32` tensor on `device`: resized, center-cropped,
     /// converted to the input's channels and normalized (the [module docs](self) give the
-    /// steps).
+    /// steps). See the [example](Preprocessing#example).
     ///
     /// # Errors
     /// An invalid [`Preprocessing`] (see [`Self::validate`]), an empty image.
@@ -264,6 +329,7 @@ impl Preprocessing {
     }
 
     /// Several images as one `[N, C, H, W]` batch (see [`Self::image_to_tensor`]).
+    /// See the [example](Preprocessing#example).
     ///
     /// # Errors
     /// As [`Self::image_to_tensor`].

@@ -7,6 +7,42 @@
 //! L = 1024 gives ‖h_L‖/‖h_0‖ ≈ 1e123): the blocks are positively homogeneous
 //! (block(c·h) = c·block(h) for c > 0), so the hidden state of every input is rescaled
 //! to unit norm after each block and the logarithm of the scale is accumulated in f64.
+//!
+//! # Example
+//!
+//! A scalar network (p = m = d = 1) with every weight 1 and τ = 1 doubles its hidden state
+//! in each block: ‖h_L‖/‖h_0‖ = 2^L. At L = 1100 that is beyond f64 (and f32 overflows
+//! after 128 blocks), yet the trace gives its logarithm, L ln 2.
+//!
+//! ```
+//! use std::collections::HashMap;
+//!
+//! use candle::{DType, Device, Tensor};
+//! use candle_nn::VarBuilder;
+//! use tau_model::{TheoryConfig, TheoryNet};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let cfg = TheoryConfig {
+//!     input_dim: 1, width: 1, depth: 1100, output_dim: 1, tau: "1".parse()?,
+//!     ..Default::default()
+//! };
+//! let one = Tensor::ones((1, 1), DType::F32, &dev)?;
+//! let mut tensors: HashMap<String, Tensor> = (0..cfg.depth)
+//!     .map(|l| (format!("blocks.{l}.weight"), one.clone()))
+//!     .collect();
+//! tensors.insert("input.weight".into(), one.clone());
+//! tensors.insert("output.weight".into(), one.clone());
+//! let net = TheoryNet::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+//!
+//! let xs = Tensor::new(&[[1f32]], &dev)?;
+//! assert!(net.forward(&xs)?.to_vec2::<f32>()?[0][0].is_infinite());
+//! let trace = net.forward_traced(&xs)?;
+//! let want = 1100.0 * 2f64.ln(); // ≈ 762.5 > ln(f64::MAX) ≈ 709.8
+//! assert!((trace.log_ratio(0).unwrap() - want).abs() < 1e-9);
+//! assert!(trace.overflows(DType::F64));
+//! # Ok(()) }
+//! ```
 
 use candle::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -22,6 +58,26 @@ const MAX_DIM: usize = 1 << 24;
 ///
 /// The variances are multipliers of 1/m (A, W) and 1/d (B): `a_var = 2.0` means entries of
 /// A are N(0, 2/m), PAPER.md's setting, which the defaults reproduce.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{TauRule, TheoryConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // The fields left out take their defaults (width 256, variances 2, 1, 1, τ = 1/√L).
+/// let cfg: TheoryConfig = serde_json::from_str(r#"{"input_dim": 4, "depth": 64}"#)?;
+/// assert_eq!(cfg, TheoryConfig { input_dim: 4, depth: 64, ..Default::default() });
+/// assert_eq!((cfg.width, cfg.a_var), (256, 2.0));
+/// assert_eq!(cfg.tau, TauRule::InvSqrtDepth { scale: 1.0 });
+/// cfg.validate()?;
+/// assert_eq!(cfg.tau_value(), 0.125); // 1/√64
+///
+/// let flat = TheoryConfig { width: 0, ..cfg };
+/// let err = flat.validate().unwrap_err().to_string();
+/// assert!(err.starts_with("theory network: width must be at least 1, got 0"));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TheoryConfig {
@@ -65,7 +121,7 @@ impl Default for TheoryConfig {
 }
 
 impl TheoryConfig {
-    /// Checks sizes, variances and τ.
+    /// Checks sizes, variances and τ. See the [example](TheoryConfig#example).
     ///
     /// # Errors
     /// Names the bad setting.
@@ -102,7 +158,7 @@ impl TheoryConfig {
         check_size("theory network", m * p + l * m * m + d * m)
     }
 
-    /// τ resolved at L = depth.
+    /// τ resolved at L = depth. See the [example](TheoryConfig#example).
     pub fn tau_value(&self) -> f64 {
         self.tau.resolve(self.depth)
     }
@@ -166,6 +222,55 @@ impl TheoryConfig {
 /// The theory network: A (m×p), W_1..W_L (m×m), B (d×m), and τ.
 ///
 /// Parameter names: `input.weight` (A), `blocks.{l−1}.weight` (W_l), `output.weight` (B).
+///
+/// # Example
+///
+/// A scalar network (p = m = d = 1) with every weight 1 at L = 4, τ = 1/√4: each block
+/// multiplies the hidden state by 1 + τ = 1.5, so y = 1.5⁴ x. For the squared loss
+/// ½ (y − y*)² with y* = 0 and x = 1, ∂loss/∂W_l = y · τ · 1.5³ in every layer
+/// (1.5^(L−l) above the block, 1.5^(l−1) below it): 5.0625 · 0.5 · 3.375 = 8.54296875.
+///
+/// ```
+/// use std::collections::HashMap;
+///
+/// use candle::{DType, Device, Tensor};
+/// use candle_nn::VarBuilder;
+/// use tau_model::{TheoryConfig, TheoryNet};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let cfg =
+///     TheoryConfig { input_dim: 1, width: 1, depth: 4, output_dim: 1, ..Default::default() };
+/// let one = Tensor::ones((1, 1), DType::F32, &dev)?;
+/// let names = ["input.weight", "blocks.0.weight", "blocks.1.weight", "blocks.2.weight",
+///     "blocks.3.weight", "output.weight"];
+/// let tensors: HashMap<String, Tensor> =
+///     names.iter().map(|n| (n.to_string(), one.clone())).collect();
+/// let net = TheoryNet::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+/// assert_eq!((net.n_blocks(), net.tau(), net.config().depth), (4, 0.5, 4));
+/// assert_eq!(net.weights().len(), 4);
+/// assert_eq!(net.input_weight().dims(), [1, 1]); // A: m × p
+/// assert_eq!(net.output_weight().dims(), [1, 1]); // B: d × m
+///
+/// let xs = Tensor::new(&[[1f32]], &dev)?;
+/// assert_eq!(net.forward(&xs)?.to_vec2::<f32>()?, [[5.0625]]);
+/// let mut hidden = Vec::new();
+/// net.forward_hooked(&xs, |l, h| {
+///     hidden.push((l, h.to_vec2::<f32>()?[0][0]));
+///     Ok(())
+/// })?;
+/// assert_eq!(hidden, [(0, 1.0), (1, 1.5), (2, 2.25), (3, 3.375), (4, 5.0625)]);
+/// let trace = net.forward_traced(&xs)?;
+/// assert!((trace.log_ratio(0).unwrap() - 4.0 * 1.5f64.ln()).abs() < 1e-6);
+///
+/// let ys = Tensor::zeros((1, 1), DType::F32, &dev)?;
+/// for g in net.layer_grad_norms(&xs, &ys)? {
+///     assert!((g - 8.54296875).abs() < 1e-5, "{g}");
+/// }
+/// let logs = net.layer_grad_log_norms(&xs, &ys)?;
+/// assert!(logs.iter().all(|l| (l - 8.54296875f64.ln()).abs() < 1e-6));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct TheoryNet {
     cfg: TheoryConfig,
@@ -176,6 +281,36 @@ pub struct TheoryNet {
 }
 
 /// ln‖h_l(x_i)‖ for every layer l = 0..=L and input i, from [`TheoryNet::forward_traced`].
+///
+/// # Example
+///
+/// A trace of two inputs through L = 2 blocks: the first doubles at each block, the
+/// second halves and then dies.
+///
+/// ```
+/// use candle::DType;
+/// use tau_model::TheoryTrace;
+///
+/// let ln2 = 2f64.ln();
+/// let trace = TheoryTrace {
+///     log_norms: vec![vec![0.0, 0.0], vec![ln2, -ln2], vec![2.0 * ln2, f64::NEG_INFINITY]],
+/// };
+/// assert_eq!((trace.depth(), trace.n_inputs()), (2, 2));
+/// assert_eq!((trace.collapsed_at(0), trace.collapsed_at(1)), (None, Some(2)));
+/// assert_eq!(trace.log_ratio(0), Some(2.0 * ln2));
+/// assert_eq!(trace.log_ratio(1), Some(f64::NEG_INFINITY));
+/// assert_eq!(trace.log_ratios_at(1), [ln2, -ln2]);
+/// // ‖h_2‖/‖h_0‖ is 4 and 0: the mean ratio is 2, its log ln 2.
+/// assert_eq!(trace.mean_ratio(), Some(2.0));
+/// assert!((trace.log_mean_ratio().unwrap() - ln2).abs() < 1e-15);
+/// assert_eq!(trace.mean_log_ratio(), Some(f64::NEG_INFINITY));
+/// assert_eq!(trace.mean_log_ratio_per_layer(), [0.0, 0.0, f64::NEG_INFINITY]);
+/// assert_eq!(trace.max_log_norm(), 2.0 * ln2);
+/// assert!(!trace.overflows(DType::F16));
+/// // e^100 fits in f64 but not in f32 (whose largest value is about e^88.7).
+/// let big = TheoryTrace { log_norms: vec![vec![0.0], vec![100.0]] };
+/// assert!(big.overflows(DType::F32) && !big.overflows(DType::F64));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct TheoryTrace {
     /// `log_norms[l][i]` = ln‖h_l(x_i)‖. A hidden state that is exactly zero (every unit
@@ -186,16 +321,19 @@ pub struct TheoryTrace {
 
 impl TheoryTrace {
     /// L, the number of blocks traced.
+    /// See the [example](TheoryTrace#example).
     pub fn depth(&self) -> usize {
         self.log_norms.len().saturating_sub(1)
     }
 
     /// Number of inputs.
+    /// See the [example](TheoryTrace#example).
     pub fn n_inputs(&self) -> usize {
         self.log_norms.first().map_or(0, Vec::len)
     }
 
     /// The first layer at which input `i`'s hidden state is exactly zero, if any.
+    /// See the [example](TheoryTrace#example).
     pub fn collapsed_at(&self, i: usize) -> Option<usize> {
         self.log_norms
             .iter()
@@ -204,6 +342,7 @@ impl TheoryTrace {
 
     /// ln(‖h_L(x_i)‖ / ‖h_0(x_i)‖); `None` when h_0(x_i) is zero (the ratio is undefined).
     /// −∞ when h_L(x_i) is zero.
+    /// See the [example](TheoryTrace#example).
     pub fn log_ratio(&self, i: usize) -> Option<f64> {
         let first = *self.log_norms.first()?.get(i)?;
         let last = *self.log_norms.last()?.get(i)?;
@@ -211,6 +350,7 @@ impl TheoryTrace {
     }
 
     /// ln(‖h_l(x_i)‖ / ‖h_0(x_i)‖) for every input with a nonzero h_0, at layer `l`.
+    /// See the [example](TheoryTrace#example).
     pub fn log_ratios_at(&self, l: usize) -> Vec<f64> {
         let (Some(first), Some(row)) = (self.log_norms.first(), self.log_norms.get(l)) else {
             return Vec::new();
@@ -225,6 +365,7 @@ impl TheoryTrace {
 
     /// Mean over inputs of ‖h_L‖/‖h_0‖, in f64: `+∞` only beyond f64's range (≈1e308);
     /// use [`Self::log_mean_ratio`] there. `None` when no input has a nonzero h_0.
+    /// See the [example](TheoryTrace#example).
     pub fn mean_ratio(&self) -> Option<f64> {
         let rs = self.log_ratios_at(self.depth());
         if rs.is_empty() {
@@ -235,11 +376,13 @@ impl TheoryTrace {
 
     /// ln of the mean ratio ‖h_L‖/‖h_0‖, by log-sum-exp: finite for any depth (−∞ only
     /// when every h_L is zero). `None` when no input has a nonzero h_0.
+    /// See the [example](TheoryTrace#example).
     pub fn log_mean_ratio(&self) -> Option<f64> {
         log_mean_exp(&self.log_ratios_at(self.depth()))
     }
 
     /// Mean over inputs of ln(‖h_L‖/‖h_0‖). `None` when no input has a nonzero h_0.
+    /// See the [example](TheoryTrace#example).
     pub fn mean_log_ratio(&self) -> Option<f64> {
         let rs = self.log_ratios_at(self.depth());
         (!rs.is_empty()).then(|| rs.iter().sum::<f64>() / rs.len() as f64)
@@ -247,6 +390,7 @@ impl TheoryTrace {
 
     /// For every layer l = 0..=L, the mean over inputs of ln(‖h_l‖/‖h_0‖) (inputs with a
     /// zero h_0 left out; −∞ where some input's h_l is zero). Empty when no input counts.
+    /// See the [example](TheoryTrace#example).
     pub fn mean_log_ratio_per_layer(&self) -> Vec<f64> {
         (0..self.log_norms.len())
             .map_while(|l| {
@@ -257,6 +401,7 @@ impl TheoryTrace {
     }
 
     /// The largest ln‖h_l(x_i)‖ over every layer and input (−∞ if all are zero).
+    /// See the [example](TheoryTrace#example).
     pub fn max_log_norm(&self) -> f64 {
         self.log_norms
             .iter()
@@ -267,6 +412,7 @@ impl TheoryTrace {
 
     /// Whether some hidden state's norm exceeds what `dtype` can hold, i.e. a plain
     /// (untraced) forward pass in that dtype would overflow to infinity.
+    /// See the [example](TheoryTrace#example).
     pub fn overflows(&self, dtype: DType) -> bool {
         let max = match dtype {
             DType::F16 => f64::from(half::f16::MAX),
@@ -331,6 +477,7 @@ fn cumulative_log_norms(norms: &[Tensor], what: &str) -> Result<Vec<Vec<f64>>> {
 
 impl TheoryNet {
     /// Builds the network from `vb` (names as in the type docs).
+    /// See the [example](TheoryNet#example).
     ///
     /// # Errors
     /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
@@ -352,31 +499,37 @@ impl TheoryNet {
     }
 
     /// The configuration.
+    /// See the [example](TheoryNet#example).
     pub fn config(&self) -> &TheoryConfig {
         &self.cfg
     }
 
     /// The resolved τ.
+    /// See the [example](TheoryNet#example).
     pub fn tau(&self) -> f64 {
         self.tau
     }
 
     /// L.
+    /// See the [example](TheoryNet#example).
     pub fn n_blocks(&self) -> usize {
         self.ws.len()
     }
 
     /// The block weights W_1..W_L, each (m, m).
+    /// See the [example](TheoryNet#example).
     pub fn weights(&self) -> &[Tensor] {
         &self.ws
     }
 
     /// The input layer A, (m, p).
+    /// See the [example](TheoryNet#example).
     pub fn input_weight(&self) -> &Tensor {
         &self.a
     }
 
     /// The output layer B, (d, m).
+    /// See the [example](TheoryNet#example).
     pub fn output_weight(&self) -> &Tensor {
         &self.b
     }
@@ -410,6 +563,7 @@ impl TheoryNet {
     }
 
     /// The network output.
+    /// See the [example](TheoryNet#example).
     ///
     /// # Shapes
     /// `xs` (n, p) → (n, d).
@@ -423,7 +577,8 @@ impl TheoryNet {
     /// The network output ([`Self::forward`] is this with a hook that does nothing),
     /// calling `hook(0, h_0)` with φ(A x) and `hook(l, h_l)` with each block's output,
     /// l = 1..=L. The hidden states are the plain ones, which overflow at depths where
-    /// [`Self::forward_traced`]'s log-norms do not. See [`crate::Model::forward_hooked`].
+    /// [`Self::forward_traced`]'s log-norms do not. See the [example](TheoryNet#example)
+    /// and [`crate::Model::forward_hooked`].
     ///
     /// # Errors
     /// Wrong input shape or dtype, or the hook's error (which stops the pass).
@@ -442,6 +597,7 @@ impl TheoryNet {
     }
 
     /// ln‖h_l(x_i)‖ for l = 0..=L and every row x_i of `xs`, finite at any depth and τ.
+    /// See the [example](TheoryNet#example).
     ///
     /// # Errors
     /// Wrong input shape or dtype; a non-finite input, or a norm that overflows within a
@@ -468,6 +624,7 @@ impl TheoryNet {
     /// back-propagated signals, carrying each input's log-scale in f64; the per-input
     /// contributions g_i h_iᵀ to a layer's gradient are combined with weights
     /// exp(s_i − max s), so no intermediate overflows. −∞ means an exactly zero gradient.
+    /// See the [example](TheoryNet#example).
     ///
     /// # Errors
     /// Shapes of `xs` (n, p) and `ys` (n, d) that do not fit; non-finite norms as in
@@ -557,6 +714,7 @@ impl TheoryNet {
 
     /// ‖∂loss/∂W_l‖_F for l = 1..L: the exponential of [`Self::layer_grad_log_norms`],
     /// so `+∞` only beyond f64's range (≈1e308); use the log form for such networks.
+    /// See the [example](TheoryNet#example).
     ///
     /// # Errors
     /// As [`Self::layer_grad_log_norms`].

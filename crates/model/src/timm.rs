@@ -34,17 +34,33 @@
 //! `pretrained_cfg` its [`Preprocessing`]; `label_names`, when present, the class names.
 //! Other architectures (`resnet18`, `resnet50d`, ViTs…) are refused by name.
 //!
+//! # Example
+//!
 //! ```
-//! # use tau_model::timm;
-//! let cfg = timm::checkpoint_config(&serde_json::json!({
+//! use tau_model::{Preprocessing, timm};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let json = serde_json::json!({
 //!     "architecture": "resnet101", "num_classes": 1000,
 //!     "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 0.875,
 //!                        "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
-//!                        "std": [0.229, 0.224, 0.225], "tag": "tv_in1k"}
-//! })).unwrap();
+//!                        "std": [0.229, 0.224, 0.225], "tag": "tv_in1k"},
+//!     "label_names": {"0": "tench", "999": "toilet tissue"}
+//! });
+//! assert!(timm::is_timm_config(&json));
+//! assert!(timm::ARCHITECTURES.contains(&("resnet101", 101)));
+//! let cfg = timm::checkpoint_config(&json)?;
+//! // ResNet-101's stages have 3, 4, 23, 3 blocks: L is the largest, 23.
 //! assert_eq!(cfg.model.n_blocks(), 23);
 //! assert_eq!(cfg.model.tau_init(), 1.0);
 //! assert_eq!(cfg.dataset.as_deref(), Some("imagenet-1k"));
+//! // These are torchvision's evaluation settings: resize to 256, crop 224.
+//! assert_eq!(cfg.preprocessing, Some(Preprocessing::imagenet()));
+//! assert_eq!((cfg.class_name(0), cfg.class_name(1)), ("tench".into(), "class 1".into()));
+//!
+//! // This crate's own config.json is not timm's.
+//! assert!(!timm::is_timm_config(&serde_json::json!({"family": "cifar_resnet", "depth": 20})));
+//! # Ok(()) }
 //! ```
 
 use serde::Deserialize;
@@ -55,12 +71,13 @@ use crate::preprocess::{Interpolation, Preprocessing};
 use crate::resnet::{BottleneckResNetConfig, Norm, Scaling};
 use crate::tau::TauRule;
 
-/// The architecture names this module builds, with their depths.
+/// The architecture names this module builds, with their depths. See the
+/// [module example](self#example).
 pub const ARCHITECTURES: [(&str, usize); 3] =
     [("resnet50", 50), ("resnet101", 101), ("resnet152", 152)];
 
 /// Whether a parsed `config.json` is in timm's format (an `architecture` key, none of this
-/// crate's `model` / `family`).
+/// crate's `model` / `family`). See the [module example](self#example).
 pub fn is_timm_config(value: &serde_json::Value) -> bool {
     value.get("architecture").is_some()
         && value.get("model").is_none()
@@ -181,6 +198,7 @@ fn dataset_of_tag(tag: &str) -> Option<&'static str> {
 /// Reads a timm `config.json` (already parsed) as a checkpoint config: the model, its
 /// preprocessing (`pretrained_cfg`; ImageNet's values for what it leaves out), the class
 /// names (`label_names`) and the data set (from the weight tag, `…_in1k` → `imagenet-1k`).
+/// See the [module example](self#example).
 ///
 /// # Errors
 /// A config that is not timm's format, an unsupported architecture or interpolation, class
