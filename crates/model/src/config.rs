@@ -1,5 +1,36 @@
 //! The model configuration shared by every family: which network, its τ rule, and the
 //! list of named parameters (with shapes and initializations) that the family owns.
+//!
+//! # Example
+//!
+//! A TOML `[model]` table (as in `configs/*.toml`) reads straight into a [`ModelConfig`].
+//!
+//! ```
+//! use tau_model::{ModelConfig, TauRule};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! #[derive(serde::Deserialize)]
+//! struct Experiment {
+//!     model: ModelConfig,
+//! }
+//! let exp: Experiment = toml::from_str(
+//!     r#"
+//!     [model]
+//!     family = "cifar_resnet"
+//!     depth = 110
+//!     norm = "none"
+//!     tau = "1/sqrt(L)"
+//!     "#,
+//! )?;
+//! // ResNet-110: 6n + 2 with n = 18 blocks per stage, L = 54.
+//! assert_eq!(exp.model.stage_blocks(), [18, 18, 18]);
+//! assert_eq!(exp.model.tau_rule(), TauRule::InvSqrtDepth { scale: 1.0 });
+//! assert!((exp.model.tau_init() - 54f64.sqrt().recip()).abs() < 1e-15);
+//! // A typo is an error, not a default.
+//! let typo = "[model]\nfamily = \"cifar_resnet\"\ndepht = 20";
+//! assert!(toml::from_str::<Experiment>(typo).is_err());
+//! # Ok(()) }
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -9,13 +40,46 @@ use crate::theory::TheoryConfig;
 
 /// Any τ-ResNet, tagged by `family` (`theory`, `cifar_resnet`, `bottleneck_resnet`).
 ///
-/// A TOML `[model]` table reads directly:
+/// A TOML `[model]` table reads directly (see the [module example](self#example)).
+///
+/// # Example
+///
+/// CIFAR ResNet-20 with BatchNorm (the defaults): 3 stages of 3 blocks, τ = 1/√9, and the
+/// 269,722 parameters of the PyTorch model (conv1 432 + bn1 32, then per block two 3×3
+/// convolutions and two BNs, and the 64 × 10 + 10 classifier).
+///
 /// ```
-/// # use tau_model::ModelConfig;
-/// let cfg: ModelConfig = serde_json::from_str(
-///     r#"{"family": "theory", "depth": 16, "width": 512, "tau": "1/sqrt(L)"}"#,
-/// ).unwrap();
-/// assert_eq!(cfg.n_blocks(), 16);
+/// use tau_model::{ModelConfig, ParamKind, Scaling};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 20}"#)?;
+/// cfg.validate()?;
+/// assert_eq!(cfg.family(), "cifar_resnet");
+/// assert_eq!((cfg.n_blocks(), cfg.stage_blocks()), (9, vec![3, 3, 3]));
+/// assert_eq!(cfg.tau_rule().to_string(), "1/sqrt(L)");
+/// assert_eq!(cfg.tau_init(), 1.0 / 3.0);
+/// assert_eq!((cfg.scaling(), cfg.learnable_tau()), (Scaling::Tau, false));
+/// assert_eq!((cfg.in_channels(), cfg.num_outputs()), (Some(3), 10));
+/// assert_eq!(cfg.num_parameters(), 269_722);
+/// let specs = cfg.param_specs();
+/// assert_eq!(specs[0].name, "conv1.weight");
+/// assert_eq!(specs[0].shape, [16, 3, 3, 3]);
+/// // How an optimizer treats each tensor; names the model does not own are never trained.
+/// assert_eq!(cfg.param_kind("layer3.2.conv2.weight"), ParamKind::Weight);
+/// assert_eq!(cfg.param_kind("bn1.bias"), ParamKind::BnAffine);
+/// assert_eq!(cfg.param_kind("layer1.0.bn1.running_var"), ParamKind::Buffer);
+/// assert_eq!(cfg.param_kind("no.such.tensor"), ParamKind::Buffer);
+///
+/// // The theory network takes vectors: no input channels.
+/// let theory: ModelConfig = serde_json::from_str(
+///     r#"{"family": "theory", "input_dim": 4, "width": 8, "depth": 3, "tau": "1/L"}"#,
+/// )?;
+/// assert_eq!((theory.in_channels(), theory.n_blocks(), theory.tau_init()), (None, 3, 1.0 / 3.0));
+/// assert_eq!(theory.num_parameters(), 8 * 4 + 3 * 8 * 8 + 8); // A, W_1..W_3, B
+/// // A depth that is not 6n + 2 is refused, naming it.
+/// let bad: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 21}"#)?;
+/// assert!(bad.validate().unwrap_err().to_string().contains("got 21"));
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
@@ -30,6 +94,7 @@ pub enum ModelConfig {
 
 impl ModelConfig {
     /// L, the number of residual blocks τ is resolved against.
+    /// See the [example](ModelConfig#example).
     pub fn n_blocks(&self) -> usize {
         match self {
             ModelConfig::Theory(c) => c.depth,
@@ -42,6 +107,7 @@ impl ModelConfig {
     /// network, `[n, n, n]` for a CIFAR ResNet, e.g. `[3, 4, 6, 3]` for ResNet-50. Their
     /// sum is the length of the residual chain, which for the bottleneck ResNets is more
     /// than [`Self::n_blocks`] (the largest stage).
+    /// See the [example](ModelConfig#example).
     pub fn stage_blocks(&self) -> Vec<usize> {
         match self {
             ModelConfig::Theory(c) => vec![c.depth],
@@ -67,6 +133,7 @@ impl ModelConfig {
     }
 
     /// The τ rule.
+    /// See the [example](ModelConfig#example).
     pub fn tau_rule(&self) -> crate::TauRule {
         match self {
             ModelConfig::Theory(c) => c.tau,
@@ -77,6 +144,7 @@ impl ModelConfig {
 
     /// τ at initialization: the rule resolved at L = [`Self::n_blocks`]; 1 for a ResNet
     /// whose branches another [`Scaling`] scheme scales.
+    /// See the [example](ModelConfig#example).
     pub fn tau_init(&self) -> f64 {
         match self {
             ModelConfig::CifarResnet(c) => c.tau_init(),
@@ -85,6 +153,7 @@ impl ModelConfig {
     }
 
     /// How the residual branches are scaled ([`Scaling::Tau`] for the theory network).
+    /// See the [example](ModelConfig#example).
     pub fn scaling(&self) -> Scaling {
         match self {
             ModelConfig::Theory(_) => Scaling::Tau,
@@ -94,6 +163,7 @@ impl ModelConfig {
     }
 
     /// Whether τ is a learnable parameter named `tau`.
+    /// See the [example](ModelConfig#example).
     pub fn learnable_tau(&self) -> bool {
         match self {
             ModelConfig::Theory(_) => false,
@@ -104,6 +174,7 @@ impl ModelConfig {
 
     /// The channels of the input images (`None` for the theory network, which takes
     /// vectors).
+    /// See the [example](ModelConfig#example).
     pub fn in_channels(&self) -> Option<usize> {
         match self {
             ModelConfig::Theory(_) => None,
@@ -113,6 +184,7 @@ impl ModelConfig {
     }
 
     /// The number of outputs: classes for the ResNets, `output_dim` for the theory network.
+    /// See the [example](ModelConfig#example).
     pub fn num_outputs(&self) -> usize {
         match self {
             ModelConfig::Theory(c) => c.output_dim,
@@ -122,6 +194,7 @@ impl ModelConfig {
     }
 
     /// The family's name as in the `family` tag.
+    /// See the [example](ModelConfig#example).
     pub fn family(&self) -> &'static str {
         match self {
             ModelConfig::Theory(_) => "theory",
@@ -131,6 +204,7 @@ impl ModelConfig {
     }
 
     /// Checks every setting (depth, widths, τ, variances, total size).
+    /// See the [example](ModelConfig#example).
     ///
     /// # Errors
     /// One message naming the bad setting.
@@ -153,6 +227,7 @@ impl ModelConfig {
 
     /// Every named tensor of the model, in the fixed order [`crate::init_varmap`] draws
     /// them (the order of the crate docs' naming scheme). Assumes a validated config.
+    /// See the [example](ModelConfig#example).
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         match self {
             ModelConfig::Theory(c) => c.param_specs(),
@@ -163,6 +238,7 @@ impl ModelConfig {
 
     /// Number of parameter scalars (everything but the BN running statistics), as PyTorch
     /// counts `sum(p.numel() for p in model.parameters())`.
+    /// See the [example](ModelConfig#example).
     pub fn num_parameters(&self) -> usize {
         self.param_specs()
             .iter()
@@ -174,6 +250,7 @@ impl ModelConfig {
     /// How an optimizer treats the tensor `name` (see [`ParamKind`]). Names the model does
     /// not own (and `*.num_batches_tracked`) count as [`ParamKind::Buffer`], so nothing
     /// unknown is ever optimized.
+    /// See the [example](ModelConfig#example).
     pub fn param_kind(&self, name: &str) -> ParamKind {
         if name.ends_with(".num_batches_tracked") {
             return ParamKind::Buffer;
