@@ -30,10 +30,9 @@ pub(super) fn probe_report(
 ) -> Vec<(String, Chart)> {
     let _ = fig_dir;
     let curves = analysis::rule_curves(states);
-    let mut figs = Vec::new();
     if curves.is_empty() {
         let _ = writeln!(md, "No probe records yet.\n");
-        return figs;
+        return Vec::new();
     }
     let featured: Vec<&RuleCurve> = if spec.report.rules.is_empty() {
         curves.iter().collect()
@@ -53,8 +52,58 @@ pub(super) fn probe_report(
         d.dedup();
         d
     };
-    let n_samples = curves[0].depths.first().map_or(0, |d| d.forward.n);
+    let mut figs = forward_section(md, &curves, &featured, &depths);
+    figs.extend(backward_section(md, &featured, &depths));
+    growth_section(md, &curves, &depths);
+    let groups: Vec<String> = {
+        let mut g: Vec<String> = curves.iter().map(|c| c.group.clone()).collect();
+        g.dedup();
+        g
+    };
+    for group in groups {
+        let power: Vec<&RuleCurve> = curves
+            .iter()
+            .filter(|c| c.group == group && c.alpha.is_some())
+            .collect();
+        if power.len() >= 3 {
+            figs.extend(critical_exponent_section(md, &group, &power));
+        }
+    }
+    figs
+}
 
+/// One series per curve of `f(depth stat)` = (value, band low, band high) against L.
+fn band_series(
+    f: &dyn Fn(&analysis::DepthStat) -> (f64, f64, f64),
+    cs: &[&RuleCurve],
+) -> Vec<Series> {
+    cs.iter()
+        .map(|c| Series {
+            label: rule_label(c),
+            points: c
+                .depths
+                .iter()
+                .map(|d| (d.n_blocks as f64, f(d).0))
+                .collect(),
+            band: c
+                .depths
+                .iter()
+                .map(|d| (d.n_blocks as f64, f(d).1, f(d).2))
+                .collect(),
+            dashed: false,
+        })
+        .collect()
+}
+
+/// The forward-norm table and its two figures.
+fn forward_section(
+    md: &mut String,
+    curves: &[RuleCurve],
+    featured: &[&RuleCurve],
+    depths: &[usize],
+) -> Vec<(String, Chart)> {
+    let n_samples = curves[0].depths.first().map_or(0, |d| d.forward.n);
+    let mut figs = Vec::new();
     // Forward table.
     let _ = writeln!(md, "## Forward pass: ‖h_L‖/‖h_0‖ at initialization\n");
     let _ = writeln!(
@@ -62,7 +111,7 @@ pub(super) fn probe_report(
         "Mean over inputs and seeds ({n_samples} samples per cell at the smallest depth), with the \
          10%–90% range of the per-input ratios in brackets. L is the number of residual blocks.\n"
     );
-    table_by_depth(md, &featured, &depths, |d| {
+    table_by_depth(md, featured, depths, |d| {
         format!(
             "{} [{}, {}]",
             fmt_log10(d.forward.log10_mean),
@@ -78,24 +127,6 @@ pub(super) fn probe_report(
         md,
         "![norm ratio vs depth, bounded range](figures/norm_ratio_vs_depth_zoom.png)\n"
     );
-    let series = |f: &dyn Fn(&analysis::DepthStat) -> (f64, f64, f64), cs: &[&RuleCurve]| {
-        cs.iter()
-            .map(|c| Series {
-                label: rule_label(c),
-                points: c
-                    .depths
-                    .iter()
-                    .map(|d| (d.n_blocks as f64, f(d).0))
-                    .collect(),
-                band: c
-                    .depths
-                    .iter()
-                    .map(|d| (d.n_blocks as f64, f(d).1, f(d).2))
-                    .collect(),
-                dashed: false,
-            })
-            .collect::<Vec<_>>()
-    };
     let fwd = |d: &analysis::DepthStat| (d.forward.log10_mean, d.forward.q10, d.forward.q90);
     figs.push((
         "norm_ratio_vs_depth".to_string(),
@@ -106,7 +137,7 @@ pub(super) fn probe_report(
             x_log: true,
             y_axis: YAxis::Log10Values,
             y_range: None,
-            series: series(&fwd, &featured),
+            series: band_series(&fwd, featured),
             vlines: Vec::new(),
             hlines: vec![0.0],
         },
@@ -120,7 +151,7 @@ pub(super) fn probe_report(
             x_log: true,
             y_axis: YAxis::Linear,
             y_range: Some((0.8, 4.0)),
-            series: series(&fwd, &featured)
+            series: band_series(&fwd, featured)
                 .into_iter()
                 .map(|mut s| {
                     s.band.clear();
@@ -135,7 +166,16 @@ pub(super) fn probe_report(
         },
     ));
 
-    // Backward.
+    figs
+}
+
+/// The backward gradient-ratio table and its figure, when the records have gradients.
+fn backward_section(
+    md: &mut String,
+    featured: &[&RuleCurve],
+    depths: &[usize],
+) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
     let has_grad = featured
         .iter()
         .any(|c| c.depths.iter().any(|d| d.backward.n > 0));
@@ -150,7 +190,7 @@ pub(super) fn probe_report(
              (the squared loss of one input; for one output the ratio does not depend on the \
              target). Median over inputs and seeds, 10%–90% range in brackets.\n"
         );
-        table_by_depth(md, &featured, &depths, |d| {
+        table_by_depth(md, featured, depths, |d| {
             format!(
                 "{} [{}, {}]",
                 fmt_log10(d.backward.median),
@@ -172,14 +212,18 @@ pub(super) fn probe_report(
                 x_log: true,
                 y_axis: YAxis::Log10Values,
                 y_range: None,
-                series: series(&bwd, &featured),
+                series: band_series(&bwd, featured),
                 vlines: Vec::new(),
                 hlines: vec![0.0],
             },
         ));
     }
 
-    // Growth per rule.
+    figs
+}
+
+/// The table of every rule's growth fit.
+fn growth_section(md: &mut String, curves: &[RuleCurve], depths: &[usize]) {
     let _ = writeln!(md, "## Growth with depth, per τ rule\n");
     let _ = writeln!(
         md,
@@ -197,7 +241,7 @@ pub(super) fn probe_report(
         "| τ rule | α | τ at L = {0} | E ratio at L = {0} | slope (nats/block) | γ ± s.e. (depths fitted) | verdict |\n| --- | --- | --- | --- | --- | --- | --- |",
         depths.last().copied().unwrap_or(0)
     );
-    for c in &curves {
+    for c in curves {
         let g = analysis::growth(c);
         let _ = writeln!(
             md,
@@ -215,140 +259,139 @@ pub(super) fn probe_report(
             if g.grows { "grows" } else { "bounded" }
         );
     }
+}
 
-    // α*.
-    let groups: Vec<String> = {
-        let mut g: Vec<String> = curves.iter().map(|c| c.group.clone()).collect();
-        g.dedup();
-        g
+/// The α* estimate of one group of τ = L^-α rules (at least three), its table and
+/// figures.
+fn critical_exponent_section(
+    md: &mut String,
+    group: &str,
+    power: &[&RuleCurve],
+) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
+    let crit = analysis::critical_exponent(power);
+    let suffix = if group.is_empty() {
+        String::new()
+    } else {
+        format!(" ({group})")
     };
-    for group in groups {
-        let power: Vec<&RuleCurve> = curves
-            .iter()
-            .filter(|c| c.group == group && c.alpha.is_some())
-            .collect();
-        if power.len() < 3 {
-            continue;
+    let _ = writeln!(md, "\n## Critical exponent α*{suffix}\n");
+    let _ = writeln!(
+        md,
+        "Method: for every rule τ = L^-α the growth exponent γ(α) is fitted as above. The \
+         heuristic of PAPER.md (each block multiplies E‖h‖² by about 1 + cτ²) predicts \
+         ln E‖h_L‖/‖h_0‖ ≈ (c/2)·L^(1−2α), i.e. γ = 1 − 2α: growth for α < 1/2, bounded \
+         for α ≥ 1/2. α* is where the measured γ(α) first falls to zero, interpolated \
+         linearly between neighbouring grid values of α. As a check, a straight line \
+         γ ≈ a − b·α is fitted to γ(α) on α ∈ [{:.2}, {:.2}] (beyond, ln E ratio is too \
+         close to 0 for its logarithm to be measured), giving α* = a/b. The paper's \
+         claim: α* = 0.5.\n",
+        crit.line_range.0, crit.line_range.1
+    );
+    match crit.crossing {
+        Some(a) => {
+            let _ = writeln!(md, "**Measured α* = {a:.3}** (zero crossing of γ(α)).\n");
         }
-        let crit = analysis::critical_exponent(&power);
-        let suffix = if group.is_empty() {
-            String::new()
-        } else {
-            format!(" ({group})")
-        };
-        let _ = writeln!(md, "\n## Critical exponent α*{suffix}\n");
-        let _ = writeln!(
-            md,
-            "Method: for every rule τ = L^-α the growth exponent γ(α) is fitted as above. The \
-             heuristic of PAPER.md (each block multiplies E‖h‖² by about 1 + cτ²) predicts \
-             ln E‖h_L‖/‖h_0‖ ≈ (c/2)·L^(1−2α), i.e. γ = 1 − 2α: growth for α < 1/2, bounded \
-             for α ≥ 1/2. α* is where the measured γ(α) first falls to zero, interpolated \
-             linearly between neighbouring grid values of α. As a check, a straight line \
-             γ ≈ a − b·α is fitted to γ(α) on α ∈ [{:.2}, {:.2}] (beyond, ln E ratio is too \
-             close to 0 for its logarithm to be measured), giving α* = a/b. The paper's \
-             claim: α* = 0.5.\n",
-            crit.line_range.0, crit.line_range.1
-        );
-        match crit.crossing {
-            Some(a) => {
-                let _ = writeln!(md, "**Measured α* = {a:.3}** (zero crossing of γ(α)).\n");
-            }
-            None => {
-                let _ = writeln!(
-                    md,
-                    "γ(α) does not change sign on this grid: α* is outside [{:.2}, {:.2}].\n",
-                    crit.gamma_by_alpha.first().map_or(f64::NAN, |p| p.0),
-                    crit.gamma_by_alpha.last().map_or(f64::NAN, |p| p.0)
-                );
-            }
-        }
-        if let Some((a, b)) = crit.line {
+        None => {
             let _ = writeln!(
                 md,
-                "Line fit: γ ≈ {a:.3} − {b:.3}·α, so α* = {:.3} (theory: γ = 1 − 2α, α* = 0.5).\n",
-                a / b
+                "γ(α) does not change sign on this grid: α* is outside [{:.2}, {:.2}].\n",
+                crit.gamma_by_alpha.first().map_or(f64::NAN, |p| p.0),
+                crit.gamma_by_alpha.last().map_or(f64::NAN, |p| p.0)
             );
         }
-        let _ = writeln!(md, "| α | γ(α) |\n| --- | --- |");
-        for (a, g) in &crit.gamma_by_alpha {
-            let _ = writeln!(md, "| {a:.2} | {g:.3} |");
-        }
-        let stem = if group.is_empty() {
-            "growth_vs_alpha".to_string()
-        } else {
-            format!("growth_vs_alpha_{}", sanitize_file(&group))
-        };
-        let _ = writeln!(md, "\n![growth exponent vs alpha](figures/{stem}.png)\n");
-        let (lo, hi) = (
-            crit.gamma_by_alpha.first().map_or(0.0, |p| p.0),
-            crit.gamma_by_alpha.last().map_or(1.0, |p| p.0),
-        );
-        let mut vlines = Vec::new();
-        if let Some(a) = crit.crossing {
-            vlines.push((a, format!("measured α* = {a:.3}")));
-        }
-        figs.push((
-            stem,
-            Chart {
-                title: "Growth exponent of ln E‖h_L‖/‖h_0‖ vs α (τ = L^-α)".into(),
-                x_desc: "α (τ = L^-α)".into(),
-                y_desc: "γ: ln E‖h_L‖/‖h_0‖ ∝ L^γ".into(),
-                x_log: false,
-                y_axis: YAxis::Linear,
-                y_range: None,
-                series: vec![
-                    Series::new("measured γ(α)", crit.gamma_by_alpha.clone()),
-                    Series {
-                        label: "theory: γ = 1 − 2α".into(),
-                        points: vec![(lo, 1.0 - 2.0 * lo), (hi, 1.0 - 2.0 * hi)],
-                        band: Vec::new(),
-                        dashed: true,
-                    },
-                ],
-                vlines,
-                hlines: vec![0.0],
-            },
-        ));
-        // Every α on one chart: the transition at a glance.
-        let mut by_alpha = power.clone();
-        by_alpha.sort_by(|a, b| a.alpha.unwrap_or(0.0).total_cmp(&b.alpha.unwrap_or(0.0)));
-        by_alpha.dedup_by(|a, b| a.alpha == b.alpha);
-        let stem = if group.is_empty() {
-            "norm_ratio_vs_depth_alpha".to_string()
-        } else {
-            format!("norm_ratio_vs_depth_alpha_{}", sanitize_file(&group))
-        };
+    }
+    if let Some((a, b)) = crit.line {
         let _ = writeln!(
             md,
-            "![norm ratio vs depth for every alpha](figures/{stem}.png)\n"
+            "Line fit: γ ≈ {a:.3} − {b:.3}·α, so α* = {:.3} (theory: γ = 1 − 2α, α* = 0.5).\n",
+            a / b
         );
-        figs.push((
-            stem,
-            Chart {
-                title: "Forward norm vs depth for τ = L^-α".into(),
-                x_desc: "depth L (residual blocks, log scale)".into(),
-                y_desc: "mean ‖h_L‖/‖h_0‖ (log scale)".into(),
-                x_log: true,
-                y_axis: YAxis::Log10Values,
-                y_range: None,
-                series: by_alpha
-                    .iter()
-                    .map(|c| {
-                        Series::new(
-                            format!("α = {:.2}", c.alpha.unwrap_or(f64::NAN)),
-                            c.depths
-                                .iter()
-                                .map(|d| (d.n_blocks as f64, d.forward.log10_mean))
-                                .collect(),
-                        )
-                    })
-                    .collect(),
-                vlines: Vec::new(),
-                hlines: vec![0.0],
-            },
-        ));
     }
+    let _ = writeln!(md, "| α | γ(α) |\n| --- | --- |");
+    for (a, g) in &crit.gamma_by_alpha {
+        let _ = writeln!(md, "| {a:.2} | {g:.3} |");
+    }
+    let stem = if group.is_empty() {
+        "growth_vs_alpha".to_string()
+    } else {
+        format!("growth_vs_alpha_{}", sanitize_file(group))
+    };
+    let _ = writeln!(md, "\n![growth exponent vs alpha](figures/{stem}.png)\n");
+    let (lo, hi) = (
+        crit.gamma_by_alpha.first().map_or(0.0, |p| p.0),
+        crit.gamma_by_alpha.last().map_or(1.0, |p| p.0),
+    );
+    let mut vlines = Vec::new();
+    if let Some(a) = crit.crossing {
+        vlines.push((a, format!("measured α* = {a:.3}")));
+    }
+    figs.push((
+        stem,
+        Chart {
+            title: "Growth exponent of ln E‖h_L‖/‖h_0‖ vs α (τ = L^-α)".into(),
+            x_desc: "α (τ = L^-α)".into(),
+            y_desc: "γ: ln E‖h_L‖/‖h_0‖ ∝ L^γ".into(),
+            x_log: false,
+            y_axis: YAxis::Linear,
+            y_range: None,
+            series: vec![
+                Series::new("measured γ(α)", crit.gamma_by_alpha.clone()),
+                Series {
+                    label: "theory: γ = 1 − 2α".into(),
+                    points: vec![(lo, 1.0 - 2.0 * lo), (hi, 1.0 - 2.0 * hi)],
+                    band: Vec::new(),
+                    dashed: true,
+                },
+            ],
+            vlines,
+            hlines: vec![0.0],
+        },
+    ));
+    figs.push(alpha_figure(md, group, power));
     figs
+}
+
+/// Every α of a group on one chart: the forward norm against depth, the transition at a
+/// glance.
+fn alpha_figure(md: &mut String, group: &str, power: &[&RuleCurve]) -> (String, Chart) {
+    let mut by_alpha = power.to_vec();
+    by_alpha.sort_by(|a, b| a.alpha.unwrap_or(0.0).total_cmp(&b.alpha.unwrap_or(0.0)));
+    by_alpha.dedup_by(|a, b| a.alpha == b.alpha);
+    let stem = if group.is_empty() {
+        "norm_ratio_vs_depth_alpha".to_string()
+    } else {
+        format!("norm_ratio_vs_depth_alpha_{}", sanitize_file(group))
+    };
+    let _ = writeln!(
+        md,
+        "![norm ratio vs depth for every alpha](figures/{stem}.png)\n"
+    );
+    (
+        stem,
+        Chart {
+            title: "Forward norm vs depth for τ = L^-α".into(),
+            x_desc: "depth L (residual blocks, log scale)".into(),
+            y_desc: "mean ‖h_L‖/‖h_0‖ (log scale)".into(),
+            x_log: true,
+            y_axis: YAxis::Log10Values,
+            y_range: None,
+            series: by_alpha
+                .iter()
+                .map(|c| {
+                    Series::new(
+                        format!("α = {:.2}", c.alpha.unwrap_or(f64::NAN)),
+                        c.depths
+                            .iter()
+                            .map(|d| (d.n_blocks as f64, d.forward.log10_mean))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            vlines: Vec::new(),
+            hlines: vec![0.0],
+        },
+    )
 }
 
 fn table_by_depth(

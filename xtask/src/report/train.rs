@@ -55,8 +55,6 @@ pub(super) fn train_report(
     _fig_dir: &Path,
     md: &mut String,
 ) -> Vec<(String, Chart)> {
-    let mut figs = Vec::new();
-    // Results table: axes, status, loss/accuracy numbers.
     let flat: Vec<BTreeMap<String, String>> = states
         .iter()
         .map(|s| {
@@ -66,6 +64,54 @@ pub(super) fn train_report(
                 .unwrap_or_default()
         })
         .collect();
+    results_table(md, spec, states, &flat);
+    let mut groups: Vec<String> = states.iter().map(group_of).collect();
+    groups.sort();
+    groups.dedup();
+    let mut figs = loss_figures(md, states, &groups);
+    figs.extend(accuracy_section(md, spec, states, &flat, &groups));
+    if let Some(threshold) = spec.report.loss_threshold {
+        figs.extend(steps_section(md, states, &groups, threshold));
+    }
+    figs
+}
+
+/// The group of a point: its values on the axes other than depth and seed.
+fn group_of(s: &PointState) -> String {
+    s.point
+        .values
+        .iter()
+        .filter(|(k, _)| axis_role(k).is_none())
+        .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), display_value(v)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A point's value on the depth axis.
+fn depth_of(s: &PointState) -> Option<i64> {
+    s.point
+        .values
+        .iter()
+        .find(|(k, _)| axis_role(k) == Some("depth"))
+        .and_then(|(_, v)| v.as_integer())
+}
+
+/// A point's value on the seed axis.
+fn seed_of(s: &PointState) -> Option<String> {
+    s.point
+        .values
+        .iter()
+        .find(|(k, _)| axis_role(k) == Some("seed"))
+        .map(|(_, v)| display_value(v))
+}
+
+/// The results table: each point's axes, status and loss/accuracy numbers.
+fn results_table(
+    md: &mut String,
+    spec: &SweepSpec,
+    states: &[PointState],
+    flat: &[BTreeMap<String, String>],
+) {
     let mut cols: Vec<String> = flat
         .iter()
         .flat_map(|m| m.keys())
@@ -91,7 +137,7 @@ pub(super) fn train_report(
         let _ = write!(md, " --- |");
     }
     let _ = writeln!(md);
-    for (s, m) in states.iter().zip(&flat) {
+    for (s, m) in states.iter().zip(flat) {
         let _ = write!(md, "| `{}` |", s.point.name);
         for (_, v) in &s.point.values {
             let _ = write!(md, " {} |", display_value(v));
@@ -109,37 +155,12 @@ pub(super) fn train_report(
         }
         let _ = writeln!(md);
     }
+}
 
-    // Group points by the axes other than depth and seed.
-    let group_of = |s: &PointState| {
-        s.point
-            .values
-            .iter()
-            .filter(|(k, _)| axis_role(k).is_none())
-            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), display_value(v)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let depth_of = |s: &PointState| {
-        s.point
-            .values
-            .iter()
-            .find(|(k, _)| axis_role(k) == Some("depth"))
-            .and_then(|(_, v)| v.as_integer())
-    };
-    let seed_of = |s: &PointState| {
-        s.point
-            .values
-            .iter()
-            .find(|(k, _)| axis_role(k) == Some("seed"))
-            .map(|(_, v)| display_value(v))
-    };
-    let mut groups: Vec<String> = states.iter().map(group_of).collect();
-    groups.sort();
-    groups.dedup();
-
-    // Loss vs step: one figure per group, one line per depth (first seed).
-    for g in &groups {
+/// Loss vs step: one figure per group, one line per depth (first seed).
+fn loss_figures(md: &mut String, states: &[PointState], groups: &[String]) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
+    for g in groups {
         let mut series = Vec::new();
         let first_seed = states
             .iter()
@@ -199,11 +220,22 @@ pub(super) fn train_report(
         ));
     }
 
-    // Test accuracy vs depth: a table and one line per group, mean over seeds, the band
-    // spanning the seeds' range.
+    figs
+}
+
+/// Test accuracy vs depth: a table and one line per group, mean over seeds, the band
+/// spanning the seeds' range.
+fn accuracy_section(
+    md: &mut String,
+    spec: &SweepSpec,
+    states: &[PointState],
+    flat: &[BTreeMap<String, String>],
+    groups: &[String],
+) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
     let mut acc_table = aggregate::Table::new();
     let mut metric_name = None;
-    for (s, m) in states.iter().zip(&flat) {
+    for (s, m) in states.iter().zip(flat) {
         let Some(d) = depth_of(s) else { continue };
         let outcome = match (
             s.status,
@@ -219,7 +251,7 @@ pub(super) fn train_report(
         };
         acc_table.entry((group_of(s), d)).or_default().push(outcome);
     }
-    let acc_series = table_series(&acc_table, &groups, true);
+    let acc_series = table_series(&acc_table, groups, true);
     if !acc_table.is_empty() {
         let metric = metric_name.clone().unwrap_or_default();
         let n_seeds = states
@@ -236,12 +268,12 @@ pub(super) fn train_report(
         aggregate::write_table(
             md,
             &acc_table,
-            &groups,
+            groups,
             &group_label,
             &|v| format!("{v:.2}"),
             "without an accuracy",
         );
-        within_spread_notes(md, &acc_table, &groups, "points");
+        within_spread_notes(md, &acc_table, groups, "points");
     }
     if !acc_series.is_empty() {
         let metric = metric_name.unwrap_or_default();
@@ -269,63 +301,71 @@ pub(super) fn train_report(
         ));
     }
 
-    // Steps until the training loss first falls to the threshold.
-    if let Some(threshold) = spec.report.loss_threshold {
-        let mut steps_table = aggregate::Table::new();
-        for s in states {
-            let Some(d) = depth_of(s) else { continue };
-            let outcome = match s.status {
-                Status::Diverged => aggregate::Outcome::Diverged,
-                Status::Finished => {
-                    match aggregate::first_step_at_or_below(&loss_curve(&s.dir), threshold) {
-                        Some(step) => aggregate::Outcome::Value(step),
-                        None => aggregate::Outcome::NotReached,
-                    }
+    figs
+}
+
+/// Steps until the training loss first falls to the threshold: a table and a figure.
+fn steps_section(
+    md: &mut String,
+    states: &[PointState],
+    groups: &[String],
+    threshold: f64,
+) -> Vec<(String, Chart)> {
+    let mut figs = Vec::new();
+    let mut steps_table = aggregate::Table::new();
+    for s in states {
+        let Some(d) = depth_of(s) else { continue };
+        let outcome = match s.status {
+            Status::Diverged => aggregate::Outcome::Diverged,
+            Status::Finished => {
+                match aggregate::first_step_at_or_below(&loss_curve(&s.dir), threshold) {
+                    Some(step) => aggregate::Outcome::Value(step),
+                    None => aggregate::Outcome::NotReached,
                 }
-                _ => continue,
-            };
-            steps_table
-                .entry((group_of(s), d))
-                .or_default()
-                .push(outcome);
-        }
-        let _ = writeln!(md, "\n## Steps to training loss ≤ {threshold:e}\n");
+            }
+            _ => continue,
+        };
+        steps_table
+            .entry((group_of(s), d))
+            .or_default()
+            .push(outcome);
+    }
+    let _ = writeln!(md, "\n## Steps to training loss ≤ {threshold:e}\n");
+    let _ = writeln!(
+        md,
+        "The first logged step (records every `log.every` steps) at which the training loss \
+         is at most {threshold:e}; the mean over seeds, the lowest and highest in parentheses.\n"
+    );
+    aggregate::write_table(
+        md,
+        &steps_table,
+        groups,
+        &group_label,
+        &|v| format!("{v:.0}"),
+        "did not reach it in the run",
+    );
+    within_spread_notes(md, &steps_table, groups, "steps");
+    let series = table_series(&steps_table, groups, false);
+    if !series.is_empty() {
         let _ = writeln!(
             md,
-            "The first logged step (records every `log.every` steps) at which the training loss \
-             is at most {threshold:e}; the mean over seeds, the lowest and highest in parentheses.\n"
+            "\n![steps to the loss threshold vs depth](figures/steps_to_threshold_vs_depth.png)\n\n\
+             Groups whose runs never reached the threshold have no line.\n"
         );
-        aggregate::write_table(
-            md,
-            &steps_table,
-            &groups,
-            &group_label,
-            &|v| format!("{v:.0}"),
-            "did not reach it in the run",
-        );
-        within_spread_notes(md, &steps_table, &groups, "steps");
-        let series = table_series(&steps_table, &groups, false);
-        if !series.is_empty() {
-            let _ = writeln!(
-                md,
-                "\n![steps to the loss threshold vs depth](figures/steps_to_threshold_vs_depth.png)\n\n\
-                 Groups whose runs never reached the threshold have no line.\n"
-            );
-            figs.push((
-                "steps_to_threshold_vs_depth".to_string(),
-                Chart {
-                    title: format!("Steps to training loss ≤ {threshold:e}"),
-                    x_desc: "network depth (log scale)".into(),
-                    y_desc: "steps".into(),
-                    x_log: true,
-                    y_axis: YAxis::Linear,
-                    y_range: None,
-                    series,
-                    vlines: Vec::new(),
-                    hlines: Vec::new(),
-                },
-            ));
-        }
+        figs.push((
+            "steps_to_threshold_vs_depth".to_string(),
+            Chart {
+                title: format!("Steps to training loss ≤ {threshold:e}"),
+                x_desc: "network depth (log scale)".into(),
+                y_desc: "steps".into(),
+                x_log: true,
+                y_axis: YAxis::Linear,
+                y_range: None,
+                series,
+                vlines: Vec::new(),
+                hlines: Vec::new(),
+            },
+        ));
     }
     figs
 }
