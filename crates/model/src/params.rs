@@ -2,14 +2,72 @@
 //! optimizer treats it), how it is initialized, its shape; the one parser of the names
 //! ([`ParamName`]); and the size guard. A leaf module: the families and [`crate::config`]
 //! depend on it, it depends on none of them.
+//!
+//! # Example
+//!
+//! Every tensor of a CIFAR ResNet-8 without normalization and with a learnable τ, as its
+//! config lists them: name, shape, initialization and kind.
+//!
+//! ```
+//! use tau_model::params::{ParamInit, ParamKind, ParamName};
+//! use tau_model::ModelConfig;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg: ModelConfig = serde_json::from_str(
+//!     r#"{"family": "cifar_resnet", "depth": 8, "norm": "none", "learnable_tau": true}"#,
+//! )?;
+//! let specs = cfg.param_specs();
+//! let tau = specs.iter().find(|s| s.name == "tau").unwrap();
+//! // τ starts at the rule's value, 1/√3 for L = 3, and trains at lr/10.
+//! assert_eq!((tau.shape.as_slice(), tau.init), (&[1][..], ParamInit::Const(1.0 / 3f64.sqrt())));
+//! assert_eq!(tau.kind, ParamKind::Tau);
+//! // Four scalar biases per block, three blocks.
+//! let biases = specs.iter().filter(|s| ParamName::parse(&s.name).is_scalar_bias()).count();
+//! assert_eq!(biases, 12);
+//! assert!(specs.iter().all(|s| s.kind.is_trainable()));
+//! # Ok(()) }
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 /// The most scalar elements a configuration may ask for (2^36, 256 GiB in f32): a
 /// guard against configs that would allocate without bound, far above any real model.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{ModelConfig, TheoryConfig, params::MAX_ELEMENTS};
+///
+/// // 2^13 blocks of 2^12 × 2^12 weights: 2^37 elements.
+/// let huge = TheoryConfig { width: 1 << 12, depth: 1 << 13, ..Default::default() };
+/// let cfg = ModelConfig::Theory(huge);
+/// assert!(8192 * 4096 * 4096 > MAX_ELEMENTS);
+/// assert!(cfg.validate().unwrap_err().to_string().contains("beyond the supported maximum"));
+/// ```
 pub const MAX_ELEMENTS: u128 = 1 << 36;
 
 /// How the optimizer treats one named tensor of a model.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{ModelConfig, ParamKind};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg: ModelConfig = serde_json::from_str(
+///     r#"{"family": "cifar_resnet", "depth": 8, "norm": "none", "learnable_tau": true}"#,
+/// )?;
+/// assert_eq!(cfg.param_kind("layer1.0.conv1.weight"), ParamKind::Weight);
+/// assert_eq!(cfg.param_kind("layer1.0.bias1a"), ParamKind::ScalarBias);
+/// assert_eq!(cfg.param_kind("tau"), ParamKind::Tau);
+/// // The theory network's A and B stay at their initial values unless asked.
+/// let theory: ModelConfig = serde_json::from_str(r#"{"family": "theory"}"#)?;
+/// assert_eq!(theory.param_kind("input.weight"), ParamKind::Frozen);
+/// assert!(!ParamKind::Frozen.is_trainable() && !ParamKind::Buffer.is_trainable());
+/// assert!(ParamKind::Tau.is_trainable());
+/// assert_eq!(serde_json::to_string(&ParamKind::ScalarBias)?, r#""scalar_bias""#);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
@@ -34,13 +92,31 @@ pub enum ParamKind {
 }
 
 impl ParamKind {
-    /// Whether an optimizer should update tensors of this kind.
+    /// Whether an optimizer should update tensors of this kind. See the
+    /// [example](ParamKind#example).
     pub fn is_trainable(self) -> bool {
         !matches!(self, ParamKind::Buffer | ParamKind::Frozen)
     }
 }
 
 /// How a parameter is drawn at initialization.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{ModelConfig, ParamInit};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)?;
+/// let init = |name: &str| cfg.param_specs().into_iter().find(|s| s.name == name).unwrap().init;
+/// // PyTorch's nn.Linear default: U(−1/√fan_in, 1/√fan_in), fan_in = 64.
+/// assert_eq!(init("fc.bias"), ParamInit::Uniform { bound: 0.125 });
+/// assert_eq!(init("bn1.weight"), ParamInit::Const(1.0));
+/// // The theory network's A: N(0, a_var/m) with a_var = 2 and m = 8.
+/// let theory: ModelConfig = serde_json::from_str(r#"{"family": "theory", "width": 8}"#)?;
+/// assert_eq!(theory.param_specs()[0].init, ParamInit::Normal { std: 0.5 });
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ParamInit {
     /// Independent N(0, std²) entries.
@@ -58,6 +134,21 @@ pub enum ParamInit {
 }
 
 /// One named tensor a model owns: name (PyTorch `state_dict` key), shape, initialization.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{ModelConfig, ParamKind};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)?;
+/// let specs = cfg.param_specs();
+/// let conv = specs.iter().find(|s| s.name == "layer3.0.conv1.weight").unwrap();
+/// // Stage 3's first convolution takes stage 2's 32 channels to 64.
+/// assert_eq!((conv.shape.as_slice(), conv.elem_count()), (&[64, 32, 3, 3][..], 64 * 32 * 9));
+/// assert_eq!(conv.kind, ParamKind::Weight);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
     /// PyTorch-style dotted name, e.g. `layer1.0.conv1.weight`.
@@ -80,7 +171,7 @@ impl ParamSpec {
         }
     }
 
-    /// Number of scalar elements.
+    /// Number of scalar elements. See the [example](ParamSpec#example).
     pub fn elem_count(&self) -> usize {
         self.shape.iter().product()
     }
@@ -89,6 +180,18 @@ impl ParamSpec {
 /// Where a residual block sits, from the first two segments of a parameter name
 /// (`layer{s}.{b}.…` in the ResNets, `blocks.{l}.…` in the theory network). Part of a
 /// [`ParamName`].
+///
+/// # Example
+///
+/// ```
+/// use tau_model::params::{BlockPos, ParamName};
+///
+/// let block = ParamName::parse("layer3.1.conv2.weight").block;
+/// assert_eq!(block, Some(BlockPos { group: "layer3", stage: Some(3), index: 1 }));
+/// let block = ParamName::parse("blocks.7.weight").block;
+/// assert_eq!(block, Some(BlockPos { group: "blocks", stage: None, index: 7 }));
+/// assert_eq!(ParamName::parse("fc.weight").block, None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockPos<'a> {
     /// The name's first segment: `layer2`, `blocks`.
@@ -111,6 +214,8 @@ pub struct BlockPos<'a> {
 ///
 /// Any string parses; a name the scheme does not describe simply has no block.
 ///
+/// # Example
+///
 /// ```
 /// use tau_model::params::{BlockPos, ParamName};
 ///
@@ -125,6 +230,14 @@ pub struct BlockPos<'a> {
 /// assert_eq!((p.block, p.module, p.leaf, p.layer()), (None, "bn1", "weight", "bn1"));
 /// assert_eq!(ParamName::parse("blocks.7.weight").layer(), "blocks.7");
 /// assert_eq!(ParamName::parse("tau").layer(), "tau");
+/// assert_eq!(ParamName::parse("tau").as_str(), "tau");
+///
+/// // What the leaf and the module say about the tensor.
+/// assert!(ParamName::parse("layer1.0.bn2.running_mean").is_bn_buffer());
+/// assert!(ParamName::parse("layer1.0.bias2b").is_scalar_bias());
+/// assert!(!ParamName::parse("fc.bias").is_scalar_bias());
+/// assert!(ParamName::parse("layer2.0.downsample.1.weight").in_batch_norm());
+/// assert!(!ParamName::parse("layer2.0.downsample.0.weight").in_batch_norm());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ParamName<'a> {
@@ -142,6 +255,7 @@ pub struct ParamName<'a> {
 
 impl<'a> ParamName<'a> {
     /// Splits `name` at its dots. Never fails: every string is some name.
+    /// See the [example](ParamName#example).
     pub fn parse(name: &'a str) -> Self {
         let mut parts = name.splitn(3, '.');
         let first = parts.next().unwrap_or(name);
@@ -171,6 +285,7 @@ impl<'a> ParamName<'a> {
     }
 
     /// The whole name.
+    /// See the [example](ParamName#example).
     pub fn as_str(&self) -> &'a str {
         self.name
     }
@@ -178,6 +293,7 @@ impl<'a> ParamName<'a> {
     /// The layer the name is grouped under in per-layer gradient norms: the block
     /// (`layer2.3`, `blocks.7`) when there is one, else the first segment (`conv1`, `bn1`,
     /// `fc`, `tau`).
+    /// See the [example](ParamName#example).
     pub fn layer(&self) -> &'a str {
         let first = self.name.split('.').next().unwrap_or(self.name);
         match self.name[first.len()..].strip_prefix('.') {
@@ -193,6 +309,7 @@ impl<'a> ParamName<'a> {
     /// with `stage_blocks[s − 1]` blocks in stage s: `layer{s}.{b}` is block b after the
     /// blocks of the stages before s; `blocks.{l}` (one stage) is block l. `None` for a
     /// name outside the blocks (the stem, the head, τ) or a block the network lacks.
+    /// See the [example](ParamName#example).
     pub fn block_index(&self, stage_blocks: &[usize]) -> Option<usize> {
         let block = self.block?;
         match block.stage {
@@ -210,6 +327,7 @@ impl<'a> ParamName<'a> {
 
     /// Whether the leaf is a BatchNorm buffer: `running_mean`, `running_var`,
     /// `num_batches_tracked`.
+    /// See the [example](ParamName#example).
     pub fn is_bn_buffer(&self) -> bool {
         matches!(
             self.leaf,
@@ -219,6 +337,7 @@ impl<'a> ParamName<'a> {
 
     /// Whether the leaf is a no-BN scalar bias: `bias` followed by a digit and one more
     /// character (`bias1a`, `bias3b`).
+    /// See the [example](ParamName#example).
     pub fn is_scalar_bias(&self) -> bool {
         let l = self.leaf.as_bytes();
         l.len() == 6 && self.leaf.starts_with("bias") && l[4].is_ascii_digit()
@@ -226,6 +345,7 @@ impl<'a> ParamName<'a> {
 
     /// Whether the module is a BatchNorm: `bn…` (`bn1`, `layer1.0.bn2`) or a shortcut's
     /// `downsample.1`.
+    /// See the [example](ParamName#example).
     pub fn in_batch_norm(&self) -> bool {
         let last = self.module.rsplit('.').next().unwrap_or("");
         last.starts_with("bn") || self.module.ends_with("downsample.1")

@@ -18,6 +18,7 @@ const COVERED: &[&str] = &[
     "hub.rs",
     "lib.rs",
     "model.rs",
+    "params.rs",
     "preprocess.rs",
     "tau.rs",
     "theory.rs",
