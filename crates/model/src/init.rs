@@ -8,6 +8,39 @@
 //! `rand_distr::StandardNormal` times the standard deviation, uniforms from
 //! `Uniform(−b, b)`), then rounded to the requested dtype. Each tensor owns its stream,
 //! so tensors are drawn in parallel without changing any value.
+//!
+//! # Example
+//!
+//! The same seed gives the same bits, whichever way a tensor is drawn.
+//!
+//! ```
+//! use std::collections::HashMap;
+//!
+//! use candle::{DType, Device, Var};
+//! use tau_model::init::{draw_param_f32, init_values_f32};
+//! use tau_model::{ModelConfig, init_varmap, named_vars};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg: ModelConfig = serde_json::from_str(
+//!     r#"{"family": "theory", "input_dim": 3, "width": 8, "depth": 2}"#,
+//! )?;
+//! // Every tensor of init_varmap's VarMap, flattened, in the order of the specs.
+//! let values = |seed| -> candle::Result<Vec<Vec<f32>>> {
+//!     let varmap = init_varmap(&cfg, seed, DType::F32, &Device::Cpu)?;
+//!     let vars: HashMap<String, Var> = named_vars(&varmap).into_iter().collect();
+//!     cfg.param_specs().iter().map(|s| vars[&s.name].flatten_all()?.to_vec1::<f32>()).collect()
+//! };
+//! assert_eq!(values(7)?, values(7)?);
+//! assert_ne!(values(7)?, values(8)?);
+//! // The same values as plain arrays in the order of the specs, and one tensor alone.
+//! let arrays = init_values_f32(&cfg, 7)?;
+//! assert_eq!(arrays, values(7)?);
+//! let spec = &cfg.param_specs()[2]; // blocks.1.weight
+//! let mut one = vec![0f32; spec.elem_count()];
+//! draw_param_f32(spec, 7, 2, &mut one)?;
+//! assert_eq!(one, arrays[2]);
+//! # Ok(()) }
+//! ```
 
 use candle::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
@@ -51,7 +84,7 @@ fn draw(spec: &ParamSpec, seed: u64, stream: u64) -> Result<Vec<f64>> {
 /// the same `seed` gives the tensor `spec`, when `spec` is entry `index` (0-based) of the
 /// config's [`ModelConfig::param_specs`]: the same stream, the same f64 draws, rounded
 /// to f32. One tensor can be drawn without drawing the others ([`init_values_f32`]
-/// draws every tensor this way).
+/// draws every tensor this way). See the [module example](self#example).
 ///
 /// # Errors
 /// `out` not of `spec`'s element count, or a bad uniform bound.
@@ -75,7 +108,8 @@ pub fn draw_param_f32(spec: &ParamSpec, seed: u64, index: usize, out: &mut [f32]
 /// The values of every parameter and buffer of `cfg` that [`init_varmap`] with
 /// `DType::F32` gives for `seed`, bit for bit, as plain row-major arrays in the order of
 /// `cfg.param_specs()`, drawn in parallel on rayon's pool (for code that runs its own
-/// kernels on the weights, such as the theory network's stability probe).
+/// kernels on the weights, such as the theory network's stability probe). See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// An invalid config.
@@ -143,7 +177,8 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 }
 
 /// A [`VarMap`] holding every parameter and buffer of `cfg`, drawn from `seed` as PAPER.md
-/// prescribes (see the module docs for the exact order), on `device` in `dtype`.
+/// prescribes (see the module docs for the exact order), on `device` in `dtype`. See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// An invalid config, a non-float dtype, or a device error.

@@ -16,6 +16,7 @@ const COVERED: &[&str] = &[
     "checkpoint.rs",
     "config.rs",
     "hub.rs",
+    "init.rs",
     "lib.rs",
     "model.rs",
     "params.rs",
