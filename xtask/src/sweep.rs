@@ -5,17 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tau_records::{CONFIG_FILE, PROBE_FILE, RunStatus, SUMMARY_FILE, exit_code};
+use tau_records::exit_code;
 
-use crate::pool::{self, Job, JobResult};
-use crate::records::{self, FAILURE_RECORD, FailureRecord, SWEEP_COPY, Status, write_atomic};
+use crate::records::{self, FAILURE_RECORD, SWEEP_COPY, Status, write_atomic};
 use crate::report;
 use crate::slurm::{self, SlurmArgs};
-use crate::spec::{RunCommand, SweepSpec};
+use crate::spec::SweepSpec;
+
+use execute::{plan_jobs, print_summary, run_jobs};
 
 /// The default sweep (`cargo xtask sweep` with no config): the theory network's stability
 /// at initialization, depth × τ, on CPU in about a minute.
@@ -328,49 +328,11 @@ pub fn run_sweep(
 ) -> anyhow::Result<SweepOutcome> {
     let points = spec.points()?;
     let root = runs_dir.join(&spec.name);
-    let base_path = root.join(BASE_FILE);
     let states = records::read_sweep(spec, &root)?;
     check_same_base(spec, &root, &states, args.force)?;
     let jobs_n = args.jobs.unwrap_or_else(cores).max(1);
     let threads = (cores() / jobs_n).max(1);
-    let mut jobs = Vec::new();
-    let mut skipped = 0;
-    for (i, (p, s)) in points.iter().zip(&states).enumerate() {
-        if s.status.is_done() && !args.force {
-            skipped += 1;
-            continue;
-        }
-        let dir = root.join(&p.name);
-        // A run with a config resumes: from its last checkpoint, or from step 0 when it
-        // was killed before the first one.
-        let resume =
-            spec.command == RunCommand::Train && !args.force && dir.join(CONFIG_FILE).exists();
-        let mut a = vec![spec.command.as_str().to_string()];
-        if resume {
-            a.extend(["--resume".to_string(), dir.display().to_string()]);
-        } else {
-            a.extend(["--config".to_string(), base_path.display().to_string()]);
-            for set in p.set_args() {
-                a.extend(["--set".to_string(), set]);
-            }
-            a.extend(["--out".to_string(), dir.display().to_string()]);
-        }
-        jobs.push(Job {
-            index: i,
-            dir,
-            args: a,
-        });
-    }
-    // Deepest points first: the long runs start early and the pool ends balanced.
-    let depth_of = |j: &Job| {
-        points[j.index]
-            .values
-            .iter()
-            .find(|(k, _)| k.rsplit('.').next() == Some("depth"))
-            .and_then(|(_, v)| v.as_integer())
-            .unwrap_or(0)
-    };
-    jobs.sort_by_key(|j| std::cmp::Reverse(depth_of(j)));
+    let (jobs, skipped) = plan_jobs(spec, &points, &states, &root, args.force);
     println!(
         "sweep `{}`: {} points ({} already done{}), {} to run with {} parallel `tau-resnet {}` processes × {} threads",
         spec.name,
@@ -402,59 +364,8 @@ pub fn run_sweep(
         prepare_point(spec, &points[j.index], &j.dir, args.force)?;
     }
 
-    // The bar advances by each point's expected cost (its depth: the work of a probe or a
-    // training step grows linearly with it), so that the ETA holds although the deepest
-    // points run first.
-    let cost = |j: &Job| depth_of(j).max(1) as u64;
-    let pb = ProgressBar::with_draw_target(
-        Some(jobs.iter().map(cost).sum::<u64>()),
-        ProgressDrawTarget::stderr(),
-    );
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}  ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let total = points.len();
-    let mut done = skipped;
-    let progress = |done: usize, failed: usize, diverged: usize| {
-        format!("{done}/{total} points, {failed} failed, {diverged} diverged")
-    };
-    pb.set_message(progress(done, 0, 0));
-    let mut failed = 0usize;
-    let mut diverged = 0usize;
-    let mut rows: Vec<(usize, String, Status, Duration, String)> = Vec::new();
     let start = Instant::now();
-    let results = pool::run_pool(bin, &jobs, jobs_n, threads, stop, |r: &JobResult| {
-        let job = jobs.iter().find(|j| j.index == r.index);
-        let Some(job) = job else { return };
-        let point = &points[r.index];
-        let state = finalize_point(spec, point, job, r, stop.load(Ordering::SeqCst));
-        match state.status {
-            Status::Failed => {
-                failed += 1;
-                pb.suspend(|| {
-                    eprintln!(
-                        "point {} failed: {}",
-                        point.name,
-                        state.message.as_deref().unwrap_or("")
-                    )
-                });
-            }
-            Status::Diverged => diverged += 1,
-            _ => {}
-        }
-        done += 1;
-        pb.inc(cost(job));
-        pb.set_message(progress(done, failed, diverged));
-        rows.push((
-            r.index,
-            point.name.clone(),
-            state.status,
-            r.wall,
-            state.message.clone().unwrap_or_default(),
-        ));
-    });
-    pb.finish_and_clear();
+    let (rows, ran) = run_jobs(spec, &points, &jobs, bin, (jobs_n, threads), skipped, stop);
     let interrupted = stop.load(Ordering::SeqCst);
     let generated = report::generate(&root)?;
     let unfinished = generated
@@ -462,7 +373,7 @@ pub fn run_sweep(
         .iter()
         .filter(|s| !s.status.is_done())
         .count();
-    print_summary(&rows, results.len(), start.elapsed());
+    print_summary(&rows, ran, start.elapsed());
     println!("{}: {}", spec.name, generated.summary_line);
     println!("results: {}", root.join("results.csv").display());
     println!("report:  {}", root.join("report.md").display());
@@ -570,332 +481,6 @@ pub(crate) fn prepare_point(
     )
 }
 
-/// Turns a finished process into the point's final records: a failure record when it
-/// failed without a result.
-fn finalize_point(
-    spec: &SweepSpec,
-    point: &crate::spec::Point,
-    job: &Job,
-    r: &JobResult,
-    stopping: bool,
-) -> records::PointState {
-    let state = records::read_point(spec.command, point, &job.dir);
-    let record = match spec.command {
-        RunCommand::Probe => PROBE_FILE,
-        RunCommand::Train => SUMMARY_FILE,
-    };
-    // tau-resnet's exit codes (tau_records::exit_code): 0 finished and 3 diverged are
-    // results, 130 interrupted is resumable; anything else is an error.
-    let result = |code: i32| RunStatus::from_exit_code(code).is_some_and(RunStatus::is_result);
-    let interrupted = |code: i32| RunStatus::from_exit_code(code) == Some(RunStatus::Interrupted);
-    let message = match (r.exit_code, &r.spawn_error) {
-        (_, Some(err)) => Some(err.clone()),
-        (Some(code), _) if result(code) && state.status.is_done() => None,
-        (Some(code), _) if interrupted(code) && state.status == Status::Interrupted => None,
-        // Killed by Ctrl-C (signal, or 130 without a record): resumable, not a failure.
-        (None, _) if stopping => None,
-        (Some(code), _) if interrupted(code) && stopping => None,
-        (Some(code), _) if result(code) => Some(format!(
-            "exited with {code} but left no valid {record}{}",
-            state
-                .message
-                .as_deref()
-                .map(|m| format!(" ({m})"))
-                .unwrap_or_default()
-        )),
-        (Some(code), _) => Some(format!(
-            "exit code {code}: {}",
-            pool::error_line(&job.dir).unwrap_or_else(|| "no error message".into())
-        )),
-        (None, _) => Some("killed by a signal".to_string()),
-    };
-    if let Some(message) = message {
-        let f = FailureRecord {
-            exit_code: r.exit_code,
-            message,
-        };
-        if let Ok(text) = serde_json::to_string_pretty(&f) {
-            // Move a half-valid record out of the way so the failure is what counts.
-            if state.status.is_done() || state.status == Status::Failed {
-                let rec = job.dir.join(record);
-                let _ = std::fs::rename(&rec, job.dir.join(format!("{record}.invalid")));
-            }
-            let _ = write_atomic(&job.dir.join(FAILURE_RECORD), text.as_bytes());
-        }
-        return records::read_point(spec.command, point, &job.dir);
-    }
-    state
-}
-
-/// The table printed at the end of a sweep: one row per point run, in grid order
-/// (finished points left out when there are more than 40 rows).
-fn print_summary(rows: &[(usize, String, Status, Duration, String)], ran: usize, wall: Duration) {
-    if rows.is_empty() {
-        println!("nothing to run: every point is done (use --force to redo)");
-        return;
-    }
-    let show_all = rows.len() <= 40;
-    let width = rows.iter().map(|r| r.1.len()).max().unwrap_or(5).max(5);
-    println!("\n{:width$}  {:11}  {:>8}  note", "point", "status", "time");
-    let mut sorted: Vec<_> = rows.iter().collect();
-    sorted.sort_by_key(|r| r.0);
-    let mut hidden = 0;
-    for (_, name, status, wall, msg) in sorted {
-        if !show_all && matches!(status, Status::Finished) {
-            hidden += 1;
-            continue;
-        }
-        println!(
-            "{name:width$}  {:11}  {:>7.1}s  {msg}",
-            status.as_str(),
-            wall.as_secs_f64()
-        );
-    }
-    if hidden > 0 {
-        println!("({hidden} finished points not listed)");
-    }
-    println!("{ran} points run in {:.1}s", wall.as_secs_f64());
-}
-
+mod execute;
 #[cfg(all(test, unix))]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    /// A stand-in for tau-resnet: fails on depth 999 (a bad config), diverges on τ = "1",
-    /// stops with status interrupted on depth 77 once, otherwise finishes. It counts its
-    /// runs per point in `count`.
-    const FAKE: &str = r#"#!/bin/sh
-cmd=$1; shift
-out=""; sets=""; resume=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --out) out=$2; shift 2;;
-    --resume) out=$2; resume=1; shift 2;;
-    --set) sets="$sets $2"; shift 2;;
-    *) shift;;
-  esac
-done
-# The fields of summary.json (tau_records::Summary) and of its final metrics record that
-# the tests do not look at.
-run='"wall_s":0.5,"device":"cpu","version":{"crate_version":"0.1.0","git_commit":null}'
-last='"step":7,"epoch":0,"epoch_end":false,"lr":0.1,"grad_norm":null,"layer_grad_norms":[],"examples_per_s":100.0,"wall_s":0.5'
-case "$sets" in *depth=999*) echo "error: config base.toml: key \`model.depth\`: 999 is not 6n+2" >&2; exit 1;; esac
-mkdir -p "$out"
-echo "$cmd resume=$resume" >> "$out/count"
-case "$sets" in *depth=77*)
-  if [ ! -f "$out/was-interrupted" ]; then
-    touch "$out/was-interrupted"; mkdir -p "$out/checkpoints"; touch "$out/config.toml"
-    printf '{"name":"t","status":"interrupted","steps":5,"epochs_completed":0,%s}' "$run" > "$out/summary.json"; exit 130
-  fi;;
-esac
-printf '{"step":1,"train_loss":2.0}\n{"step":10,"train_loss":0.5}\n{"step":100,"train_loss":0.01}\n' > "$out/metrics.jsonl"
-case "$sets" in *'tau="1"'*)
-  printf '{"name":"t","status":"diverged","diverged_at_step":7,"divergence_reason":"non-finite loss","steps":7,"epochs_completed":0,"final_metrics":{%s,"train_loss":null},%s}' "$last" "$run" > "$out/summary.json"; exit 3;;
-esac
-printf '{"name":"t","status":"finished","steps":100,"epochs_completed":1,"final_metrics":{%s,"train_loss":0.01,"test_acc":0.9},"best_test_acc":0.92,%s}' "$last" "$run" > "$out/summary.json"
-exit 0
-"#;
-
-    fn fake_bin(dir: &Path) -> PathBuf {
-        let path = dir.join("fake-tau-resnet");
-        std::fs::write(&path, FAKE).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
-    }
-
-    fn args(force: bool) -> SweepArgs {
-        SweepArgs {
-            config: None,
-            jobs: Some(2),
-            force,
-            runs_dir: None,
-            bin: None,
-            no_build: true,
-            features: None,
-            dry_run: false,
-            slurm: false,
-            status: false,
-            slurm_opts: SlurmArgs::default(),
-        }
-    }
-
-    fn spec(depths: &str) -> SweepSpec {
-        let text = format!(
-            "name = \"t\"\ncommand = \"train\"\n[base]\nseed = 0\n[grid]\n\"model.depth\" = [{depths}]\n\"model.tau\" = [\"1/sqrt(L)\", \"1\"]\n"
-        );
-        SweepSpec::from_str_in(&text, Path::new(".")).unwrap()
-    }
-
-    fn runs(root: &Path, point: &str) -> usize {
-        std::fs::read_to_string(root.join(point).join("count")).map_or(0, |t| t.lines().count())
-    }
-
-    #[test]
-    fn failures_and_divergence_do_not_stop_the_sweep_and_are_reported() {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = fake_bin(tmp.path());
-        let stop = AtomicBool::new(false);
-        let spec = spec("4, 999, 16");
-        let out = run_sweep(&spec, tmp.path(), &bin, &args(false), &stop).unwrap();
-        let root = tmp.path().join("t");
-        assert_eq!(out.failed, 2, "depth 999 fails for both τ");
-        let states = records::read_sweep(&spec, &root).unwrap();
-        let by = |n: &str| states.iter().find(|s| s.point.name == n).unwrap();
-        assert_eq!(by("depth-4_tau-1_sqrt_L").status, Status::Finished);
-        assert_eq!(by("depth-16_tau-1_sqrt_L").status, Status::Finished);
-        assert_eq!(by("depth-16_tau-1").status, Status::Diverged);
-        let bad = by("depth-999_tau-1_sqrt_L");
-        assert_eq!(bad.status, Status::Failed);
-        assert!(
-            bad.message.as_deref().unwrap().contains("model.depth"),
-            "{:?}",
-            bad.message
-        );
-        let csv = std::fs::read_to_string(root.join("results.csv")).unwrap();
-        assert!(
-            csv.lines()
-                .next()
-                .unwrap()
-                .starts_with("point,model.depth,model.tau,status,message")
-        );
-        // The diverged point's row: no message, no accuracy, where it diverged.
-        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
-        let row: Vec<&str> = csv
-            .lines()
-            .find(|l| l.starts_with("depth-16_tau-1,"))
-            .unwrap()
-            .split(',')
-            .collect();
-        let col = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
-        assert_eq!(row[..4], ["depth-16_tau-1", "16", "1", "diverged"], "{csv}");
-        assert_eq!(
-            (
-                col("message"),
-                col("best_test_acc"),
-                col("diverged_at_step")
-            ),
-            ("", "", "7"),
-            "{csv}"
-        );
-        assert!(
-            csv.contains("depth-999_tau-1_sqrt_L,999,1/sqrt(L),failed,exit code 1: error: config")
-        );
-        let report = std::fs::read_to_string(root.join("report.md")).unwrap();
-        assert!(
-            report.contains("4 finished, 2 diverged, 2 failed") || report.contains("failed"),
-            "{report}"
-        );
-        assert!(report.contains("Points without a result"));
-        assert!(report.contains("not 6n+2"));
-        let figs: Vec<String> = std::fs::read_dir(root.join("figures"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            figs.contains(&"loss_vs_step_tau_1_sqrt_L.png".to_string()),
-            "{figs:?}"
-        );
-        assert!(root.join("figures/accuracy_vs_depth.svg").exists());
-    }
-
-    #[test]
-    fn rerun_skips_finished_points_retries_failed_and_resumes_interrupted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = fake_bin(tmp.path());
-        let stop = AtomicBool::new(false);
-        let root = tmp.path().join("t");
-        let first = run_sweep(&spec("4, 77, 999"), tmp.path(), &bin, &args(false), &stop).unwrap();
-        assert_eq!(first.failed, 2);
-        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
-        let s = records::read_sweep(&spec("4, 77, 999"), &root).unwrap();
-        assert_eq!(s[2].status, Status::Interrupted);
-        // Second run: finished/diverged skipped, interrupted resumed, failed retried.
-        let second = run_sweep(&spec("4, 77, 999"), tmp.path(), &bin, &args(false), &stop).unwrap();
-        assert_eq!(second.failed, 2);
-        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
-        assert_eq!(runs(&root, "depth-4_tau-1"), 1);
-        let count = std::fs::read_to_string(root.join("depth-77_tau-1_sqrt_L/count")).unwrap();
-        assert_eq!(count, "train resume=0\ntrain resume=1\n");
-        let s = records::read_sweep(&spec("4, 77, 999"), &root).unwrap();
-        assert_eq!(s[2].status, Status::Finished);
-        // A grown grid runs only the new points.
-        run_sweep(
-            &spec("4, 77, 999, 8"),
-            tmp.path(),
-            &bin,
-            &args(false),
-            &stop,
-        )
-        .unwrap();
-        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
-        assert_eq!(runs(&root, "depth-8_tau-1_sqrt_L"), 1);
-        // --force redoes everything, keeping the old outputs aside.
-        run_sweep(&spec("4"), tmp.path(), &bin, &args(true), &stop).unwrap();
-        assert_eq!(runs(&root, "depth-4_tau-1_sqrt_L"), 1);
-        assert!(std::fs::read_dir(root.join(".replaced")).unwrap().count() >= 2);
-    }
-
-    #[test]
-    fn report_reproduces_results_csv_byte_for_byte() {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = fake_bin(tmp.path());
-        let stop = AtomicBool::new(false);
-        let root = tmp.path().join("t");
-        let _ = run_sweep(&spec("2, 999, 8"), tmp.path(), &bin, &args(false), &stop).unwrap();
-        let csv = std::fs::read(root.join("results.csv")).unwrap();
-        let md = std::fs::read(root.join("report.md")).unwrap();
-        std::fs::remove_file(root.join("results.csv")).unwrap();
-        std::fs::remove_file(root.join("report.md")).unwrap();
-        std::fs::remove_dir_all(root.join("figures")).unwrap();
-        report::generate(&root).unwrap();
-        assert_eq!(std::fs::read(root.join("results.csv")).unwrap(), csv);
-        assert_eq!(std::fs::read(root.join("report.md")).unwrap(), md);
-        assert!(root.join("figures/accuracy_vs_depth.png").exists());
-    }
-
-    #[test]
-    fn changed_base_config_with_finished_points_needs_force() {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = fake_bin(tmp.path());
-        let stop = AtomicBool::new(false);
-        run_sweep(&spec("4"), tmp.path(), &bin, &args(false), &stop).unwrap();
-        let mut changed = spec("4");
-        changed.base.insert("seed".into(), toml::Value::Integer(5));
-        let err = run_sweep(&changed, tmp.path(), &bin, &args(false), &stop).unwrap_err();
-        assert!(err.to_string().contains("--force"), "{err}");
-    }
-
-    #[test]
-    fn the_build_takes_cargo_features_and_a_cuda_sweep_asks_for_them() {
-        assert_eq!(
-            build_args(Some("cuda")).join(" "),
-            "build --release -p tau-train --bin tau-resnet --features cuda"
-        );
-        assert!(!build_args(None).contains(&"--features".to_string()));
-        let mut cuda = spec("4");
-        cuda.base.insert("device".into(), "cuda".into());
-        let mut a = args(false);
-        a.no_build = false;
-        let err = check_cuda_build(&cuda, &a).unwrap_err();
-        assert!(err.to_string().contains("--features cuda"), "{err}");
-        a.features = Some("cuda".into());
-        check_cuda_build(&cuda, &a).unwrap();
-        // A CPU sweep, a binary given or no build: nothing to say.
-        check_cuda_build(&spec("4"), &args(false)).unwrap();
-        let mut given = args(false);
-        given.no_build = false;
-        given.bin = Some(PathBuf::from("/x/tau-resnet-cuda"));
-        check_cuda_build(&cuda, &given).unwrap();
-        check_cuda_build(&cuda, &args(false)).unwrap();
-    }
-
-    #[test]
-    fn default_sweep_config_parses() {
-        let spec =
-            SweepSpec::from_str_in(DEFAULT_SWEEP, &workspace_root().join("configs")).unwrap();
-        assert_eq!(spec.command, RunCommand::Probe);
-        assert!(spec.n_points() >= 13);
-        spec.points().unwrap();
-    }
-}
+mod tests;
