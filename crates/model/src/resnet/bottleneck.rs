@@ -1,11 +1,41 @@
 //! The ImageNet bottleneck ResNets 50/101/152 (torchvision's layout), scaled by τ, with
 //! BatchNorm or Fixup-style scalar biases.
+//!
+//! # Example
+//!
+//! ```
+//! use tau_model::BottleneckResNetConfig;
+//!
+//! let depths = [(50, [3, 4, 6, 3], 6), (101, [3, 4, 23, 3], 23), (152, [3, 8, 36, 3], 36)];
+//! for (depth, stages, l) in depths {
+//!     let cfg = BottleneckResNetConfig { depth, ..Default::default() };
+//!     assert_eq!((cfg.stage_blocks(), cfg.n_blocks()), (&stages[..], l));
+//! }
+//! ```
 
 use super::*;
 
 /// An ImageNet bottleneck ResNet (torchvision v1.5 layout: stride on the 3×3 convolution,
 /// projection shortcut conv1×1 + BN when the shape changes). L = the largest number of
 /// blocks in one stage (ResNet-101: 23).
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{BottleneckResNetConfig, ModelConfig, Norm};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let model: ModelConfig =
+///     serde_json::from_str(r#"{"family": "bottleneck_resnet", "depth": 101, "tau": "1/L"}"#)?;
+/// let ModelConfig::BottleneckResnet(cfg) = model else { unreachable!() };
+/// assert_eq!((cfg.norm, cfg.in_channels, cfg.num_classes), (Norm::BatchNorm, 3, 1000));
+/// assert_eq!(cfg.stage_blocks(), [3, 4, 23, 3]);
+/// assert_eq!(cfg.n_blocks(), 23); // the largest stage: τ = 1/23
+/// cfg.validate()?;
+/// let resnet34 = BottleneckResNetConfig { depth: 34, ..cfg };
+/// assert!(resnet34.validate().unwrap_err().to_string().contains("50, 101 or 152, got 34"));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BottleneckResNetConfig {
@@ -46,6 +76,7 @@ pub(super) const EXPANSION: usize = 4;
 
 impl BottleneckResNetConfig {
     /// Blocks per stage: [3, 4, 6, 3], [3, 4, 23, 3] or [3, 8, 36, 3]; empty for other depths.
+    /// See the [example](BottleneckResNetConfig#example).
     pub fn stage_blocks(&self) -> &'static [usize] {
         match self.depth {
             50 => &[3, 4, 6, 3],
@@ -56,11 +87,13 @@ impl BottleneckResNetConfig {
     }
 
     /// L, the largest number of blocks in one stage.
+    /// See the [example](BottleneckResNetConfig#example).
     pub fn n_blocks(&self) -> usize {
         self.stage_blocks().iter().copied().max().unwrap_or(0)
     }
 
     /// Checks depth, channels, classes and τ.
+    /// See the [example](BottleneckResNetConfig#example).
     ///
     /// # Errors
     /// Names the bad setting.
@@ -218,7 +251,9 @@ impl ConvUnit {
     }
 }
 
-/// A bottleneck block: 1×1, 3×3 (with the stride), 1×1 ×4 channels, scaled by τ.
+/// A bottleneck block: 1×1, 3×3 (with the stride), 1×1 ×4 channels, scaled by τ. A
+/// [`BottleneckResNet`] holds them ([`BottleneckResNet::blocks`]); see its
+/// [example](BottleneckResNet#example).
 #[derive(Debug, Clone)]
 pub struct BottleneckBlock {
     units: [ConvUnit; 3],
@@ -305,6 +340,38 @@ impl ModuleT for BottleneckBlock {
 }
 
 /// A bottleneck ResNet (see [`BottleneckResNetConfig`]).
+///
+/// # Example
+///
+/// ResNet-50 on a 32×32 image, with every weight zero (`VarBuilder::zeros`): the shapes
+/// are the network's, the logits zero.
+///
+/// ```
+/// use candle::{DType, Device, Tensor};
+/// use candle_nn::VarBuilder;
+/// use tau_model::{BottleneckResNet, BottleneckResNetConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let cfg = BottleneckResNetConfig::default(); // ResNet-50, BatchNorm, τ = 1/√L
+/// let net = BottleneckResNet::new(&cfg, VarBuilder::zeros(DType::F32, &dev))?;
+/// assert_eq!((net.config().depth, net.n_blocks(), net.blocks().len()), (50, 6, 16));
+/// assert!((net.tau()? - 1.0 / 6f64.sqrt()).abs() < 1e-7);
+///
+/// let xs = Tensor::ones((1, 3, 32, 32), DType::F32, &dev)?;
+/// let h0 = net.stem(&xs, false)?; // 7×7 stride 2, then the 3×3 stride-2 max-pool
+/// assert_eq!(h0.dims(), [1, 64, 8, 8]);
+/// let mut last = Vec::new();
+/// let logits = net.forward_hooked(&xs, false, |l, h| {
+///     last = vec![l, h.dims()[1], h.dims()[2]];
+///     Ok(())
+/// })?;
+/// assert_eq!(last, [16, 2048, 1]); // block 16 of the chain: 2048 channels at 1×1
+/// assert_eq!(logits.dims(), [1, 1000]);
+/// let head = net.head(&Tensor::zeros((1, 2048, 1, 1), DType::F32, &dev)?)?;
+/// assert_eq!(head.to_vec2::<f32>()?, logits.to_vec2::<f32>()?);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct BottleneckResNet {
     cfg: BottleneckResNetConfig,
@@ -317,6 +384,7 @@ pub struct BottleneckResNet {
 
 impl BottleneckResNet {
     /// Builds the network from `vb` (torchvision names).
+    /// See the [example](BottleneckResNet#example).
     ///
     /// # Errors
     /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
@@ -358,16 +426,19 @@ impl BottleneckResNet {
     }
 
     /// The configuration.
+    /// See the [example](BottleneckResNet#example).
     pub fn config(&self) -> &BottleneckResNetConfig {
         &self.cfg
     }
 
     /// The residual blocks, stage by stage.
+    /// See the [example](BottleneckResNet#example).
     pub fn blocks(&self) -> &[BottleneckBlock] {
         &self.blocks
     }
 
     /// The current τ.
+    /// See the [example](BottleneckResNet#example).
     ///
     /// # Errors
     /// A device error reading the value back.
@@ -376,12 +447,14 @@ impl BottleneckResNet {
     }
 
     /// L, the largest number of blocks in one stage.
+    /// See the [example](BottleneckResNet#example).
     pub fn n_blocks(&self) -> usize {
         self.cfg.n_blocks()
     }
 
     /// The stem: the 7×7 stride-2 convolution `conv1`, BatchNorm (if any), ReLU and the
     /// 3×3 stride-2 max-pool. Its output h_0 is the first block's input.
+    /// See the [example](BottleneckResNet#example).
     ///
     /// # Shapes
     /// (N, in_channels, H, W) → (N, 64, ⌈H/4⌉, ⌈W/4⌉) (for even H, W).
@@ -398,6 +471,7 @@ impl BottleneckResNet {
 
     /// The head: global average pooling of the last block's output, then the linear
     /// layer `fc`: (N, 2048, H, W) → (N, num_classes) logits.
+    /// See the [example](BottleneckResNet#example).
     ///
     /// # Errors
     /// Inputs of the wrong shape or dtype.
