@@ -483,7 +483,8 @@ impl BottleneckResNet {
     /// calling `hook(0, h_0)` with the stem's output and `hook(l, h_l)` with the output
     /// of each block of the residual chain, stage after stage: l = 1..=Σ
     /// [`BottleneckResNetConfig::stage_blocks`] (16 for ResNet-50, more than L). See
-    /// [`crate::Model::forward_hooked`] for an example.
+    /// [`crate::Model::forward_hooked`] for an example, and this type's
+    /// [example](BottleneckResNet#example).
     ///
     /// # Errors
     /// Inputs of the wrong shape or dtype, or the hook's error (which stops the pass).
