@@ -2,8 +2,12 @@
 //! status, and the job script run under bash with stand-ins for tau-resnet and scontrol.
 
 use super::*;
+use crate::records::{FAILURE_RECORD, Status};
+use crate::spec::RunCommand;
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::process::Command;
 
 const SWEEP: &str = r#"
 name = "s"
