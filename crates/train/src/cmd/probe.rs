@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use candle::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
-use tau_model::{Model, ModelConfig, TauRule};
+use tau_model::{Model, ModelConfig, Scaling, TauRule};
 use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
 
 use super::Outcome;
@@ -25,6 +25,7 @@ use config::resolve;
 pub use config::validate_config;
 use resnet::{chain_len, probe_resnet};
 use table::print_table;
+pub use table::scheme_note;
 
 /// Arguments of `tau-resnet probe`.
 #[derive(Debug, clap::Args)]
@@ -236,6 +237,46 @@ mod tests {
         );
         assert_eq!(out[0].log10_grad_ratio.len(), 1);
         assert!(out[1].log10_ratio.iter().all(|v| v.is_finite()));
+    }
+
+    /// The other scaling schemes: one row named after the scheme with τ = 1; ReZero's and
+    /// Fixup's blocks pass their input through at initialization, so h_1 = h_0 (stage 1,
+    /// identity shortcut), and the table says so; τ rules are refused with the scheme.
+    #[test]
+    fn scaling_schemes_are_probed_and_their_identity_start_is_said() {
+        for scheme in ["fixup", "skipinit", "rezero"] {
+            let set = format!("model.scaling=\"{scheme}\"");
+            let mut a = args(&[
+                "model.depth=8",
+                "model.norm=\"none\"",
+                &set,
+                "probe.n_inputs=2",
+                "probe.n_seeds=1",
+                "probe.image_size=8",
+            ]);
+            a.family = Some("cifar_resnet".into());
+            let r = resolve(&a).unwrap();
+            let out = probe_resnet(&r.model, &r.rules, &[0], 2, 8).unwrap();
+            assert_eq!(out.len(), 1);
+            assert_eq!((out[0].rule.as_str(), out[0].tau), (scheme, 1.0));
+            // Block 1 (stage 1, stride 1): |h_1| / |h_0| = 1 exactly.
+            assert_eq!(sample_blocks(3)[0], 1);
+            assert_eq!(out[0].block_log10_ratio_median[0], 0.0, "{scheme}");
+            assert!(
+                out[0].log10_grad_ratio.iter().all(|v| v.is_finite()),
+                "{scheme}"
+            );
+            let note = scheme_note(&r.model).unwrap();
+            assert!(
+                note.contains(scheme) && note.contains("passes its input through"),
+                "{note}"
+            );
+            a.taus = vec!["1".into()];
+            let err = format!("{:#}", resolve(&a).err().unwrap());
+            assert!(err.contains("not by τ"), "{err}");
+        }
+        let tau = resolve(&args(&["model.depth=8"])).unwrap();
+        assert_eq!(scheme_note(&tau.model), None);
     }
 
     /// A bottleneck ResNet's per-block values run over its whole residual chain (16

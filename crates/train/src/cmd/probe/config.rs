@@ -161,6 +161,12 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
     {
         bail!("key `probe.n_inputs`: must be 1..=1048576, got {n}");
     }
+    let scaling = model.scaling();
+    if scaling != Scaling::Tau && !settings.taus.is_empty() {
+        bail!(
+            "key `probe.taus` (--tau): the model's branches are scaled by scaling = \"{scaling}\", not by τ; probe it without τ rules, or with scaling = \"tau\""
+        );
+    }
     let rules = if settings.taus.is_empty() {
         let rule = model.tau_rule();
         vec![ProbeTauRule {

@@ -139,10 +139,16 @@ pub(super) fn probe_resnet(
                 }
             }
         }
+        // Another scheme than τ: the row is named after it, and τ (unused) counts as 1.
+        let scaling = c.scaling();
+        let (text, tau) = match scaling {
+            Scaling::Tau => (rule.text.clone(), rule.rule.resolve(n_blocks)),
+            _ => (scaling.name().to_string(), c.tau_init()),
+        };
         out.push(ProbeTau {
-            rule: rule.text.clone(),
+            rule: text,
             alpha: rule_alpha(&rule.rule),
-            tau: rule.rule.resolve(n_blocks),
+            tau,
             log10_ratio: ratios,
             log10_grad_ratio: grad_ratio,
             block_log10_ratio_median: block_ratio.iter().map(|v| median(v)).collect(),

@@ -3,6 +3,10 @@
 use super::*;
 
 fn fmt_log10(x: f64) -> String {
+    // NaN: no finite value to summarize (a gradient of exactly 0, say), not an overflow.
+    if x.is_nan() {
+        return "-".into();
+    }
     if !x.is_finite() {
         return "overflow".into();
     }
@@ -33,12 +37,43 @@ fn log10_mean(values: &[f64]) -> f64 {
     m + (xs.iter().map(|x| 10f64.powf(x - m)).sum::<f64>() / xs.len() as f64).log10()
 }
 
+/// What the probe's numbers mean for a model whose residual scaling scheme starts every
+/// block as the identity, said rather than left for the reader to discover: `None` for τ.
+pub fn scheme_note(model: &ModelConfig) -> Option<String> {
+    let scaling = model.scaling();
+    let what = match scaling {
+        Scaling::Tau => return None,
+        Scaling::SkipInit | Scaling::ReZero => {
+            "its α = 0 at initialization: every block passes its input through unchanged (the \
+             option-A shortcut at a stage transition), so |h_l|/|h_0| is the same at every depth \
+             by construction, and of each block's parameters only α has a gradient"
+        }
+        Scaling::Fixup => {
+            "its branches' last convolutions (and biases) are 0 at initialization: every block \
+             passes its input through unchanged (the option-A shortcut at a stage transition), \
+             so |h_l|/|h_0| is the same at every depth by construction; and with the \
+             classifier at 0 no gradient reaches the blocks at the first step (only `fc` has \
+             one), hence no gradient ratios"
+        }
+    };
+    Some(format!(
+        "note: scaling = \"{scaling}\": {what}. These numbers say nothing about depth until \
+         training has moved the branches (training runs show how the schemes then differ)."
+    ))
+}
+
 pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig) {
     let what = match model {
         ModelConfig::Theory(c) => format!(
             "theory network, width {}, input dim {}",
             c.width, c.input_dim
         ),
+        ModelConfig::CifarResnet(c) if c.scaling != Scaling::Tau => {
+            format!(
+                "CIFAR ResNet-{} ({:?}, scaling = {})",
+                c.depth, c.norm, c.scaling
+            )
+        }
         ModelConfig::CifarResnet(c) => format!("CIFAR ResNet-{} ({:?})", c.depth, c.norm),
         ModelConfig::BottleneckResnet(c) => format!("bottleneck ResNet-{} ({:?})", c.depth, c.norm),
     };
@@ -51,6 +86,9 @@ pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig) {
         rec.seeds.last().unwrap_or(&0),
         rec.wall_s
     );
+    if let Some(note) = scheme_note(model) {
+        println!("{note}");
+    }
     println!(
         "\n{:<14} {:>10}  {:>12} {:>10} {:>22}  {:>12} {:>22}",
         "tau rule", "tau", "mean |h_L|", "median", "[10%, 90%]", "|dW_1|/|dW_L|", "[10%, 90%]"
