@@ -97,6 +97,9 @@
 //! | `cifar_resnet`, no norm | `conv1.weight`, `layer{s}.{b}.bias{1a,1b,2a,2b}` (shape `[1]`), `layer{s}.{b}.conv{1,2}.weight`, `fc.weight`, `fc.bias` |
 //! | `bottleneck_resnet` | torchvision's: `conv1.weight`, `bn1.…`, `layer{s}.{b}.conv{1,2,3}.weight`, `layer{s}.{b}.bn{1,2,3}.…`, `layer{s}.0.downsample.0.weight` (1×1 conv), `layer{s}.0.downsample.1.…` (its BN), `fc.…`; without norm `bias{1,2,3}{a,b}` instead of the BNs and no `downsample.1` |
 //! | any ResNet with `learnable_tau` | `tau` (shape `[1]`, shared by all blocks) |
+//! | `cifar_resnet`, `"scaling": "fixup"` | the no-norm names, plus `layer{s}.{b}.scale`, `bias1` (stem) and `bias2` (before `fc`), all shape `[1]` |
+//! | `cifar_resnet`, `"scaling": "skipinit"` | the BN or no-norm names, plus `layer{s}.{b}.alpha` (shape `[1]`) |
+//! | `cifar_resnet`, `"scaling": "rezero"` | `conv1.weight`, `layer{s}.{b}.conv{1,2}.weight`, `layer{s}.{b}.alpha`, `fc.…` (no biases) |
 //!
 //! The CIFAR shortcut is option A (stride-2 subsample, zero channels appended), which has
 //! no parameters; a model with a BN in its shortcut (as the companion code's BN variant)
