@@ -98,6 +98,60 @@ fn sgd_resume_after_interrupt_is_bitwise_equal() {
     check_resume_is_exact(&cfg, 5, |c| prepare(c, &Device::Cpu).unwrap());
 }
 
+/// The observer hears the start and every step, with the loop's loss and learning rate,
+/// and a resumed session starts where the first one stopped.
+#[test]
+fn observer_hears_every_step() {
+    use std::sync::{Arc, Mutex};
+    use tau_train::trainer::{Progress, RunObserver};
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(&'static str, Progress)>>);
+    impl RunObserver for Log {
+        fn started(&self, _: &tracing::Span, p: &Progress) {
+            self.0.lock().unwrap().push(("start", *p));
+        }
+        fn stepped(&self, _: &tracing::Span, p: &Progress) {
+            self.0.lock().unwrap().push(("step", *p));
+        }
+    }
+    let cfg = config(THEORY, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::default());
+    let opts = RunOptions {
+        stop_after_steps: Some(5),
+        observer: Some(log.clone()),
+        ..RunOptions::default()
+    };
+    start(prepare(&cfg, &Device::Cpu).unwrap(), tmp.path(), &opts).unwrap();
+    let opts = RunOptions {
+        observer: Some(log.clone()),
+        ..RunOptions::default()
+    };
+    resume(prepare(&cfg, &Device::Cpu).unwrap(), tmp.path(), &opts).unwrap();
+    let events = log.0.lock().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.0).collect();
+    let mut want = vec!["start"];
+    want.extend(["step"; 5]);
+    want.push("start");
+    want.extend(["step"; 7]);
+    assert_eq!(kinds, want);
+    let steps: Vec<u64> = events.iter().map(|e| e.1.step).collect();
+    assert_eq!(steps, [0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11, 12]);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.1.total == 12 && e.1.steps_per_epoch == 4)
+    );
+    // Each step's loss is the record's training loss (a record every step here).
+    let records = records_without_timing(tmp.path());
+    for (e, r) in events.iter().filter(|e| e.0 == "step").zip(&records) {
+        assert_eq!(Some(e.1.loss), r.train_loss, "step {}", e.1.step);
+        assert_eq!(e.1.lr, r.lr, "step {}", e.1.step);
+    }
+    assert!(events[0].1.loss.is_nan() && events[6].1.loss.is_nan());
+}
+
 /// A tiny BN ResNet on random 8×8 single-channel images: BatchNorm running statistics,
 /// momentum and the data order must all resume exactly.
 #[test]

@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use tau_records::{CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, exit_code};
+use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::Outcome;
 use crate::config::{DeviceSpec, load_config};
 use crate::setup::{prepare, resume, run_config, start};
-use crate::trainer::{RunOptions, last_checkpoint};
+use crate::trainer::{Progress, RunObserver, RunOptions, last_checkpoint};
 
 /// Arguments of `tau-resnet train`.
 #[derive(Debug, clap::Args)]
@@ -80,7 +81,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     let opts = RunOptions {
         interrupt,
         stop_after_steps: args.stop_after_steps,
-        progress: super::progress_enabled(),
+        observer: super::progress_enabled().then(|| Arc::new(ProgressBar) as Arc<dyn RunObserver>),
     };
     if resuming && last_checkpoint(&run_dir).is_none() {
         start_over(&run_dir)?;
@@ -131,4 +132,31 @@ fn start_over(run_dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The training progress bar: drawn by tracing-indicatif on the loop's `train` span.
+struct ProgressBar;
+
+impl RunObserver for ProgressBar {
+    fn started(&self, span: &tracing::Span, p: &Progress) {
+        span.pb_set_style(
+            &indicatif::ProgressStyle::with_template(
+                "{span_child_prefix}{bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        span.pb_set_length(p.total);
+        span.pb_set_position(p.step);
+    }
+
+    fn stepped(&self, span: &tracing::Span, p: &Progress) {
+        span.pb_set_position(p.step);
+        span.pb_set_message(&format!(
+            "epoch {}/{} loss {:.4e} lr {:.3e}",
+            p.step.div_ceil(p.steps_per_epoch),
+            p.total.div_ceil(p.steps_per_epoch),
+            p.loss,
+            p.lr
+        ));
+    }
 }
