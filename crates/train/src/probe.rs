@@ -207,7 +207,7 @@ pub fn theory_probe_seed(
 ) -> candle::Result<Vec<TheorySeedResult>> {
     wts.check()?;
     let kernel_set = tau_kernels::select::kernels().set();
-    let (p, m, n_blocks) = (wts.input_dim, wts.width, wts.blocks.len());
+    let p = wts.input_dim;
     if xs.len() != n * p {
         candle::bail!(
             "probe: {} input values for {n} inputs of dimension {p}",
@@ -221,7 +221,6 @@ pub fn theory_probe_seed(
             backward.len()
         )
     }
-    let rows = n_tau * n;
     // Backward rows: the τ columns with `backward`, in order; grad_col[t] is the index of
     // column t among them.
     let grad_taus: Vec<usize> = (0..n_tau).filter(|&t| backward[t]).collect();
@@ -229,8 +228,15 @@ pub fn theory_probe_seed(
     for (k, &t) in grad_taus.iter().enumerate() {
         grad_col[t] = Some(k);
     }
-    let grows = grad_taus.len() * n;
-    // h_0 = φ(A x) in f64, then unit rows.
+    let (h0, log0) = unit_stem(wts, xs, n);
+    let fwd = forward_pass(wts, &h0, &log0, n, taus, &grad_col, blocks, kernel_set)?;
+    let bwd = backward_pass(wts, &fwd, n, taus, &grad_taus, blocks)?;
+    Ok(seed_results(n, &grad_col, &fwd, &bwd))
+}
+
+/// h_0 = φ(A x) of every input in f64, scaled to unit rows, and ln‖h_0‖ of each.
+fn unit_stem(wts: &TheoryWeights, xs: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let (p, m) = (wts.input_dim, wts.width);
     let a = &wts.input;
     let mut h0 = vec![0f64; n * m];
     for i in 0..n {
@@ -252,6 +258,36 @@ pub fn theory_probe_seed(
         let inv = if n2 > 0.0 { 1.0 / n2.sqrt() } else { 0.0 };
         h0[i * m..(i + 1) * m].iter_mut().for_each(|v| *v *= inv);
     }
+    (h0, log0)
+}
+
+/// The forward pass of every (τ, input) row: log-norms, and for the backward rows the
+/// ReLU masks and the log-norms at each block's input.
+struct Forward {
+    /// ln‖h_L‖/‖h_0‖ of each row (τ-major).
+    logn: Vec<f64>,
+    /// The ReLU masks of the backward rows, block-major, `words` u64 per row.
+    masks: Vec<u64>,
+    /// ln‖h_{l}‖/‖h_0‖ at the input of block l of the backward rows, block-major.
+    prev_log: Vec<f64>,
+    /// `logn` after each sampled block.
+    block_fwd: Vec<Vec<f64>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_pass(
+    wts: &TheoryWeights,
+    h0: &[f64],
+    log0: &[f64],
+    n: usize,
+    taus: &[f64],
+    grad_col: &[Option<usize>],
+    blocks: &[usize],
+    kernel_set: tau_kernels::select::KernelSet,
+) -> candle::Result<Forward> {
+    let (m, n_blocks, n_tau) = (wts.width, wts.blocks.len(), taus.len());
+    let rows = n_tau * n;
+    let grows = grad_col.iter().flatten().count() * n;
     let mut h = vec![0f32; rows * m];
     for t in 0..n_tau {
         for i in 0..n {
@@ -313,7 +349,35 @@ pub fn theory_probe_seed(
             block_fwd.push(logn.clone());
         }
     }
-    // Backward from g_L = Bᵀ1 for every backward row.
+    Ok(Forward {
+        logn,
+        masks,
+        prev_log,
+        block_fwd,
+    })
+}
+
+/// The backward pass's log gradient norms: at the first and last block, and at each
+/// sampled block, per backward row.
+struct Backward {
+    grad_first: Vec<f64>,
+    grad_last: Vec<f64>,
+    grad_at: Vec<Vec<f64>>,
+}
+
+fn backward_pass(
+    wts: &TheoryWeights,
+    fwd: &Forward,
+    n: usize,
+    taus: &[f64],
+    grad_taus: &[usize],
+    blocks: &[usize],
+) -> candle::Result<Backward> {
+    let (m, n_blocks) = (wts.width, wts.blocks.len());
+    let grows = grad_taus.len() * n;
+    let words = m.div_ceil(64);
+    let (masks, prev_log) = (&fwd.masks, &fwd.prev_log);
+    // From g_L = Bᵀ1 for every backward row.
     let b = &wts.output;
     let d = wts.output_dim;
     let mut g_dir = vec![0f32; m];
@@ -374,6 +438,23 @@ pub fn theory_probe_seed(
             );
         }
     }
+    Ok(Backward {
+        grad_first,
+        grad_last,
+        grad_at,
+    })
+}
+
+/// One result per τ column from the passes' per-row numbers.
+fn seed_results(
+    n: usize,
+    grad_col: &[Option<usize>],
+    fwd: &Forward,
+    bwd: &Backward,
+) -> Vec<TheorySeedResult> {
+    let (logn, block_fwd) = (&fwd.logn, &fwd.block_fwd);
+    let (grad_first, grad_last, grad_at) = (&bwd.grad_first, &bwd.grad_last, &bwd.grad_at);
+    let n_tau = grad_col.len();
     let mut out = Vec::with_capacity(n_tau);
     for (t, gc) in grad_col.iter().enumerate() {
         let range = t * n..(t + 1) * n;
@@ -411,7 +492,7 @@ pub fn theory_probe_seed(
                 .collect(),
         });
     }
-    Ok(out)
+    out
 }
 
 /// Probes the theory network `cfg` for every τ in `rules`, over `seeds`, with `n_inputs`
