@@ -179,15 +179,40 @@ fn model_card(
 ) -> String {
     let model = &checkpoint.model;
     let metrics = summary.final_metrics.as_ref();
-    let test_acc = metrics.and_then(|m| m.test_acc).filter(|v| v.is_finite());
-    let test_loss = metrics.and_then(|m| m.test_loss).filter(|v| v.is_finite());
-    let train_loss = metrics.and_then(|m| m.train_loss).filter(|v| v.is_finite());
-    let dataset = hub_dataset(cfg.data.source);
-    let loss_name = match cfg.loss.kind {
-        crate::config::LossKind::Squared => "squared",
-        crate::config::LossKind::CrossEntropy => "cross_entropy",
+    let m = CardMetrics {
+        test_acc: metrics.and_then(|m| m.test_acc).filter(|v| v.is_finite()),
+        test_loss: metrics.and_then(|m| m.test_loss).filter(|v| v.is_finite()),
+        train_loss: metrics.and_then(|m| m.train_loss).filter(|v| v.is_finite()),
+        loss_name: match cfg.loss.kind {
+            crate::config::LossKind::Squared => "squared",
+            crate::config::LossKind::CrossEntropy => "cross_entropy",
+        },
     };
+    let mut md = front_matter(name, model, cfg, &m);
+    card_intro(&mut md, name, checkpoint, learned_tau, cfg, summary);
+    card_results(&mut md, &m, summary);
+    if let Some(p) = &checkpoint.preprocessing {
+        card_preprocessing(&mut md, p);
+    }
+    card_usage(&mut md, repo_id, checkpoint, cfg);
+    md.push_str("\n## Training config\n\n```toml\n");
+    md.push_str(config_toml.trim_end());
+    md.push_str("\n```\n");
+    md
+}
 
+/// The final metrics a card reports (finite ones only) and the loss's name.
+struct CardMetrics {
+    test_acc: Option<f64>,
+    test_loss: Option<f64>,
+    train_loss: Option<f64>,
+    loss_name: &'static str,
+}
+
+/// The card's YAML front matter: library, tags, data set and the model index.
+fn front_matter(name: &str, model: &ModelConfig, cfg: &RunConfig, m: &CardMetrics) -> String {
+    let dataset = hub_dataset(cfg.data.source);
+    let (test_acc, test_loss, loss_name) = (m.test_acc, m.test_loss, m.loss_name);
     let mut y = String::from("---\n");
     y.push_str("library_name: tau-model\n");
     y.push_str("tags:\n- tau-resnet\n- candle\n- resnet\n");
@@ -231,7 +256,19 @@ fn model_card(
     }
     y.push_str("---\n\n");
 
-    let mut md = y;
+    y
+}
+
+/// The card's title and what the model is: family, data, τ, parameters, the run.
+fn card_intro(
+    md: &mut String,
+    name: &str,
+    checkpoint: &CheckpointConfig,
+    learned_tau: Option<f64>,
+    cfg: &RunConfig,
+    summary: &Summary,
+) {
+    let model = &checkpoint.model;
     let tau_rule = model.tau_rule();
     let _ = writeln!(md, "# {name}\n");
     let _ = writeln!(
@@ -272,7 +309,12 @@ fn model_card(
         summary.steps,
         summary.epochs_completed
     );
+}
 
+/// The card's results table.
+fn card_results(md: &mut String, m: &CardMetrics, summary: &Summary) {
+    let (test_acc, test_loss, train_loss, loss_name) =
+        (m.test_acc, m.test_loss, m.train_loss, m.loss_name);
     md.push_str("\n## Results\n\n| metric | value |\n| --- | --- |\n");
     if let Some(a) = test_acc {
         let _ = writeln!(md, "| test accuracy | {:.2}% |", 100.0 * a);
@@ -295,26 +337,31 @@ fn model_card(
         "| training time | {:.0} s on {} |",
         summary.wall_s, summary.device
     );
+}
 
-    if let Some(p) = &checkpoint.preprocessing {
-        md.push_str("\n## Preprocessing\n\n");
-        let _ = writeln!(
-            md,
-            "Inputs are {}×{} images with {} channel(s), pixels scaled to [0, 1], then \
-             normalized per channel with mean {:?} and std {:?}. Images of another size are \
-             resized ({}) so that the shorter side is {} and center-cropped (`crop_pct` {}). \
-             `config.json` records this under `preprocessing`; tau-model applies it.",
-            p.input_size[1],
-            p.input_size[2],
-            p.input_size[0],
-            p.mean,
-            p.std,
-            p.interpolation.name(),
-            p.resize_size().0,
-            p.crop_pct
-        );
-    }
+/// What the model expects of its input.
+fn card_preprocessing(md: &mut String, p: &tau_model::Preprocessing) {
+    md.push_str("\n## Preprocessing\n\n");
+    let _ = writeln!(
+        md,
+        "Inputs are {}×{} images with {} channel(s), pixels scaled to [0, 1], then \
+         normalized per channel with mean {:?} and std {:?}. Images of another size are \
+         resized ({}) so that the shorter side is {} and center-cropped (`crop_pct` {}). \
+         `config.json` records this under `preprocessing`; tau-model applies it.",
+        p.input_size[1],
+        p.input_size[2],
+        p.input_size[0],
+        p.mean,
+        p.std,
+        p.interpolation.name(),
+        p.resize_size().0,
+        p.crop_pct
+    );
+}
 
+/// How to load the model with tau-model and with PyTorch.
+fn card_usage(md: &mut String, repo_id: &str, checkpoint: &CheckpointConfig, cfg: &RunConfig) {
+    let model = &checkpoint.model;
     md.push_str("\n## Use it with tau-model (Rust)\n\n```sh\n");
     if model.in_channels().is_some() {
         let _ = writeln!(md, "tau-resnet predict --checkpoint {repo_id} image.png");
@@ -371,11 +418,6 @@ fn model_card(
             );
         }
     }
-
-    md.push_str("\n## Training config\n\n```toml\n");
-    md.push_str(config_toml.trim_end());
-    md.push_str("\n```\n");
-    md
 }
 
 fn capitalize(s: &str) -> String {
