@@ -101,11 +101,14 @@
 //! | `cifar_resnet`, `"scaling": "skipinit"` | the BN or no-norm names, plus `layer{s}.{b}.alpha` (shape `[1]`) |
 //! | `cifar_resnet`, `"scaling": "rezero"` | `conv1.weight`, `layer{s}.{b}.conv{1,2}.weight`, `layer{s}.{b}.alpha`, `fc.…` (no biases) |
 //!
-//! The CIFAR shortcut is option A (stride-2 subsample, zero channels appended), which has
-//! no parameters; a model with a BN in its shortcut (as the companion code's BN variant)
-//! does not match this layout. [`ModelConfig::param_specs`] lists every name with its
-//! shape, and [`ModelConfig::param_kind`] says how an optimizer treats it;
-//! [`params::ParamName`] is the one parser of the scheme (block, module, leaf).
+//! The CIFAR shortcut is option A by default (stride-2 subsample, zero channels
+//! appended), which has no parameters. With BatchNorm, `"shortcut": "subsample_bn"` (the
+//! paper authors' BN model: subsample, BatchNorm over the input channels, zero channels
+//! appended) adds `layer{2,3}.0.downsample.1.…`, and `"shortcut": "conv_bn"` (option B: 1×1
+//! stride-2 convolution and BatchNorm) adds `layer{2,3}.0.downsample.0.weight` and
+//! `layer{2,3}.0.downsample.1.…` (see [`Shortcut`]). [`ModelConfig::param_specs`] lists
+//! every name with its shape, and [`ModelConfig::param_kind`] says how an optimizer treats
+//! it; [`params::ParamName`] is the one parser of the scheme (block, module, leaf).
 
 pub mod checkpoint;
 pub mod config;
@@ -132,6 +135,7 @@ pub use model::Model;
 pub use preprocess::Preprocessing;
 pub use resnet::{
     BottleneckResNet, BottleneckResNetConfig, CifarResNet, CifarResNetConfig, Norm, Scaling,
+    Shortcut,
 };
 pub use tau::{TauRule, TauRuleError};
 pub use theory::{TheoryConfig, TheoryNet, TheoryTrace};

@@ -700,10 +700,15 @@ fn check_names(
             hints.join(" ")
         ));
     }
-    if unexpected.iter().any(|n| n.contains(".downsample.")) && cfg.family() == "cifar_resnet" {
-        details.push_str(
-            "\n  the file's shortcut has parameters (downsample): its CIFAR ResNet does not use the option-A shortcut",
-        );
+    if cfg.family() == "cifar_resnet" && unexpected.iter().any(|n| n.contains(".downsample.")) {
+        let shortcut = if unexpected.iter().any(|n| n.contains(".downsample.0.")) {
+            "conv_bn"
+        } else {
+            "subsample_bn"
+        };
+        details.push_str(&format!(
+            "\n  the file's shortcut has parameters (downsample): its CIFAR ResNet looks like shortcut = \"{shortcut}\""
+        ));
     }
     Err(PthError::Mismatch {
         path: path.to_path_buf(),

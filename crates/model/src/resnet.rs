@@ -248,7 +248,7 @@ mod bottleneck;
 mod cifar;
 
 pub use bottleneck::{BottleneckBlock, BottleneckResNet, BottleneckResNetConfig};
-pub use cifar::{BasicBlock, CifarResNet, CifarResNetConfig, ScalarBiases};
+pub use cifar::{BasicBlock, CifarResNet, CifarResNetConfig, ScalarBiases, Shortcut};
 
 #[cfg(test)]
 mod tests {

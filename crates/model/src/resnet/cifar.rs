@@ -1,6 +1,7 @@
 //! The CIFAR ResNets of He et al. (2016): depth 6n+2, three stages of basic blocks at
-//! 16/32/64 channels, option-A shortcut, with BatchNorm or Fixup-style scalar biases, the
-//! branches scaled by τ or by one of the schemes of [`Scaling`] (Fixup, SkipInit, ReZero).
+//! 16/32/64 channels, option-A shortcut (or, with BatchNorm, one of the [`Shortcut`]s others
+//! trained with), with BatchNorm or Fixup-style scalar biases, the branches scaled by τ or
+//! by one of the schemes of [`Scaling`] (Fixup, SkipInit, ReZero).
 
 use super::*;
 
@@ -22,6 +23,10 @@ pub struct CifarResNetConfig {
     /// `rezero` (see [`Scaling`]). With any scheme but `tau` the τ rule is not used.
     #[serde(skip_serializing_if = "Scaling::is_tau")]
     pub scaling: Scaling,
+    /// The shortcut of the two blocks that halve the resolution: `zero_pad` (option A,
+    /// default), `subsample_bn` or `conv_bn` (see [`Shortcut`]; those two need BatchNorm).
+    #[serde(skip_serializing_if = "Shortcut::is_zero_pad")]
+    pub shortcut: Shortcut,
     /// Input channels: 3 for CIFAR (default), 1 for MNIST.
     pub in_channels: usize,
     /// Number of classes (default 10).
@@ -36,6 +41,7 @@ impl Default for CifarResNetConfig {
             tau: TauRule::default(),
             learnable_tau: false,
             scaling: Scaling::Tau,
+            shortcut: Shortcut::ZeroPad,
             in_channels: 3,
             num_classes: 10,
         }
@@ -43,6 +49,57 @@ impl Default for CifarResNetConfig {
 }
 
 pub(super) const CIFAR_WIDTHS: [usize; 3] = [16, 32, 64];
+
+/// The shortcut of the blocks that change the shape (the first block of stages 2 and 3:
+/// stride 2, twice the channels); every other block's shortcut is the identity.
+///
+/// ```
+/// # use tau_model::{ModelConfig, resnet::Shortcut};
+/// let cfg: ModelConfig = serde_json::from_str(
+///     r#"{"family": "cifar_resnet", "depth": 20, "tau": "1", "shortcut": "conv_bn"}"#,
+/// ).unwrap();
+/// assert_eq!(cfg.num_parameters(), 272_474); // chenyaofo/pytorch-cifar-models' resnet20
+/// assert!(cfg.param_specs().iter().any(|s| s.name == "layer3.0.downsample.0.weight"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shortcut {
+    /// Option A (He et al. 2016): every other pixel, zero channels appended; no
+    /// parameters. The paper's description and this crate's default.
+    #[default]
+    ZeroPad,
+    /// The paper authors' BN model: 1×1 average-pool subsampling with stride 2 (every
+    /// other pixel), BatchNorm over the input channels, zero channels appended;
+    /// `layer{s}.0.downsample.1.*` (`downsample.0` is the parameterless pool).
+    SubsampleBn,
+    /// Option B: a 1×1 stride-2 convolution and BatchNorm, as in
+    /// chenyaofo/pytorch-cifar-models; `layer{s}.0.downsample.0.weight` and
+    /// `layer{s}.0.downsample.1.*`.
+    ConvBn,
+}
+
+impl Shortcut {
+    /// The name in configs: `zero_pad`, `subsample_bn`, `conv_bn`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shortcut::ZeroPad => "zero_pad",
+            Shortcut::SubsampleBn => "subsample_bn",
+            Shortcut::ConvBn => "conv_bn",
+        }
+    }
+
+    /// Whether this is [`Shortcut::ZeroPad`], the default (which configs and checkpoints
+    /// leave out, so files written before the option read and write unchanged).
+    pub fn is_zero_pad(&self) -> bool {
+        *self == Shortcut::ZeroPad
+    }
+}
+
+impl std::fmt::Display for Shortcut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// m, the layers of a basic block's branch, in Fixup's L^(−1/(2m−2)).
 const FIXUP_BRANCH_LAYERS: f64 = 2.0;
@@ -87,6 +144,12 @@ impl CifarResNetConfig {
         if matches!(scaling, Scaling::Fixup | Scaling::ReZero) && self.norm != Norm::None {
             candle::bail!(
                 "cifar_resnet: scaling = \"{scaling}\" trains without normalization; set norm = \"none\" (got \"batch_norm\")"
+            )
+        }
+        if self.shortcut != Shortcut::ZeroPad && self.norm != Norm::BatchNorm {
+            candle::bail!(
+                "cifar_resnet: shortcut = \"{}\" has a BatchNorm and needs norm = \"batch_norm\" (got \"none\")",
+                self.shortcut
             )
         }
         let per_block = 2 * 9 * 64 * 64 + 4 * 64;
@@ -163,6 +226,19 @@ impl CifarResNetConfig {
                 if scaling.identity_at_init() {
                     scalar_spec(&mut specs, format!("{p}.alpha"), 0.0, ParamKind::Alpha);
                 }
+                if block_in != c_out {
+                    match self.shortcut {
+                        Shortcut::ZeroPad => {}
+                        Shortcut::SubsampleBn => {
+                            bn_specs(&mut specs, &format!("{p}.downsample.1"), block_in);
+                        }
+                        Shortcut::ConvBn => {
+                            let w = format!("{p}.downsample.0.weight");
+                            conv_spec(&mut specs, w, c_out, block_in, 1);
+                            bn_specs(&mut specs, &format!("{p}.downsample.1"), c_out);
+                        }
+                    }
+                }
             }
             c_in = c_out;
         }
@@ -206,6 +282,15 @@ pub struct ScalarBiases {
     pub bias2b: Tensor,
 }
 
+/// The parameters of a shortcut other than option A (see [`Shortcut`]).
+#[derive(Debug, Clone)]
+enum Downsample {
+    /// Every other pixel, BatchNorm over the input channels, zero channels appended.
+    SubsampleBn(BatchNorm),
+    /// A 1×1 strided convolution and BatchNorm.
+    ConvBn(Tensor, BatchNorm),
+}
+
 /// A basic block: two 3×3 convolutions on the residual branch, scaled by the branch's
 /// multiplier (τ, Fixup's `scale` or SkipInit's / ReZero's `alpha`, see [`Scaling`]).
 #[derive(Debug, Clone)]
@@ -220,6 +305,8 @@ pub struct BasicBlock {
     /// parameter if learnable), or this block's `scale` / `alpha`.
     multiplier: Tensor,
     scaling: Scaling,
+    /// `Some` for a shape-changing block whose shortcut is not option A.
+    downsample: Option<Downsample>,
     stride: usize,
 }
 
@@ -228,7 +315,7 @@ impl BasicBlock {
         c_in: usize,
         c_out: usize,
         stride: usize,
-        (norm, scaling): (Norm, Scaling),
+        (norm, scaling, shortcut): (Norm, Scaling, Shortcut),
         tau: Tensor,
         vb: VarBuilder,
     ) -> Result<Self> {
@@ -258,6 +345,19 @@ impl BasicBlock {
                 }),
             ),
         };
+        let downsample = match shortcut {
+            _ if c_in == c_out => None,
+            Shortcut::ZeroPad => None,
+            Shortcut::SubsampleBn => Some(Downsample::SubsampleBn(candle_nn::batch_norm(
+                c_in,
+                bn_config(),
+                vb.pp("downsample.1"),
+            )?)),
+            Shortcut::ConvBn => Some(Downsample::ConvBn(
+                vb.get((c_out, c_in, 1, 1), "downsample.0.weight")?,
+                candle_nn::batch_norm(c_out, bn_config(), vb.pp("downsample.1"))?,
+            )),
+        };
         Ok(Self {
             conv1,
             conv2,
@@ -265,8 +365,32 @@ impl BasicBlock {
             biases,
             multiplier,
             scaling,
+            downsample,
             stride,
         })
+    }
+
+    /// The shortcut of a block with a [`Shortcut`] other than option A:
+    /// `subsample_bn`: BN(x[:, :, ::s, ::s]) with zero channels appended; `conv_bn`:
+    /// BN(conv1×1(x, stride s)).
+    fn shortcut(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let c_out = self.conv1.dim(0)?;
+        match &self.downsample {
+            None => option_a_shortcut(xs, self.stride, c_out),
+            Some(Downsample::SubsampleBn(bn)) => {
+                let sub = if self.stride == 2 {
+                    subsample2(xs)?
+                } else {
+                    xs.clone()
+                };
+                let sub = batch_norm_t(bn, &sub, train, false)?;
+                let c_in = sub.dim(1)?;
+                sub.pad_with_zeros(1, 0, c_out.saturating_sub(c_in))
+            }
+            Some(Downsample::ConvBn(w, bn)) => {
+                batch_norm_t(bn, &conv2d(xs, w, self.stride, 0)?, train, false)
+            }
+        }
     }
 
     /// The scalar biases (without normalization, but ReZero's blocks have none).
@@ -289,6 +413,14 @@ impl ModuleT for BasicBlock {
         // composition of the per-layer ops elsewhere (and for ReZero).
         let m = &self.multiplier;
         match (&self.bns, &self.biases) {
+            (Some((bn1, bn2)), _) if self.downsample.is_some() => {
+                // The two blocks with a shortcut of their own: the per-layer ops (each fused
+                // on the CPU), as batch_norm_block composes them, with that shortcut.
+                let h = batch_norm_t(bn1, &conv2d(xs, &self.conv1, self.stride, 1)?, train, true)?;
+                let ys = conv2d(&h, &self.conv2, 1, 1)?;
+                let shortcut = self.shortcut(xs, train)?;
+                batch_norm_residual_relu(bn2, &ys, train, m, &shortcut)
+            }
             (Some((bn1, bn2)), _) => batch_norm_block(
                 xs,
                 (&self.conv1, bn1),
@@ -369,7 +501,7 @@ impl CifarResNet {
                     block_in,
                     c_out,
                     stride,
-                    (cfg.norm, cfg.scaling),
+                    (cfg.norm, cfg.scaling, cfg.shortcut),
                     tau.clone(),
                     vb_layer.pp(b),
                 )?);
