@@ -45,7 +45,11 @@ pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Res
         && bn_params_f32(bn);
     if !fused {
         let ys = bn.forward_t(xs, train)?;
-        return if relu { ys.relu() } else { Ok(ys) };
+        return if relu {
+            crate::elementwise::relu_composed(&ys)
+        } else {
+            Ok(ys)
+        };
     }
     let (weight, bias, geom) = bn_train_parts(bn, xs.dims4()?, "batch_norm_t")?;
     let state = Arc::new(Mutex::new(None));

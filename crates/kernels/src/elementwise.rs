@@ -26,7 +26,7 @@ pub fn add_scalar(xs: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     }
     if !fused_f32(&[xs, b]) {
         let ys = xs.broadcast_add(b)?;
-        return if relu { ys.relu() } else { Ok(ys) };
+        return if relu { relu_composed(&ys) } else { Ok(ys) };
     }
     xs.contiguous()?
         .apply_op2(&b.flatten_all()?, AddScalar { relu })
@@ -40,9 +40,20 @@ pub fn add_scalar(xs: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
 /// A device error.
 pub fn relu(xs: &Tensor) -> Result<Tensor> {
     if !fused_f32(&[xs]) {
-        return xs.relu();
+        return relu_composed(xs);
     }
     xs.contiguous()?.apply_op1(Relu)
+}
+
+/// ReLU composed of candle ops with the gradient of the fused ops and of PyTorch:
+/// `xs ⊙ 1(xs > 0)`, whose backward passes the gradient where the input is positive.
+/// candle's own `relu` passes it where the input is ≥ 0, which differs wherever an input
+/// is exactly zero: the identity shortcut of a block whose branch multiplier is 0 (SkipInit
+/// and Fixup at initialization) feeds the block's ReLU the zeros of the previous one. The
+/// fallback of every op of the crate (other devices, other dtypes, `Kernels::Candle`)
+/// runs it, so every device computes the same gradients.
+pub(crate) fn relu_composed(xs: &Tensor) -> Result<Tensor> {
+    xs * xs.gt(0f64)?.to_dtype(xs.dtype())?
 }
 
 /// Forward of [`relu`].
@@ -235,7 +246,7 @@ pub fn residual_relu(
             Some(b) => branch.broadcast_add(b)?,
             None => branch.clone(),
         };
-        return (branch.broadcast_mul(tau)? + shortcut)?.relu();
+        return relu_composed(&(branch.broadcast_mul(tau)? + shortcut)?);
     }
     let ab = match b {
         Some(b) => Tensor::cat(&[tau.flatten_all()?, b.flatten_all()?], 0)?,

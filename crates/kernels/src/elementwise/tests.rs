@@ -125,3 +125,52 @@ fn bias_relu_bias_across_parallel_chunks_and_bitwise() {
     assert_eq!(rel_err(&fused, &composed), 0.0);
     assert!(crate::bias_relu_bias(&x, &x, &c).is_err());
 }
+
+/// Regression: the composed fallback (other devices, other dtypes, `Kernels::Candle`) ran
+/// candle's `relu`, whose gradient is 1 at an input of exactly 0, where the fused ops (and
+/// PyTorch) give 0. At a SkipInit block with α = 0 the ReLU sees the previous block's
+/// zeros, and the two paths gave dα of opposite signs. Every op with a ReLU now has the
+/// fused gradient on both paths, at exact zeros included.
+#[test]
+fn composed_relu_gradient_at_zero_is_zero_as_fused() {
+    use crate::select::{KernelSet, Kernels, with_kernels};
+    use candle::{DType, Var};
+    // Exact zeros among negative and positive values; a zero bias, τ and shortcut.
+    let x = Tensor::new(&[[-1f32, 0., 2., 0.], [0., 3., -0.5, 0.]], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 2, 2, 2))
+        .unwrap();
+    let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let r = Tensor::new(&[1f32, -2., 3., 4., 5., -6., 7., 8.], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 2, 2, 2))
+        .unwrap();
+    type Op<'a> = (&'a str, &'a dyn Fn(&Tensor) -> Tensor);
+    let ops: [Op; 4] = [
+        ("relu", &|x| crate::relu(x).unwrap()),
+        ("add_scalar", &|x| {
+            crate::add_scalar(x, &zero, true).unwrap()
+        }),
+        ("bias_relu_bias", &|x| {
+            crate::bias_relu_bias(x, &zero, &zero).unwrap()
+        }),
+        ("residual_relu", &|x| {
+            let branch = x.zeros_like().unwrap();
+            crate::residual_relu(&branch, &zero, None, x).unwrap()
+        }),
+    ];
+    // dL/dx of Σ r ⊙ op(x): r where x > 0, else 0.
+    let want = [0f32, 0., 3., 0., 0., -6., 0., 0.];
+    for (name, op) in ops {
+        for k in [Kernels::Candle, Kernels::Fused(KernelSet::Portable)] {
+            let v = Var::from_tensor(&x).unwrap();
+            let g = with_kernels(k, || {
+                let y = op(v.as_tensor());
+                (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+            });
+            let g = g.get(v.as_tensor()).unwrap();
+            let got = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, want, "{name} under {k}");
+        }
+    }
+}
