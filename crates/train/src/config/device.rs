@@ -1,0 +1,111 @@
+//! The device and floating-point type of a run: `device = "cpu" | "cuda" | "cuda:N" |
+//! "metal"` and `dtype`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Floating-point type of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DTypeSpec {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 64-bit floats (slow; for numerical checks).
+    F64,
+}
+
+impl DTypeSpec {
+    /// The candle dtype.
+    pub fn dtype(self) -> candle::DType {
+        match self {
+            DTypeSpec::F32 => candle::DType::F32,
+            DTypeSpec::F64 => candle::DType::F64,
+        }
+    }
+}
+
+/// A device choice: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The first CUDA GPU when built with CUDA and one is present, else Metal, else CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU number N.
+    Cuda(usize),
+    /// The Metal GPU.
+    Metal,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "metal" => Ok(DeviceSpec::Metal),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{s}`: expected auto, cpu, cuda, cuda:N or metal"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device.
+    ///
+    /// # Errors
+    /// When the device is absent or the binary was built without its feature.
+    pub fn device(self) -> anyhow::Result<candle::Device> {
+        match self {
+            DeviceSpec::Auto => {
+                if candle::utils::cuda_is_available() {
+                    Ok(candle::Device::new_cuda(0)?)
+                } else if candle::utils::metal_is_available() {
+                    Ok(candle::Device::new_metal(0)?)
+                } else {
+                    Ok(candle::Device::Cpu)
+                }
+            }
+            DeviceSpec::Cpu => Ok(candle::Device::Cpu),
+            DeviceSpec::Cuda(n) => candle::Device::new_cuda(n).with_context(|| {
+                format!("opening cuda:{n} (is the binary built with `--features cuda`?)")
+            }),
+            DeviceSpec::Metal => candle::Device::new_metal(0)
+                .context("opening metal (is the binary built with `--features metal`?)"),
+        }
+    }
+}
