@@ -363,43 +363,8 @@ pub fn read_index(path: &Path, options: &PthOptions) -> Result<PthIndex, PthErro
         });
     }
 
-    // Prefixes every name has.
-    let mut stripped = Vec::new();
     let mut names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-    while let Some(p) = STRIPPED_PREFIXES
-        .iter()
-        .find(|p| names.iter().all(|n| n.starts_with(*p) && n.len() > p.len()))
-    {
-        for n in &mut names {
-            n.drain(..p.len());
-        }
-        stripped.push(p.to_string());
-    }
-    let mut renamed = Vec::new();
-    for r in &options.renames {
-        let mut count = 0;
-        for n in &mut names {
-            if let Some(rest) = n.strip_prefix(r.from.as_str()) {
-                *n = format!("{}{rest}", r.to);
-                count += 1;
-            }
-        }
-        if count == 0 {
-            let firsts: std::collections::BTreeSet<&str> = names
-                .iter()
-                .map(|n| n.split('.').next().unwrap_or(n))
-                .collect();
-            let firsts: Vec<&str> = firsts.into_iter().collect();
-            return Err(PthError::Rename {
-                path: path.to_path_buf(),
-                message: format!(
-                    "rename {r} matches no tensor (the names start with {})",
-                    firsts.join(", ")
-                ),
-            });
-        }
-        renamed.push((r.clone(), count));
-    }
+    let (stripped, renamed) = strip_and_rename(path, &mut names, &options.renames)?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(tensors.len());
     for ((file_name, mut t), name) in tensors.into_iter().zip(names) {
@@ -429,6 +394,54 @@ pub fn read_index(path: &Path, options: &PthOptions) -> Result<PthIndex, PthErro
         ignored,
         archive,
     })
+}
+
+/// Each rename with the number of names it changed.
+type RenameCounts = Vec<(Rename, usize)>;
+
+/// Strips the [`STRIPPED_PREFIXES`] every name has, then applies `renames` in order;
+/// returns the prefixes stripped and each rename's count.
+fn strip_and_rename(
+    path: &Path,
+    names: &mut [String],
+    renames: &[Rename],
+) -> Result<(Vec<String>, RenameCounts), PthError> {
+    let mut stripped = Vec::new();
+    while let Some(p) = STRIPPED_PREFIXES
+        .iter()
+        .find(|p| names.iter().all(|n| n.starts_with(*p) && n.len() > p.len()))
+    {
+        for n in names.iter_mut() {
+            n.drain(..p.len());
+        }
+        stripped.push(p.to_string());
+    }
+    let mut renamed = Vec::new();
+    for r in renames {
+        let mut count = 0;
+        for n in names.iter_mut() {
+            if let Some(rest) = n.strip_prefix(r.from.as_str()) {
+                *n = format!("{}{rest}", r.to);
+                count += 1;
+            }
+        }
+        if count == 0 {
+            let firsts: std::collections::BTreeSet<&str> = names
+                .iter()
+                .map(|n| n.split('.').next().unwrap_or(n))
+                .collect();
+            let firsts: Vec<&str> = firsts.into_iter().collect();
+            return Err(PthError::Rename {
+                path: path.to_path_buf(),
+                message: format!(
+                    "rename {r} matches no tensor (the names start with {})",
+                    firsts.join(", ")
+                ),
+            });
+        }
+        renamed.push((r.clone(), count));
+    }
+    Ok((stripped, renamed))
 }
 
 /// Reads `path` as the tensors of `cfg` onto `device`: [`read_index`], the names and
@@ -504,75 +517,13 @@ pub fn load_pth(
             .lock()
             .map_err(|_| candle::Error::Msg("the VarMap lock is poisoned".into()))?;
         for (key, ts) in by_storage {
-            let tensor_err = |t: &PthTensor, message: String| PthError::Tensor {
-                path: path.to_path_buf(),
-                name: t.file_name.clone(),
-                message,
-            };
-            // The bytes of the storage the tensors need, checked before anything is allocated.
-            let mut needed = 0u64;
-            for t in &ts {
-                let esize = t.dtype.as_ref().map_or(1, |d| d.size_in_bytes()) as u64;
-                let end = span_end(t).ok_or_else(|| {
-                    tensor_err(t, "its shape, strides and offset overflow".into())
-                })?;
-                if end > t.storage_len {
-                    return Err(tensor_err(
-                        t,
-                        format!(
-                            "needs elements up to {end} of storage {key}, which has {}",
-                            t.storage_len
-                        ),
-                    ));
-                }
-                let bytes = end.saturating_mul(esize);
-                if bytes > file_len {
-                    return Err(tensor_err(
-                        t,
-                        format!(
-                            "storage {key} would need {bytes} bytes, more than the file's {file_len}"
-                        ),
-                    ));
-                }
-                needed = needed.max(bytes);
-            }
-            let entry = format!("{}data/{key}", index.archive);
-            let first = ts[0];
-            let storage = match zip.by_name(&entry) {
-                Ok(f) => {
-                    if f.size() < needed {
-                        return Err(tensor_err(
-                            first,
-                            format!(
-                                "storage {key} holds {} bytes, the tensors need {needed} (truncated file?)",
-                                f.size()
-                            ),
-                        ));
-                    }
-                    let mut buf = Vec::with_capacity(needed as usize);
-                    f.take(needed)
-                        .read_to_end(&mut buf)
-                        .map_err(|e| tensor_err(first, format!("reading storage {key}: {e}")))?;
-                    if (buf.len() as u64) < needed {
-                        return Err(tensor_err(
-                            first,
-                            format!(
-                                "storage {key} ends after {} bytes, the tensors need {needed}",
-                                buf.len()
-                            ),
-                        ));
-                    }
-                    buf
-                }
-                Err(e) => {
-                    return Err(tensor_err(
-                        first,
-                        format!("storage {key} ({entry}) cannot be read from the archive: {e}"),
-                    ));
-                }
-            };
+            let storage = read_storage(path, &mut zip, &index.archive, key, &ts, file_len)?;
             for t in ts {
-                let dtype = t.dtype.clone().map_err(|c| tensor_err(t, c))?;
+                let dtype = t.dtype.clone().map_err(|class| PthError::Tensor {
+                    path: path.to_path_buf(),
+                    name: t.file_name.clone(),
+                    message: format!("storage class {class}"),
+                })?;
                 let bytes = gather(&storage, t, dtype.size_in_bytes());
                 let mut x = Tensor::from_raw_buffer(&bytes, dtype, &t.shape, &Device::Cpu)?;
                 if let Some(want) = options.dtype
@@ -601,6 +552,79 @@ pub fn load_pth(
         converted_from,
     };
     Ok((varmap, report))
+}
+
+/// The bytes of storage `key` that the tensors `ts` read, each tensor's span checked
+/// against the storage's claimed size, the file's length and the archive entry before
+/// anything is allocated (an error names the tensor needing the most).
+fn read_storage(
+    path: &Path,
+    zip: &mut zip::ZipArchive<BufReader<File>>,
+    archive: &str,
+    key: &str,
+    ts: &[&PthTensor],
+    file_len: u64,
+) -> Result<Vec<u8>, PthError> {
+    let tensor_err = |t: &PthTensor, message: String| PthError::Tensor {
+        path: path.to_path_buf(),
+        name: t.file_name.clone(),
+        message,
+    };
+    let (mut needed, mut neediest) = (0u64, ts[0]);
+    for &t in ts {
+        let esize = t.dtype.as_ref().map_or(1, |d| d.size_in_bytes()) as u64;
+        let end = span_end(t)
+            .ok_or_else(|| tensor_err(t, "its shape, strides and offset overflow".into()))?;
+        if end > t.storage_len {
+            return Err(tensor_err(
+                t,
+                format!(
+                    "needs elements up to {end} of storage {key}, which has {}",
+                    t.storage_len
+                ),
+            ));
+        }
+        let bytes = end.saturating_mul(esize);
+        if bytes > file_len {
+            return Err(tensor_err(
+                t,
+                format!("storage {key} would need {bytes} bytes, more than the file's {file_len}"),
+            ));
+        }
+        if bytes > needed {
+            (needed, neediest) = (bytes, t);
+        }
+    }
+    let entry = format!("{archive}data/{key}");
+    let f = zip.by_name(&entry).map_err(|e| {
+        tensor_err(
+            neediest,
+            format!("storage {key} ({entry}) cannot be read from the archive: {e}"),
+        )
+    })?;
+    if f.size() < needed {
+        return Err(tensor_err(
+            neediest,
+            format!(
+                "storage {key} holds {} bytes, the tensors need {needed} (truncated file?)",
+                f.size()
+            ),
+        ));
+    }
+    let mut buf = Vec::with_capacity(needed as usize);
+    f.take(needed)
+        .read_to_end(&mut buf)
+        .map_err(|e| tensor_err(neediest, format!("reading storage {key}: {e}")))?;
+    if (buf.len() as u64) < needed {
+        return Err(tensor_err(
+            neediest,
+            format!(
+                "storage {key} ends after {} bytes, the tensors need {needed}",
+                buf.len()
+            ),
+        ));
+    }
+    Ok(buf)
 }
 
 /// Every missing, unexpected and misshapen tensor, in one error.
