@@ -107,8 +107,13 @@ impl Sgd {
             .zip(self.momentum_buffers.iter_mut())
         {
             let Some(g) = g else { continue };
+            // The update is no part of any autograd graph: computed from the variable
+            // itself (tracked), the decayed weights and through them every momentum
+            // buffer would record its inputs, each buffer the previous one, and keep all
+            // of them alive, a few copies of the model per step for the whole run.
+            let g = g.detach();
             let lr_p = lr * p.spec.lr_mult;
-            let mut w = p.var.as_tensor().clone();
+            let mut w = p.var.as_tensor().detach();
             let mut d = if p.spec.grad_scale == 1.0 {
                 g.clone()
             } else {
@@ -272,6 +277,32 @@ mod tests {
         );
         let p = run(&mut o, &[[1.0, 0.0]], 0.5);
         assert!((p[0] - 0.45).abs() < 1e-12, "{p:?}");
+    }
+
+    /// The update is arithmetic outside autograd: no momentum buffer may record how it was
+    /// computed. Taken from the parameter's value (a tracked variable) through the coupled
+    /// weight decay, each buffer's graph held the previous buffer, the decayed weights and
+    /// the gradient, so every step kept a few copies of the model alive (3.5 MB per step
+    /// at ResNet-20) and the process grew without bound. With the variable's own tensor in
+    /// the update, the graph behind the coupled buffer here grew by 4 nodes a step: 199
+    /// after 50 steps.
+    #[test]
+    fn momentum_buffers_hold_no_autograd_graph() {
+        for mode in [WeightDecayMode::Coupled, WeightDecayMode::Decoupled] {
+            for nesterov in [false, true] {
+                let mut o = sgd(0.9, nesterov, 0.1, mode, ParamSpec::WEIGHT);
+                for _ in 0..50 {
+                    run(&mut o, &[[1.0, -1.0]], 0.1);
+                }
+                let st = o.state();
+                let b = &st["momentum.w"];
+                let nodes = b.sorted_nodes().len();
+                assert!(
+                    !b.track_op() && nodes == 0,
+                    "{mode:?}, nesterov {nesterov}: buffer tracked, {nodes} graph nodes"
+                );
+            }
+        }
     }
 
     #[test]
