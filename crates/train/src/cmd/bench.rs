@@ -1,5 +1,6 @@
 //! `tau-resnet bench`: training-step throughput (images/s and GFLOP/s) of the CIFAR
-//! ResNets, with and without BatchNorm, and of the theory network, on random data.
+//! ResNets, with and without BatchNorm, and of the theory network, on random data, on the
+//! CPU (default) or on a GPU (`--device cuda`).
 //!
 //! A step is forward, cross-entropy (squared loss for the theory network), backward and a
 //! plain SGD update of every parameter. Each point runs `--warmup` untimed steps, then
@@ -17,6 +18,7 @@ use tau_model::{
 };
 
 use super::Outcome;
+use crate::config::DeviceSpec;
 
 /// Normalization of a benchmarked CIFAR ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,6 +99,11 @@ pub struct BenchArgs {
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Where to run: cpu, cuda, cuda:N or metal. Off the CPU candle's own kernels run
+    /// (`--conv`, `--unfused` and `--kernels` choose CPU kernels only) and every timed
+    /// step ends with a synchronization of the device, so that it is timed whole.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 /// One measured point.
@@ -116,7 +123,8 @@ pub struct BenchRecord {
     pub batch: usize,
     /// `gemm`, `gemm-unfused` or `candle`.
     pub conv: String,
-    /// The kernels that ran (`avx512`, `avx2`, `portable`, `conv-only` or `candle`).
+    /// The kernels that ran (`avx512`, `avx2`, `portable`, `conv-only` or `candle`; off the
+    /// CPU the device: `cuda` or `metal`).
     pub kernels: String,
     /// Median seconds per step.
     pub median_s: f64,
@@ -176,7 +184,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         // pool, on the first elementwise op below); no other thread reads the environment.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", args.candle_threads.to_string()) };
     }
-    let device = Device::Cpu;
+    let device = args.device.device()?;
     let conv = match kernels {
         Kernels::Fused(_) => "gemm".to_string(),
         Kernels::ConvOnly => "gemm-unfused".to_string(),
@@ -238,6 +246,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Finished)
+}
+
+/// The kernels a record names: the CPU's selection, or the GPU's kind (candle's kernels).
+fn kernels_label(device: &Device) -> String {
+    match device.location() {
+        candle::DeviceLocation::Cpu => tau_kernels::select::kernels().to_string(),
+        candle::DeviceLocation::Cuda { .. } => "cuda".into(),
+        candle::DeviceLocation::Metal { .. } => "metal".into(),
+    }
 }
 
 /// Median and minimum of `steps` timings of `f`, after `warmup` untimed calls.
@@ -364,7 +381,8 @@ impl TrainStep {
         let (median_s, min_s) = time_steps(args.warmup, args.steps, || {
             let logits = model.forward_t(&xs, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            opt.backward_step(&loss)
+            opt.backward_step(&loss)?;
+            device.synchronize()
         })?;
         let gflop = 3.0 * self.forward_flops * self.batch as f64 / 1e9;
         Ok(BenchRecord {
@@ -374,7 +392,7 @@ impl TrainStep {
             phase: "train_step".into(),
             batch: self.batch,
             conv: conv.into(),
-            kernels: tau_kernels::select::kernels().to_string(),
+            kernels: kernels_label(device),
             median_s,
             min_s,
             images_per_s: self.batch as f64 / median_s,
@@ -460,7 +478,7 @@ fn bench_theory(
         phase: phase.into(),
         batch: n,
         conv: conv.into(),
-        kernels: tau_kernels::select::kernels().to_string(),
+        kernels: kernels_label(device),
         median_s,
         min_s,
         images_per_s: n as f64 / median_s,
@@ -470,13 +488,14 @@ fn bench_theory(
     };
     let forward = time_steps(args.warmup, args.steps, || {
         model.forward_t(&xs, false)?;
-        Ok(())
+        device.synchronize()
     })?;
     // The trainer's step: ½ Σ (y − y*)² / n, backward, W_l −= lr · ∂.
     let step = time_steps(args.warmup, args.steps, || {
         let diff = (model.forward_t(&xs, true)? - &ys)?;
         let loss = diff.sqr()?.sum_all()?.affine(0.5 / n as f64, 0.0)?;
-        opt.backward_step(&loss)
+        opt.backward_step(&loss)?;
+        device.synchronize()
     })?;
     Ok(vec![
         record("forward", forward_gflop, forward),
