@@ -11,6 +11,7 @@
 //! | [`shortcut`] | the option-A shortcut, the stride-2 subsample |
 //! | [`block`] | a whole basic block, with or without BatchNorm, as one op |
 //! | [`matmul`], [`probe`] | the theory network's block product and the element-wise passes of its stability probe |
+//! | [`sgd`] | the SGD update (weight decay, momentum, Nesterov) in place |
 //! | [`select`] | which kernels run: candle's, the convolution only, or every op with a [`select::KernelSet`] |
 //! | [`alloc`] | the allocator policy for CPU training |
 //!
@@ -50,6 +51,7 @@ pub mod matmul;
 pub mod pool;
 pub mod probe;
 pub mod select;
+pub mod sgd;
 pub mod shortcut;
 mod util;
 
