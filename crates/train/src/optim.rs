@@ -107,22 +107,45 @@ impl Sgd {
             .zip(self.momentum_buffers.iter_mut())
         {
             let Some(g) = g else { continue };
+            let lr_p = lr * p.spec.lr_mult;
+            let wd = if p.spec.weight_decay {
+                c.weight_decay
+            } else {
+                0.0
+            };
+            // In place on the CPU (the same bits as below, without temporaries): the
+            // buffer is a tensor of its own, never one the caller holds.
+            let update = tau_kernels::sgd::SgdUpdate {
+                lr: lr_p,
+                grad_scale: p.spec.grad_scale,
+                weight_decay: wd,
+                decoupled: c.weight_decay_mode == WeightDecayMode::Decoupled,
+                momentum: c.momentum,
+                nesterov: c.nesterov,
+                first: buf.is_none(),
+            };
+            let w = p.var.as_tensor();
+            let b = match (c.momentum != 0.0, &*buf) {
+                (false, _) => None,
+                (true, Some(b)) => Some(b.clone()),
+                (true, None) => Some(w.zeros_like()?.detach()),
+            };
+            if tau_kernels::sgd::sgd_update(w, g, b.as_ref(), &update)? {
+                if b.is_some() {
+                    *buf = b;
+                }
+                continue;
+            }
             // The update is no part of any autograd graph: computed from the variable
             // itself (tracked), the decayed weights and through them every momentum
             // buffer would record its inputs, each buffer the previous one, and keep all
             // of them alive, a few copies of the model per step for the whole run.
             let g = g.detach();
-            let lr_p = lr * p.spec.lr_mult;
             let mut w = p.var.as_tensor().detach();
             let mut d = if p.spec.grad_scale == 1.0 {
                 g.clone()
             } else {
                 g.affine(p.spec.grad_scale, 0.0)?
-            };
-            let wd = if p.spec.weight_decay {
-                c.weight_decay
-            } else {
-                0.0
             };
             if wd != 0.0 {
                 match c.weight_decay_mode {
@@ -148,14 +171,17 @@ impl Sgd {
     }
 
     /// The optimizer state as named tensors: `momentum.<param name>` for every parameter
-    /// that has a momentum buffer.
-    pub fn state(&self) -> HashMap<String, Tensor> {
+    /// that has a momentum buffer. Copies: the next step updates the buffers in place.
+    ///
+    /// # Errors
+    /// A device error copying a buffer.
+    pub fn state(&self) -> candle::Result<HashMap<String, Tensor>> {
         self.params
             .iter()
             .zip(&self.momentum_buffers)
             .filter_map(|(p, b)| {
                 b.as_ref()
-                    .map(|b| (format!("momentum.{}", p.name), b.clone()))
+                    .map(|b| Ok((format!("momentum.{}", p.name), b.copy()?)))
             })
             .collect()
     }
@@ -220,6 +246,86 @@ mod tests {
             opt.step(&[Some(g)], lr).unwrap();
         }
         opt.params()[0].var.as_tensor().to_vec1().unwrap()
+    }
+
+    /// In f32 on the CPU the update runs in place (tau_kernels::sgd); it gives the same
+    /// bits as the composed update (what `Kernels::Candle` and other dtypes run), step
+    /// after step, for weights, buffers and the checkpointed state, and a state taken
+    /// earlier is not changed by later steps.
+    #[test]
+    fn in_place_update_matches_the_composed_one_bit_for_bit() {
+        use tau_kernels::select::{Kernels, with_kernels};
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(0f32, 1.0, (3, 70_000), &dev).unwrap();
+        let grads: Vec<Tensor> = (0..4)
+            .map(|_| Tensor::randn(0f32, 1.0, (3, 70_000), &dev).unwrap())
+            .collect();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for (momentum, nesterov, mode) in [
+            (0.0, false, WeightDecayMode::Coupled),
+            (0.9, false, WeightDecayMode::Coupled),
+            (0.9, true, WeightDecayMode::Decoupled),
+        ] {
+            let make = || {
+                Sgd::new(
+                    vec![Param {
+                        name: "w".into(),
+                        var: Var::from_tensor(&w0).unwrap(),
+                        spec: ParamSpec {
+                            lr_mult: 0.5,
+                            grad_scale: 0.25,
+                            weight_decay: true,
+                        },
+                    }],
+                    SgdConfig {
+                        momentum,
+                        nesterov,
+                        weight_decay: 5e-4,
+                        weight_decay_mode: mode,
+                    },
+                )
+            };
+            let (mut fused, mut composed) = (make(), make());
+            let mut early = None;
+            for (i, g) in grads.iter().enumerate() {
+                fused.step(&[Some(g.clone())], 0.1).unwrap();
+                with_kernels(Kernels::Candle, || composed.step(&[Some(g.clone())], 0.1)).unwrap();
+                let (a, b) = (
+                    fused.params()[0].var.as_tensor(),
+                    composed.params()[0].var.as_tensor(),
+                );
+                assert_eq!(bits(a), bits(b), "momentum {momentum}, step {i}");
+                let (sa, sb) = (fused.state().unwrap(), composed.state().unwrap());
+                assert_eq!(sa.len(), sb.len());
+                for (k, v) in &sa {
+                    assert_eq!(bits(v), bits(&sb[k]), "{k}, step {i}");
+                }
+                if i == 0 {
+                    early = sa.get("momentum.w").map(&bits);
+                }
+            }
+            if let Some(early) = early {
+                let first = composed_first_buffer(&w0, &grads[0], mode);
+                assert_eq!(early, bits(&first), "the state taken after step 0 changed");
+            }
+        }
+    }
+
+    /// d after one step (the first momentum buffer): g·0.25 (+ 5e-4·w when coupled).
+    fn composed_first_buffer(w: &Tensor, g: &Tensor, mode: WeightDecayMode) -> Tensor {
+        let d = g.affine(0.25, 0.0).unwrap();
+        match mode {
+            WeightDecayMode::Coupled => (d + w.affine(5e-4, 0.0).unwrap()).unwrap(),
+            WeightDecayMode::Decoupled => d,
+        }
     }
 
     /// Reference values by hand from the PyTorch update rule (dampening 0): with
@@ -294,7 +400,7 @@ mod tests {
                 for _ in 0..50 {
                     run(&mut o, &[[1.0, -1.0]], 0.1);
                 }
-                let st = o.state();
+                let st = o.state().unwrap();
                 let b = &st["momentum.w"];
                 let nodes = b.sorted_nodes().len();
                 assert!(
@@ -309,7 +415,7 @@ mod tests {
     fn state_round_trips_and_rejects_mismatch() {
         let mut o = sgd(0.9, false, 0.0, WeightDecayMode::Coupled, ParamSpec::WEIGHT);
         run(&mut o, &[[1.0, 1.0]], 0.1);
-        let st = o.state();
+        let st = o.state().unwrap();
         let mut o2 = sgd(0.9, false, 0.0, WeightDecayMode::Coupled, ParamSpec::WEIGHT);
         o2.params()[0]
             .var

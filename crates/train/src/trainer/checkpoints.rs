@@ -39,7 +39,7 @@ pub(super) fn checkpoint(
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     sess.store.save(&tmp)?;
     let opt_path = tmp.join("optimizer.safetensors");
-    let opt_state = sess.optimizer.state();
+    let opt_state = sess.optimizer.state()?;
     candle::safetensors::save(&opt_state, &opt_path)
         .with_context(|| format!("writing {}", opt_path.display()))?;
     write_json_atomic(&tmp.join("state.json"), state)?;
