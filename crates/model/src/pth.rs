@@ -18,21 +18,46 @@
 //! checked (size, nesting, the objects it would build) before candle's reader runs, and no
 //! tensor is read beyond what the archive holds.
 //!
-//! ```no_run
+//! # Example
+//!
+//! akamaster/pytorch_resnet_cifar10's checkpoint layout (its `resnet20.pth` reads the same
+//! way with `"depth": 20`), here a CIFAR ResNet-8 saved by `torch.save` in that layout
+//! (`{'state_dict': …}`, DataParallel's `module.` prefix, the head named `linear`), and the
+//! same weights as `{'model': …}` without the rename.
+//!
+//! ```
 //! use std::path::Path;
-//! use candle::Device;
+//! use candle::{DType, Device, Tensor};
 //! use tau_model::{Model, ModelConfig};
-//! use tau_model::pth::{PthOptions, load_pth};
+//! use tau_model::pth::{PthOptions, STRIPPED_PREFIXES, WRAPPER_KEYS, load_pth};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
 //! let cfg: ModelConfig = serde_json::from_str(
-//!     r#"{"family": "cifar_resnet", "depth": 20, "tau": "1"}"#,
+//!     r#"{"family": "cifar_resnet", "depth": 8, "tau": "1/sqrt(L)"}"#,
 //! )?;
-//! // akamaster/pytorch_resnet_cifar10's resnet20 checkpoint (re-saved in the zip format).
 //! let options = PthOptions { renames: vec!["linear.=fc.".parse()?], ..Default::default() };
-//! let (varmap, report) = load_pth(Path::new("resnet20.pth"), &cfg, &options, &Device::Cpu)?;
-//! println!("{report}");
+//! let path = dir.join("cifar8-akamaster.pth");
+//! let (varmap, report) = load_pth(&path, &cfg, &options, &Device::Cpu)?;
+//! // Every tensor of the config, found under the first of the WRAPPER_KEYS.
+//! assert_eq!(report.tensors, cfg.param_specs().len());
+//! assert_eq!((report.key.as_deref(), report.dtype), (Some(WRAPPER_KEYS[0]), DType::F32));
+//! assert_eq!(report.stripped, [STRIPPED_PREFIXES[0]]); // "module."
+//! assert_eq!(report.renamed[0].1, 2); // linear.weight, linear.bias
+//! // One num_batches_tracked per BatchNorm: the stem's and two per block.
+//! assert_eq!(report.dropped.len(), 1 + 2 * 3);
 //! let model = Model::from_varmap(&cfg, &varmap, &Device::Cpu)?;
+//! let xs = Tensor::ones((2, 3, 32, 32), DType::F32, &Device::Cpu)?;
+//! let logits = model.forward_t(&xs, false)?;
+//! assert_eq!(logits.dims(), [2, 10]);
+//!
+//! // The same weights in `{'model': …}` (the second wrapper key), no rename needed.
+//! let path = dir.join("cifar8-model-dataparallel.pth");
+//! let (same, report) = load_pth(&path, &cfg, &PthOptions::default(), &Device::Cpu)?;
+//! assert_eq!(report.key.as_deref(), Some(WRAPPER_KEYS[1]));
+//! assert!(report.to_string().starts_with(&format!("{} tensors (f32) from the \"model\" entry", report.tensors)));
+//! let again = Model::from_varmap(&cfg, &same, &Device::Cpu)?.forward_t(&xs, false)?;
+//! assert_eq!((again - logits)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
 //! # Ok(()) }
 //! ```
 
@@ -49,18 +74,21 @@ use candle_nn::VarMap;
 use crate::checkpoint::{CheckpointError, check_varmap};
 use crate::config::ModelConfig;
 
-/// Largest `data.pkl` read (a ResNet-152's is about 100 KB).
+/// Largest `data.pkl` read (a ResNet-152's is about 100 KB). A larger one is a
+/// [`PthError::Pickle`]; see the [module example](self#example) for a file that fits.
 pub const MAX_PICKLE_BYTES: u64 = 16 << 20;
 /// Deepest nesting of pickled objects accepted (a state_dict's is about 6).
 const MAX_PICKLE_DEPTH: u32 = 64;
 /// An estimate of the bytes one pickled object takes once built.
 const OBJECT_BYTES: u64 = 64;
-/// Wrapper keys tried, in order, when a file holds a dict without tensors.
+/// Wrapper keys tried, in order, when a file holds a dict without tensors. See the
+/// [module example](self#example).
 pub const WRAPPER_KEYS: [&str; 2] = ["state_dict", "model"];
 /// Prefixes stripped when every tensor name has them: DataParallel's and torch.compile's.
+/// See the [module example](self#example).
 pub const STRIPPED_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
 
-/// How to read a `.pth` file (see the module docs).
+/// How to read a `.pth` file (see the module docs and the [module example](self#example)).
 #[derive(Debug, Clone, Default)]
 pub struct PthOptions {
     /// The key of the state_dict in a dict wrapping it; `None` finds it: the whole file
@@ -75,6 +103,20 @@ pub struct PthOptions {
 }
 
 /// A prefix rename `old=new`: a tensor name starting with `old` has it replaced by `new`.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::pth::Rename;
+///
+/// let r: Rename = "linear.=fc.".parse().unwrap();
+/// assert_eq!((r.from.as_str(), r.to.as_str()), ("linear.", "fc."));
+/// assert_eq!(r.to_string(), "linear.=fc.");
+/// let drop: Rename = "features.=".parse().unwrap(); // an empty NEW drops the prefix
+/// assert_eq!(drop.to, "");
+/// assert!("=fc.".parse::<Rename>().unwrap_err().contains("non-empty OLD"));
+/// assert!("linear".parse::<Rename>().is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rename {
     /// The prefix to replace (not empty).
@@ -106,7 +148,7 @@ impl fmt::Display for Rename {
     }
 }
 
-/// What an import did, for the user to check.
+/// What an import did, for the user to check. See the [module example](self#example).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImportReport {
     /// The dict key the state_dict was found under (`None`: the whole file).
@@ -162,6 +204,33 @@ impl fmt::Display for ImportReport {
 
 /// Everything that can go wrong reading a `.pth` file; each names the file and, where
 /// there is one, the tensor.
+///
+/// # Example
+///
+/// ```
+/// use std::path::Path;
+/// use candle::Device;
+/// use tau_model::ModelConfig;
+/// use tau_model::pth::{PthError, PthOptions, load_pth};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
+/// let (options, cpu) = (PthOptions::default(), Device::Cpu);
+/// // A ResNet-8's weights read as a ResNet-14: the file lacks blocks layer{1,2,3}.1.
+/// let resnet14: ModelConfig =
+///     serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 14}"#)?;
+/// let err = load_pth(&dir.join("cifar8-bare.pth"), &resnet14, &options, &cpu).err().unwrap();
+/// let PthError::Mismatch { names, .. } = &err else { panic!("{err}") };
+/// assert!(names.missing.contains(&"layer3.1.conv2.weight".to_string()));
+/// assert!(names.unexpected.is_empty() && names.misshapen.is_empty());
+/// assert!(err.to_string().contains("cifar8-bare.pth")); // the file, named
+///
+/// // A file torch.save wrote before PyTorch 1.6: refused with the command that re-saves it.
+/// let err = load_pth(&dir.join("legacy.pth"), &resnet14, &options, &cpu).err().unwrap();
+/// assert!(matches!(err, PthError::Legacy { .. }));
+/// assert!(err.to_string().contains("torch.save(torch.load("));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum PthError {
     /// The file could not be read.
@@ -251,7 +320,8 @@ pub enum PthError {
     Candle(#[from] candle::Error),
 }
 
-/// The names that differ between a file and a model ([`PthError::Mismatch`]).
+/// The names that differ between a file and a model ([`PthError::Mismatch`]). See the
+/// [example](PthError#example).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct NameMismatch {
     /// Tensors the model needs that the file lacks, in the model's order.
@@ -262,7 +332,8 @@ pub struct NameMismatch {
     pub misshapen: Vec<(String, Vec<usize>, Vec<usize>)>,
 }
 
-/// One tensor record of a `.pth` file (after the prefix handling and renames).
+/// One tensor record of a `.pth` file (after the prefix handling and renames). See the
+/// [example](PthIndex#example).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PthTensor {
     /// The name (after stripping and renames).
@@ -286,6 +357,29 @@ pub struct PthTensor {
 
 /// The tensor records of a `.pth` file and where they were found, before any weight is
 /// read ([`read_index`]).
+///
+/// # Example
+///
+/// ```
+/// use std::path::Path;
+/// use candle::DType;
+/// use tau_model::pth::{PthOptions, read_index};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
+/// let index = read_index(&dir.join("cifar8-model-dataparallel.pth"), &PthOptions::default())?;
+/// assert_eq!((index.key.as_deref(), index.stripped.as_slice()), (Some("model"), &["module.".to_string()][..]));
+/// // Sorted by name; the name in the file keeps DataParallel's prefix.
+/// let conv = index.tensors.iter().find(|t| t.name == "layer3.0.conv2.weight").unwrap();
+/// assert_eq!(conv.file_name, "module.layer3.0.conv2.weight");
+/// assert_eq!((conv.dtype.clone(), conv.shape.as_slice()), (Ok(DType::F32), &[64, 64, 3, 3][..]));
+/// assert_eq!(conv.stride, [576, 9, 3, 1]); // contiguous
+/// assert!(index.tensors.windows(2).all(|w| w[0].name < w[1].name));
+/// // The integer BatchNorm counters are records too, until load_pth drops them.
+/// let counter = index.tensors.iter().find(|t| t.name == "bn1.num_batches_tracked").unwrap();
+/// assert_eq!((counter.dtype.clone(), counter.shape.len()), (Ok(DType::I64), 0));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct PthIndex {
     /// The tensors, sorted by name.
@@ -310,7 +404,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PthError + '_ {
 }
 
 /// Reads the tensor records of `path` (no weights): finds the state_dict, strips the
-/// `module.` prefix, applies the renames.
+/// `module.` prefix, applies the renames. See the [example](PthIndex#example).
 ///
 /// # Errors
 /// A legacy or non-zip file, a zip without `data.pkl`, a corrupt or unsupported pickle, no
@@ -447,7 +541,8 @@ fn strip_and_rename(
 /// Reads `path` as the tensors of `cfg` onto `device`: [`read_index`], the names and
 /// shapes checked against the config (all differences in one error), then the weights,
 /// each checked against what the archive holds. Returns the tensors as a `VarMap` (checked
-/// by [`check_varmap`], as checkpoint saving does) and what was done.
+/// by [`check_varmap`], as checkpoint saving does) and what was done. See the
+/// [module example](self#example).
 ///
 /// # Errors
 /// See [`PthError`].

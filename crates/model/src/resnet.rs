@@ -5,6 +5,26 @@
 //!
 //! Every convolution goes through [`tau_kernels::conv2d`]. Parameter names are PyTorch's
 //! (`state_dict` keys of torchvision and of the companion code); see the crate docs.
+//!
+//! # Example
+//!
+//! The two families from their configs: L and τ = 1/√L, and the parameter count of He et
+//! al.'s CIFAR ResNet-20 (0.27M, option A: no shortcut parameters) and torchvision's
+//! ResNet-50 (25,557,032).
+//!
+//! ```
+//! use tau_model::ModelConfig;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let resnet20: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 20}"#)?;
+//! let resnet50: ModelConfig =
+//!     serde_json::from_str(r#"{"family": "bottleneck_resnet", "depth": 50}"#)?;
+//! assert_eq!((resnet20.n_blocks(), resnet50.n_blocks()), (9, 6));
+//! assert_eq!(resnet20.tau_rule().resolve(9), 1.0 / 3.0);
+//! assert_eq!(resnet20.num_parameters(), 269_722);
+//! assert_eq!(resnet50.num_parameters(), 25_557_032);
+//! # Ok(()) }
+//! ```
 
 use candle::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
@@ -19,6 +39,23 @@ use tau_kernels::{
 pub use tau_kernels::{max_pool_3x3_s2, subsample2};
 
 /// Normalization inside the residual blocks.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{ModelConfig, Norm};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// assert_eq!(Norm::default(), Norm::BatchNorm);
+/// assert_eq!(serde_json::from_str::<Norm>(r#""none""#)?, Norm::None);
+/// // Without normalization a CIFAR block has four scalar biases instead of two BatchNorms.
+/// let none: ModelConfig =
+///     serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8, "norm": "none"}"#)?;
+/// let names: Vec<String> = none.param_specs().into_iter().map(|s| s.name).collect();
+/// assert!(names.iter().any(|n| n == "layer1.0.bias1a"));
+/// assert!(!names.iter().any(|n| n.contains("bn")));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Norm {
@@ -39,6 +76,39 @@ pub enum Norm {
 /// | `fixup` | relu(s·F(x) + b2b + x), F with scalar biases | `scale` s | last conv 0, other He·L^(−1/2), classifier 0 | none |
 /// | `skipinit` | relu(α·F(x) + x) | `alpha` α | α = 0, He | either |
 /// | `rezero` | x + α·F(x) (no ReLU after the sum, no biases) | `alpha` α | α = 0, He | none |
+///
+/// # Example
+///
+/// A CIFAR ResNet-8 without normalization under each scheme: the first block's multiplier
+/// at initialization is τ = 1/√3, Fixup's `scale` 1, or SkipInit's / ReZero's `alpha` 0.
+///
+/// ```
+/// use candle::{DType, Device};
+/// use candle_nn::VarBuilder;
+/// use tau_model::{CifarResNet, CifarResNetConfig, ModelConfig, Norm, Scaling, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let tau = 1.0 / 3f32.sqrt();
+/// for (scaling, name, multiplier, identity) in [
+///     (Scaling::Tau, "tau", tau, false),
+///     (Scaling::Fixup, "fixup", 1.0, false),
+///     (Scaling::SkipInit, "skipinit", 0.0, true),
+///     (Scaling::ReZero, "rezero", 0.0, true),
+/// ] {
+///     assert_eq!((scaling.name(), scaling.to_string()), (name, name.to_string()));
+///     assert_eq!((scaling.is_tau(), scaling.identity_at_init()), (name == "tau", identity));
+///     let cfg = CifarResNetConfig { depth: 8, norm: Norm::None, scaling, ..Default::default() };
+///     let varmap = init_varmap(&ModelConfig::CifarResnet(cfg.clone()), 0, DType::F32, &dev)?;
+///     let net = CifarResNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+///     let m = net.blocks()[0].multiplier().to_vec1::<f32>()?;
+///     assert!((m[0] - multiplier).abs() < 1e-7, "{name}: {m:?}");
+/// }
+/// // Fixup and ReZero train without normalization only.
+/// let bn = CifarResNetConfig { scaling: Scaling::Fixup, ..Default::default() };
+/// assert!(bn.validate().unwrap_err().to_string().contains("set norm = \"none\""));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scaling {
@@ -61,6 +131,7 @@ pub enum Scaling {
 
 impl Scaling {
     /// The scheme's name as in configs (`tau`, `fixup`, `skipinit`, `rezero`).
+    /// See the [example](Scaling#example).
     pub fn name(self) -> &'static str {
         match self {
             Scaling::Tau => "tau",
@@ -72,12 +143,14 @@ impl Scaling {
 
     /// Whether this is [`Scaling::Tau`], the default (which configs and checkpoints leave
     /// unwritten, so that they read as before the option existed).
+    /// See the [example](Scaling#example).
     pub fn is_tau(&self) -> bool {
         *self == Scaling::Tau
     }
 
     /// Whether every residual block starts as the identity on its input (α = 0):
     /// SkipInit's and ReZero's branches contribute nothing at initialization.
+    /// See the [example](Scaling#example).
     pub fn identity_at_init(self) -> bool {
         matches!(self, Scaling::SkipInit | Scaling::ReZero)
     }

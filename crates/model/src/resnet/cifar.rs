@@ -2,12 +2,55 @@
 //! 16/32/64 channels, option-A shortcut (or, with BatchNorm, one of the [`Shortcut`]s others
 //! trained with), with BatchNorm or Fixup-style scalar biases, the branches scaled by τ or
 //! by one of the schemes of [`Scaling`] (Fixup, SkipInit, ReZero).
+//!
+//! # Example
+//!
+//! Fixup's initialization zeroes the classifier, so a Fixup ResNet-8 starts with all
+//! logits exactly 0; with τ they are not.
+//!
+//! ```
+//! use candle::{DType, Device, Tensor};
+//! use tau_model::{Model, ModelConfig, init_varmap};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let xs = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev)?;
+//! for (scaling, zero) in [("fixup", true), ("tau", false)] {
+//!     let cfg: ModelConfig = serde_json::from_str(&format!(
+//!         r#"{{"family": "cifar_resnet", "depth": 8, "norm": "none", "scaling": "{scaling}"}}"#
+//!     ))?;
+//!     let model = Model::from_varmap(&cfg, &init_varmap(&cfg, 1, DType::F32, &dev)?, &dev)?;
+//!     let largest = model.forward_t(&xs, true)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//!     assert_eq!(largest == 0.0, zero, "{scaling}: {largest}");
+//! }
+//! # Ok(()) }
+//! ```
 
 use super::*;
 
 /// A CIFAR ResNet of depth 6n+2: a 3×3 stem with 16 channels, three stages of n basic
 /// blocks at 16/32/64 channels (stride 2 entering stages 2 and 3), global average pool,
 /// a linear head. L = 3n.
+///
+/// # Example
+///
+/// ```
+/// use tau_model::{CifarResNetConfig, Norm, Scaling, Shortcut};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg = CifarResNetConfig::default(); // ResNet-20 for CIFAR-10, BatchNorm, option A
+/// assert_eq!((cfg.depth, cfg.norm, cfg.shortcut), (20, Norm::BatchNorm, Shortcut::ZeroPad));
+/// assert_eq!((cfg.in_channels, cfg.num_classes, cfg.scaling), (3, 10, Scaling::Tau));
+/// assert_eq!((cfg.blocks_per_stage(), cfg.n_blocks()), (3, 9));
+/// cfg.validate()?;
+/// assert_eq!(cfg.tau_init(), 1.0 / 3.0); // the default rule 1/√L at L = 9
+/// // Fixup: no τ, its first convolutions drawn at He × 1/√L.
+/// let fixup = CifarResNetConfig { norm: Norm::None, scaling: Scaling::Fixup, ..cfg.clone() };
+/// assert_eq!((fixup.tau_init(), fixup.fixup_std_factor()), (1.0, 1.0 / 3.0));
+/// let bad = CifarResNetConfig { depth: 21, ..cfg };
+/// assert!(bad.validate().unwrap_err().to_string().contains("6n+2 with n >= 1"));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CifarResNetConfig {
@@ -53,6 +96,8 @@ pub(super) const CIFAR_WIDTHS: [usize; 3] = [16, 32, 64];
 /// The shortcut of the blocks that change the shape (the first block of stages 2 and 3:
 /// stride 2, twice the channels); every other block's shortcut is the identity.
 ///
+/// # Example
+///
 /// ```
 /// # use tau_model::{ModelConfig, resnet::Shortcut};
 /// let cfg: ModelConfig = serde_json::from_str(
@@ -60,6 +105,8 @@ pub(super) const CIFAR_WIDTHS: [usize; 3] = [16, 32, 64];
 /// ).unwrap();
 /// assert_eq!(cfg.num_parameters(), 272_474); // chenyaofo/pytorch-cifar-models' resnet20
 /// assert!(cfg.param_specs().iter().any(|s| s.name == "layer3.0.downsample.0.weight"));
+/// assert_eq!((Shortcut::ConvBn.name(), Shortcut::SubsampleBn.to_string()), ("conv_bn", "subsample_bn".into()));
+/// assert!(Shortcut::default().is_zero_pad() && !Shortcut::ConvBn.is_zero_pad());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,6 +127,7 @@ pub enum Shortcut {
 
 impl Shortcut {
     /// The name in configs: `zero_pad`, `subsample_bn`, `conv_bn`.
+    /// See the [example](Shortcut#example).
     pub fn name(self) -> &'static str {
         match self {
             Shortcut::ZeroPad => "zero_pad",
@@ -90,6 +138,7 @@ impl Shortcut {
 
     /// Whether this is [`Shortcut::ZeroPad`], the default (which configs and checkpoints
     /// leave out, so files written before the option read and write unchanged).
+    /// See the [example](Shortcut#example).
     pub fn is_zero_pad(&self) -> bool {
         *self == Shortcut::ZeroPad
     }
@@ -106,16 +155,18 @@ const FIXUP_BRANCH_LAYERS: f64 = 2.0;
 
 impl CifarResNetConfig {
     /// n, the number of blocks per stage.
+    /// See the [example](CifarResNetConfig#example).
     pub fn blocks_per_stage(&self) -> usize {
         self.depth.saturating_sub(2) / 6
     }
 
-    /// L = 3n.
+    /// L = 3n. See the [example](CifarResNetConfig#example).
     pub fn n_blocks(&self) -> usize {
         3 * self.blocks_per_stage()
     }
 
     /// Checks the depth (6n+2, n ≥ 1), channels, classes and τ.
+    /// See the [example](CifarResNetConfig#example).
     ///
     /// # Errors
     /// Names the bad setting.
@@ -163,6 +214,7 @@ impl CifarResNetConfig {
 
     /// Fixup's factor on the He standard deviation of a branch's first convolution,
     /// L^(−1/(2m−2)) with m = 2 layers per branch: 1/√L.
+    /// See the [example](CifarResNetConfig#example).
     pub fn fixup_std_factor(&self) -> f64 {
         (self.n_blocks().max(1) as f64).powf(-1.0 / (2.0 * FIXUP_BRANCH_LAYERS - 2.0))
     }
@@ -261,6 +313,7 @@ impl CifarResNetConfig {
 
     /// τ at initialization: the rule at L for `scaling = "tau"`, 1 for the other schemes
     /// (whose branches τ does not scale).
+    /// See the [example](CifarResNetConfig#example).
     pub fn tau_init(&self) -> f64 {
         match self.scaling {
             Scaling::Tau => self.tau.resolve(self.n_blocks()),
@@ -270,6 +323,7 @@ impl CifarResNetConfig {
 }
 
 /// The Fixup-style scalar biases of a block without normalization.
+/// See the [example](CifarResNet#example).
 #[derive(Debug, Clone)]
 pub struct ScalarBiases {
     /// Added to the block input before conv1.
@@ -293,6 +347,7 @@ enum Downsample {
 
 /// A basic block: two 3×3 convolutions on the residual branch, scaled by the branch's
 /// multiplier (τ, Fixup's `scale` or SkipInit's / ReZero's `alpha`, see [`Scaling`]).
+/// A [`CifarResNet`] holds them ([`CifarResNet::blocks`]); see its [example](CifarResNet#example).
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
     conv1: Tensor,
@@ -394,12 +449,14 @@ impl BasicBlock {
     }
 
     /// The scalar biases (without normalization, but ReZero's blocks have none).
+    /// See the [example](CifarResNet#example).
     pub fn scalar_biases(&self) -> Option<&ScalarBiases> {
         self.biases.as_ref()
     }
 
     /// The branch's one-element multiplier: the shared τ, Fixup's `scale` or
     /// SkipInit's / ReZero's `alpha`.
+    /// See the [example](CifarResNet#example).
     pub fn multiplier(&self) -> &Tensor {
         &self.multiplier
     }
@@ -454,6 +511,46 @@ impl ModuleT for BasicBlock {
 }
 
 /// A CIFAR ResNet (see [`CifarResNetConfig`]).
+///
+/// # Example
+///
+/// A ResNet-8 without normalization (L = 3) on a seeded VarMap: the hook sees h_0 and the
+/// output of each block, one per stage, and the head of the last gives the logits.
+///
+/// ```
+/// use candle::{DType, Device, Tensor};
+/// use candle_nn::VarBuilder;
+/// use tau_model::{CifarResNet, CifarResNetConfig, ModelConfig, Norm, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let cfg = CifarResNetConfig { depth: 8, norm: Norm::None, ..Default::default() };
+/// let varmap = init_varmap(&ModelConfig::CifarResnet(cfg.clone()), 3, DType::F32, &dev)?;
+/// let net = CifarResNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+/// assert_eq!((net.config().depth, net.n_blocks(), net.blocks().len()), (8, 3, 3));
+/// assert!((net.tau()? - 1.0 / 3f64.sqrt()).abs() < 1e-7);
+/// let block = &net.blocks()[0];
+/// assert_eq!(block.multiplier().to_vec1::<f32>()?, [net.tau()? as f32]); // the shared τ
+/// let biases = block.scalar_biases().unwrap(); // they start at 0
+/// assert_eq!(biases.bias1a.to_vec1::<f32>()?, [0.0]);
+///
+/// let xs = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev)?;
+/// assert_eq!(net.stem(&xs, false)?.dims(), [2, 16, 32, 32]);
+/// let mut states = Vec::new();
+/// let mut last = None;
+/// let logits = net.forward_hooked(&xs, false, |l, h| {
+///     states.push((l, h.dims().to_vec()));
+///     last = Some(h.clone());
+///     Ok(())
+/// })?;
+/// let dims: Vec<(usize, Vec<usize>)> = [(0, 16, 32), (1, 16, 32), (2, 32, 16), (3, 64, 8)]
+///     .into_iter().map(|(l, c, hw)| (l, vec![2, c, hw, hw])).collect();
+/// assert_eq!(states, dims);
+/// assert_eq!(logits.dims(), [2, 10]);
+/// let head = net.head(&last.unwrap())?;
+/// assert_eq!(head.to_vec2::<f32>()?, logits.to_vec2::<f32>()?);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct CifarResNet {
     cfg: CifarResNetConfig,
@@ -468,6 +565,7 @@ pub struct CifarResNet {
 
 impl CifarResNet {
     /// Builds the network from `vb` (PyTorch names, see the crate docs).
+    /// See the [example](CifarResNet#example).
     ///
     /// # Errors
     /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
@@ -521,17 +619,20 @@ impl CifarResNet {
     }
 
     /// The configuration.
+    /// See the [example](CifarResNet#example).
     pub fn config(&self) -> &CifarResNetConfig {
         &self.cfg
     }
 
     /// The residual blocks, stage by stage.
+    /// See the [example](CifarResNet#example).
     pub fn blocks(&self) -> &[BasicBlock] {
         &self.blocks
     }
 
     /// The current τ (the learnable parameter's value, or the resolved rule; 1 for the
     /// schemes other than `tau`, whose per-block multipliers are [`BasicBlock::multiplier`]).
+    /// See the [example](CifarResNet#example).
     ///
     /// # Errors
     /// A device error reading the value back.
@@ -539,7 +640,7 @@ impl CifarResNet {
         tau_value(&self.tau)
     }
 
-    /// L.
+    /// L. See the [example](CifarResNet#example).
     pub fn n_blocks(&self) -> usize {
         self.blocks.len()
     }
@@ -547,6 +648,7 @@ impl CifarResNet {
     /// The stem: the 3×3 convolution `conv1`, then BatchNorm and ReLU (one fused op), the
     /// ReLU alone, or (Fixup) the scalar bias `bias1` and the ReLU. Its output h_0 is the
     /// first block's input.
+    /// See the [example](CifarResNet#example).
     ///
     /// # Shapes
     /// (N, in_channels, H, W) → (N, 16, H, W).
@@ -565,6 +667,7 @@ impl CifarResNet {
     /// The head: global average pooling of the last block's output, (Fixup) plus the
     /// scalar bias `bias2`, then the linear layer `fc`: (N, 64, H, W) → (N, num_classes)
     /// logits.
+    /// See the [example](CifarResNet#example).
     ///
     /// # Errors
     /// Inputs of the wrong shape or dtype.
@@ -579,7 +682,8 @@ impl CifarResNet {
     /// The forward pass ([`ModuleT::forward_t`] is this with a hook that does nothing),
     /// calling `hook(0, h_0)` with the stem's output and `hook(l, h_l)` with each block's
     /// output, l = 1..=L: a traced forward that sees exactly what the model computes.
-    /// See [`crate::Model::forward_hooked`] for an example.
+    /// See [`crate::Model::forward_hooked`] for an example, and this type's
+    /// [example](CifarResNet#example).
     ///
     /// # Errors
     /// Inputs of the wrong shape or dtype, or the hook's error (which stops the pass).
