@@ -3,14 +3,14 @@
 //! CPU (default) or on a GPU (`--device cuda`).
 //!
 //! A step is forward, cross-entropy (squared loss for the theory network), backward and a
-//! plain SGD update of every parameter. Each point runs `--warmup` untimed steps, then
-//! `--steps` timed ones, and reports the median.
+//! plain SGD update of every trained tensor with the trainer's optimizer. Each point runs
+//! `--warmup` untimed steps, then `--steps` timed ones, and reports the median.
 
 use std::time::Instant;
 
 use anyhow::Context;
 use candle::{DType, Device, Tensor};
-use candle_nn::{Optimizer, SGD, VarBuilder};
+use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 use tau_kernels::select::{KernelSet, Kernels, set_kernels};
 use tau_model::{
@@ -18,7 +18,8 @@ use tau_model::{
 };
 
 use super::Outcome;
-use crate::config::DeviceSpec;
+use crate::config::{DeviceSpec, WeightDecayMode};
+use crate::optim::{Param, ParamSpec, Sgd, SgdConfig};
 
 /// Normalization of a benchmarked CIFAR ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -372,7 +373,7 @@ impl TrainStep {
         let cfg = &self.cfg;
         let varmap = init_varmap(cfg, 0, DType::F32, device)?;
         let model = Model::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-        let mut opt = SGD::new(varmap.all_vars(), 1e-3)?;
+        let mut opt = trainer_sgd(cfg, &varmap);
         let xs = Tensor::randn(0f32, 1f32, (self.batch, 3, self.size, self.size), device)?;
         let labels: Vec<u32> = (0..self.batch)
             .map(|i| (i % self.num_classes) as u32)
@@ -381,7 +382,7 @@ impl TrainStep {
         let (median_s, min_s) = time_steps(args.warmup, args.steps, || {
             let logits = model.forward_t(&xs, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            opt.backward_step(&loss)?;
+            sgd_step(&mut opt, &loss, 1e-3)?;
             device.synchronize()
         })?;
         let gflop = 3.0 * self.forward_flops * self.batch as f64 / 1e9;
@@ -461,12 +462,7 @@ fn bench_theory(
     let cfg = ModelConfig::Theory(tcfg);
     let varmap = init_varmap(&cfg, 0, DType::F32, device)?;
     let model = Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    let trained: Vec<_> = tau_model::named_vars(&varmap)
-        .into_iter()
-        .filter(|(name, _)| cfg.param_kind(name).is_trainable())
-        .map(|(_, v)| v)
-        .collect();
-    let mut opt = SGD::new(trained, 0.02)?;
+    let mut opt = trainer_sgd(&cfg, &varmap);
     let xs = Tensor::randn(0f32, 1f32, (n, p), device)?;
     let ys = Tensor::randn(0f32, 1f32, (n, d), device)?;
     // Per input: A (m×p), L blocks of W (m×m), B (d×m), 2 flops per multiply-add.
@@ -494,7 +490,7 @@ fn bench_theory(
     let step = time_steps(args.warmup, args.steps, || {
         let diff = (model.forward_t(&xs, true)? - &ys)?;
         let loss = diff.sqr()?.sum_all()?.affine(0.5 / n as f64, 0.0)?;
-        opt.backward_step(&loss)?;
+        sgd_step(&mut opt, &loss, 0.02)?;
         device.synchronize()
     })?;
     Ok(vec![
@@ -527,4 +523,38 @@ mod tests {
         let f = cifar_forward_flops(20, 10);
         assert_eq!(f, 2.0 * 40_551_040.0);
     }
+}
+
+/// The trainer's optimizer (plain SGD, in place on the CPU) over the trainable tensors of
+/// `varmap`, in name order.
+fn trainer_sgd(cfg: &ModelConfig, varmap: &VarMap) -> Sgd {
+    let params = tau_model::named_vars(varmap)
+        .into_iter()
+        .filter(|(name, _)| cfg.param_kind(name).is_trainable())
+        .map(|(name, var)| Param {
+            name,
+            var,
+            spec: ParamSpec::WEIGHT,
+        })
+        .collect();
+    Sgd::new(
+        params,
+        SgdConfig {
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            weight_decay_mode: WeightDecayMode::Coupled,
+        },
+    )
+}
+
+/// Backward from `loss` and one step of `opt` at learning rate `lr`.
+fn sgd_step(opt: &mut Sgd, loss: &Tensor, lr: f64) -> candle::Result<()> {
+    let grads = loss.backward()?;
+    let gs: Vec<Option<Tensor>> = opt
+        .params()
+        .iter()
+        .map(|p| grads.get(p.var.as_tensor()).cloned())
+        .collect();
+    opt.step(&gs, lr)
 }
