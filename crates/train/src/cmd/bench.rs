@@ -499,32 +499,6 @@ fn bench_theory(
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resnet50_forward_flops_match_torchvision() {
-        // torchvision's model card for resnet50 (IMAGENET1K_V1/V2): 4.09 GFLOPS, counted as
-        // multiply-adds of the convolutions and the head at 224×224.
-        let macs = bottleneck_forward_flops(50, 224, 1000) / 2.0;
-        assert!((macs / 1e9 - 4.09).abs() < 0.005, "{macs}");
-        // ResNet-101 and -152: 7.80 and 11.51.
-        let macs = bottleneck_forward_flops(101, 224, 1000) / 2.0;
-        assert!((macs / 1e9 - 7.80).abs() < 0.005, "{macs}");
-        let macs = bottleneck_forward_flops(152, 224, 1000) / 2.0;
-        assert!((macs / 1e9 - 11.51).abs() < 0.005, "{macs}");
-    }
-
-    #[test]
-    fn resnet20_forward_flops_match_the_known_count() {
-        // Σ c_in·9·c_out·H·W over the layers of ResNet-20 plus the 64×10 head:
-        // 442 368 + 6·2 359 296 + (1 179 648 + 5·2 359 296)·2 + 640 = 40 551 040 multiply-adds.
-        let f = cifar_forward_flops(20, 10);
-        assert_eq!(f, 2.0 * 40_551_040.0);
-    }
-}
-
 /// The trainer's optimizer (plain SGD, in place on the CPU) over the trainable tensors of
 /// `varmap`, in name order.
 fn trainer_sgd(cfg: &ModelConfig, varmap: &VarMap) -> Sgd {
@@ -557,4 +531,30 @@ fn sgd_step(opt: &mut Sgd, loss: &Tensor, lr: f64) -> candle::Result<()> {
         .map(|p| grads.get(p.var.as_tensor()).cloned())
         .collect();
     opt.step(&gs, lr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resnet50_forward_flops_match_torchvision() {
+        // torchvision's model card for resnet50 (IMAGENET1K_V1/V2): 4.09 GFLOPS, counted as
+        // multiply-adds of the convolutions and the head at 224×224.
+        let macs = bottleneck_forward_flops(50, 224, 1000) / 2.0;
+        assert!((macs / 1e9 - 4.09).abs() < 0.005, "{macs}");
+        // ResNet-101 and -152: 7.80 and 11.51.
+        let macs = bottleneck_forward_flops(101, 224, 1000) / 2.0;
+        assert!((macs / 1e9 - 7.80).abs() < 0.005, "{macs}");
+        let macs = bottleneck_forward_flops(152, 224, 1000) / 2.0;
+        assert!((macs / 1e9 - 11.51).abs() < 0.005, "{macs}");
+    }
+
+    #[test]
+    fn resnet20_forward_flops_match_the_known_count() {
+        // Σ c_in·9·c_out·H·W over the layers of ResNet-20 plus the 64×10 head:
+        // 442 368 + 6·2 359 296 + (1 179 648 + 5·2 359 296)·2 + 640 = 40 551 040 multiply-adds.
+        let f = cifar_forward_flops(20, 10);
+        assert_eq!(f, 2.0 * 40_551_040.0);
+    }
 }
