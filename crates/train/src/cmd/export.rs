@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle::Device;
-use tau_model::{CheckpointConfig, ModelConfig, Preprocessing};
+use tau_model::{CheckpointConfig, ModelConfig, Norm, Preprocessing, Scaling, Shortcut};
 use tau_records::{RunStatus, SUMMARY_FILE, Summary};
 
 use super::Outcome;
@@ -135,6 +135,85 @@ fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
+/// What is in a block's residual branch besides the convolutions, for the card.
+fn describe_norm(norm: Norm, scaling: Scaling) -> &'static str {
+    match (norm, scaling) {
+        (Norm::BatchNorm, _) => "BatchNorm",
+        (Norm::None, Scaling::ReZero) => "no normalization, no biases",
+        (Norm::None, _) => "no normalization, scalar biases",
+    }
+}
+
+/// The shortcut of a CIFAR ResNet's two shape-changing blocks: its name, and what it
+/// computes from the block input x.
+fn describe_shortcut(shortcut: Shortcut) -> (&'static str, &'static str) {
+    match shortcut {
+        Shortcut::ZeroPad => (
+            "option-A shortcut",
+            "x at every other pixel with zero channels appended (option A)",
+        ),
+        Shortcut::SubsampleBn => (
+            "subsample-BatchNorm shortcut",
+            "BatchNorm of x at every other pixel, with zero channels appended",
+        ),
+        Shortcut::ConvBn => (
+            "option-B conv-BatchNorm shortcut",
+            "BatchNorm of a 1×1 stride-2 convolution of x (option B)",
+        ),
+    }
+}
+
+/// A branch-scaling scheme other than τ, as the card describes it.
+struct Scheme {
+    /// Its name (`Fixup`).
+    title: &'static str,
+    /// The paper it comes from.
+    source: &'static str,
+    /// The per-block scalar's parameter name (`scale`, `alpha`).
+    param: &'static str,
+    /// That scalar's initial value.
+    init: f64,
+    /// The block, as a formula in the card's notation.
+    block: &'static str,
+    /// What a PyTorch block must return.
+    pytorch: &'static str,
+}
+
+/// The card's description of `scaling`; `None` for τ.
+fn scheme(scaling: Scaling) -> Option<Scheme> {
+    match scaling {
+        Scaling::Tau => None,
+        Scaling::Fixup => Some(Scheme {
+            title: "Fixup",
+            source: "Zhang, Dauphin & Ma, \"Fixup Initialization: Residual Learning Without \
+                     Normalization\", 2019",
+            param: "scale",
+            init: 1.0,
+            block: "`x_(l+1) = relu(x_l + s_l·F(x_l) + b_l)`, the branch's last convolution \
+                    and the classifier initialized at zero",
+            pytorch: "relu(shortcut(x) + scale * branch(x) + bias2b)",
+        }),
+        Scaling::SkipInit => Some(Scheme {
+            title: "SkipInit",
+            source: "De & Smith, \"Batch Normalization Biases Residual Blocks Towards the \
+                     Identity Function in Deep Networks\", 2020",
+            param: "alpha",
+            init: 0.0,
+            block: "`x_(l+1) = relu(x_l + α_l·F(x_l))`",
+            pytorch: "relu(shortcut(x) + alpha * branch(x))",
+        }),
+        Scaling::ReZero => Some(Scheme {
+            title: "ReZero",
+            source: "Bachlechner et al., \"ReZero is All You Need: Fast Convergence at Large \
+                     Depth\", 2020",
+            param: "alpha",
+            init: 0.0,
+            block: "`x_(l+1) = x_l + α_l·F(x_l)`, without a ReLU after the sum",
+            pytorch: "shortcut(x) + alpha * branch(x)",
+        }),
+    }
+}
+
 fn describe_model(model: &ModelConfig) -> String {
     match model {
         ModelConfig::Theory(t) => format!(
@@ -142,24 +221,20 @@ fn describe_model(model: &ModelConfig) -> String {
             t.width, t.depth
         ),
         ModelConfig::CifarResnet(c) => format!(
-            "a CIFAR ResNet-{} ({}, option-A shortcut, {} input channels, {} classes)",
+            "a CIFAR ResNet-{} ({}{}, {}, {} input channels, {} classes)",
             c.depth,
-            if c.norm == tau_model::Norm::BatchNorm {
-                "BatchNorm"
-            } else {
-                "no normalization, scalar biases"
-            },
+            describe_norm(c.norm, c.scaling),
+            scheme(c.scaling)
+                .map(|s| format!(", {} branch scaling", s.title))
+                .unwrap_or_default(),
+            describe_shortcut(c.shortcut).0,
             c.in_channels,
             c.num_classes
         ),
         ModelConfig::BottleneckResnet(c) => format!(
             "a bottleneck ResNet-{} ({}, {} input channels, {} classes)",
             c.depth,
-            if c.norm == tau_model::Norm::BatchNorm {
-                "BatchNorm"
-            } else {
-                "no normalization, scalar biases"
-            },
+            describe_norm(c.norm, c.scaling),
             c.in_channels,
             c.num_classes
         ),
@@ -269,33 +344,58 @@ fn card_intro(
     summary: &Summary,
 ) {
     let model = &checkpoint.model;
-    let tau_rule = model.tau_rule();
     let _ = writeln!(md, "# {name}\n");
-    let _ = writeln!(
-        md,
-        "{} trained with [tau-resnet](https://github.com/tau-resnet/tau-resnet) on {}. Each \
-         residual branch is scaled by τ before it is added to the shortcut, \
-         `x_(l+1) = x_l + τ·F(x_l)` (Zhang et al., \"Stabilize Deep ResNet with A Sharp \
-         Scaling Factor τ\", 2022).\n",
-        capitalize(&describe_model(model)),
-        checkpoint
-            .dataset
-            .as_deref()
-            .unwrap_or(match cfg.data.source {
-                SourceKind::Folder => "an image folder",
-                _ => "its data set",
-            })
+    let data = checkpoint
+        .dataset
+        .as_deref()
+        .unwrap_or(match cfg.data.source {
+            SourceKind::Folder => "an image folder",
+            _ => "its data set",
+        });
+    let trained = format!(
+        "{} trained with [tau-resnet](https://github.com/tau-resnet/tau-resnet) on {data}.",
+        capitalize(&describe_model(model))
     );
-    let _ = writeln!(
-        md,
-        "- τ rule: `{tau_rule}`, at L = {} residual blocks τ = {:.6}{}",
-        model.n_blocks(),
-        model.tau_init(),
-        match learned_tau {
-            Some(t) => format!(" at initialization; τ is learned, its trained value is {t:.6}"),
-            None => String::new(),
+    match scheme(model.scaling()) {
+        None => {
+            let _ = writeln!(
+                md,
+                "{trained} Each residual branch is scaled by τ before it is added to the \
+                 shortcut, `x_(l+1) = x_l + τ·F(x_l)` (Zhang et al., \"Stabilize Deep ResNet \
+                 with A Sharp Scaling Factor τ\", 2022).\n"
+            );
+            let _ = writeln!(
+                md,
+                "- τ rule: `{}`, at L = {} residual blocks τ = {:.6}{}",
+                model.tau_rule(),
+                model.n_blocks(),
+                model.tau_init(),
+                match learned_tau {
+                    Some(t) =>
+                        format!(" at initialization; τ is learned, its trained value is {t:.6}"),
+                    None => String::new(),
+                }
+            );
         }
-    );
+        Some(s) => {
+            let _ = writeln!(
+                md,
+                "{trained} Its residual branches are scaled by {} ({}), not by τ: each \
+                 block multiplies its branch by a learnable scalar of its own, {}.\n",
+                s.title, s.source, s.block
+            );
+            let _ = writeln!(
+                md,
+                "- branch scaling: {}, one learnable `{}` per residual block \
+                 (`layer1.0.{}`, …), initialized at {}, at L = {} residual blocks; no τ",
+                s.title,
+                s.param,
+                s.param,
+                s.init,
+                model.n_blocks()
+            );
+        }
+    }
     let _ = writeln!(
         md,
         "- parameters: {} (plus BatchNorm running statistics, if any)",
@@ -395,9 +495,7 @@ fn card_usage(md: &mut String, repo_id: &str, checkpoint: &CheckpointConfig, cfg
     );
     match model {
         ModelConfig::BottleneckResnet(c)
-            if c.norm == tau_model::Norm::BatchNorm
-                && !c.learnable_tau
-                && model.tau_init() == 1.0 =>
+            if c.norm == Norm::BatchNorm && !c.learnable_tau && model.tau_init() == 1.0 =>
         {
             let _ = writeln!(
                 md,
@@ -408,13 +506,30 @@ fn card_usage(md: &mut String, repo_id: &str, checkpoint: &CheckpointConfig, cfg
             );
         }
         _ => {
+            let block = match scheme(model.scaling()) {
+                None => format!(
+                    "`relu(shortcut(x) + tau * branch(x))` with τ = {:.9} (the `tau` tensor \
+                     when τ is learned)",
+                    model.tau_init()
+                ),
+                Some(s) => format!(
+                    "`{}` with that block's own `{}` tensor (`layer1.0.{}`, …)",
+                    s.pytorch, s.param, s.param
+                ),
+            };
+            let shortcut = match model {
+                ModelConfig::CifarResnet(c) => format!(
+                    " In the first block of stages 2 and 3 `shortcut(x)` is {}; in the others \
+                     it is x.",
+                    describe_shortcut(c.shortcut).1
+                ),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 md,
                 "```\n\nA PyTorch module with these names computes the same function if each \
-                 residual block returns `relu(shortcut(x) + tau * branch(x))` with τ = {:.9} \
-                 (the `tau` tensor when τ is learned); the architecture is `config.json`'s \
-                 `model`, documented in tau-model's crate docs.",
-                model.tau_init()
+                 residual block returns {block}.{shortcut} The architecture is \
+                 `config.json`'s `model`, documented in tau-model's crate docs."
             );
         }
     }
@@ -535,4 +650,106 @@ pub fn run(args: ExportArgs) -> anyhow::Result<Outcome> {
         println!("  {f:<18} {len:>10} bytes");
     }
     Ok(Outcome::Finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tau_records::CodeVersion;
+
+    /// The card of a finished CIFAR-10 run of the model `[model]` describes.
+    fn card_for(model: &str) -> String {
+        let toml = format!(
+            "name = \"card\"\nseed = 0\nsteps = 10\n[model]\n{model}\n\
+             [data]\nsource = \"cifar10\"\nbatch_size = 8\n[optim]\nkind = \"sgd\"\nlr = 0.1\n"
+        );
+        let cfg = crate::config::config_from_table(toml.parse().unwrap()).unwrap();
+        let mut checkpoint = CheckpointConfig::new(cfg.model.clone());
+        checkpoint.dataset = Some("CIFAR-10".into());
+        let summary = Summary {
+            name: "card".into(),
+            status: RunStatus::Finished,
+            diverged_at_step: None,
+            divergence_reason: None,
+            steps: 10,
+            epochs_completed: 0,
+            reached_target_at_step: None,
+            final_metrics: None,
+            best_train_loss: None,
+            best_test_loss: None,
+            best_test_acc: None,
+            wall_s: 1.0,
+            device: "cpu".into(),
+            version: CodeVersion::from_build("0.1.0", None),
+        };
+        model_card("card", "me/card", &checkpoint, None, &cfg, &toml, &summary)
+    }
+
+    /// The prose of a card: everything before the training config, which quotes the TOML.
+    fn prose(card: &str) -> &str {
+        card.split("## Training config").next().unwrap()
+    }
+
+    /// The card once called every CIFAR ResNet's shortcut option A, whatever `shortcut` was.
+    #[test]
+    fn the_card_names_the_shortcut_of_the_model() {
+        let card = card_for("family = \"cifar_resnet\"\ndepth = 20\nshortcut = \"conv_bn\"");
+        let text = prose(&card);
+        assert!(
+            text.contains("BatchNorm, option-B conv-BatchNorm shortcut, 3 input channels"),
+            "{text}"
+        );
+        assert!(!text.contains("option-A"), "{text}");
+        // The usage paragraph names it too; τ still scales the branches.
+        assert!(
+            text.contains("`shortcut(x)` is BatchNorm of a 1×1 stride-2 convolution of x")
+                && text.contains("relu(shortcut(x) + tau * branch(x))")
+                && text.contains("τ rule: `1/sqrt(L)`"),
+            "{text}"
+        );
+        let sub = card_for("family = \"cifar_resnet\"\ndepth = 8\nshortcut = \"subsample_bn\"");
+        assert!(
+            prose(&sub).contains("is BatchNorm of x at every other pixel")
+                && !prose(&sub).contains("option-A"),
+            "{sub}"
+        );
+        let plain = card_for("family = \"cifar_resnet\"\ndepth = 8");
+        assert!(prose(&plain).contains("option-A shortcut"), "{plain}");
+    }
+
+    /// The card once described a τ rule and a τ-scaled PyTorch block for Fixup, SkipInit
+    /// and ReZero models, which have no τ.
+    #[test]
+    fn the_card_of_a_fixup_model_describes_fixup_not_tau() {
+        let card =
+            card_for("family = \"cifar_resnet\"\ndepth = 20\nnorm = \"none\"\nscaling = \"fixup\"");
+        let text = prose(&card);
+        assert!(
+            text.contains("(no normalization, scalar biases, Fixup branch scaling, option-A shortcut,")
+                && text.contains("scaled by Fixup (Zhang, Dauphin & Ma")
+                && text.contains("one learnable `scale` per residual block (`layer1.0.scale`, …), initialized at 1, at L = 9 residual blocks; no τ")
+                && text.contains("`relu(shortcut(x) + scale * branch(x) + bias2b)`"),
+            "{text}"
+        );
+        for tau in ["τ rule", "tau * branch", "x_l + τ·F(x_l)", "τ ="] {
+            assert!(!text.contains(tau), "{tau:?} in\n{text}");
+        }
+        let rezero =
+            card_for("family = \"cifar_resnet\"\ndepth = 8\nnorm = \"none\"\nscaling = \"rezero\"");
+        let text = prose(&rezero);
+        assert!(
+            text.contains("no normalization, no biases, ReZero branch scaling")
+                && text
+                    .contains("`alpha` per residual block (`layer1.0.alpha`, …), initialized at 0")
+                && text.contains("`shortcut(x) + alpha * branch(x)`")
+                && !text.contains("relu(shortcut(x) + alpha")
+                && !text.contains("τ rule"),
+            "{text}"
+        );
+        let skipinit = card_for("family = \"cifar_resnet\"\ndepth = 8\nscaling = \"skipinit\"");
+        assert!(
+            prose(&skipinit).contains("`relu(shortcut(x) + alpha * branch(x))`"),
+            "{skipinit}"
+        );
+    }
 }
