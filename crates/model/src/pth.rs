@@ -20,10 +20,11 @@
 //!
 //! # Example
 //!
-//! akamaster/pytorch_resnet_cifar10's checkpoint layout (its `resnet20.pth` reads the same
-//! way with `"depth": 20`), here a CIFAR ResNet-8 saved by `torch.save` in that layout
-//! (`{'state_dict': …}`, DataParallel's `module.` prefix, the head named `linear`), and the
-//! same weights as `{'model': …}` without the rename.
+//! akamaster/pytorch_resnet_cifar10's checkpoint layout, here a CIFAR ResNet-8 saved by
+//! `torch.save` in that layout (`{'state_dict': …}`, DataParallel's `module.` prefix, the
+//! head named `linear`), and the same weights as `{'model': …}` without the rename. (Its
+//! `resnet20.pth` reads the same way with `"depth": 20`, but its option-A shortcut pads the
+//! new channels on both sides, so the imported network does not compute its function.)
 //!
 //! ```
 //! use std::path::Path;
