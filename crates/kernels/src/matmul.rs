@@ -7,7 +7,7 @@ use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::elementwise::MaskSum;
-use crate::util::{CHUNK, f32_data, fused_f32};
+use crate::util::{f32_data, fused_f32};
 
 /// gemm's parallelism: rayon's pool when it has more than one thread.
 fn parallelism() -> gemm::Parallelism {
