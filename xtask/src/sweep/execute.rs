@@ -194,11 +194,7 @@ fn finalize_point(
 
 /// The table printed at the end of a sweep: one row per point run, in grid order
 /// (finished points left out when there are more than 40 rows).
-pub(super) fn print_summary(
-    rows: &[SummaryRow],
-    ran: usize,
-    wall: Duration,
-) {
+pub(super) fn print_summary(rows: &[SummaryRow], ran: usize, wall: Duration) {
     if rows.is_empty() {
         println!("nothing to run: every point is done (use --force to redo)");
         return;

@@ -135,7 +135,13 @@ pub(super) struct When {
 
 impl Plan {
     /// What follows the step that left `step` steps done.
-    pub(super) fn when(&self, step: u64, reached_target: bool, has_test: bool, kind: OptimKind) -> When {
+    pub(super) fn when(
+        &self,
+        step: u64,
+        reached_target: bool,
+        has_test: bool,
+        kind: OptimKind,
+    ) -> When {
         let done = step >= self.total || reached_target;
         let epoch_end = step.is_multiple_of(self.spe) && !reached_target;
         let units_done = if self.by_epochs {
