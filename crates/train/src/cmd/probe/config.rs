@@ -75,35 +75,7 @@ pub(super) fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
 }
 
 fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Resolved> {
-    let mut sets = Vec::new();
-    if let Some(f) = &args.family {
-        sets.push(format!("model.family=\"{f}\""));
-    }
-    if let Some(d) = args.depth {
-        sets.push(format!("model.depth={d}"));
-    }
-    if let Some(w) = args.width {
-        sets.push(format!("model.width={w}"));
-    }
-    if let Some(s) = args.seed {
-        sets.push(format!("seed={s}"));
-    }
-    if let Some(n) = args.seeds {
-        sets.push(format!("probe.n_seeds={n}"));
-    }
-    if let Some(n) = args.inputs {
-        sets.push(format!("probe.n_inputs={n}"));
-    }
-    if !args.taus.is_empty() {
-        let list = toml::Value::Array(
-            args.taus
-                .iter()
-                .map(|t| toml::Value::String(t.clone()))
-                .collect(),
-        );
-        sets.push(format!("probe.taus={list}"));
-    }
-    sets.extend(args.sets.iter().cloned());
+    let sets = cli_sets(args);
     crate::config::apply_overrides(&mut table, &sets)?;
     let model_table = match table.get_mut("model") {
         Some(toml::Value::Table(t)) => t,
@@ -137,6 +109,53 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
         .try_into()
         .map_err(|e| anyhow::anyhow!("key `model`: {e}"))?;
     model.validate().context("key `model`")?;
+    let settings = probe_settings(&table)?;
+    let rules = probe_rules(&model, &settings)?;
+    Ok(Resolved {
+        model,
+        seed,
+        settings,
+        rules,
+        table,
+    })
+}
+
+/// The command line's options as `--set` overrides, before the user's own `--set`s.
+fn cli_sets(args: &ProbeArgs) -> Vec<String> {
+    let mut sets = Vec::new();
+    if let Some(f) = &args.family {
+        sets.push(format!("model.family=\"{f}\""));
+    }
+    if let Some(d) = args.depth {
+        sets.push(format!("model.depth={d}"));
+    }
+    if let Some(w) = args.width {
+        sets.push(format!("model.width={w}"));
+    }
+    if let Some(s) = args.seed {
+        sets.push(format!("seed={s}"));
+    }
+    if let Some(n) = args.seeds {
+        sets.push(format!("probe.n_seeds={n}"));
+    }
+    if let Some(n) = args.inputs {
+        sets.push(format!("probe.n_inputs={n}"));
+    }
+    if !args.taus.is_empty() {
+        let list = toml::Value::Array(
+            args.taus
+                .iter()
+                .map(|t| toml::Value::String(t.clone()))
+                .collect(),
+        );
+        sets.push(format!("probe.taus={list}"));
+    }
+    sets.extend(args.sets.iter().cloned());
+    sets
+}
+
+/// The `[probe]` table, checked.
+fn probe_settings(table: &toml::Table) -> anyhow::Result<ProbeSettings> {
     let settings: ProbeSettings = match table.get("probe") {
         Some(v) => v
             .clone()
@@ -161,6 +180,12 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
     {
         bail!("key `probe.n_inputs`: must be 1..=1048576, got {n}");
     }
+    Ok(settings)
+}
+
+/// The τ rules to probe: the model's own, or `probe.taus` with the backward pass for
+/// those in `probe.grad_taus` (all when it is absent).
+fn probe_rules(model: &ModelConfig, settings: &ProbeSettings) -> anyhow::Result<Vec<ProbeTauRule>> {
     let scaling = model.scaling();
     if scaling != Scaling::Tau && !settings.taus.is_empty() {
         bail!(
@@ -201,11 +226,5 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
             }
         }
     }
-    Ok(Resolved {
-        model,
-        seed,
-        settings,
-        rules,
-        table,
-    })
+    Ok(rules)
 }

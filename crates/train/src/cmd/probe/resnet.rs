@@ -104,32 +104,7 @@ pub(super) fn probe_resnet(
             let labels = Tensor::from_vec(labels, n, &dev)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let grads = loss.backward()?;
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
-            let mut per_block = vec![0f64; chain];
-            // In name order, so that the sums (and the record) repeat bit for bit.
-            let mut named: Vec<_> = data.iter().collect();
-            named.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            for (name, var) in named {
-                let Some(b) = c.block_index(name) else {
-                    continue;
-                };
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let s = g
-                        .to_dtype(DType::F64)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f64>()?;
-                    per_block[b] += s;
-                }
-            }
-            let log_last = 0.5 * per_block[chain - 1].ln();
-            let rel: Vec<f64> = per_block
-                .iter()
-                .map(|s| (0.5 * s.ln() - log_last) / ln10)
-                .collect();
+            let rel = block_grad_log_ratios(&c, &varmap, &grads, chain)?;
             if rel[0].is_finite() {
                 grad_ratio.push(rel[0]);
             }
@@ -156,4 +131,42 @@ pub(super) fn probe_resnet(
         });
     }
     Ok(out)
+}
+
+/// log10 of each block's gradient norm (its parameters' together) relative to the last
+/// block's, blocks 1..=chain in order.
+fn block_grad_log_ratios(
+    c: &ModelConfig,
+    varmap: &candle_nn::VarMap,
+    grads: &candle::backprop::GradStore,
+    chain: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let ln10 = std::f64::consts::LN_10;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
+    let mut per_block = vec![0f64; chain];
+    // In name order, so that the sums (and the record) repeat bit for bit.
+    let mut named: Vec<_> = data.iter().collect();
+    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (name, var) in named {
+        let Some(b) = c.block_index(name) else {
+            continue;
+        };
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let s = g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            per_block[b] += s;
+        }
+    }
+    let log_last = 0.5 * per_block[chain - 1].ln();
+    let rel: Vec<f64> = per_block
+        .iter()
+        .map(|s| (0.5 * s.ln() - log_last) / ln10)
+        .collect();
+    Ok(rel)
 }
