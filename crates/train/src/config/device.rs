@@ -91,15 +91,17 @@ impl DeviceSpec {
     /// When the device is absent or the binary was built without its feature.
     pub fn device(self) -> anyhow::Result<candle::Device> {
         match self {
-            DeviceSpec::Auto => {
-                if candle::utils::cuda_is_available() {
-                    Ok(candle::Device::new_cuda(0)?)
-                } else if candle::utils::metal_is_available() {
-                    Ok(candle::Device::new_metal(0)?)
-                } else {
-                    Ok(candle::Device::Cpu)
-                }
-            }
+            // candle's `*_is_available` say only whether the build has the feature: a
+            // CUDA build on a machine without a usable GPU falls back to the CPU.
+            DeviceSpec::Auto => Ok(candle::utils::cuda_is_available()
+                .then(|| candle::Device::new_cuda(0).ok())
+                .flatten()
+                .or_else(|| {
+                    candle::utils::metal_is_available()
+                        .then(|| candle::Device::new_metal(0).ok())
+                        .flatten()
+                })
+                .unwrap_or(candle::Device::Cpu)),
             DeviceSpec::Cpu => Ok(candle::Device::Cpu),
             DeviceSpec::Cuda(n) => candle::Device::new_cuda(n).with_context(|| {
                 format!("opening cuda:{n} (is the binary built with `--features cuda`?)")
