@@ -252,37 +252,18 @@ pub fn block_matmul_f32(
     if rows == 0 || m == 0 {
         return Ok(());
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // Element (k, j) of the right-hand side is w[j][k] for xs · wᵀ, w[k][j] for xs · w.
     let (rhs_cs, rhs_rs) = if transpose_w { (m, 1) } else { (1, m) };
     // SAFETY: every slice holds exactly the elements the sizes and strides address
     // (checked above), and `out` is borrowed mutably, so it aliases neither input.
     unsafe {
-        gemm::gemm(
-            rows,
-            m,
-            m,
+        gemm_f32(
+            (rows, m, m),
             out.as_mut_ptr(),
-            1,
-            m as isize,
             false,
-            xs.as_ptr(),
-            1,
-            m as isize,
-            w.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
+            (xs.as_ptr(), 1, m),
+            (w.as_ptr(), rhs_cs, rhs_rs),
             1.0,
-            false,
-            false,
-            false,
-            par,
         )
     }
     Ok(())

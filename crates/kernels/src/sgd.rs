@@ -186,6 +186,30 @@ fn dst_f32<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f
     }
 }
 
+/// dst ← f(dst, a, b) element by element, on rayon's threads, for the in-place ops with
+/// two operands (errors name `op` and the operands, `names`).
+fn update3(
+    dst: &mut CpuStorage,
+    dl: &Layout,
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+    op: &str,
+    names: [&str; 2],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Result<()> {
+    let d = dst_f32(dst, dl, op)?;
+    let a = f32_data(a, al, d.len(), op, names[0])?;
+    let b = f32_data(b, bl, d.len(), op, names[1])?;
+    d.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(dc, (ac, bc))| {
+            for ((d, &a), &b) in dc.iter_mut().zip(ac).zip(bc) {
+                *d = f(*d, a, b);
+            }
+        });
+    Ok(())
+}
+
 /// w ← the new weight, from g (no momentum).
 struct WeightOp(Consts);
 
@@ -242,18 +266,16 @@ impl InplaceOp3 for MomentumWeightOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let w = dst_f32(s1, l1, self.name())?;
-        let g = f32_data(s2, l2, w.len(), self.name(), "gradient")?;
-        let b = f32_data(s3, l3, w.len(), self.name(), "buffer")?;
         let c = self.0;
-        w.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(wc, (gc, bc))| {
-                for ((w, &g), &b) in wc.iter_mut().zip(gc).zip(bc) {
-                    *w = c.weight(*w, c.direction(g, *w), Some(b));
-                }
-            });
-        Ok(())
+        update3(
+            s1,
+            l1,
+            (s2, l2),
+            (s3, l3),
+            self.name(),
+            ["gradient", "buffer"],
+            |w, g, b| c.weight(w, c.direction(g, w), Some(b)),
+        )
     }
 }
 
@@ -274,19 +296,17 @@ impl InplaceOp3 for BufferOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let b = dst_f32(s1, l1, self.name())?;
-        let g = f32_data(s2, l2, b.len(), self.name(), "gradient")?;
-        let w = f32_data(s3, l3, b.len(), self.name(), "weight")?;
         let c = self.0;
         let mu = c.momentum.unwrap_or(0.0);
-        b.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(w.par_chunks(CHUNK)))
-            .for_each(|(bc, (gc, wc))| {
-                for ((b, &g), &w) in bc.iter_mut().zip(gc).zip(wc) {
-                    *b = c.buffer(*b, c.direction(g, w), mu);
-                }
-            });
-        Ok(())
+        update3(
+            s1,
+            l1,
+            (s2, l2),
+            (s3, l3),
+            self.name(),
+            ["gradient", "weight"],
+            |b, g, w| c.buffer(b, c.direction(g, w), mu),
+        )
     }
 }
 

@@ -267,7 +267,7 @@ pub fn run_loop(
             tracing::warn!("diverged at step {s}: {reason}");
             let record = MetricsRecord {
                 wall_s: clock.wall(),
-                ..diverged_record(&sess, s, lr, loss, norms)?
+                ..diverged_record(&sess, (s, epoch), lr, loss, norms)?
             };
             metrics.append(&record)?;
             state.last_record = Some(record);

@@ -166,14 +166,14 @@ impl Plan {
 /// The record of a step whose loss or gradient is not finite (its wall time left at 0).
 pub(super) fn diverged_record(
     sess: &Session<'_>,
-    step: u64,
+    (step, epoch): (u64, u64),
     lr: f64,
     loss: f64,
     norms: grads::GradNorms,
 ) -> anyhow::Result<MetricsRecord> {
     Ok(MetricsRecord {
         step,
-        epoch: step / steps_per_epoch(sess.cfg, sess.train.len()),
+        epoch,
         epoch_end: false,
         lr,
         train_loss: Some(loss),
