@@ -224,6 +224,163 @@ impl CustomOp3 for ResidualDenseBwd {
     }
 }
 
+/// The backward pass of a whole chain of [`residual_dense_relu`] blocks, h_l =
+/// relu(h_{l−1} + τ·h_{l−1}·W_lᵀ) for l = 1..L, written out instead of left to candle's
+/// autograd: given the hidden states `hs` = [h_0, …, h_L] (each n × m, as the forward pass
+/// produced them), the weights `ws` = [W_1, …, W_L] (each m × m) and `dy` = ∂ℓ/∂h_L,
+/// returns ∂ℓ/∂h_0 and [∂ℓ/∂W_1, …, ∂ℓ/∂W_L], with g_l = ∂ℓ/∂h_l ⊙ 1(h_l > 0):
+/// ∂ℓ/∂W_l = τ·g_lᵀ·h_{l−1} and ∂ℓ/∂h_{l−1} = g_l + τ·g_l·W_l.
+///
+/// These are the products [`residual_dense_relu`]'s backward computes, in the same order
+/// and with the same GEMM calls, so the gradients are the same numbers bit for bit; what
+/// is saved is candle's gradient bookkeeping, which adds every block's m × m weight
+/// gradient to a freshly zeroed tensor (two more passes over each W-sized buffer and two
+/// allocations per block — the theory network's full-batch step is memory-bound at small
+/// n). On the CPU for `f32` under the fused kernels; elsewhere candle's composition of the
+/// same expressions.
+///
+/// # Example
+///
+/// ```
+/// use candle::{Device, Tensor, Var};
+/// use tau_kernels::matmul::{residual_dense_relu, residual_dense_relu_chain_backward};
+///
+/// # fn main() -> candle::Result<()> {
+/// let (n, m, tau) = (4, 8, 0.5);
+/// let h0 = Var::randn(0f32, 1., (n, m), &Device::Cpu)?;
+/// let ws = [Var::randn(0f32, 0.3, (m, m), &Device::Cpu)?, Var::randn(0f32, 0.3, (m, m), &Device::Cpu)?];
+/// let h1 = residual_dense_relu(h0.as_tensor(), ws[0].as_tensor(), tau)?;
+/// let h2 = residual_dense_relu(&h1, ws[1].as_tensor(), tau)?;
+/// let autograd = h2.sum_all()?.backward()?;
+///
+/// let hs = [h0.as_tensor().clone(), h1, h2.clone()];
+/// let wts = [ws[0].as_tensor().clone(), ws[1].as_tensor().clone()];
+/// let (dh0, dws) = residual_dense_relu_chain_backward(&hs, &wts, &h2.ones_like()?, tau)?;
+/// let diff = (&dws[0] - autograd.get(ws[0].as_tensor()).unwrap())?.abs()?.max_all()?;
+/// assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+/// let diff = (&dh0 - autograd.get(h0.as_tensor()).unwrap())?.abs()?.max_all()?;
+/// assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// `hs` not one longer than `ws`, shapes that do not match, or a device error.
+pub fn residual_dense_relu_chain_backward(
+    hs: &[Tensor],
+    ws: &[Tensor],
+    dy: &Tensor,
+    tau: f64,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    if hs.len() != ws.len() + 1 {
+        candle::bail!(
+            "residual_dense_relu_chain_backward: {} hidden states for {} blocks (expected {})",
+            hs.len(),
+            ws.len(),
+            ws.len() + 1
+        )
+    }
+    let (n, m) = hs[0].dims2()?;
+    for (l, h) in hs.iter().enumerate() {
+        if h.dims() != [n, m] {
+            candle::bail!(
+                "residual_dense_relu_chain_backward: h_{l} is {:?}, h_0 is [{n}, {m}]",
+                h.dims()
+            )
+        }
+    }
+    for (l, w) in ws.iter().enumerate() {
+        if w.dims() != [m, m] {
+            candle::bail!(
+                "residual_dense_relu_chain_backward: W_{} is {:?} (expected [{m}, {m}])",
+                l + 1,
+                w.dims()
+            )
+        }
+    }
+    if dy.dims() != [n, m] {
+        candle::bail!(
+            "residual_dense_relu_chain_backward: the output gradient is {:?} (expected [{n}, {m}])",
+            dy.dims()
+        )
+    }
+    let all: Vec<&Tensor> = hs.iter().chain(ws).chain([dy]).collect();
+    if !fused_f32(&all) {
+        return chain_backward_composed(hs, ws, dy, tau);
+    }
+    let tau32 = tau as f32;
+    let mut dh = cpu_f32_vec(dy)?;
+    let mut g = vec![0f32; n * m];
+    let mut dws = Vec::with_capacity(ws.len());
+    for l in (1..hs.len()).rev() {
+        let (h_out, h_in, w) = (cpu_f32_vec(&hs[l])?, cpu_f32_vec(&hs[l - 1])?, &ws[l - 1]);
+        // g = dh ⊙ 1(h_l > 0), into g and into dh (which becomes g + τ·g·W_l below).
+        for ((gv, d), &y) in g.iter_mut().zip(dh.iter_mut()).zip(&h_out) {
+            let v = if y > 0.0 { *d } else { 0.0 };
+            *gv = v;
+            *d = v;
+        }
+        let mut dw = vec![0f32; m * m];
+        let (w_guard, w_layout) = w.storage_and_layout();
+        let w_data = match &*w_guard {
+            candle::Storage::Cpu(s) => {
+                f32_data(s, w_layout, m * m, "residual-dense-relu-chain", "weight")?
+            }
+            _ => candle::bail!("residual_dense_relu_chain_backward: weight not on the CPU"),
+        };
+        if n > 0 && m > 0 {
+            // SAFETY: dh and g hold n × m elements, dw m × m, h_in n × m, w_data m × m;
+            // dh and dw are this function's own vectors, distinct from every input.
+            // The same calls as ResidualDenseBwd's.
+            unsafe {
+                gemm_f32(
+                    (n, m, m),
+                    dh.as_mut_ptr(),
+                    true,
+                    (g.as_ptr(), 1, m),
+                    (w_data.as_ptr(), 1, m),
+                    tau32,
+                );
+                gemm_f32(
+                    (m, m, n),
+                    dw.as_mut_ptr(),
+                    false,
+                    (g.as_ptr(), m, 1),
+                    (h_in.as_ptr(), 1, m),
+                    tau32,
+                );
+            }
+        }
+        drop(w_guard);
+        dws.push(Tensor::from_vec(dw, (m, m), w.device())?);
+    }
+    dws.reverse();
+    Ok((Tensor::from_vec(dh, (n, m), dy.device())?, dws))
+}
+
+/// A contiguous CPU `f32` tensor's values (one copy of n × m values: the hidden states
+/// are small next to the weights).
+fn cpu_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// [`residual_dense_relu_chain_backward`] from candle's ops, on any device and dtype.
+fn chain_backward_composed(
+    hs: &[Tensor],
+    ws: &[Tensor],
+    dy: &Tensor,
+    tau: f64,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let mut dh = dy.clone();
+    let mut dws = Vec::with_capacity(ws.len());
+    for l in (1..hs.len()).rev() {
+        let g = (&dh * hs[l].gt(0.0)?.to_dtype(dh.dtype())?)?;
+        dws.push((g.t()?.matmul(&hs[l - 1])? * tau)?);
+        dh = (&g + (g.matmul(&ws[l - 1])? * tau)?)?;
+    }
+    dws.reverse();
+    Ok((dh, dws))
+}
+
 /// The product of many hidden states with one block weight, written into a caller's
 /// buffer: `out = xs · wᵀ` (`transpose_w`, the forward pass, rows of `xs` as hidden
 /// states) or `out = xs · w` (the backward pass), all row-major f32, `xs` and `out`
@@ -272,7 +429,9 @@ pub fn block_matmul_f32(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{compare, random};
+    use crate::select::{KernelSet, with_kernels};
+    use crate::test_util::{compare, random, rel_err};
+    use candle::Var;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -295,6 +454,100 @@ mod tests {
                 &format!("residual_dense_relu n={n} m={m} tau={tau}"),
             );
         }
+    }
+
+    /// A chain of blocks, its forward states and the autograd gradients of Σ r ⊙ h_L.
+    fn chain_autograd(
+        h0: &Tensor,
+        ws: &[Tensor],
+        r: &Tensor,
+        tau: f64,
+    ) -> (Vec<Tensor>, Vec<Var>, Var, candle::backprop::GradStore) {
+        let h0 = Var::from_tensor(h0).unwrap();
+        let wv: Vec<Var> = ws.iter().map(|w| Var::from_tensor(w).unwrap()).collect();
+        let mut hs = vec![h0.as_tensor().clone()];
+        for w in &wv {
+            let h = residual_dense_relu(hs.last().unwrap(), w.as_tensor(), tau).unwrap();
+            hs.push(h);
+        }
+        let grads = (hs.last().unwrap() * r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (hs, wv, h0, grads)
+    }
+
+    /// The written-out backward gives candle's autograd gradients bit for bit (the same
+    /// GEMM calls; candle only adds them to zeros), under every kernel set; in f64 (the
+    /// composed fallback) within rounding of the f64 autograd.
+    #[test]
+    fn chain_backward_equals_autograd() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        // Widths off every SIMD width, a single row; enough depth for dead ReLUs.
+        for (n, m, depth, tau) in [(5, 24, 4, 0.5), (1, 17, 3, 1.0), (9, 33, 6, 0.2)] {
+            let h0 = random(&mut rng, &[n, m], -1.0, 1.0);
+            let ws: Vec<Tensor> = (0..depth)
+                .map(|_| random(&mut rng, &[m, m], -0.4, 0.4))
+                .collect();
+            let r = random(&mut rng, &[n, m], -1.0, 1.0);
+            for set in KernelSet::available() {
+                with_kernels(set, || {
+                    let (hs, wv, h0v, grads) = chain_autograd(&h0, &ws, &r, tau);
+                    let wt: Vec<Tensor> = wv.iter().map(|w| w.as_tensor().clone()).collect();
+                    let (dh0, dws) = residual_dense_relu_chain_backward(&hs, &wt, &r, tau).unwrap();
+                    let same = |a: &Tensor, b: &Tensor, what: &str| {
+                        let (a, b) = (
+                            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        );
+                        assert_eq!(a, b, "{what} (n={n} m={m} L={depth}, {set} kernels)");
+                    };
+                    same(&dh0, grads.get(h0v.as_tensor()).unwrap(), "dh0");
+                    for (l, (w, dw)) in wv.iter().zip(&dws).enumerate() {
+                        same(
+                            dw,
+                            grads.get(w.as_tensor()).unwrap(),
+                            &format!("dW_{}", l + 1),
+                        );
+                    }
+                });
+            }
+            // f64: the composed fallback against f64 autograd of the composed block.
+            let f64_of = |t: &Tensor| t.to_dtype(candle::DType::F64).unwrap();
+            let (hs, wv, h0v, grads) = chain_autograd(
+                &f64_of(&h0),
+                &ws.iter().map(f64_of).collect::<Vec<_>>(),
+                &f64_of(&r),
+                tau,
+            );
+            let wt: Vec<Tensor> = wv.iter().map(|w| w.as_tensor().clone()).collect();
+            let (dh0, dws) =
+                residual_dense_relu_chain_backward(&hs, &wt, &f64_of(&r), tau).unwrap();
+            assert!(rel_err(&dh0, grads.get(h0v.as_tensor()).unwrap()) < 1e-12);
+            for (w, dw) in wv.iter().zip(&dws) {
+                assert!(rel_err(dw, grads.get(w.as_tensor()).unwrap()) < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn chain_backward_rejects_mismatched_inputs() {
+        let t = |d: &[usize]| Tensor::zeros(d, candle::DType::F32, &candle::Device::Cpu).unwrap();
+        let hs = [t(&[2, 3]), t(&[2, 3])];
+        let err = residual_dense_relu_chain_backward(&hs, &[], &t(&[2, 3]), 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 hidden states for 0 blocks"), "{err}");
+        let err = residual_dense_relu_chain_backward(&hs, &[t(&[3, 4])], &t(&[2, 3]), 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("W_1 is [3, 4]"), "{err}");
+        let err = residual_dense_relu_chain_backward(&hs, &[t(&[3, 3])], &t(&[2, 4]), 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("output gradient is [2, 4]"), "{err}");
     }
 
     #[test]

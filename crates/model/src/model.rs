@@ -133,6 +133,28 @@ impl Model {
         }
     }
 
+    /// A training step's forward and backward pass in one call, where the model has a
+    /// faster way than `loss(forward_t(xs, true)).backward()`: the output, the loss and its
+    /// gradients (the same values). `None` where it has none (the ResNets: use autograd).
+    /// The theory network's is [`TheoryNet::loss_backward`] (its
+    /// [example](TheoryNet::loss_backward#example)).
+    ///
+    /// # Errors
+    /// Wrong input shape or dtype, the loss closure's error, or a device error.
+    pub fn loss_backward<F>(
+        &self,
+        xs: &Tensor,
+        loss: F,
+    ) -> Result<Option<(Tensor, Tensor, candle::backprop::GradStore)>>
+    where
+        F: FnOnce(&Tensor) -> Result<Tensor>,
+    {
+        match self {
+            Model::Theory(m) => m.loss_backward(xs, loss).map(Some),
+            Model::CifarResNet(_) | Model::BottleneckResNet(_) => Ok(None),
+        }
+    }
+
     /// The output for a batch, as [`Self::forward_t`], calling `hook(l, h_l)` on the way
     /// with h_0, the stem's output (the first block's input), and then h_l, the output of
     /// the l-th residual block, l = 1, 2, … through the residual chain (its length is the

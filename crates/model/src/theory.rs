@@ -596,6 +596,82 @@ impl TheoryNet {
         h.matmul(&self.b.t()?)
     }
 
+    /// The output for `xs`, the loss `loss` computes from it, and the gradients of that
+    /// loss with respect to every trained tensor of the network (W_1..W_L, and A or B
+    /// when they are variables), as [`candle::backprop::GradStore`] keyed like the one of
+    /// `loss.backward()`, which it equals value for value.
+    ///
+    /// The training step of full-batch gradient descent: the blocks' backward pass is
+    /// [`tau_kernels::matmul::residual_dense_relu_chain_backward`], written out, instead of
+    /// candle's autograd over L block ops, which zeroes and adds a fresh m × m buffer for
+    /// every W_l's gradient; the stem and the head (small) go through autograd.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use candle::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use tau_model::{TheoryConfig, TheoryNet};
+    ///
+    /// # fn main() -> candle::Result<()> {
+    /// let cfg = TheoryConfig { input_dim: 3, width: 16, depth: 4, ..TheoryConfig::default() };
+    /// let vm = VarMap::new();
+    /// let net = TheoryNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let xs = Tensor::randn(0f32, 1., (5, 3), &Device::Cpu)?;
+    /// let (preds, loss, grads) = net.loss_backward(&xs, |p| p.sqr()?.sum_all())?;
+    /// let autograd = net.forward(&xs)?.sqr()?.sum_all()?.backward()?;
+    /// assert_eq!(loss.to_scalar::<f32>()?, preds.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    /// let w = &net.weights()[0];
+    /// let diff = (grads.get(w).unwrap() - autograd.get(w).unwrap())?.abs()?.max_all()?;
+    /// assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Wrong input shape or dtype, the loss closure's error, or a device error.
+    pub fn loss_backward<F>(
+        &self,
+        xs: &Tensor,
+        loss: F,
+    ) -> Result<(Tensor, Tensor, candle::backprop::GradStore)>
+    where
+        F: FnOnce(&Tensor) -> Result<Tensor>,
+    {
+        self.check_input(xs)?;
+        let h0 = self.stem(xs)?;
+        let ws: Vec<Tensor> = self.ws.iter().map(Tensor::detach).collect();
+        let mut hs = Vec::with_capacity(ws.len() + 1);
+        hs.push(h0.detach());
+        for w in &ws {
+            let h = self.block(&hs[hs.len() - 1], w)?;
+            hs.push(h);
+        }
+        // The head through autograd, from a variable copy of h_L: ∂loss/∂h_L (and ∂/∂B).
+        let h_last = candle::Var::from_tensor(&hs[ws.len()])?;
+        let preds = h_last.as_tensor().matmul(&self.b.t()?)?;
+        let value = loss(&preds)?;
+        let mut grads = value.backward()?;
+        let dh_last = match grads.remove(h_last.as_tensor()) {
+            Some(g) => g,
+            None => h_last.as_tensor().zeros_like()?,
+        };
+        let (dh0, dws) =
+            tau_kernels::matmul::residual_dense_relu_chain_backward(&hs, &ws, &dh_last, self.tau)?;
+        for (w, dw) in self.ws.iter().zip(dws) {
+            if w.is_variable() {
+                grads.insert(w, dw);
+            }
+        }
+        if self.a.is_variable() {
+            // ∂loss/∂A through the stem: the gradient of Σ h_0 ⊙ ∂loss/∂h_0.
+            let stem = (&h0 * dh0)?.sum_all()?.backward()?;
+            if let Some(da) = stem.get(&self.a) {
+                grads.insert(&self.a, da.clone());
+            }
+        }
+        Ok((preds, value, grads))
+    }
+
     /// ln‖h_l(x_i)‖ for l = 0..=L and every row x_i of `xs`, finite at any depth and τ.
     /// See the [example](TheoryNet#example).
     ///

@@ -347,3 +347,71 @@ fn model_table_from_toml() {
         .to_string();
     assert!(err.contains("accepted forms"), "{err}");
 }
+
+/// `loss_backward` (the blocks' backward written out) gives autograd's gradients: bit for
+/// bit in f32 on the fused CPU path for every W_l, A and B (A and B trained here), and
+/// within rounding in f64 (the composed fallback), with the squared and a cross-entropy-like
+/// loss; the output and the loss are the forward pass's.
+#[test]
+fn loss_backward_equals_autograd() {
+    for dtype in [DType::F32, DType::F64] {
+        let cfg = TheoryConfig {
+            input_dim: 5,
+            width: 24,
+            depth: 6,
+            output_dim: 3,
+            train_a: true,
+            train_b: true,
+            ..TheoryConfig::default()
+        };
+        let net = theory(cfg, 3, dtype);
+        let xs = unit_inputs(7, 5, 4, dtype);
+        let ys = unit_inputs(7, 3, 5, dtype);
+        type Loss<'a> = &'a dyn Fn(&Tensor) -> candle::Result<Tensor>;
+        let losses: [Loss; 2] = [
+            &|p: &Tensor| (p - &ys)?.sqr()?.sum_all()?.affine(0.5 / 7.0, 0.0),
+            &|p: &Tensor| candle_nn::ops::log_softmax(p, 1)?.sum_all()?.neg(),
+        ];
+        for (k, loss) in losses.iter().enumerate() {
+            let (preds, value, grads) = net.loss_backward(&xs, loss).unwrap();
+            let want_preds = net.forward(&xs).unwrap();
+            let want = loss(&want_preds).unwrap();
+            let auto = want.backward().unwrap();
+            let flat = |t: &Tensor| -> Vec<f64> {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(
+                flat(&preds),
+                flat(&want_preds),
+                "{dtype:?} loss {k}: output"
+            );
+            assert_eq!(flat(&value), flat(&want), "{dtype:?} loss {k}: loss");
+            let tensors: Vec<&Tensor> = net
+                .weights()
+                .iter()
+                .chain([net.input_weight(), net.output_weight()])
+                .collect();
+            for (i, t) in tensors.iter().enumerate() {
+                let (got, exp) = (flat(grads.get(t).unwrap()), flat(auto.get(t).unwrap()));
+                if dtype == DType::F32 {
+                    assert_eq!(got, exp, "f32 loss {k}: gradient {i}");
+                } else {
+                    let scale = exp.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    let err = got
+                        .iter()
+                        .zip(&exp)
+                        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        err <= 1e-12 * scale,
+                        "f64 loss {k}: gradient {i}: {err} of {scale}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -142,6 +142,14 @@ impl TrainModel for TauModel {
             None => Ok(None),
         }
     }
+
+    fn loss_backward(
+        &self,
+        xs: &Tensor,
+        loss: &mut dyn FnMut(&Tensor) -> candle::Result<Tensor>,
+    ) -> candle::Result<Option<(Tensor, Tensor, candle::backprop::GradStore)>> {
+        self.model.loss_backward(xs, loss)
+    }
 }
 
 impl ModelStore for TauModel {

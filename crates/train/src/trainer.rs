@@ -68,6 +68,21 @@ pub trait TrainModel {
     fn h_ratio(&self, _xs: &Tensor) -> candle::Result<Option<f64>> {
         Ok(None)
     }
+
+    /// A training step's output, loss (what `loss` returns for the output) and its
+    /// gradients, where the model computes them faster than autograd over
+    /// [`Self::forward_t`] (the same values); `None` (the default) to use autograd.
+    ///
+    /// # Errors
+    /// Shape or device errors, or the loss closure's.
+    #[allow(clippy::type_complexity)]
+    fn loss_backward(
+        &self,
+        _xs: &Tensor,
+        _loss: &mut dyn FnMut(&Tensor) -> candle::Result<Tensor>,
+    ) -> candle::Result<Option<(Tensor, Tensor, candle::backprop::GradStore)>> {
+        Ok(None)
+    }
 }
 
 /// Saves the model part of a checkpoint into a directory.

@@ -486,11 +486,15 @@ fn bench_theory(
         model.forward_t(&xs, false)?;
         device.synchronize()
     })?;
-    // The trainer's step: ½ Σ (y − y*)² / n, backward, W_l −= lr · ∂.
+    // The trainer's step: ½ Σ (y − y*)² / n, the model's own backward pass (as the
+    // trainer runs it: `Model::loss_backward`), W_l −= lr · ∂.
+    let loss = |preds: &Tensor| (preds - &ys)?.sqr()?.sum_all()?.affine(0.5 / n as f64, 0.0);
     let step = time_steps(args.warmup, args.steps, || {
-        let diff = (model.forward_t(&xs, true)? - &ys)?;
-        let loss = diff.sqr()?.sum_all()?.affine(0.5 / n as f64, 0.0)?;
-        sgd_step(&mut opt, &loss, 0.02)?;
+        let grads = match model.loss_backward(&xs, loss)? {
+            Some((_, _, grads)) => grads,
+            None => loss(&model.forward_t(&xs, true)?)?.backward()?,
+        };
+        apply_grads(&mut opt, &grads, 0.02)?;
         device.synchronize()
     })?;
     Ok(vec![
@@ -524,7 +528,11 @@ fn trainer_sgd(cfg: &ModelConfig, varmap: &VarMap) -> Sgd {
 
 /// Backward from `loss` and one step of `opt` at learning rate `lr`.
 fn sgd_step(opt: &mut Sgd, loss: &Tensor, lr: f64) -> candle::Result<()> {
-    let grads = loss.backward()?;
+    apply_grads(opt, &loss.backward()?, lr)
+}
+
+/// One step of `opt` at learning rate `lr` with the gradients in `grads`.
+fn apply_grads(opt: &mut Sgd, grads: &candle::backprop::GradStore, lr: f64) -> candle::Result<()> {
     let gs: Vec<Option<Tensor>> = opt
         .params()
         .iter()

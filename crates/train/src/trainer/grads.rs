@@ -168,6 +168,32 @@ pub(super) fn scale_for(cfg: &RunConfig, count: usize) -> f64 {
     }
 }
 
+/// One batch's output, loss sum, and the gradients of the loss sum times `scale`: the
+/// model's own backward pass where it has one (the theory network's, the same values
+/// faster: [`tau_model::Model::loss_backward`]), else candle's autograd.
+fn forward_backward(
+    sess: &Session<'_>,
+    xs: &Tensor,
+    ys: &Targets,
+    scale: f64,
+) -> candle::Result<(Tensor, Tensor, candle::backprop::GradStore)> {
+    let kind = sess.cfg.loss.kind;
+    let mut sum = None;
+    let fast = sess.model.loss_backward(xs, &mut |preds| {
+        let l = loss_sum(kind, preds, ys)?;
+        let scaled = l.affine(scale, 0.0)?;
+        sum = Some(l);
+        Ok(scaled)
+    })?;
+    if let (Some((preds, _, grads)), Some(l)) = (fast, sum) {
+        return Ok((preds, l, grads));
+    }
+    let preds = sess.model.forward_t(xs, true)?;
+    let l = loss_sum(kind, &preds, ys)?;
+    let grads = l.affine(scale, 0.0)?.backward()?;
+    Ok((preds, l, grads))
+}
+
 /// Full batch: the gradient of the loss over all `n` examples, summed over chunks of
 /// `batch_size` in index order (the sum of the chunks' gradients is the full gradient).
 pub(super) fn gd_grads(sess: &Session<'_>, n: usize, epoch: u64) -> anyhow::Result<StepGrads> {
@@ -179,14 +205,12 @@ pub(super) fn gd_grads(sess: &Session<'_>, n: usize, epoch: u64) -> anyhow::Resu
     for start in (0..n).step_by(bs) {
         let idx: Vec<usize> = (start..(start + bs).min(n)).collect();
         let (xs, ys) = sess.train.batch(&idx, Some(epoch))?;
-        let preds = sess.model.forward_t(&xs, true)?;
-        let l = loss_sum(cfg.loss.kind, &preds, &ys)?;
+        let (preds, l, grads) = forward_backward(sess, &xs, &ys, scale)?;
         loss_total += l.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
         if let Some(c) = correct(&preds, &ys)? {
             hits += c;
             has_acc = true;
         }
-        let grads = l.affine(scale, 0.0)?.backward()?;
         collect_grads(sess.optimizer, &grads, &mut acc)?;
     }
     Ok(StepGrads {
@@ -204,11 +228,9 @@ pub(super) fn sgd_grads(
 ) -> anyhow::Result<StepGrads> {
     let cfg = sess.cfg;
     let (xs, ys) = sess.train.batch(indices, Some(epoch))?;
-    let preds = sess.model.forward_t(&xs, true)?;
-    let l = loss_sum(cfg.loss.kind, &preds, &ys)?;
+    let (preds, l, grads) = forward_backward(sess, &xs, &ys, scale_for(cfg, indices.len()))?;
     let loss_total = l.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
     let hits = correct(&preds, &ys)?;
-    let grads = l.affine(scale_for(cfg, indices.len()), 0.0)?.backward()?;
     let mut acc: Vec<Option<Tensor>> = vec![None; sess.optimizer.params().len()];
     collect_grads(sess.optimizer, &grads, &mut acc)?;
     Ok(StepGrads {
