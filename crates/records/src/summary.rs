@@ -1,6 +1,8 @@
 //! `summary.json` and `metrics.jsonl`: how a run ended and what it measured, and the
 //! exit codes of `tau-resnet`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Reads an `f64` that serde_json may have written as `null`: JSON has no NaN or
@@ -8,6 +10,19 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// (Writing is unchanged: this only lets the records of a diverged run be read.)
 fn nan_if_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
+/// Reads the per-block scalars of a record, where a non-finite value was written as
+/// `null` (as [`nan_if_null`] does for one number).
+fn scales_nan_if_null<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, f32>>, D::Error> {
+    let map = Option::<BTreeMap<String, Option<f32>>>::deserialize(deserializer)?;
+    Ok(map.map(|m| {
+        m.into_iter()
+            .map(|(k, v)| (k, v.unwrap_or(f32::NAN)))
+            .collect()
+    }))
 }
 
 /// The gradient norm of one layer (a block, or a named module outside the blocks).
@@ -55,6 +70,17 @@ pub struct MetricsRecord {
     /// The current τ, when it is learnable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tau: Option<f64>,
+    /// The learnable per-block scalars of the residual-scaling schemes, by parameter name:
+    /// SkipInit's and ReZero's α (`layer2.3.alpha`) and Fixup's branch multiplier
+    /// (`layer2.3.scale`), one entry per block, in f32 (the parameters' own precision in
+    /// the default f32 models). Absent for models without such scalars (τ, fixed or
+    /// learnable: see `tau`) and in records written before the field existed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "scales_nan_if_null"
+    )]
+    pub branch_scales: Option<BTreeMap<String, f32>>,
     /// Theory network: mean over (up to one chunk of) the training points of
     /// ‖h_L(x)‖ / ‖h_0(x)‖ at the current parameters.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,6 +262,7 @@ mod tests {
                     norm: 0.75,
                 }],
                 tau: None,
+                branch_scales: None,
                 h_ratio: Some(2.0),
                 examples_per_s: 1000.0,
                 wall_s: 1.25,
@@ -315,6 +342,48 @@ mod tests {
         // A missing number is still an error.
         let err = serde_json::from_str::<LayerNorm>("{\"name\": \"fc\"}").unwrap_err();
         assert!(err.to_string().contains("norm"), "{err}");
+    }
+
+    /// Records of models with per-block scalars carry them by name, compactly (the f32
+    /// values in their shortest form), and a non-finite one reads back as NaN; records
+    /// without them (τ models, and every record written before the field) write nothing
+    /// new and read back with `None`.
+    #[test]
+    fn branch_scales_are_written_by_name_and_absent_when_there_are_none() {
+        let r = MetricsRecord {
+            step: 25,
+            branch_scales: Some(BTreeMap::from([
+                ("layer1.0.alpha".to_string(), 0.0125f32),
+                ("layer1.1.alpha".to_string(), -0.5),
+                ("layer2.0.alpha".to_string(), f32::INFINITY),
+            ])),
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.contains(
+                "\"branch_scales\":{\"layer1.0.alpha\":0.0125,\"layer1.1.alpha\":-0.5,\"layer2.0.alpha\":null}"
+            ),
+            "{line}"
+        );
+        let back: MetricsRecord = serde_json::from_str(&line).unwrap();
+        let scales = back.branch_scales.unwrap();
+        assert_eq!(scales["layer1.0.alpha"], 0.0125);
+        assert_eq!(scales["layer1.1.alpha"], -0.5);
+        assert!(scales["layer2.0.alpha"].is_nan());
+
+        let plain = MetricsRecord {
+            step: 25,
+            tau: Some(0.25),
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&plain).unwrap();
+        assert!(!line.contains("branch_scales"), "{line}");
+        // A line written before the field existed.
+        let old = "{\"step\":10,\"epoch\":0,\"epoch_end\":false,\"lr\":0.1,\"train_loss\":0.5,\
+                   \"grad_norm\":1.0,\"layer_grad_norms\":[],\"examples_per_s\":1.0,\"wall_s\":1.0}";
+        let back: MetricsRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((back.step, back.branch_scales), (10, None));
     }
 
     #[test]

@@ -183,10 +183,57 @@ pub(super) fn diverged_record(
         grad_norm: Some(norms.global),
         layer_grad_norms: norms.layers,
         tau: sess.model.learnable_tau()?,
+        branch_scales: branch_scales(sess)?,
         h_ratio: None,
         examples_per_s: 0.0,
         wall_s: 0.0,
     })
+}
+
+/// The current values of the per-block scalars among the optimizer's parameters (by the
+/// model's [`tau_model::ParamKind`]: SkipInit's and ReZero's α, Fixup's branch
+/// multipliers), by name; `None` when the model has none (τ models, the theory network).
+/// Read at the parameters' stored values, so a resumed run records the same numbers.
+pub(super) fn branch_scales(
+    sess: &Session<'_>,
+) -> anyhow::Result<Option<std::collections::BTreeMap<String, f32>>> {
+    use tau_model::ParamKind;
+    let scalars: Vec<&crate::optim::Param> = sess
+        .optimizer
+        .params()
+        .iter()
+        .filter(|p| {
+            matches!(
+                sess.cfg.model.param_kind(&p.name),
+                ParamKind::Alpha | ParamKind::BranchScale
+            )
+        })
+        .collect();
+    if scalars.is_empty() {
+        return Ok(None);
+    }
+    // One read of all of them (one transfer from an accelerator).
+    let flat = scalars
+        .iter()
+        .map(|p| p.var.as_tensor().flatten_all())
+        .collect::<candle::Result<Vec<_>>>()?;
+    let values = Tensor::cat(&flat, 0)?
+        .to_dtype(candle::DType::F32)?
+        .to_vec1::<f32>()
+        .context("reading the per-block scalars")?;
+    anyhow::ensure!(
+        values.len() == scalars.len(),
+        "a per-block scalar with {} elements in all for {} parameters",
+        values.len(),
+        scalars.len()
+    );
+    Ok(Some(
+        scalars
+            .iter()
+            .zip(values)
+            .map(|(p, v)| (p.name.clone(), v))
+            .collect(),
+    ))
 }
 
 /// The run's summary after this session.
@@ -277,8 +324,8 @@ pub(super) struct RecordAt {
 }
 
 /// The metrics record after a step: the training metrics since the last record (which it
-/// resets), the test metrics when evaluating, the gradient norms, τ and the theory
-/// network's norm ratio.
+/// resets), the test metrics when evaluating, the gradient norms, τ, the per-block
+/// scalars and the theory network's norm ratio.
 pub(super) fn make_record(
     sess: &Session<'_>,
     state: &mut TrainState,
@@ -313,6 +360,7 @@ pub(super) fn make_record(
         grad_norm: Some(norms.global),
         layer_grad_norms: norms.layers,
         tau: sess.model.learnable_tau()?,
+        branch_scales: branch_scales(sess)?,
         h_ratio,
         examples_per_s: if elapsed > 0.0 {
             w.examples as f64 / elapsed
