@@ -41,7 +41,7 @@ struct Cli {
 enum Command {
     /// Train a model from a TOML run config, or resume a run.
     Train(cmd::train::TrainArgs),
-    /// Forward/backward stability of a model at initialization.
+    /// Forward/backward stability of a model at initialization, or of a checkpoint.
     Probe(cmd::probe::ProbeArgs),
     /// Test loss and accuracy of a checkpoint.
     Eval(cmd::eval::EvalArgs),

@@ -500,12 +500,27 @@ fn seed_results(
 ///
 /// # Errors
 /// An invalid config or tensor errors.
-#[allow(clippy::type_complexity)]
 pub fn probe_theory(
     cfg: &TheoryConfig,
     rules: &[ProbeTauRule],
     seeds: &[u64],
     n_inputs: usize,
+) -> anyhow::Result<Vec<ProbeTau>> {
+    probe_theory_weights(cfg, rules, seeds, n_inputs, None)
+}
+
+/// [`probe_theory`] on the given weights (a trained checkpoint's) for every seed, where
+/// the seeds then draw only the inputs; `None`: each seed's initialization.
+///
+/// # Errors
+/// An invalid config, weights that do not fit it, or tensor errors.
+#[allow(clippy::type_complexity)]
+pub fn probe_theory_weights(
+    cfg: &TheoryConfig,
+    rules: &[ProbeTauRule],
+    seeds: &[u64],
+    n_inputs: usize,
+    fixed: Option<&TheoryWeights>,
 ) -> anyhow::Result<Vec<ProbeTau>> {
     let l = cfg.depth;
     let blocks = sample_blocks(l);
@@ -539,7 +554,14 @@ pub fn probe_theory(
         .collect();
     let ln10 = std::f64::consts::LN_10;
     for &seed in seeds {
-        let weights = TheoryWeights::draw(cfg, seed)?;
+        let drawn;
+        let weights = match fixed {
+            Some(w) => w,
+            None => {
+                drawn = TheoryWeights::draw(cfg, seed)?;
+                &drawn
+            }
+        };
         let data = tau_data::synthetic::sphere(
             n_inputs,
             cfg.input_dim,
@@ -548,7 +570,7 @@ pub fn probe_theory(
             seed,
         );
         let results =
-            theory_probe_seed(&weights, &data.xs, n_inputs, &distinct, &backward, &blocks)?;
+            theory_probe_seed(weights, &data.xs, n_inputs, &distinct, &backward, &blocks)?;
         for (a, r) in acc.iter_mut().zip(results) {
             let keep: Vec<bool> = r.log_ratio.iter().map(|v| !v.is_nan()).collect();
             let pick = |v: &[f64]| -> Vec<f64> {

@@ -1,7 +1,8 @@
 //! `tau-resnet probe`: forward/backward stability of a model at initialization
-//! (PAPER.md, claims 1 and 2), for any model family, over several seeds.
+//! (PAPER.md, claims 1 and 2), for any model family, over several seeds; or of the
+//! trained weights of a checkpoint (`--checkpoint`), where the seeds draw only the inputs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -13,8 +14,8 @@ use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
 
 use super::Outcome;
 use crate::probe::{
-    PROBE_FORMAT, ProbeRecord, ProbeTau, ProbeTauRule, median, probe_theory, rule_alpha,
-    sample_blocks,
+    PROBE_FORMAT, ProbeRecord, ProbeTau, ProbeTauRule, TheoryWeights, median, probe_theory,
+    probe_theory_weights, rule_alpha, sample_blocks,
 };
 
 mod config;
@@ -30,7 +31,7 @@ pub use table::scheme_note;
 /// Arguments of `tau-resnet probe`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  tau-resnet probe --depth 256 --tau 1 --tau 'L^-0.25' --tau '1/sqrt(L)' --tau 1/L\n  tau-resnet probe --config configs/theory-gd.toml --set model.depth=1024 --json\n  tau-resnet probe --family cifar_resnet --depth 110 --set model.norm=none --tau 1 --tau '1/sqrt(L)'\n\nThe config may be a run config (its [model] table and seed are used) or a probe config:\n  seed = 0\n  [model]  family = \"theory\", width = 256, depth = 64, ...\n  [probe]  n_inputs = 64, n_seeds = 3, taus = [\"1\", \"1/sqrt(L)\"], image_size = 32\n           grad_taus = [\"1/sqrt(L)\"]  (theory network: backward probe for these only; default all)"
+    after_help = "Examples:\n  tau-resnet probe --depth 256 --tau 1 --tau 'L^-0.25' --tau '1/sqrt(L)' --tau 1/L\n  tau-resnet probe --config configs/theory-gd.toml --set model.depth=1024 --json\n  tau-resnet probe --family cifar_resnet --depth 110 --set model.norm=none --tau 1 --tau '1/sqrt(L)'\n  tau-resnet probe --checkpoint runs/schemes-mnist/depth-20_scaling-rezero_seed-0 --seeds 1\n\nThe config may be a run config (its [model] table and seed are used) or a probe config:\n  seed = 0\n  [model]  family = \"theory\", width = 256, depth = 64, ...\n  [probe]  n_inputs = 64, n_seeds = 3, taus = [\"1\", \"1/sqrt(L)\"], image_size = 32\n           grad_taus = [\"1/sqrt(L)\"]  (theory network: backward probe for these only; default all)"
 )]
 pub struct ProbeArgs {
     /// A TOML file with a `[model]` table (a run config works), optional `seed` and `[probe]`.
@@ -66,6 +67,42 @@ pub struct ProbeArgs {
     /// Write `probe.json` (and the resolved `config.toml`) into this directory, atomically.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Probe the trained weights of this checkpoint directory, or of a run directory's last
+    /// checkpoint (`probe.checkpoint`), instead of freshly drawn ones: the model is the
+    /// checkpoint's (no model settings, no --tau), the seeds draw only the inputs (and the
+    /// labels of the backward pass), the image size defaults to the checkpoint's input size.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The trained weights a probe runs on.
+pub(super) struct Trained {
+    /// The checkpoint directory.
+    pub(super) dir: PathBuf,
+    /// Every tensor of the checkpoint.
+    pub(super) varmap: candle_nn::VarMap,
+    /// The steps of training behind it (its `state.json`), when it is a run's checkpoint.
+    pub(super) step: Option<u64>,
+    /// The input's `[C, H, W]` the checkpoint records.
+    pub(super) input_size: Option<[usize; 3]>,
+}
+
+impl Trained {
+    /// Loads the checkpoint in `dir` onto the CPU.
+    fn load(dir: &Path) -> anyhow::Result<Trained> {
+        let (record, varmap) = tau_model::checkpoint::load_checkpoint(dir, &Device::Cpu)
+            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        let step = std::fs::read_to_string(dir.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+        Ok(Trained {
+            dir: dir.to_path_buf(),
+            varmap,
+            step,
+            input_size: record.preprocessing.map(|p| p.input_size),
+        })
+    }
 }
 
 /// Available memory in bytes (Linux), to refuse a probe that cannot fit.
@@ -84,6 +121,7 @@ fn available_memory() -> Option<u64> {
 pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     let start = Instant::now();
     let r = resolve(&args)?;
+    let trained = r.checkpoint.as_deref().map(Trained::load).transpose()?;
     let seeds: Vec<u64> = (0..r.settings.n_seeds as u64).map(|k| r.seed + k).collect();
     let n_blocks = r.model.n_blocks();
     let needed = match &r.model {
@@ -112,18 +150,39 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     let (family, n_inputs, taus) = match &r.model {
         ModelConfig::Theory(c) => {
             let n = r.settings.n_inputs.unwrap_or(64);
-            ("theory", n, probe_theory(c, &r.rules, &seeds, n)?)
+            let taus = match &trained {
+                None => probe_theory(c, &r.rules, &seeds, n)?,
+                Some(t) => {
+                    let dtype =
+                        tau_model::checkpoint::varmap_dtype(&t.varmap).unwrap_or(DType::F32);
+                    let vb = VarBuilder::from_varmap(&t.varmap, dtype, &Device::Cpu);
+                    let model = Model::new(&r.model, vb)?;
+                    let net = model
+                        .as_theory()
+                        .context("the checkpoint's model is not the theory network")?;
+                    let weights = TheoryWeights::from_net(net)?;
+                    probe_theory_weights(c, &r.rules, &seeds, n, Some(&weights))?
+                }
+            };
+            ("theory", n, taus)
         }
         other => {
             let n = r.settings.n_inputs.unwrap_or(8);
-            let image = r.settings.image_size.unwrap_or(match other {
-                ModelConfig::BottleneckResnet(_) => 64,
+            let image = r.settings.image_size.unwrap_or(match (&trained, other) {
+                (
+                    Some(Trained {
+                        input_size: Some([_, h, _]),
+                        ..
+                    }),
+                    _,
+                ) => *h,
+                (_, ModelConfig::BottleneckResnet(_)) => 64,
                 _ => 32,
             });
             (
                 other.family(),
                 n,
-                probe_resnet(other, &r.rules, &seeds, n, image)?,
+                probe_resnet(other, &r.rules, &seeds, n, image, trained.as_ref())?,
             )
         }
     };
@@ -148,7 +207,7 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&record)?);
     } else {
-        print_table(&record, &r.model);
+        print_table(&record, &r.model, trained.as_ref());
     }
     Ok(Outcome::Finished)
 }
@@ -170,6 +229,7 @@ mod tests {
             inputs: None,
             json: false,
             out: None,
+            checkpoint: None,
         }
     }
 
@@ -228,7 +288,7 @@ mod tests {
         a.family = Some("cifar_resnet".into());
         a.taus = vec!["1".into(), "1/sqrt(L)".into()];
         let r = resolve(&a).unwrap();
-        let out = probe_resnet(&r.model, &r.rules, &[0], 2, 8).unwrap();
+        let out = probe_resnet(&r.model, &r.rules, &[0], 2, 8, None).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].log10_ratio.len(), 2);
         assert_eq!(
@@ -256,7 +316,7 @@ mod tests {
             ]);
             a.family = Some("cifar_resnet".into());
             let r = resolve(&a).unwrap();
-            let out = probe_resnet(&r.model, &r.rules, &[0], 2, 8).unwrap();
+            let out = probe_resnet(&r.model, &r.rules, &[0], 2, 8, None).unwrap();
             assert_eq!(out.len(), 1);
             assert_eq!((out[0].rule.as_str(), out[0].tau), (scheme, 1.0));
             // Block 1 (stage 1, stride 1): |h_1| / |h_0| = 1 exactly.
@@ -266,7 +326,7 @@ mod tests {
                 out[0].log10_grad_ratio.iter().all(|v| v.is_finite()),
                 "{scheme}"
             );
-            let note = scheme_note(&r.model).unwrap();
+            let note = scheme_note(&r.model, false).unwrap();
             assert!(
                 note.contains(scheme) && note.contains("passes its input through"),
                 "{note}"
@@ -276,7 +336,7 @@ mod tests {
             assert!(err.contains("not by τ"), "{err}");
         }
         let tau = resolve(&args(&["model.depth=8"])).unwrap();
-        assert_eq!(scheme_note(&tau.model), None);
+        assert_eq!(scheme_note(&tau.model, false), None);
     }
 
     /// A bottleneck ResNet's per-block values run over its whole residual chain (16
@@ -294,7 +354,7 @@ mod tests {
         a.family = Some("bottleneck_resnet".into());
         let r = resolve(&a).unwrap();
         assert_eq!((r.model.n_blocks(), chain_len(&r.model)), (6, 16));
-        let out = probe_resnet(&r.model, &r.rules, &[0], 2, 32).unwrap();
+        let out = probe_resnet(&r.model, &r.rules, &[0], 2, 32, None).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].tau, 1.0 / 6f64.sqrt());
         assert_eq!(out[0].log10_ratio.len(), 2);

@@ -1,5 +1,6 @@
 //! The probe's configuration: a run config's `[model]` and `seed` or a probe config
-//! with a `[probe]` table, the command-line flags and `--set` overrides on top.
+//! with a `[probe]` table, the command-line flags and `--set` overrides on top; or, with
+//! `probe.checkpoint` (`--checkpoint`), the model of a trained checkpoint.
 
 use super::*;
 
@@ -19,6 +20,10 @@ pub(super) struct ProbeSettings {
     /// the theory network; absent: all of them.
     #[serde(default)]
     pub(super) grad_taus: Option<Vec<String>>,
+    /// A checkpoint directory or a run directory (its last checkpoint) whose trained
+    /// weights are probed instead of freshly drawn ones; the model is the checkpoint's.
+    #[serde(default)]
+    pub(super) checkpoint: Option<PathBuf>,
 }
 
 fn default_seeds() -> usize {
@@ -36,6 +41,8 @@ pub(super) struct Resolved {
     pub(super) settings: ProbeSettings,
     pub(super) rules: Vec<ProbeTauRule>,
     pub(super) table: toml::Table,
+    /// The checkpoint directory whose weights are probed (resolved from a run directory).
+    pub(super) checkpoint: Option<PathBuf>,
 }
 
 /// Checks that `table` with the `--set` overrides `sets` applied is a valid probe config
@@ -57,6 +64,7 @@ pub fn validate_config(table: toml::Table, sets: &[String]) -> anyhow::Result<()
         inputs: None,
         json: false,
         out: None,
+        checkpoint: None,
     };
     resolve_table(table, &args).map(|_| ())
 }
@@ -77,6 +85,8 @@ pub(super) fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
 fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Resolved> {
     let sets = cli_sets(args);
     crate::config::apply_overrides(&mut table, &sets)?;
+    let settings = probe_settings(&table)?;
+    let checkpoint = checkpoint_model(&mut table, &settings)?;
     let model_table = match table.get_mut("model") {
         Some(toml::Value::Table(t)) => t,
         Some(_) => bail!("`model` must be a table"),
@@ -109,7 +119,6 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
         .try_into()
         .map_err(|e| anyhow::anyhow!("key `model`: {e}"))?;
     model.validate().context("key `model`")?;
-    let settings = probe_settings(&table)?;
     let rules = probe_rules(&model, &settings)?;
     Ok(Resolved {
         model,
@@ -117,6 +126,63 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
         settings,
         rules,
         table,
+        checkpoint,
+    })
+}
+
+/// With `probe.checkpoint`: the checkpoint directory it names (a run directory stands
+/// for its last checkpoint), whose model becomes the table's `[model]`. The model is the
+/// checkpoint's alone: a `[model]` (from the config file, `--family`, `--depth`,
+/// `--width` or `--set model.…`) is refused, as are τ rules (`probe.taus`, `--tau`).
+fn checkpoint_model(
+    table: &mut toml::Table,
+    settings: &ProbeSettings,
+) -> anyhow::Result<Option<PathBuf>> {
+    let Some(given) = &settings.checkpoint else {
+        return Ok(None);
+    };
+    if table.contains_key("model") {
+        bail!(
+            "--checkpoint (probe.checkpoint) probes the checkpoint's own model: drop the model \
+             settings ([model], --family, --depth, --width, --set model.…)"
+        );
+    }
+    if !settings.taus.is_empty() {
+        bail!(
+            "key `probe.taus` (--tau): a checkpoint is probed with its own τ (its weights were \
+             trained with it)"
+        );
+    }
+    let dir = checkpoint_dir(given)?;
+    let record = tau_model::checkpoint::load_config(&dir.join(tau_model::checkpoint::CONFIG_FILE))
+        .with_context(|| format!("key `probe.checkpoint`: {}", given.display()))?;
+    let model = toml::Value::try_from(&record.model)
+        .context("key `probe.checkpoint`: writing the checkpoint's model as TOML")?;
+    table.insert("model".into(), model);
+    Ok(Some(dir))
+}
+
+/// The checkpoint directory `path` stands for: itself when it holds a `config.json`, a run
+/// directory's last checkpoint.
+fn checkpoint_dir(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join(tau_model::checkpoint::CONFIG_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        bail!(
+            "key `probe.checkpoint`: {} is not a directory (a checkpoint directory or a run \
+             directory)",
+            path.display()
+        );
+    }
+    crate::trainer::last_checkpoint(path).with_context(|| {
+        format!(
+            "key `probe.checkpoint`: {} holds neither a checkpoint ({}) nor a run's checkpoints \
+             ({}/last)",
+            path.display(),
+            tau_model::checkpoint::CONFIG_FILE,
+            tau_records::CHECKPOINTS_DIR
+        )
     })
 }
 
@@ -140,6 +206,10 @@ fn cli_sets(args: &ProbeArgs) -> Vec<String> {
     }
     if let Some(n) = args.inputs {
         sets.push(format!("probe.n_inputs={n}"));
+    }
+    if let Some(c) = &args.checkpoint {
+        let path = toml::Value::String(c.display().to_string());
+        sets.push(format!("probe.checkpoint={path}"));
     }
     if !args.taus.is_empty() {
         let list = toml::Value::Array(
@@ -167,6 +237,7 @@ fn probe_settings(table: &toml::Table) -> anyhow::Result<ProbeSettings> {
             taus: Vec::new(),
             image_size: None,
             grad_taus: None,
+            checkpoint: None,
         },
     };
     if settings.n_seeds == 0 || settings.n_seeds > 1000 {

@@ -20,12 +20,17 @@ pub(super) fn chain_len(cfg: &ModelConfig) -> usize {
 /// The ResNets: per-sample ‖h_l‖/‖h_0‖ after each block (h_0: the stem's output), and
 /// the gradient norm of each block's parameters for the cross-entropy of random labels,
 /// relative to the last block's. BatchNorm uses batch statistics, as in training.
+///
+/// The weights are each seed's initialization, or the `trained` checkpoint's for every
+/// seed (then only the inputs and labels change with the seed, and τ is the model's own:
+/// `rules` holds its rule alone).
 pub(super) fn probe_resnet(
     cfg: &ModelConfig,
     rules: &[ProbeTauRule],
     seeds: &[u64],
     n: usize,
     image: usize,
+    trained: Option<&Trained>,
 ) -> anyhow::Result<Vec<ProbeTau>> {
     let dev = Device::Cpu;
     let n_blocks = cfg.n_blocks();
@@ -51,10 +56,24 @@ pub(super) fn probe_resnet(
         let mut grad_ratio = Vec::new();
         let mut block_ratio: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
         let mut block_grad: Vec<Vec<f64>> = vec![Vec::new(); blocks.len()];
+        // A trained checkpoint's learnable τ, as trained (a fixed τ is the rule's).
+        let mut tau_used = None;
         for &seed in seeds {
-            let varmap = tau_model::init_varmap(&c, seed, DType::F32, &dev)?;
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let (varmap, dtype) = match trained {
+                Some(t) => (
+                    t.varmap.clone(),
+                    tau_model::checkpoint::varmap_dtype(&t.varmap).unwrap_or(DType::F32),
+                ),
+                None => (
+                    tau_model::init_varmap(&c, seed, DType::F32, &dev)?,
+                    DType::F32,
+                ),
+            };
+            let vb = VarBuilder::from_varmap(&varmap, dtype, &dev);
             let model = Model::new(&c, vb.clone())?;
+            if trained.is_some() && c.learnable_tau() {
+                tau_used = Some(model.tau()?);
+            }
             let dim = in_ch * image * image;
             let data = tau_data::synthetic::sphere(
                 n,
@@ -64,7 +83,7 @@ pub(super) fn probe_resnet(
                 seed,
             );
             let xs = (Tensor::from_slice(&data.xs, (n, in_ch, image, image), &dev)?
-                .to_dtype(DType::F32)?
+                .to_dtype(dtype)?
                 * (dim as f64).sqrt())?;
             // One forward pass of the model itself, the stem's output and the sampled
             // blocks' outputs measured on the way; its logits feed the backward pass.
@@ -117,7 +136,10 @@ pub(super) fn probe_resnet(
         // Another scheme than τ: the row is named after it, and τ (unused) counts as 1.
         let scaling = c.scaling();
         let (text, tau) = match scaling {
-            Scaling::Tau => (rule.text.clone(), rule.rule.resolve(n_blocks)),
+            Scaling::Tau => (
+                rule.text.clone(),
+                tau_used.unwrap_or_else(|| rule.rule.resolve(n_blocks)),
+            ),
             _ => (scaling.name().to_string(), c.tau_init()),
         };
         out.push(ProbeTau {

@@ -39,8 +39,23 @@ fn log10_mean(values: &[f64]) -> f64 {
 
 /// What the probe's numbers mean for a model whose residual scaling scheme starts every
 /// block as the identity, said rather than left for the reader to discover: `None` for τ.
-pub fn scheme_note(model: &ModelConfig) -> Option<String> {
+/// For `trained` weights (a checkpoint), that the blocks no longer are the identity.
+pub fn scheme_note(model: &ModelConfig, trained: bool) -> Option<String> {
     let scaling = model.scaling();
+    if trained {
+        return match scaling {
+            Scaling::Tau => None,
+            _ => Some(format!(
+                "note: scaling = \"{scaling}\", trained weights: the blocks are the identity only \
+                 at initialization; here training has moved their {}, so |h_l|/|h_0| and the \
+                 gradient ratios measure the trained network.",
+                match scaling {
+                    Scaling::Fixup => "branches (last convolutions, multipliers)",
+                    _ => "α",
+                }
+            )),
+        };
+    }
     let what = match scaling {
         Scaling::Tau => return None,
         Scaling::SkipInit | Scaling::ReZero => {
@@ -62,7 +77,7 @@ pub fn scheme_note(model: &ModelConfig) -> Option<String> {
     ))
 }
 
-pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig) {
+pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig, trained: Option<&Trained>) {
     let what = match model {
         ModelConfig::Theory(c) => format!(
             "theory network, width {}, input dim {}",
@@ -86,7 +101,15 @@ pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig) {
         rec.seeds.last().unwrap_or(&0),
         rec.wall_s
     );
-    if let Some(note) = scheme_note(model) {
+    if let Some(t) = trained {
+        println!(
+            "trained weights of {}{}; random inputs (not the training data)",
+            t.dir.display(),
+            t.step
+                .map_or_else(String::new, |s| format!(" (after {s} steps)"))
+        );
+    }
+    if let Some(note) = scheme_note(model, trained.is_some()) {
         println!("{note}");
     }
     println!(
