@@ -1,6 +1,6 @@
 //! Per-(depth, group) aggregates over seeds for training sweeps: mean, spread and
-//! divergence counts of a final metric, and the step at which the training loss first
-//! reached a threshold. Pure functions over numbers, rendered as Markdown tables.
+//! divergence counts of a final metric, the step at which the training loss first
+//! reached a threshold (or an accuracy a level), and curves averaged over seeds. Pure functions over numbers, rendered as Markdown tables.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -137,6 +137,35 @@ pub fn first_step_at_or_below(curve: &[(f64, f64)], threshold: f64) -> Option<f6
         .map(|(step, _)| *step)
 }
 
+/// The first logged step at which an accuracy (or any rising metric) is at least `level`.
+pub fn first_step_at_or_above(curve: &[(f64, f64)], level: f64) -> Option<f64> {
+    curve
+        .iter()
+        .find(|(_, v)| v.is_finite() && *v >= level)
+        .map(|(step, _)| *step)
+}
+
+/// The mean over several runs' curves at each step any of them logged: each step's mean is
+/// over the runs with a finite value there (a diverged run's curve ends early), in step
+/// order.
+pub fn mean_curve(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
+    let mut at: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
+    for curve in curves {
+        for &(step, v) in curve {
+            if v.is_finite() && step.is_finite() && step >= 0.0 {
+                // + 0.0: −0 becomes +0, one key.
+                let e = at.entry((step + 0.0).to_bits()).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+    }
+    // Non-negative finite f64s order as their bit patterns do.
+    at.into_iter()
+        .map(|(bits, (sum, n))| (f64::from_bits(bits), sum / n as f64))
+        .collect()
+}
+
 /// Whether two cells' value ranges overlap (their difference is within the seed spread).
 pub fn ranges_overlap(a: &Cell, b: &Cell) -> Option<bool> {
     let (alo, ahi) = a.range()?;
@@ -203,6 +232,27 @@ mod tests {
         let curve = [(10.0, 1.0), (20.0, f64::NAN), (30.0, 1e-3), (40.0, 1e-4)];
         assert_eq!(first_step_at_or_below(&curve, 1e-3), Some(30.0));
         assert_eq!(first_step_at_or_below(&curve, 1e-5), None);
+    }
+
+    #[test]
+    fn accuracy_step_is_the_first_logged_step_at_or_above() {
+        let curve = [(25.0, 0.9), (50.0, f64::NAN), (75.0, 0.95), (100.0, 0.97)];
+        assert_eq!(first_step_at_or_above(&curve, 0.95), Some(75.0));
+        assert_eq!(first_step_at_or_above(&curve, 0.98), None);
+        assert_eq!(first_step_at_or_above(&[], 0.5), None);
+    }
+
+    /// Seeds' curves are averaged step by step; a step only one run reached (the other
+    /// diverged earlier) is that run's value, and non-finite values are left out.
+    #[test]
+    fn mean_curve_averages_the_runs_present_at_each_step() {
+        let a = vec![(10.0, 1.0), (20.0, 2.0), (30.0, 4.0)];
+        let b = vec![(10.0, 3.0), (20.0, f64::NAN)];
+        assert_eq!(
+            mean_curve(&[a, b]),
+            vec![(10.0, 2.0), (20.0, 2.0), (30.0, 4.0)]
+        );
+        assert!(mean_curve(&[]).is_empty());
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub(super) fn probe_report(
         let _ = writeln!(md, "No probe records yet.\n");
         return Vec::new();
     }
+    let rules: Vec<&str> = curves.iter().map(|c| c.rule.as_str()).collect();
+    if let Some(note) = identity_schemes_note(&rules) {
+        let _ = writeln!(md, "{note}\n");
+    }
     let featured: Vec<&RuleCurve> = if spec.report.rules.is_empty() {
         curves.iter().collect()
     } else {
@@ -70,6 +74,32 @@ pub(super) fn probe_report(
         }
     }
     figs
+}
+
+/// What the probe measures for the residual-scaling schemes that start every block as the
+/// identity (their rows are named after the scheme), said plainly: `None` when no such
+/// row is probed.
+fn identity_schemes_note(rules: &[&str]) -> Option<String> {
+    let mut schemes: Vec<&str> = ["skipinit", "rezero", "fixup"]
+        .into_iter()
+        .filter(|s| rules.contains(s))
+        .collect();
+    if schemes.is_empty() {
+        return None;
+    }
+    schemes.sort_unstable();
+    let list: Vec<String> = schemes.iter().map(|s| format!("`{s}`")).collect();
+    Some(format!(
+        "**At initialization the {} rows measure the identity.** SkipInit and ReZero start \
+         every block at α = 0, Fixup with the last convolution of every branch at 0: each block \
+         passes its input through unchanged, so |h_l|/|h_0| is 1 exactly at every block with \
+         an identity shortcut and changes only at the option-A shortcuts where a stage \
+         subsamples, whatever the depth; SkipInit's and ReZero's blocks have only α's \
+         gradient, and Fixup's zero classifier lets none reach the blocks. These rows say \
+         nothing about depth; the schemes differ once training moves the branches: \
+         `tau-resnet probe --checkpoint RUN_DIR` probes a trained run's weights.",
+        list.join(", ")
+    ))
 }
 
 /// One series per curve of `f(depth stat)` = (value, band low, band high) against L.
@@ -420,5 +450,25 @@ fn table_by_depth(
             let _ = write!(md, " {text} |");
         }
         let _ = writeln!(md);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scheme rows get the plain statement that they measure the identity at
+    /// initialization; τ rules alone get none.
+    #[test]
+    fn identity_schemes_are_named_in_the_note() {
+        assert_eq!(identity_schemes_note(&["1", "1/sqrt(L)"]), None);
+        let note = identity_schemes_note(&["1/sqrt(L)", "rezero", "fixup"]).unwrap();
+        assert!(
+            note.starts_with(
+                "**At initialization the `fixup`, `rezero` rows measure the identity.**"
+            ),
+            "{note}"
+        );
+        assert!(note.contains("|h_l|/|h_0| is 1 exactly") && note.contains("--checkpoint"));
     }
 }

@@ -1,5 +1,7 @@
 //! The report of a training sweep: the results table, loss-vs-step figures, test accuracy
-//! and steps to a loss threshold by depth with their spread over seeds.
+//! and steps to a loss threshold by depth with their spread over seeds; from the runs'
+//! metrics ([`curves`]): training accuracy and the steps to 95% and 98%, divergences, and
+//! the trajectories of the per-block scalars and of a learnable τ.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -10,6 +12,10 @@ use crate::aggregate;
 use crate::figures::{Chart, Series, YAxis};
 use crate::records::{self, PointState, Status};
 use crate::spec::{SweepSpec, display_value};
+
+mod curves;
+
+use curves::Curves;
 
 /// Reads `(step, train loss)` pairs from a run's `metrics.jsonl`.
 fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
@@ -73,6 +79,10 @@ pub(super) fn train_report(
     if let Some(threshold) = spec.report.loss_threshold {
         figs.extend(steps_section(md, states, &groups, threshold));
     }
+    let runs: Vec<Curves> = states.iter().map(|s| Curves::read(&s.dir)).collect();
+    figs.extend(curves::accuracy_steps_section(md, states, &runs, &groups));
+    curves::divergence_section(md, states, &groups);
+    figs.extend(curves::branch_scale_section(md, states, &runs, &groups));
     figs
 }
 
