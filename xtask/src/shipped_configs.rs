@@ -58,6 +58,51 @@ fn every_shipped_sweep_point_is_a_valid_tau_resnet_config() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// The residual-scaling comparisons (MNIST and the CIFAR-10 subset) are shipped, pass the
+/// check above with every other sweep, and compare what they say they compare: the four
+/// schemes, without normalization, at two or more depths and seeds, every other setting in
+/// the base (one optimizer budget for all schemes), test accuracy in the report.
+#[test]
+fn the_scheme_sweeps_compare_every_scheme_with_one_budget() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let files = sweep_configs();
+    for name in ["sweep-schemes-mnist.toml", "sweep-schemes-cifar10.toml"] {
+        let path = dir.join(name);
+        assert!(files.contains(&path), "{name} is not among {files:?}");
+        let spec = SweepSpec::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(spec.command, RunCommand::Train, "{name}");
+        let mut keys: Vec<&str> = spec.axes.iter().map(|a| a.key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["model.depth", "model.scaling", "seed"], "{name}");
+        let values = |key: &str| {
+            spec.axes
+                .iter()
+                .find(|a| a.key == key)
+                .map(|a| a.values.clone())
+                .unwrap_or_default()
+        };
+        let schemes: Vec<String> = values("model.scaling")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        assert_eq!(schemes, ["tau", "fixup", "skipinit", "rezero"], "{name}");
+        assert!(values("model.depth").len() >= 2, "{name}");
+        assert!(values("seed").len() >= 2, "{name}");
+        let model = spec.base.get("model").and_then(|m| m.as_table()).unwrap();
+        assert_eq!(
+            model.get("norm").and_then(|v| v.as_str()),
+            Some("none"),
+            "{name}"
+        );
+        assert_eq!(
+            spec.report.accuracy_metric.as_deref(),
+            Some("final_metrics.test_acc"),
+            "{name}"
+        );
+        assert!(check(&spec).is_empty(), "{name}: {:?}", check(&spec));
+    }
+}
+
 /// The check itself catches a bad point: an unknown key in the base and an impossible
 /// grid value, for both commands.
 #[test]
