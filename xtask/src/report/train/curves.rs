@@ -154,7 +154,6 @@ pub(super) fn accuracy_steps_section(
         within_spread_notes(md, &table, groups, "steps");
         for mut s in table_series(&table, groups, false) {
             s.label = format!("{}, {}", s.label, pct(level));
-            s.dashed = level != ACC_LEVELS[0];
             level_series.push(s);
         }
     }
@@ -187,9 +186,8 @@ pub(super) fn accuracy_steps_section(
         let _ = writeln!(
             md,
             "\n![steps to a training accuracy vs depth](figures/steps_to_train_acc_vs_depth.png)\n\n\
-             Solid: {}, dashed: {}; groups whose runs never reached a level have no line for it.\n",
-            pct(ACC_LEVELS[0]),
-            pct(ACC_LEVELS[1])
+             One line per group and level; groups whose runs never reached a level have no \
+             line for it.\n"
         );
         figs.push((
             "steps_to_train_acc_vs_depth".to_string(),
@@ -345,8 +343,12 @@ pub(super) fn branch_scale_section(
          and ReZero, the branch multiplier for Fixup; a learnable τ is one scalar shared by \
          all blocks), then the mean over seeds.\n"
     );
-    let mut mean_series = Vec::new();
-    let mut max_series = Vec::new();
+    // α (with a learnable τ) and Fixup's multipliers (near 1) in figures of their own, so
+    // that neither squeezes the other's scale.
+    let mut alpha_mean = Vec::new();
+    let mut alpha_max = Vec::new();
+    let mut fixup_mean = Vec::new();
+    let mut fixup_max = Vec::new();
     let mut by_line: BTreeMap<(String, i64), Vec<&Curves>> = BTreeMap::new();
     for (s, c) in states.iter().zip(curves) {
         if let Some(d) = depth_of(s) {
@@ -362,36 +364,60 @@ pub(super) fn branch_scale_section(
             let mean = pick(&|c: &Curves| c.scales.iter().map(|&(s, m, _)| (s, m)).collect());
             let max = pick(&|c: &Curves| c.scales.iter().map(|&(s, _, x)| (s, x)).collect());
             let tau = pick(&|c: &Curves| c.tau.iter().map(|&(s, t)| (s, t.abs())).collect());
+            let is_fixup = cs.iter().any(|c| c.scale_kind.as_deref() == Some("scale"));
             if !mean.is_empty() {
-                mean_series.push(Series::new(label.clone(), mean));
-                max_series.push(Series::new(label.clone(), max));
+                let (to_mean, to_max) = if is_fixup {
+                    (&mut fixup_mean, &mut fixup_max)
+                } else {
+                    (&mut alpha_mean, &mut alpha_max)
+                };
+                to_mean.push(Series::new(label.clone(), mean));
+                to_max.push(Series::new(label.clone(), max));
             }
             if !tau.is_empty() {
-                let mut s = Series::new(format!("{label} (τ)"), tau);
-                s.dashed = true;
-                mean_series.push(s.clone());
-                max_series.push(s);
+                let s = Series::new(format!("{label}: learnable τ"), tau);
+                alpha_mean.push(s.clone());
+                alpha_max.push(s);
             }
         }
     }
     let mut figs = Vec::new();
-    for (stem, what, series) in [
-        ("branch_scale_mean_vs_step", "mean", mean_series),
-        ("branch_scale_max_vs_step", "largest", max_series),
+    for (stem, title, y_desc, series) in [
+        (
+            "alpha_mean_vs_step",
+            "SkipInit / ReZero: mean |α| over the blocks",
+            "mean |α| (a learnable τ: |τ|)",
+            alpha_mean,
+        ),
+        (
+            "alpha_max_vs_step",
+            "SkipInit / ReZero: largest |α| over the blocks",
+            "largest |α| (a learnable τ: |τ|)",
+            alpha_max,
+        ),
+        (
+            "fixup_scale_mean_vs_step",
+            "Fixup: mean |multiplier| over the blocks",
+            "mean |multiplier|",
+            fixup_mean,
+        ),
+        (
+            "fixup_scale_max_vs_step",
+            "Fixup: largest |multiplier| over the blocks",
+            "largest |multiplier|",
+            fixup_max,
+        ),
     ] {
         if series.is_empty() {
             continue;
         }
-        let _ = writeln!(
-            md,
-            "![{what} |α| over the blocks vs step](figures/{stem}.png)\n"
-        );
+        let _ = writeln!(md, "![{title} vs step](figures/{stem}.png)\n");
         figs.push((
             stem.to_string(),
             Chart {
-                title: format!("Per-block scalars: {what} |value| over the blocks"),
+                title: title.into(),
                 x_desc: "step".into(),
-                y_desc: format!("{what} |α| (Fixup: |multiplier|; dashed: |τ|)"),
+                y_desc: y_desc.into(),
                 x_log: false,
                 y_axis: YAxis::Linear,
                 y_range: None,
@@ -634,8 +660,10 @@ mod tests {
         assert!(!md.contains("## Steps to 95% test accuracy"), "{md}");
         for fig in [
             "steps_to_train_acc_vs_depth",
-            "branch_scale_mean_vs_step",
-            "branch_scale_max_vs_step",
+            "alpha_mean_vs_step",
+            "alpha_max_vs_step",
+            "fixup_scale_mean_vs_step",
+            "fixup_scale_max_vs_step",
             "loss_vs_step_scaling_rezero",
         ] {
             assert!(
