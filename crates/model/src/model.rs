@@ -136,8 +136,8 @@ impl Model {
     /// A training step's forward and backward pass in one call, where the model has a
     /// faster way than `loss(forward_t(xs, true)).backward()`: the output, the loss and its
     /// gradients (the same values). `None` where it has none (the ResNets: use autograd).
-    /// The theory network's is [`TheoryNet::loss_backward`] (its
-    /// [example](TheoryNet::loss_backward#example)).
+    /// The theory network's is [`TheoryNet::loss_backward`], whose doc-test compares it
+    /// with autograd; the network itself is built as in its [example](TheoryNet#example).
     ///
     /// # Errors
     /// Wrong input shape or dtype, the loss closure's error, or a device error.
