@@ -195,31 +195,8 @@ impl CustomOp3 for ResidualDenseBwd {
         let mut out = Vec::with_capacity(n * m + m * m);
         out.extend_from_slice(g);
         out.resize(n * m + m * m, 0.0);
-        if n > 0 && m > 0 {
-            let (dh, dw) = out.split_at_mut(n * m);
-            // SAFETY: dh holds n × m elements and dw m × m, disjoint halves of `out`; g
-            // and h hold n × m, w m × m.
-            unsafe {
-                // dh = g + τ·g·w (w row-major: column stride 1, row stride m).
-                gemm_f32(
-                    (n, m, m),
-                    dh.as_mut_ptr(),
-                    true,
-                    (g.as_ptr(), 1, m),
-                    (w.as_ptr(), 1, m),
-                    self.tau,
-                );
-                // dw = τ·gᵀ·h: element (i, k) of gᵀ is g[k][i].
-                gemm_f32(
-                    (m, m, n),
-                    dw.as_mut_ptr(),
-                    false,
-                    (g.as_ptr(), m, 1),
-                    (h.as_ptr(), 1, m),
-                    self.tau,
-                );
-            }
-        }
+        let (dh, dw) = out.split_at_mut(n * m);
+        block_backward_f32(g, h, w, dh, dw, (n, m), self.tau);
         Ok((CpuStorage::F32(out), Shape::from(n * m + m * m)))
     }
 }
@@ -327,29 +304,8 @@ pub fn residual_dense_relu_chain_backward(
             }
             _ => candle::bail!("residual_dense_relu_chain_backward: weight not on the CPU"),
         };
-        if n > 0 && m > 0 {
-            // SAFETY: dh and g hold n × m elements, dw m × m, h_in n × m, w_data m × m;
-            // dh and dw are this function's own vectors, distinct from every input.
-            // The same calls as ResidualDenseBwd's.
-            unsafe {
-                gemm_f32(
-                    (n, m, m),
-                    dh.as_mut_ptr(),
-                    true,
-                    (g.as_ptr(), 1, m),
-                    (w_data.as_ptr(), 1, m),
-                    tau32,
-                );
-                gemm_f32(
-                    (m, m, n),
-                    dw.as_mut_ptr(),
-                    false,
-                    (g.as_ptr(), m, 1),
-                    (h_in.as_ptr(), 1, m),
-                    tau32,
-                );
-            }
-        }
+        // The same products as ResidualDenseBwd's.
+        block_backward_f32(&g, &h_in, w_data, &mut dh, &mut dw, (n, m), tau32);
         drop(w_guard);
         dws.push(Tensor::from_vec(dw, (m, m), w.device())?);
     }
@@ -379,6 +335,56 @@ fn chain_backward_composed(
     }
     dws.reverse();
     Ok((dh, dws))
+}
+
+/// One block's backward products, shared by [`residual_dense_relu`]'s backward op and
+/// [`residual_dense_relu_chain_backward`]: `dh` = `dh` + τ·g·w (the caller puts g in `dh`
+/// first) and `dw` = τ·gᵀ·h, for g and h of n × m and w of m × m, all row-major.
+///
+/// # Panics
+/// Slices whose lengths do not match `n` and `m` (the callers check their shapes first).
+fn block_backward_f32(
+    g: &[f32],
+    h: &[f32],
+    w: &[f32],
+    dh: &mut [f32],
+    dw: &mut [f32],
+    (n, m): (usize, usize),
+    tau: f32,
+) {
+    assert!(
+        g.len() == n * m && h.len() == n * m && dh.len() == n * m,
+        "block backward: n × m buffers of the wrong length"
+    );
+    assert!(
+        w.len() == m * m && dw.len() == m * m,
+        "block backward: m × m buffers of the wrong length"
+    );
+    if n == 0 || m == 0 {
+        return;
+    }
+    // SAFETY: every slice holds exactly the elements its sizes and strides address
+    // (asserted above), and `dh` and `dw` are borrowed mutably, so they alias nothing.
+    unsafe {
+        // dh = g + τ·g·w (w row-major: column stride 1, row stride m).
+        gemm_f32(
+            (n, m, m),
+            dh.as_mut_ptr(),
+            true,
+            (g.as_ptr(), 1, m),
+            (w.as_ptr(), 1, m),
+            tau,
+        );
+        // dw = τ·gᵀ·h: element (i, k) of gᵀ is g[k][i].
+        gemm_f32(
+            (m, m, n),
+            dw.as_mut_ptr(),
+            false,
+            (g.as_ptr(), m, 1),
+            (h.as_ptr(), 1, m),
+            tau,
+        );
+    }
 }
 
 /// The product of many hidden states with one block weight, written into a caller's
