@@ -16,7 +16,7 @@
 #      loads the real driver on a GPU machine;
 #   4. .cuda-toolkit/env.sh: CUDA_ROOT, PATH, CUDA_COMPUTE_CAP (default 90, the H100/H200;
 #      candle-kernels otherwise asks nvidia-smi), LIBRARY_PATH, LD_LIBRARY_PATH, CARGO_TARGET_DIR;
-#   5. with --build: `cargo build --release -p tau-train --features cuda` into
+#   5. with --build: `cargo build --release -p tau-resnet --features cuda` into
 #      target-cuda/ so the CPU build in target/ is not evicted. About 18 minutes on 2 idle cores
 #      the first time.
 #
@@ -173,7 +173,7 @@ if [[ $build == 1 ]]; then
   feature=cuda
   command -v cargo > /dev/null || die "cargo not found"
   say "building tau-resnet with --features $feature into $CARGO_TARGET_DIR (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
-  (cd "$root" && cargo build --release -p tau-train --features "$feature") \
+  (cd "$root" && cargo build --release -p tau-resnet --features "$feature") \
     || die "cargo build --features $feature failed"
   bin="$CARGO_TARGET_DIR/release/tau-resnet"
   [[ -x "$bin" ]] || die "no binary at $bin after the build"

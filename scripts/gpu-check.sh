@@ -37,7 +37,7 @@ prepare() {
   source "$root/.cuda-toolkit/env.sh"
   cd "$root"
   say "building tau-resnet and the GPU tests with --features cuda into $CARGO_TARGET_DIR"
-  cargo build --release -p tau-train --features cuda || die "building tau-resnet failed"
+  cargo build --release -p tau-resnet --features cuda || die "building tau-resnet failed"
   local tests
   tests="$(cargo test --release -p tau-model --features cuda --test cuda --no-run \
     --message-format=json 2> /dev/null \

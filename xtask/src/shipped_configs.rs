@@ -1,6 +1,6 @@
 //! Tests that every shipped `configs/sweep-*.toml` expands into points whose merged
 //! configs `tau-resnet` accepts, checked with tau-resnet's own config readers
-//! (`tau_train::config::config_from_table` for `train`, `tau_train::cmd::probe::
+//! (`tau_train::config::config_from_table` for `train`, `tau_train::probe::
 //! validate_config` for `probe`): what `tau-resnet <command> --config base.toml --set ...`
 //! would read, without running anything.
 
@@ -34,7 +34,7 @@ fn check(spec: &SweepSpec) -> Vec<String> {
                 tau_train::config::apply_overrides(&mut table, &sets)
                     .and_then(|()| tau_train::config::config_from_table(table).map(|_| ()))
             }
-            RunCommand::Probe => tau_train::cmd::probe::validate_config(spec.base.clone(), &sets),
+            RunCommand::Probe => tau_train::probe::validate_config(spec.base.clone(), &sets),
         };
         if let Err(e) = result {
             errors.push(format!("{}: {e:#}", point.name));

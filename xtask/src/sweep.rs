@@ -199,7 +199,7 @@ fn build_args(features: Option<&str>) -> Vec<String> {
         "build",
         "--release",
         "-p",
-        "tau-train",
+        "tau-resnet",
         "--bin",
         "tau-resnet",
     ]
@@ -280,7 +280,7 @@ fn find_binary(args: &SweepArgs) -> anyhow::Result<PathBuf> {
         .cloned()
         .with_context(|| {
             format!(
-                "no tau-resnet binary found (looked at {}); build it with `cargo build --release -p tau-train` or pass --bin",
+                "no tau-resnet binary found (looked at {}); build it with `cargo build --release -p tau-resnet` or pass --bin",
                 candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             )
         })

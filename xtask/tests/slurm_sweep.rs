@@ -135,7 +135,9 @@ fn slurm_sweep_with_a_cancelled_task_matches_a_local_run() {
         return;
     }
     let Some(bin) = tau_resnet() else {
-        eprintln!("skipped: no tau-resnet binary (set TAU_RESNET_BIN or build tau-train)");
+        eprintln!(
+            "skipped: no tau-resnet binary (set TAU_RESNET_BIN or build the tau-resnet package)"
+        );
         return;
     };
     let start = Instant::now();

@@ -46,7 +46,9 @@ fn csv_rows(path: &Path) -> Vec<std::collections::BTreeMap<String, String>> {
 #[test]
 fn tiny_gd_sweep_against_the_real_trainer() {
     let Some(bin) = tau_resnet() else {
-        eprintln!("skipped: no tau-resnet binary (set TAU_RESNET_BIN or build tau-train)");
+        eprintln!(
+            "skipped: no tau-resnet binary (set TAU_RESNET_BIN or build the tau-resnet package)"
+        );
         return;
     };
     eprintln!("using {}", bin.display());

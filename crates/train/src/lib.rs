@@ -1,7 +1,6 @@
 //! Training τ-ResNets: full-batch gradient descent and SGD, run records, checkpoints,
-//! and the commands of the `tau-resnet` CLI.
+//! the stability probe; the library behind the `tau-resnet` CLI.
 
-pub mod cmd;
 pub mod config;
 pub mod loss;
 pub mod optim;

@@ -3,14 +3,12 @@
 //! training steps; a checkpoint of the initial weights probes exactly as the
 //! initialization does; model settings and τ rules beside a checkpoint are refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor};
-use tau_train::cmd::Outcome;
-use tau_train::cmd::probe::{ProbeArgs, run};
 use tau_train::config::{apply_overrides, config_from_table};
 use tau_train::loss::Targets;
-use tau_train::probe::ProbeRecord;
+use tau_train::probe::{ProbeRecord, resolve_config, run_probe, write_probe};
 use tau_train::records::RunStatus;
 use tau_train::setup::{Prepared, RunData, start};
 use tau_train::trainer::{RunOptions, TensorData};
@@ -54,31 +52,47 @@ const MODEL_SETS: [&str; 5] = [
     "model.num_classes=3",
 ];
 
+/// A probe as `tau-resnet probe --seed 0 --seeds 1 [--checkpoint DIR] --set ... --out
+/// OUT` runs it: the flags as the `--set` overrides they stand for.
+struct ProbeArgs {
+    sets: Vec<String>,
+    out: PathBuf,
+}
+
+impl ProbeArgs {
+    fn set(&mut self, set: &str) {
+        self.sets.push(set.to_string());
+    }
+}
+
 fn args(sets: &[&str], checkpoint: Option<&Path>, out: &Path) -> ProbeArgs {
-    let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    sets.extend([
+    let mut all = vec!["seed=0".to_string(), "probe.n_seeds=1".to_string()];
+    if let Some(c) = checkpoint {
+        let path = toml::Value::String(c.display().to_string());
+        all.push(format!("probe.checkpoint={path}"));
+    }
+    all.extend(sets.iter().map(|s| s.to_string()));
+    all.extend([
         "probe.image_size=8".to_string(),
         "probe.n_inputs=4".to_string(),
     ]);
     ProbeArgs {
-        config: None,
-        sets,
-        family: None,
-        depth: None,
-        width: None,
-        taus: Vec::new(),
-        seed: Some(0),
-        seeds: Some(1),
-        inputs: None,
-        json: false,
-        out: Some(out.to_path_buf()),
-        checkpoint: checkpoint.map(Path::to_path_buf),
+        sets: all,
+        out: out.to_path_buf(),
     }
 }
 
+/// Resolves, runs and writes the probe (`probe.json` into `a.out`).
+fn run(a: ProbeArgs) -> anyhow::Result<ProbeRecord> {
+    let plan = resolve_config(toml::Table::new(), &a.sets)?;
+    let done = run_probe(&plan)?;
+    write_probe(&a.out, &plan, &done.record)?;
+    Ok(done.record)
+}
+
 fn probe(a: ProbeArgs) -> ProbeRecord {
-    let out = a.out.clone().unwrap();
-    assert_eq!(run(a).unwrap(), Outcome::Finished);
+    let out = a.out.clone();
+    run(a).unwrap();
     serde_json::from_str(&std::fs::read_to_string(out.join("probe.json")).unwrap()).unwrap()
 }
 
@@ -188,12 +202,12 @@ fn checkpoint_probes_refuse_model_settings_and_bad_paths() {
     let err = |a: ProbeArgs| format!("{:#}", run(a).unwrap_err());
 
     let mut a = args(&[], Some(&ckpt), &out);
-    a.depth = Some(20);
+    a.set("model.depth=20");
     assert!(err(a).contains("probes the checkpoint's own model"));
     let a = args(&["model.norm=\"none\""], Some(&ckpt), &out);
     assert!(err(a).contains("probes the checkpoint's own model"));
     let mut a = args(&[], Some(&ckpt), &out);
-    a.taus = vec!["1".into()];
+    a.set("probe.taus=[\"1\"]");
     assert!(err(a).contains("probed with its own τ"));
     let missing = tmp.path().join("missing");
     let e = err(args(&[], Some(&missing), &out));

@@ -210,7 +210,7 @@ fn changed_base_config_with_finished_points_needs_force() {
 fn the_build_takes_cargo_features_and_a_cuda_sweep_asks_for_them() {
     assert_eq!(
         build_args(Some("cuda")).join(" "),
-        "build --release -p tau-train --bin tau-resnet --features cuda"
+        "build --release -p tau-resnet --bin tau-resnet --features cuda"
     );
     assert!(!build_args(None).contains(&"--features".to_string()));
     let mut cuda = spec("4");

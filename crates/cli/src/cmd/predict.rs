@@ -11,7 +11,7 @@ use tau_model::{CheckpointConfig, Model, ModelConfig};
 
 use super::Outcome;
 use super::load::{ModelArgs, check_stat};
-use crate::config::DeviceSpec;
+use tau_train::config::DeviceSpec;
 
 /// Arguments of `tau-resnet predict`.
 #[derive(Debug, clap::Args)]

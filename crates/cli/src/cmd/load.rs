@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use candle::Device;
 use tau_model::hub::{HubOptions, LoadSpec, Pretrained, load_pretrained};
 
-use crate::trainer::last_checkpoint;
+use tau_train::trainer::last_checkpoint;
 
 /// Where a command's model comes from.
 #[derive(Debug, Clone, clap::Args)]

@@ -18,8 +18,8 @@ use tau_model::{
 };
 
 use super::Outcome;
-use crate::config::{DeviceSpec, WeightDecayMode};
-use crate::optim::{Param, ParamSpec, Sgd, SgdConfig};
+use tau_train::config::{DeviceSpec, WeightDecayMode};
+use tau_train::optim::{Param, ParamSpec, Sgd, SgdConfig};
 
 /// Normalization of a benchmarked CIFAR ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

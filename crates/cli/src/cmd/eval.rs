@@ -9,12 +9,12 @@ use tau_model::ModelConfig;
 
 use super::Outcome;
 use super::load::{ModelArgs, check_stat};
-use crate::config::{
+use tau_train::config::{
     AugmentKind, DTypeSpec, DataConfig, DeviceSpec, LogConfig, LossConfig, LossKind, OptimConfig,
     OptimKind, Reduction, RunConfig, ScheduleConfig, SourceKind, Subset, WeightDecayMode,
 };
-use crate::setup::{TauModel, check_fit, load_data_with};
-use crate::trainer::evaluate;
+use tau_train::setup::{TauModel, check_fit, load_data_with};
+use tau_train::trainer::evaluate;
 
 /// The data sets `eval` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

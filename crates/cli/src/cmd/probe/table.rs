@@ -1,6 +1,7 @@
 //! The probe's table on the terminal (the record itself is `--json`).
 
-use super::*;
+use tau_model::{ModelConfig, Scaling};
+use tau_train::probe::{ProbeRecord, Trained, median};
 
 fn fmt_log10(x: f64) -> String {
     // NaN: no finite value to summarize (a gradient of exactly 0, say), not an overflow.

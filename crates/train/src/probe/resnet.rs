@@ -1,6 +1,8 @@
 //! The probe of the ResNets: hidden-state norms through the model's own hooked forward
 //! pass, gradient norms per residual block.
 
+use anyhow::bail;
+
 use super::*;
 
 /// Per-sample ln‖x‖ of a batch (N, ...), in f64.
@@ -13,7 +15,7 @@ fn sample_log_norms(xs: &Tensor) -> candle::Result<Vec<f64>> {
 
 /// The number of residual blocks one after another, which the per-block values are
 /// reported over: L, except in a bottleneck ResNet, whose L is its longest stage.
-pub(super) fn chain_len(cfg: &ModelConfig) -> usize {
+pub fn chain_len(cfg: &ModelConfig) -> usize {
     cfg.stage_blocks().iter().sum()
 }
 
@@ -24,7 +26,7 @@ pub(super) fn chain_len(cfg: &ModelConfig) -> usize {
 /// The weights are each seed's initialization, or the `trained` checkpoint's for every
 /// seed (then only the inputs and labels change with the seed, and τ is the model's own:
 /// `rules` holds its rule alone).
-pub(super) fn probe_resnet(
+pub fn probe_resnet(
     cfg: &ModelConfig,
     rules: &[ProbeTauRule],
     seeds: &[u64],

@@ -2,28 +2,35 @@
 //! with a `[probe]` table, the command-line flags and `--set` overrides on top; or, with
 //! `probe.checkpoint` (`--checkpoint`), the model of a trained checkpoint.
 
+use anyhow::{Context, bail};
+
 use super::*;
 
 /// The `[probe]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ProbeSettings {
+pub struct ProbeSettings {
+    /// Inputs per seed (default 64 for the theory network, 8 for the ResNets).
     #[serde(default)]
-    pub(super) n_inputs: Option<usize>,
+    pub n_inputs: Option<usize>,
+    /// Number of seeds, consecutive from the config's `seed` (default 3).
     #[serde(default = "default_seeds")]
-    pub(super) n_seeds: usize,
+    pub n_seeds: usize,
+    /// The τ rules to probe, as written (default: the model's own τ).
     #[serde(default)]
-    pub(super) taus: Vec<String>,
+    pub taus: Vec<String>,
+    /// Height and width of the ResNets' random input images (default: the checkpoint's
+    /// input size, else 64 for a bottleneck ResNet and 32 for the others).
     #[serde(default)]
-    pub(super) image_size: Option<usize>,
+    pub image_size: Option<usize>,
     /// The τ rules (a subset of `taus`, as written there) that get the backward probe of
     /// the theory network; absent: all of them.
     #[serde(default)]
-    pub(super) grad_taus: Option<Vec<String>>,
+    pub grad_taus: Option<Vec<String>>,
     /// A checkpoint directory or a run directory (its last checkpoint) whose trained
     /// weights are probed instead of freshly drawn ones; the model is the checkpoint's.
     #[serde(default)]
-    pub(super) checkpoint: Option<PathBuf>,
+    pub checkpoint: Option<PathBuf>,
 }
 
 fn default_seeds() -> usize {
@@ -35,14 +42,21 @@ const RUN_KEYS: &[&str] = &[
     "name", "steps", "epochs", "device", "dtype", "out_dir", "data", "loss", "optim", "log",
 ];
 
-pub(super) struct Resolved {
-    pub(super) model: ModelConfig,
-    pub(super) seed: u64,
-    pub(super) settings: ProbeSettings,
-    pub(super) rules: Vec<ProbeTauRule>,
-    pub(super) table: toml::Table,
+/// A probe config, read and checked: what [`run_probe`] probes.
+#[derive(Debug, Clone)]
+pub struct ProbePlan {
+    /// The model (the checkpoint's, with `probe.checkpoint`).
+    pub model: ModelConfig,
+    /// The first seed; the probe uses `probe.n_seeds` consecutive ones.
+    pub seed: u64,
+    /// The `[probe]` settings.
+    pub settings: ProbeSettings,
+    /// The τ rules to probe: the model's own, or `probe.taus`.
+    pub rules: Vec<ProbeTauRule>,
+    /// The resolved config (overrides applied), as written beside `probe.json`.
+    pub table: toml::Table,
     /// The checkpoint directory whose weights are probed (resolved from a run directory).
-    pub(super) checkpoint: Option<PathBuf>,
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// Checks that `table` with the `--set` overrides `sets` applied is a valid probe config
@@ -52,39 +66,17 @@ pub(super) struct Resolved {
 /// # Errors
 /// The first problem found, naming the key.
 pub fn validate_config(table: toml::Table, sets: &[String]) -> anyhow::Result<()> {
-    let args = ProbeArgs {
-        config: None,
-        sets: sets.to_vec(),
-        family: None,
-        depth: None,
-        width: None,
-        taus: Vec::new(),
-        seed: None,
-        seeds: None,
-        inputs: None,
-        json: false,
-        out: None,
-        checkpoint: None,
-    };
-    resolve_table(table, &args).map(|_| ())
+    resolve_config(table, sets).map(|_| ())
 }
 
-pub(super) fn resolve(args: &ProbeArgs) -> anyhow::Result<Resolved> {
-    let table = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config {}", path.display()))?;
-            text.parse::<toml::Table>()
-                .with_context(|| format!("parsing config {}", path.display()))?
-        }
-        None => toml::Table::new(),
-    };
-    resolve_table(table, args)
-}
-
-fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Resolved> {
-    let sets = cli_sets(args);
-    crate::config::apply_overrides(&mut table, &sets)?;
+/// Reads a probe config: `table` (a run config's `[model]` and `seed`, or a probe config
+/// with `seed`, `[model]` and `[probe]`; empty for the defaults: the theory network) with
+/// the `--set` overrides `sets` applied; with `probe.checkpoint`, the checkpoint's model.
+///
+/// # Errors
+/// The first problem found, naming the key.
+pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> anyhow::Result<ProbePlan> {
+    crate::config::apply_overrides(&mut table, sets)?;
     let settings = probe_settings(&table)?;
     let checkpoint = checkpoint_model(&mut table, &settings)?;
     let model_table = match table.get_mut("model") {
@@ -120,7 +112,7 @@ fn resolve_table(mut table: toml::Table, args: &ProbeArgs) -> anyhow::Result<Res
         .map_err(|e| anyhow::anyhow!("key `model`: {e}"))?;
     model.validate().context("key `model`")?;
     let rules = probe_rules(&model, &settings)?;
-    Ok(Resolved {
+    Ok(ProbePlan {
         model,
         seed,
         settings,
@@ -184,44 +176,6 @@ fn checkpoint_dir(path: &Path) -> anyhow::Result<PathBuf> {
             tau_records::CHECKPOINTS_DIR
         )
     })
-}
-
-/// The command line's options as `--set` overrides, before the user's own `--set`s.
-fn cli_sets(args: &ProbeArgs) -> Vec<String> {
-    let mut sets = Vec::new();
-    if let Some(f) = &args.family {
-        sets.push(format!("model.family=\"{f}\""));
-    }
-    if let Some(d) = args.depth {
-        sets.push(format!("model.depth={d}"));
-    }
-    if let Some(w) = args.width {
-        sets.push(format!("model.width={w}"));
-    }
-    if let Some(s) = args.seed {
-        sets.push(format!("seed={s}"));
-    }
-    if let Some(n) = args.seeds {
-        sets.push(format!("probe.n_seeds={n}"));
-    }
-    if let Some(n) = args.inputs {
-        sets.push(format!("probe.n_inputs={n}"));
-    }
-    if let Some(c) = &args.checkpoint {
-        let path = toml::Value::String(c.display().to_string());
-        sets.push(format!("probe.checkpoint={path}"));
-    }
-    if !args.taus.is_empty() {
-        let list = toml::Value::Array(
-            args.taus
-                .iter()
-                .map(|t| toml::Value::String(t.clone()))
-                .collect(),
-        );
-        sets.push(format!("probe.taus={list}"));
-    }
-    sets.extend(args.sets.iter().cloned());
-    sets
 }
 
 /// The `[probe]` table, checked.

@@ -10,9 +10,9 @@ use tau_records::{CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, exit_code};
 use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::Outcome;
-use crate::config::{DeviceSpec, load_config};
-use crate::setup::{prepare, resume, run_config, start};
-use crate::trainer::{Progress, RunObserver, RunOptions, last_checkpoint};
+use tau_train::config::{DeviceSpec, load_config};
+use tau_train::setup::{prepare, resume, run_config, start};
+use tau_train::trainer::{Progress, RunObserver, RunOptions, last_checkpoint};
 
 /// Arguments of `tau-resnet train`.
 #[derive(Debug, clap::Args)]

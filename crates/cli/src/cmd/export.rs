@@ -11,9 +11,9 @@ use tau_model::{CheckpointConfig, ModelConfig, Norm, Preprocessing, Scaling, Sho
 use tau_records::{RunStatus, SUMMARY_FILE, Summary};
 
 use super::Outcome;
-use crate::config::{NormalizeKind, RunConfig, SourceKind};
-use crate::setup::run_config;
-use crate::trainer::last_checkpoint;
+use tau_train::config::{NormalizeKind, RunConfig, SourceKind};
+use tau_train::setup::run_config;
+use tau_train::trainer::last_checkpoint;
 
 /// Arguments of `tau-resnet export`.
 #[derive(Debug, clap::Args)]
@@ -259,8 +259,8 @@ fn model_card(
         test_loss: metrics.and_then(|m| m.test_loss).filter(|v| v.is_finite()),
         train_loss: metrics.and_then(|m| m.train_loss).filter(|v| v.is_finite()),
         loss_name: match cfg.loss.kind {
-            crate::config::LossKind::Squared => "squared",
-            crate::config::LossKind::CrossEntropy => "cross_entropy",
+            tau_train::config::LossKind::Squared => "squared",
+            tau_train::config::LossKind::CrossEntropy => "cross_entropy",
         },
     };
     let mut md = front_matter(name, model, cfg, &m);
@@ -663,7 +663,7 @@ mod tests {
             "name = \"card\"\nseed = 0\nsteps = 10\n[model]\n{model}\n\
              [data]\nsource = \"cifar10\"\nbatch_size = 8\n[optim]\nkind = \"sgd\"\nlr = 0.1\n"
         );
-        let cfg = crate::config::config_from_table(toml.parse().unwrap()).unwrap();
+        let cfg = tau_train::config::config_from_table(toml.parse().unwrap()).unwrap();
         let mut checkpoint = CheckpointConfig::new(cfg.model.clone());
         checkpoint.dataset = Some("CIFAR-10".into());
         let summary = Summary {

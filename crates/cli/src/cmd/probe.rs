@@ -1,32 +1,18 @@
 //! `tau-resnet probe`: forward/backward stability of a model at initialization
 //! (PAPER.md, claims 1 and 2), for any model family, over several seeds; or of the
 //! trained weights of a checkpoint (`--checkpoint`), where the seeds draw only the inputs.
+//! The probe itself is `tau_train::probe`; this is its command line and its table.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use anyhow::{Context, bail};
-use candle::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use serde::Deserialize;
-use tau_model::{Model, ModelConfig, Scaling, TauRule};
-use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
+use anyhow::Context;
+use tau_train::probe::{ProbePlan, resolve_config, run_probe, write_probe};
 
 use super::Outcome;
-use crate::probe::{
-    PROBE_FORMAT, ProbeRecord, ProbeTau, ProbeTauRule, TheoryWeights, median, probe_theory,
-    probe_theory_weights, rule_alpha, sample_blocks,
-};
 
-mod config;
-mod resnet;
 mod table;
 
-use config::resolve;
-pub use config::validate_config;
-use resnet::{chain_len, probe_resnet};
 use table::print_table;
-pub use table::scheme_note;
 
 /// Arguments of `tau-resnet probe`.
 #[derive(Debug, clap::Args)]
@@ -75,42 +61,57 @@ pub struct ProbeArgs {
     pub checkpoint: Option<PathBuf>,
 }
 
-/// The trained weights a probe runs on.
-pub(super) struct Trained {
-    /// The checkpoint directory.
-    pub(super) dir: PathBuf,
-    /// Every tensor of the checkpoint.
-    pub(super) varmap: candle_nn::VarMap,
-    /// The steps of training behind it (its `state.json`), when it is a run's checkpoint.
-    pub(super) step: Option<u64>,
-    /// The input's `[C, H, W]` the checkpoint records.
-    pub(super) input_size: Option<[usize; 3]>,
-}
-
-impl Trained {
-    /// Loads the checkpoint in `dir` onto the CPU.
-    fn load(dir: &Path) -> anyhow::Result<Trained> {
-        let (record, varmap) = tau_model::checkpoint::load_checkpoint(dir, &Device::Cpu)
-            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
-        let step = std::fs::read_to_string(dir.join("state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
-        Ok(Trained {
-            dir: dir.to_path_buf(),
-            varmap,
-            step,
-            input_size: record.preprocessing.map(|p| p.input_size),
-        })
+/// The command line's options as `--set` overrides, before the user's own `--set`s.
+fn cli_sets(args: &ProbeArgs) -> Vec<String> {
+    let mut sets = Vec::new();
+    if let Some(f) = &args.family {
+        sets.push(format!("model.family=\"{f}\""));
     }
+    if let Some(d) = args.depth {
+        sets.push(format!("model.depth={d}"));
+    }
+    if let Some(w) = args.width {
+        sets.push(format!("model.width={w}"));
+    }
+    if let Some(s) = args.seed {
+        sets.push(format!("seed={s}"));
+    }
+    if let Some(n) = args.seeds {
+        sets.push(format!("probe.n_seeds={n}"));
+    }
+    if let Some(n) = args.inputs {
+        sets.push(format!("probe.n_inputs={n}"));
+    }
+    if let Some(c) = &args.checkpoint {
+        let path = toml::Value::String(c.display().to_string());
+        sets.push(format!("probe.checkpoint={path}"));
+    }
+    if !args.taus.is_empty() {
+        let list = toml::Value::Array(
+            args.taus
+                .iter()
+                .map(|t| toml::Value::String(t.clone()))
+                .collect(),
+        );
+        sets.push(format!("probe.taus={list}"));
+    }
+    sets.extend(args.sets.iter().cloned());
+    sets
 }
 
-/// Available memory in bytes (Linux), to refuse a probe that cannot fit.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// The config the command line names (empty without `--config`) and its flags as `--set`
+/// overrides, resolved.
+fn resolve(args: &ProbeArgs) -> anyhow::Result<ProbePlan> {
+    let table = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            text.parse::<toml::Table>()
+                .with_context(|| format!("parsing config {}", path.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    resolve_config(table, &cli_sets(args))
 }
 
 /// Runs `tau-resnet probe`.
@@ -119,95 +120,15 @@ fn available_memory() -> Option<u64> {
 /// A bad config or setting (naming the key), a model too large for memory, or I/O errors
 /// writing the record.
 pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
-    let start = Instant::now();
-    let r = resolve(&args)?;
-    let trained = r.checkpoint.as_deref().map(Trained::load).transpose()?;
-    let seeds: Vec<u64> = (0..r.settings.n_seeds as u64).map(|k| r.seed + k).collect();
-    let n_blocks = r.model.n_blocks();
-    let needed = match &r.model {
-        ModelConfig::Theory(c) => {
-            let rows = (c.width as u64)
-                * (r.settings.n_inputs.unwrap_or(64) as u64)
-                * r.rules.len() as u64;
-            // The weights in f32, drawn once and kept for the backward pass, two working
-            // matrices of all (τ, input) rows, and per block the ReLU mask bits and
-            // log-norms of the rows.
-            4 * r.model.num_parameters() as u64
-                + 2 * 4 * rows
-                + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8)
-        }
-        _ => 8 * r.model.num_parameters() as u64,
-    };
-    if let Some(avail) = available_memory()
-        && needed > avail
-    {
-        bail!(
-            "this probe needs about {:.1} GiB of memory, {:.1} GiB are available: lower model.depth or model.width",
-            needed as f64 / (1u64 << 30) as f64,
-            avail as f64 / (1u64 << 30) as f64
-        );
-    }
-    let (family, n_inputs, taus) = match &r.model {
-        ModelConfig::Theory(c) => {
-            let n = r.settings.n_inputs.unwrap_or(64);
-            let taus = match &trained {
-                None => probe_theory(c, &r.rules, &seeds, n)?,
-                Some(t) => {
-                    let dtype =
-                        tau_model::checkpoint::varmap_dtype(&t.varmap).unwrap_or(DType::F32);
-                    let vb = VarBuilder::from_varmap(&t.varmap, dtype, &Device::Cpu);
-                    let model = Model::new(&r.model, vb)?;
-                    let net = model
-                        .as_theory()
-                        .context("the checkpoint's model is not the theory network")?;
-                    let weights = TheoryWeights::from_net(net)?;
-                    probe_theory_weights(c, &r.rules, &seeds, n, Some(&weights))?
-                }
-            };
-            ("theory", n, taus)
-        }
-        other => {
-            let n = r.settings.n_inputs.unwrap_or(8);
-            let image = r.settings.image_size.unwrap_or(match (&trained, other) {
-                (
-                    Some(Trained {
-                        input_size: Some([_, h, _]),
-                        ..
-                    }),
-                    _,
-                ) => *h,
-                (_, ModelConfig::BottleneckResnet(_)) => 64,
-                _ => 32,
-            });
-            (
-                other.family(),
-                n,
-                probe_resnet(other, &r.rules, &seeds, n, image, trained.as_ref())?,
-            )
-        }
-    };
-    let record = ProbeRecord {
-        format: PROBE_FORMAT.into(),
-        family: family.into(),
-        n_blocks,
-        seeds: seeds.clone(),
-        n_inputs,
-        blocks: sample_blocks(chain_len(&r.model)),
-        taus,
-        wall_s: start.elapsed().as_secs_f64(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let plan = resolve(&args)?;
+    let run = run_probe(&plan)?;
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let cfg_text = toml::to_string(&r.table).context("serializing the resolved config")?;
-        write_atomic(&dir.join(CONFIG_FILE), cfg_text.as_bytes())?;
-        let json = serde_json::to_string(&record).context("serializing the probe record")?;
-        write_atomic(&dir.join(PROBE_FILE), json.as_bytes())?;
+        write_probe(dir, &plan, &run.record)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&record)?);
+        println!("{}", serde_json::to_string_pretty(&run.record)?);
     } else {
-        print_table(&record, &r.model, trained.as_ref());
+        print_table(&run.record, &plan.model, run.trained.as_ref());
     }
     Ok(Outcome::Finished)
 }
@@ -215,6 +136,8 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use table::scheme_note;
+    use tau_train::probe::{ProbeRecord, chain_len, probe_resnet, sample_blocks};
 
     fn args(sets: &[&str]) -> ProbeArgs {
         ProbeArgs {

@@ -1,0 +1,544 @@
+//! The `tau-resnet` binary's training commands: exit codes, resume, interruption, bad
+//! input, help texts, eval and bench.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle::Device;
+use tau_train::config::{RunConfig, apply_overrides, config_from_table};
+use tau_train::records::{MetricsRecord, read_metrics};
+use tau_train::setup::{prepare, start};
+use tau_train::trainer::RunOptions;
+
+const THEORY: &str = r#"
+name = "t"
+seed = 7
+steps = 12
+device = "cpu"
+[model]
+family = "theory"
+input_dim = 8
+width = 32
+depth = 4
+output_dim = 1
+tau = "1/sqrt(L)"
+[data]
+source = "synthetic"
+n = 16
+p = 8
+d = 1
+n_test = 8
+batch_size = 4
+[loss]
+kind = "squared"
+[optim]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+nesterov = true
+weight_decay = 1e-3
+schedule = "cosine"
+warmup = 2
+[log]
+every = 1
+eval_every = 3
+checkpoint_every = 2
+"#;
+
+fn config(base: &str, sets: &[&str]) -> RunConfig {
+    let mut t: toml::Table = base.parse().unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    apply_overrides(&mut t, &sets).unwrap();
+    config_from_table(t).unwrap()
+}
+
+fn records_without_timing(dir: &Path) -> Vec<MetricsRecord> {
+    read_metrics(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(MetricsRecord::without_timing)
+        .collect()
+}
+
+fn stop_after(k: u64) -> RunOptions {
+    RunOptions {
+        stop_after_steps: Some(k),
+        ..RunOptions::default()
+    }
+}
+
+// --- The CLI -------------------------------------------------------------------------
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
+    c.arg("--quiet");
+    c
+}
+
+/// Asserts that a `tau-resnet` run exited with status 0, showing its stderr otherwise.
+fn assert_success(o: &std::process::Output) {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn deep_tau_one_diverges_with_exit_code_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            "model.depth=64",
+            "--set",
+            "model.tau=1",
+            "--set",
+            "optim.lr=0.5",
+        ])
+        .args(["--set", "model.width=16", "--set", "steps=50", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "diverged");
+    assert!(s["diverged_at_step"].as_u64().unwrap() < 50);
+    assert!(
+        s["divergence_reason"]
+            .as_str()
+            .unwrap()
+            .contains("non-finite")
+    );
+}
+
+#[test]
+fn stop_then_resume_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let o = bin()
+        .args(["train", "--stop-after-steps", "4", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "interrupted");
+    // Starting again into the same directory is refused: it already holds a run.
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let o = bin()
+        .args(["eval", "--checkpoint"])
+        .arg(&out)
+        .args(["--data", "mnist", "--data-dir"])
+        .arg(tmp.path().join("nothing-here"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// A run killed before its first checkpoint (a cluster job requeued after a node failure
+/// or an out-of-memory kill) holds a config and partial records but nothing to resume
+/// from: `--resume` starts it over from step 0 and ends with the records of a clean run.
+#[test]
+fn resume_without_a_checkpoint_starts_over_from_step_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let clean = tmp.path().join("clean");
+    let killed = tmp.path().join("killed");
+    for out in [&clean, &killed] {
+        let o = bin()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert_success(&o);
+    }
+    // What a kill before the first checkpoint leaves: the config and a torn metrics line.
+    std::fs::remove_dir_all(killed.join("checkpoints")).unwrap();
+    std::fs::remove_file(killed.join("summary.json")).unwrap();
+    let mut metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
+    metrics.truncate(metrics.len() / 2);
+    std::fs::write(killed.join("metrics.jsonl"), metrics).unwrap();
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert_success(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("starting it over from step 0"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        records_without_timing(&killed),
+        records_without_timing(&clean)
+    );
+    assert_eq!(
+        std::fs::read(killed.join("config.toml")).unwrap(),
+        std::fs::read(clean.join("config.toml")).unwrap()
+    );
+    // A directory that is not a run at all is still refused.
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a run directory"));
+}
+
+/// SIGTERM (what Slurm sends on scancel, preemption and at the time limit, and what a
+/// sweep's job script forwards on its warning signal) stops a run as Ctrl-C does: a
+/// checkpoint, status `interrupted`, exit code 130.
+#[cfg(unix)]
+#[test]
+fn sigterm_writes_a_checkpoint_and_exits_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let child = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            "steps=100000000",
+            "--set",
+            "log.checkpoint_every=0",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "no metrics after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["status"], "interrupted");
+    assert!(out.join("checkpoints/last").is_dir());
+}
+
+fn assert_fails_cleanly(args: &[&str], cfg_text: Option<&str>, expect: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut c = bin();
+    c.arg("train");
+    if let Some(text) = cfg_text {
+        c.arg("--config").arg(write(tmp.path(), "c.toml", text));
+    }
+    let o = c.args(args).arg("--out").arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(expect), "expected `{expect}` in: {err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed start left {}", out.display());
+}
+
+#[test]
+fn bad_input_fails_with_one_message_and_writes_nothing() {
+    assert_fails_cleanly(&["--config", "no/such.toml"], None, "no/such.toml");
+    assert_fails_cleanly(&[], Some("name = \"x\"\nseed = [1"), "parsing config");
+    assert_fails_cleanly(&["--set", "optim.momentom=0.9"], Some(THEORY), "momentom");
+    assert_fails_cleanly(&["--set", "optim.lr=\"fast\""], Some(THEORY), "optim.lr");
+    assert_fails_cleanly(
+        &["--set", "model.input_dim=9"],
+        Some(THEORY),
+        "model.input_dim",
+    );
+    assert_fails_cleanly(
+        &["--set", "data.source=\"mnist\"", "--set", "data.n=1"],
+        Some(THEORY),
+        "data.n",
+    );
+}
+
+#[test]
+fn corrupt_data_dir_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mnist");
+    std::fs::create_dir(&data).unwrap();
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(data.join(f), b"\x00\x00\x08\x03garbage").unwrap();
+    }
+    let set_dir = format!("data.dir={:?}", data.display().to_string());
+    assert_fails_cleanly(
+        &[
+            "--set",
+            "data={ source = \"mnist\", batch_size = 4 }",
+            "--set",
+            &set_dir,
+            "--set",
+            "model.input_dim=784",
+            "--set",
+            "model.output_dim=10",
+        ],
+        Some(THEORY),
+        "mnist",
+    );
+}
+
+#[test]
+fn unwritable_out_dir_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(tmp.path(), "a-file", "");
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(file.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("creating the run directory"), "{err}");
+}
+
+#[test]
+fn resume_with_a_checkpoint_of_another_architecture_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(THEORY, &[]);
+    let run = tmp.path().join("run");
+    start(prepare(&cfg, &Device::Cpu).unwrap(), &run, &stop_after(2)).unwrap();
+    // Someone edits the run's config to another depth.
+    let text = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        text.replace("depth = 4", "depth = 5"),
+    )
+    .unwrap();
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("different architecture"), "{err}");
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+}
+
+#[test]
+fn every_command_help_has_an_example() {
+    for cmd in [
+        vec!["--help"],
+        vec!["train", "--help"],
+        vec!["eval", "--help"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tau-resnet"))
+            .args(&cmd)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("Example"), "{cmd:?}: {text}");
+    }
+}
+
+/// Trains a tiny theory network on a few MNIST images and evaluates its checkpoint on
+/// the MNIST test set through `tau-resnet eval --json`. Skips when MNIST is absent.
+#[test]
+fn eval_reads_a_run_checkpoint() {
+    let mnist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist");
+    if !mnist.join("t10k-images-idx3-ubyte.gz").exists() {
+        eprintln!("skipped: MNIST not found at {}", mnist.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let data = format!(
+        "data={{ source = \"mnist\", dir = {:?}, subset = {{ balanced_k = 2 }}, test_subset = {{ first_n = 10 }}, batch_size = 20 }}",
+        mnist.display().to_string()
+    );
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            &data,
+            "--set",
+            "model.input_dim=784",
+            "--set",
+            "model.output_dim=10",
+        ])
+        .args([
+            "--set",
+            "optim={ kind = \"gd\", lr = 0.1 }",
+            "--set",
+            "steps=3",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let o = bin()
+        .args(["eval", "--json", "--data", "mnist", "--checkpoint"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(&mnist)
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["examples"], 10_000);
+    assert_eq!(r["loss_kind"], "squared");
+    let acc = r["test_acc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(r["test_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn bench_measures_the_theory_network_gd_step_at_each_depth() {
+    let o = bin()
+        .args(["bench", "--skip-resnets", "--theory-depth", "4,8"])
+        .args(["--theory-width", "16", "--theory-inputs", "3"])
+        .args(["--steps", "1", "--warmup", "0", "--json"])
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let recs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let points: Vec<(u64, &str)> = recs
+        .iter()
+        .map(|r| (r["depth"].as_u64().unwrap(), r["phase"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        points,
+        [
+            (4, "forward"),
+            (4, "gd_step"),
+            (8, "forward"),
+            (8, "gd_step")
+        ],
+        "{out}"
+    );
+    // Forward multiply-adds per input at L = 8: A (16×16) + 8 W (16×16) + B (1×16).
+    let gflop = 2.0 * (16 * 16 + 8 * 16 * 16 + 16) as f64 * 3.0 / 1e9;
+    assert!(
+        (recs[2]["gflop"].as_f64().unwrap() - gflop).abs() < 1e-12,
+        "{out}"
+    );
+    assert!(
+        recs.iter()
+            .all(|r| r["batch"] == 3 && r["model"] == "theory")
+    );
+}
+
+#[test]
+fn bench_measures_a_bottleneck_resnet_and_rejects_bad_depths() {
+    // A ResNet-50 step on two 32×32 images (BatchNorm needs two values per channel in the
+    // last stage, which is 1×1): the point is the record, not the speed.
+    let o = bin()
+        .args(["bench", "--skip-resnets", "--bottleneck-depths", "50"])
+        .args([
+            "--bottleneck-batch",
+            "2",
+            "--bottleneck-size",
+            "32",
+            "--norms",
+            "bn",
+        ])
+        .args([
+            "--theory-depth",
+            "0",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(r["model"], "bottleneck_resnet");
+    assert_eq!(r["depth"], 50);
+    assert_eq!(r["batch"], 2);
+    assert!(r["median_s"].as_f64().unwrap() > 0.0, "{r}");
+    // 3 × (forward multiply-adds at 32×32) × 2 flops: the stem, 16 blocks and the head.
+    assert!(r["gflop"].as_f64().unwrap() > 0.1, "{r}");
+
+    let o = bin()
+        .args(["bench", "--skip-resnets", "--bottleneck-depths", "34"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("50, 101 or 152"), "{err}");
+}

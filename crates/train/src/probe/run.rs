@@ -1,0 +1,176 @@
+//! Running a probe: a [`ProbePlan`] on freshly drawn weights or on a checkpoint's, into a
+//! [`ProbeRecord`]; writing it.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
+
+use super::*;
+
+/// The trained weights a probe runs on.
+pub struct Trained {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Every tensor of the checkpoint.
+    pub varmap: candle_nn::VarMap,
+    /// The steps of training behind it (its `state.json`), when it is a run's checkpoint.
+    pub step: Option<u64>,
+    /// The input's `[C, H, W]` the checkpoint records.
+    pub input_size: Option<[usize; 3]>,
+}
+
+impl std::fmt::Debug for Trained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trained")
+            .field("dir", &self.dir)
+            .field("step", &self.step)
+            .field("input_size", &self.input_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trained {
+    /// Loads the checkpoint in `dir` onto the CPU.
+    ///
+    /// # Errors
+    /// A missing or invalid checkpoint.
+    pub fn load(dir: &Path) -> anyhow::Result<Trained> {
+        let (record, varmap) = tau_model::checkpoint::load_checkpoint(dir, &Device::Cpu)
+            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        let step = std::fs::read_to_string(dir.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+        Ok(Trained {
+            dir: dir.to_path_buf(),
+            varmap,
+            step,
+            input_size: record.preprocessing.map(|p| p.input_size),
+        })
+    }
+}
+
+/// A probe's result: the record, and the trained weights it ran on, if any.
+#[derive(Debug)]
+pub struct ProbeRun {
+    /// The `probe.json` record.
+    pub record: ProbeRecord,
+    /// The checkpoint probed (`probe.checkpoint`), loaded.
+    pub trained: Option<Trained>,
+}
+
+/// Available memory in bytes (Linux), to refuse a probe that cannot fit.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The memory a probe of `plan` needs, about, in bytes.
+fn needed_memory(plan: &ProbePlan) -> u64 {
+    match &plan.model {
+        ModelConfig::Theory(c) => {
+            let rows = (c.width as u64)
+                * (plan.settings.n_inputs.unwrap_or(64) as u64)
+                * plan.rules.len() as u64;
+            // The weights in f32, drawn once and kept for the backward pass, two working
+            // matrices of all (τ, input) rows, and per block the ReLU mask bits and
+            // log-norms of the rows.
+            4 * plan.model.num_parameters() as u64
+                + 2 * 4 * rows
+                + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8)
+        }
+        _ => 8 * plan.model.num_parameters() as u64,
+    }
+}
+
+/// Probes `plan`: per τ rule, ‖h_L‖/‖h_0‖ and the gradient ratios over the seeds'
+/// inputs, on each seed's initialization or on the checkpoint's weights.
+///
+/// # Errors
+/// A probe too large for the available memory, a checkpoint that does not load, or
+/// device errors.
+pub fn run_probe(plan: &ProbePlan) -> anyhow::Result<ProbeRun> {
+    let start = Instant::now();
+    let r = plan;
+    let trained = r.checkpoint.as_deref().map(Trained::load).transpose()?;
+    let seeds: Vec<u64> = (0..r.settings.n_seeds as u64).map(|k| r.seed + k).collect();
+    let n_blocks = r.model.n_blocks();
+    let needed = needed_memory(r);
+    if let Some(avail) = available_memory()
+        && needed > avail
+    {
+        bail!(
+            "this probe needs about {:.1} GiB of memory, {:.1} GiB are available: lower model.depth or model.width",
+            needed as f64 / (1u64 << 30) as f64,
+            avail as f64 / (1u64 << 30) as f64
+        );
+    }
+    let (family, n_inputs, taus) = match &r.model {
+        ModelConfig::Theory(c) => {
+            let n = r.settings.n_inputs.unwrap_or(64);
+            let taus = match &trained {
+                None => probe_theory(c, &r.rules, &seeds, n)?,
+                Some(t) => {
+                    let dtype =
+                        tau_model::checkpoint::varmap_dtype(&t.varmap).unwrap_or(DType::F32);
+                    let vb = VarBuilder::from_varmap(&t.varmap, dtype, &Device::Cpu);
+                    let model = Model::new(&r.model, vb)?;
+                    let net = model
+                        .as_theory()
+                        .context("the checkpoint's model is not the theory network")?;
+                    let weights = TheoryWeights::from_net(net)?;
+                    probe_theory_weights(c, &r.rules, &seeds, n, Some(&weights))?
+                }
+            };
+            ("theory", n, taus)
+        }
+        other => {
+            let n = r.settings.n_inputs.unwrap_or(8);
+            let image = r.settings.image_size.unwrap_or(match (&trained, other) {
+                (
+                    Some(Trained {
+                        input_size: Some([_, h, _]),
+                        ..
+                    }),
+                    _,
+                ) => *h,
+                (_, ModelConfig::BottleneckResnet(_)) => 64,
+                _ => 32,
+            });
+            (
+                other.family(),
+                n,
+                probe_resnet(other, &r.rules, &seeds, n, image, trained.as_ref())?,
+            )
+        }
+    };
+    let record = ProbeRecord {
+        format: PROBE_FORMAT.into(),
+        family: family.into(),
+        n_blocks,
+        seeds: seeds.clone(),
+        n_inputs,
+        blocks: sample_blocks(chain_len(&r.model)),
+        taus,
+        wall_s: start.elapsed().as_secs_f64(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok(ProbeRun { record, trained })
+}
+
+/// Writes `probe.json` and the resolved `config.toml` into `dir` (created if missing),
+/// each atomically.
+///
+/// # Errors
+/// I/O errors.
+pub fn write_probe(dir: &Path, plan: &ProbePlan, record: &ProbeRecord) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cfg_text = toml::to_string(&plan.table).context("serializing the resolved config")?;
+    write_atomic(&dir.join(CONFIG_FILE), cfg_text.as_bytes())?;
+    let json = serde_json::to_string(record).context("serializing the probe record")?;
+    write_atomic(&dir.join(PROBE_FILE), json.as_bytes())?;
+    Ok(())
+}
