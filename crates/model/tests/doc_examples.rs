@@ -28,6 +28,7 @@ const COVERED: &[&str] = &[
     "resnet/cifar.rs",
     "tau.rs",
     "theory.rs",
+    "theory/trace.rs",
     "timm.rs",
 ];
 
