@@ -26,6 +26,7 @@ const COVERED: &[&str] = &[
     "resnet.rs",
     "resnet/bottleneck.rs",
     "resnet/cifar.rs",
+    "resnet/cifar/network.rs",
     "tau.rs",
     "theory.rs",
     "theory/trace.rs",
