@@ -59,7 +59,6 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor, Var};
@@ -68,6 +67,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::preprocess::Preprocessing;
+
+mod loading;
+mod saving;
+
+pub use loading::{load, load_checkpoint, load_config, load_files, load_weights};
+pub use saving::{save, save_with};
 
 /// The architecture file of a checkpoint. See the [module example](self#example).
 pub const CONFIG_FILE: &str = "config.json";
@@ -360,34 +365,6 @@ fn dtype_name(dtype: DType) -> String {
     dtype.as_str().to_string()
 }
 
-fn st_dtype_name(dtype: safetensors::Dtype) -> String {
-    format!("{dtype:?}").to_lowercase()
-}
-
-/// Writes `bytes` (or what `write` produces) to `path` atomically: a temporary file in the
-/// same directory, synced, then renamed over `path`.
-fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
-) -> Result<(), CheckpointError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .and_then(|f| f.to_str())
-        .unwrap_or("checkpoint");
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = write(&tmp).and_then(|()| {
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// The tensors of `varmap`, by name.
 fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>, CheckpointError> {
     let data = varmap
@@ -508,202 +485,4 @@ pub fn check_varmap(cfg: &ModelConfig, varmap: &VarMap) -> Result<DType, Checkpo
             .map(|(k, t)| (k.as_str(), t.dims().to_vec(), Ok(t.dtype()))),
         None,
     )
-}
-
-/// Saves `varmap` as a checkpoint of `cfg` into `dir` (created if needed): `config.json`
-/// and `model.safetensors`, each written atomically. [`save_with`] records the
-/// preprocessing, data set and class names too. See the [module example](self#example).
-///
-/// # Errors
-/// An invalid config, a `varmap` that does not match it (missing, unexpected or
-/// misshapen tensor, mixed dtypes), or an I/O error; nothing is written then.
-pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap) -> Result<(), CheckpointError> {
-    save_with(dir, &CheckpointConfig::new(cfg.clone()), varmap)
-}
-
-/// [`save`] with everything `config` records beside the model (preprocessing, data set,
-/// class names); its `n_blocks`, `tau_resolved` and `dtype` are recomputed from the model
-/// and the tensors. See the [example](CheckpointConfig#example).
-///
-/// # Errors
-/// As [`save`], and metadata that does not fit the model (see [`CheckpointConfig::check`]).
-pub fn save_with(
-    dir: &Path,
-    config: &CheckpointConfig,
-    varmap: &VarMap,
-) -> Result<(), CheckpointError> {
-    let cfg = &config.model;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let mut config = CheckpointConfig {
-        n_blocks: None,
-        tau_resolved: None,
-        dtype: None,
-        ..config.clone()
-    };
-    config.check().map_err(|message| CheckpointError::Config {
-        path: dir.join(CONFIG_FILE),
-        message,
-    })?;
-    let tensors = varmap_tensors(varmap)?;
-    let dtype = check_tensors(
-        cfg,
-        &weights_path,
-        tensors
-            .iter()
-            .map(|(k, t)| (k.as_str(), t.dims().to_vec(), Ok(t.dtype()))),
-        None,
-    )?;
-    config.n_blocks = Some(cfg.n_blocks());
-    config.tau_resolved = Some(cfg.tau_init());
-    config.dtype = Some(dtype_name(dtype));
-    let json = serde_json::to_string_pretty(&config)
-        .map_err(|e| candle::Error::Msg(format!("serializing config.json: {e}")))?;
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let cpu: Vec<(String, Tensor)> = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle::Result<_>>()?;
-    write_atomic(&weights_path, |tmp| {
-        safetensors::tensor::serialize_to_file(cpu.iter().map(|(k, t)| (k, t)), None, tmp).map_err(
-            |e| CheckpointError::Safetensors {
-                path: tmp.to_path_buf(),
-                message: e.to_string(),
-            },
-        )
-    })?;
-    let config_path = dir.join(CONFIG_FILE);
-    write_atomic(&config_path, |tmp| {
-        let mut f = std::fs::File::create(tmp).map_err(io_err(tmp))?;
-        f.write_all(json.as_bytes())
-            .and_then(|()| f.write_all(b"\n"))
-            .map_err(io_err(tmp))
-    })
-}
-
-/// Reads and validates a `config.json` (any of the forms in the module docs). See the
-/// [module example](self#example).
-///
-/// # Errors
-/// [`CheckpointError::Io`] when unreadable, [`CheckpointError::Config`] when it does not
-/// parse, is not a valid model, or its other fields do not fit the model (see
-/// [`CheckpointConfig::check`]).
-pub fn load_config(path: &Path) -> Result<CheckpointConfig, CheckpointError> {
-    let cfg_err = |message: String| CheckpointError::Config {
-        path: path.to_path_buf(),
-        message,
-    };
-    let len = std::fs::metadata(path).map_err(io_err(path))?.len();
-    if len > MAX_CONFIG_BYTES {
-        return Err(cfg_err(format!(
-            "{len} bytes is too large for a config (limit {MAX_CONFIG_BYTES})"
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| cfg_err(format!("invalid JSON: {e}")))?;
-    let config = if value.get("family").is_some() {
-        let model: ModelConfig =
-            serde_json::from_value(value).map_err(|e| cfg_err(format!("invalid model: {e}")))?;
-        CheckpointConfig::new(model)
-    } else if crate::timm::is_timm_config(&value) {
-        crate::timm::checkpoint_config(&value).map_err(cfg_err)?
-    } else {
-        serde_json::from_value(value).map_err(|e| cfg_err(format!("invalid config: {e}")))?
-    };
-    config.check().map_err(cfg_err)?;
-    Ok(config)
-}
-
-/// Loads a checkpoint directory onto `device`: the config and a `VarMap` holding every
-/// tensor in the file's dtype (see [`varmap_dtype`]). `*.num_batches_tracked` tensors of
-/// PyTorch exports are accepted and dropped. [`load_checkpoint`] returns the whole
-/// [`CheckpointConfig`] (preprocessing, class names). See the
-/// [module example](self#example).
-///
-/// # Errors
-/// See [`CheckpointError`]: unreadable files, a bad config, a truncated or garbage
-/// safetensors file, and any missing, unexpected, misshapen or mistyped tensor, by name.
-pub fn load(dir: &Path, device: &Device) -> Result<(ModelConfig, VarMap), CheckpointError> {
-    load_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE), device)
-}
-
-/// [`load`], returning the whole [`CheckpointConfig`]. See the
-/// [example](CheckpointConfig#example).
-///
-/// # Errors
-/// As [`load`].
-pub fn load_checkpoint(
-    dir: &Path,
-    device: &Device,
-) -> Result<(CheckpointConfig, VarMap), CheckpointError> {
-    let config = load_config(&dir.join(CONFIG_FILE))?;
-    let varmap = load_weights(&config, &dir.join(WEIGHTS_FILE), device)?;
-    Ok((config, varmap))
-}
-
-/// [`load`] from explicit file paths. See the [module example](self#example).
-///
-/// # Errors
-/// As [`load`].
-pub fn load_files(
-    config_path: &Path,
-    weights_path: &Path,
-    device: &Device,
-) -> Result<(ModelConfig, VarMap), CheckpointError> {
-    let config = load_config(config_path)?;
-    let varmap = load_weights(&config, weights_path, device)?;
-    Ok((config.model, varmap))
-}
-
-/// Loads the safetensors file `weights_path` as the tensors of `config`'s model, checked
-/// by name, shape and dtype (the config's `dtype`, when it has one). See the
-/// [module example](self#example).
-///
-/// # Errors
-/// As [`load`].
-pub fn load_weights(
-    config: &CheckpointConfig,
-    weights_path: &Path,
-    device: &Device,
-) -> Result<VarMap, CheckpointError> {
-    let cfg = &config.model;
-    let expected_dtype = match &config.dtype {
-        None => None,
-        Some(s) => Some(s.parse::<DType>().map_err(|_| CheckpointError::Config {
-            path: weights_path.to_path_buf(),
-            message: format!("the config's dtype {s:?} is unknown"),
-        })?),
-    };
-    let bytes = std::fs::read(weights_path).map_err(io_err(weights_path))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        CheckpointError::Safetensors {
-            path: weights_path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })?;
-    let views = st.tensors();
-    check_tensors(
-        cfg,
-        weights_path,
-        views.iter().map(|(name, view)| {
-            let dt = DType::try_from(view.dtype()).map_err(|_| st_dtype_name(view.dtype()));
-            (name.as_str(), view.shape().to_vec(), dt)
-        }),
-        expected_dtype,
-    )?;
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle::Error::Msg("the VarMap lock is poisoned".into()))?;
-        for (name, view) in &views {
-            if name.ends_with(".num_batches_tracked") {
-                continue;
-            }
-            let t = candle::safetensors::Load::load(view, device)?;
-            data.insert(name.clone(), Var::from_tensor(&t)?);
-        }
-    }
-    Ok(varmap)
 }
