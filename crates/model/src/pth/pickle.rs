@@ -1,10 +1,11 @@
-//! Reading a `torch.save` zip archive: its entries, the vetting of `data.pkl` before
-//! candle's pickle reader parses it, and the tensor records inside it. Private to
-//! [`super`]; its [module example](super#example) loads files through all of it.
+//! Reading a `torch.save` zip archive: its entries and the tensor records inside
+//! `data.pkl` (which [`super::scan`] vets before candle's pickle reader parses it).
+//! Private to [`super`]; its [module example](super#example) loads files through all of
+//! it.
 //!
 //! # Example
 //!
-//! What the reading and vetting do, seen through [`super::read_index`]: a state_dict's
+//! What the reading does, seen through [`super::read_index`]: a state_dict's
 //! tensor records come out without a weight read, and files that are not what
 //! `torch.save` writes are refused with an error that names the problem.
 //!
@@ -23,6 +24,11 @@
 //! assert!(read_index(&dir.join("bad-no-data-pkl.pth"), &PthOptions::default()).is_err());
 //! # Ok(()) }
 //! ```
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+
+use candle::pickle::Object;
 
 use super::*;
 
@@ -362,255 +368,4 @@ pub(super) fn tensor_record(obj: &Object, depth: usize) -> Result<Option<PthTens
         storage: key.clone(),
         storage_len,
     }))
-}
-
-/// Checks a pickle before candle's reader builds it: only the opcodes that reader knows
-/// (protocol 2, as `torch.save` writes), every argument inside the data, nesting at most
-/// [`MAX_PICKLE_DEPTH`], and the objects it builds (memo copies included) within a memory
-/// budget proportional to its size, so that a hostile file cannot make the reader allocate
-/// without bound, recurse without bound or panic. It follows the reader's stack: each
-/// slot is the nesting depth and estimated size of the object there.
-pub(super) fn scan_pickle(data: &[u8]) -> Result<(), String> {
-    let mut scan = PickleScan {
-        data,
-        pos: 0,
-        budget: (64u64 << 20) + 32 * data.len() as u64,
-        built: 0,
-        stack: Vec::new(),
-        memo: HashMap::new(),
-    };
-    while scan.pos < data.len() {
-        let at = scan.pos;
-        let op = data[at];
-        scan.pos += 1;
-        // The object this op pushes, with the bytes it allocates (a new object's own; its
-        // children are moved into it, not copied).
-        let pushed = match op {
-            b'c' | b'K' | b'M' | b'J' | b'G' | 0x8a | b'X' => Some(scan.scalar(op, at)?),
-            b'N' | 0x88 | 0x89 | b')' | b']' | b'}' | b'd' => Some(leaf(0)),
-            b'Q' | b't' | 0x85..=0x87 | b'b' | b'R' | 0x81 => Some(scan.compound(op)?),
-            b'.' => return Ok(()),
-            _ => {
-                scan.stack_op(op, at)?;
-                None
-            }
-        };
-        if let Some((s, allocated)) = pushed {
-            if s.depth > MAX_PICKLE_DEPTH {
-                return Err(format!("objects nested deeper than {MAX_PICKLE_DEPTH}"));
-            }
-            scan.built += allocated;
-            scan.stack.push(s);
-        }
-        if scan.built > scan.budget {
-            return Err(format!(
-                "would build more than {} bytes of objects from {} bytes (repeated memo copies?)",
-                scan.budget,
-                data.len()
-            ));
-        }
-    }
-    Err("truncated: no STOP opcode".into())
-}
-
-/// An object on the pickle reader's stack, as [`scan_pickle`] follows it.
-#[derive(Clone, Copy)]
-pub(super) struct Slot {
-    mark: bool,
-    depth: u32,
-    bytes: u64,
-}
-
-/// A new object without children, of `bytes` payload, and what building it allocates.
-pub(super) fn leaf(bytes: u64) -> (Slot, u64) {
-    let s = Slot {
-        mark: false,
-        depth: 1,
-        bytes: OBJECT_BYTES + bytes,
-    };
-    (s, s.bytes)
-}
-
-/// A new object holding `items` (moved into it, not copied).
-pub(super) fn combine(items: &[Slot]) -> (Slot, u64) {
-    let s = Slot {
-        mark: false,
-        depth: 1 + items.iter().map(|s| s.depth).max().unwrap_or(0),
-        bytes: OBJECT_BYTES + items.iter().map(|s| s.bytes).sum::<u64>(),
-    };
-    (s, OBJECT_BYTES)
-}
-
-/// The state of [`scan_pickle`]: the position, the stack and memo it follows, and the
-/// bytes built so far against the budget.
-pub(super) struct PickleScan<'a> {
-    data: &'a [u8],
-    pos: usize,
-    budget: u64,
-    built: u64,
-    stack: Vec<Slot>,
-    memo: HashMap<u32, Slot>,
-}
-
-impl PickleScan<'_> {
-    /// The next `n` bytes of arguments.
-    fn arg(&mut self, n: usize) -> Result<&[u8], String> {
-        let pos = self.pos;
-        let end = pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| format!("truncated: an argument at byte {pos} runs past the end"))?;
-        self.pos = end;
-        Ok(&self.data[pos..end])
-    }
-
-    /// A 1-byte (`short`) or 4-byte little-endian id argument.
-    fn id(&mut self, short: bool) -> Result<u32, String> {
-        Ok(if short {
-            u32::from(self.arg(1)?[0])
-        } else {
-            let b = self.arg(4)?;
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-        })
-    }
-
-    fn pop(&mut self) -> Result<Slot, String> {
-        self.stack
-            .pop()
-            .ok_or_else(|| "malformed: pops an empty stack".to_string())
-    }
-
-    /// The items above the topmost mark, and the mark removed.
-    fn pop_to_mark(&mut self) -> Result<Vec<Slot>, String> {
-        let at = self
-            .stack
-            .iter()
-            .rposition(|s| s.mark)
-            .ok_or_else(|| "malformed: no mark on the stack".to_string())?;
-        let items = self.stack.split_off(at + 1);
-        self.stack.pop();
-        Ok(items)
-    }
-
-    /// An op that reads a value from its arguments: GLOBAL, the integers, a string.
-    fn scalar(&mut self, op: u8, at: usize) -> Result<(Slot, u64), String> {
-        Ok(match op {
-            b'c' => {
-                let mut len = 0;
-                for _ in 0..2 {
-                    let nl = self.data[self.pos..]
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .ok_or_else(|| format!("truncated: GLOBAL at byte {at}"))?;
-                    len += nl;
-                    self.pos += nl + 1;
-                }
-                leaf(len as u64)
-            }
-            0x8a => {
-                let n = self.arg(1)?[0] as usize;
-                if n > 8 {
-                    return Err(format!("an integer of {n} bytes at byte {at} (at most 8)"));
-                }
-                self.arg(n)?;
-                leaf(0)
-            }
-            b'X' => {
-                let n = self.id(false)? as usize;
-                let s = self.arg(n)?;
-                std::str::from_utf8(s)
-                    .map_err(|_| format!("a string at byte {at} is not UTF-8"))?;
-                leaf(n as u64)
-            }
-            // K, M, J, G: integers of 1, 2, 4 bytes and a float of 8.
-            _ => {
-                let n = match op {
-                    b'K' => 1,
-                    b'M' => 2,
-                    b'J' => 4,
-                    _ => 8,
-                };
-                self.arg(n)?;
-                leaf(0)
-            }
-        })
-    }
-
-    /// An op that builds an object from items on the stack: tuples, REDUCE, BUILD, NEWOBJ.
-    fn compound(&mut self, op: u8) -> Result<(Slot, u64), String> {
-        let items = match op {
-            b'Q' => vec![self.pop()?],
-            b't' => self.pop_to_mark()?,
-            0x85..=0x87 => {
-                let k = (op - 0x84) as usize;
-                let mut items = Vec::with_capacity(k);
-                for _ in 0..k {
-                    items.push(self.pop()?);
-                }
-                items
-            }
-            // b, R, NEWOBJ: two operands.
-            _ => vec![self.pop()?, self.pop()?],
-        };
-        Ok(combine(&items))
-    }
-
-    /// An op that pushes no new object: PROTO, MARK, the memo, APPEND(S)/SETITEM(S); any
-    /// other opcode is refused.
-    fn stack_op(&mut self, op: u8, at: usize) -> Result<(), String> {
-        match op {
-            0x80 => {
-                self.arg(1)?;
-            }
-            b'(' => {
-                self.stack.push(Slot {
-                    mark: true,
-                    ..leaf(0).0
-                });
-                self.built += OBJECT_BYTES;
-            }
-            b'q' | b'r' => {
-                let id = self.id(op == b'q')?;
-                let top = *self
-                    .stack
-                    .last()
-                    .ok_or_else(|| "malformed: memoizes an empty stack".to_string())?;
-                self.built += top.bytes;
-                self.memo.insert(id, top);
-            }
-            b'h' | b'j' => {
-                let id = self.id(op == b'h')?;
-                let s = *self
-                    .memo
-                    .get(&id)
-                    .ok_or_else(|| format!("malformed: memo {id} read before it is written"))?;
-                self.built += s.bytes;
-                self.stack.push(s);
-            }
-            b'a' | b's' | b'e' | b'u' => {
-                let items = match op {
-                    b'a' => vec![self.pop()?],
-                    b's' => vec![self.pop()?, self.pop()?],
-                    _ => self.pop_to_mark()?,
-                };
-                let top = self
-                    .stack
-                    .last_mut()
-                    .ok_or_else(|| "malformed: adds items to an empty stack".to_string())?;
-                for s in items {
-                    top.depth = top.depth.max(s.depth + 1);
-                    top.bytes += s.bytes;
-                }
-                if top.depth > MAX_PICKLE_DEPTH {
-                    return Err(format!("objects nested deeper than {MAX_PICKLE_DEPTH}"));
-                }
-            }
-            other => {
-                return Err(format!(
-                    "opcode 0x{other:02x} at byte {at} is not one of the protocol-2 opcodes torch.save writes (a newer pickle protocol or not a torch.save file)"
-                ));
-            }
-        }
-        Ok(())
-    }
 }
