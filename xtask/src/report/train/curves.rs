@@ -317,8 +317,19 @@ pub(super) fn branch_scale_section(
     if !has("alpha") && !has("scale") && !has_tau {
         return Vec::new();
     }
+    branch_scale_intro(md, has("alpha"), has("scale"));
+    let series = ScaleSeries::of(states, curves, groups);
+    let figs = series.figures(md);
+    final_scale_tables(md, states, curves, groups);
+    figs
+}
+
+/// The section's heading and its prose: what SkipInit's and ReZero's α (`alpha`) and
+/// Fixup's multipliers (`scale`) mean at initialization, for the schemes present, and how
+/// the figures aggregate the scalars.
+fn branch_scale_intro(md: &mut String, alpha: bool, scale: bool) {
     let _ = writeln!(md, "\n## Per-block scalars and τ during training\n");
-    if has("alpha") {
+    if alpha {
         let _ = writeln!(
             md,
             "SkipInit and ReZero start every block at α = 0: at initialization each block passes \
@@ -330,7 +341,7 @@ pub(super) fn branch_scale_section(
              `tau-resnet probe --checkpoint <point folder>` probes a run's trained weights.\n"
         );
     }
-    if has("scale") {
+    if scale {
         let _ = writeln!(
             md,
             "Fixup's multipliers start at 1, but its branches' last convolutions at 0: at \
@@ -343,92 +354,113 @@ pub(super) fn branch_scale_section(
          and ReZero, the branch multiplier for Fixup; a learnable τ is one scalar shared by \
          all blocks), then the mean over seeds.\n"
     );
-    // α (with a learnable τ) and Fixup's multipliers (near 1) in figures of their own, so
-    // that neither squeezes the other's scale.
-    let mut alpha_mean = Vec::new();
-    let mut alpha_max = Vec::new();
-    let mut fixup_mean = Vec::new();
-    let mut fixup_max = Vec::new();
-    let mut by_line: BTreeMap<(String, i64), Vec<&Curves>> = BTreeMap::new();
-    for (s, c) in states.iter().zip(curves) {
-        if let Some(d) = depth_of(s) {
-            by_line.entry((group_of(s), d)).or_default().push(c);
+}
+
+/// The lines of the per-block scalar figures: α (with a learnable τ) and Fixup's
+/// multipliers (near 1) in figures of their own, so that neither squeezes the other's
+/// scale.
+#[derive(Debug, Default)]
+struct ScaleSeries {
+    /// Mean |α| over the blocks, and a learnable τ's |τ|.
+    alpha_mean: Vec<Series>,
+    /// Largest |α| over the blocks, and a learnable τ's |τ|.
+    alpha_max: Vec<Series>,
+    /// Mean |multiplier| over Fixup's blocks.
+    fixup_mean: Vec<Series>,
+    /// Largest |multiplier| over Fixup's blocks.
+    fixup_max: Vec<Series>,
+}
+
+impl ScaleSeries {
+    /// One line per group and depth (in the order of `groups`, then by depth), each the
+    /// mean over seeds of its runs' curves.
+    fn of(states: &[PointState], curves: &[Curves], groups: &[String]) -> ScaleSeries {
+        let mut out = ScaleSeries::default();
+        let mut by_line: BTreeMap<(String, i64), Vec<&Curves>> = BTreeMap::new();
+        for (s, c) in states.iter().zip(curves) {
+            if let Some(d) = depth_of(s) {
+                by_line.entry((group_of(s), d)).or_default().push(c);
+            }
         }
-    }
-    for g in groups {
-        for ((_, d), cs) in by_line.range((g.clone(), i64::MIN)..=(g.clone(), i64::MAX)) {
-            let label = format!("{}, depth {d}", group_label(g));
-            let pick = |f: &dyn Fn(&Curves) -> Vec<(f64, f64)>| {
-                aggregate::mean_curve(&cs.iter().map(|c| f(c)).collect::<Vec<_>>())
-            };
-            let mean = pick(&|c: &Curves| c.scales.iter().map(|&(s, m, _)| (s, m)).collect());
-            let max = pick(&|c: &Curves| c.scales.iter().map(|&(s, _, x)| (s, x)).collect());
-            let tau = pick(&|c: &Curves| c.tau.iter().map(|&(s, t)| (s, t.abs())).collect());
-            let is_fixup = cs.iter().any(|c| c.scale_kind.as_deref() == Some("scale"));
-            if !mean.is_empty() {
-                let (to_mean, to_max) = if is_fixup {
-                    (&mut fixup_mean, &mut fixup_max)
-                } else {
-                    (&mut alpha_mean, &mut alpha_max)
+        for g in groups {
+            for ((_, d), cs) in by_line.range((g.clone(), i64::MIN)..=(g.clone(), i64::MAX)) {
+                let label = format!("{}, depth {d}", group_label(g));
+                let pick = |f: &dyn Fn(&Curves) -> Vec<(f64, f64)>| {
+                    aggregate::mean_curve(&cs.iter().map(|c| f(c)).collect::<Vec<_>>())
                 };
-                to_mean.push(Series::new(label.clone(), mean));
-                to_max.push(Series::new(label.clone(), max));
-            }
-            if !tau.is_empty() {
-                let s = Series::new(format!("{label}: learnable τ"), tau);
-                alpha_mean.push(s.clone());
-                alpha_max.push(s);
+                let mean = pick(&|c: &Curves| c.scales.iter().map(|&(s, m, _)| (s, m)).collect());
+                let max = pick(&|c: &Curves| c.scales.iter().map(|&(s, _, x)| (s, x)).collect());
+                let tau = pick(&|c: &Curves| c.tau.iter().map(|&(s, t)| (s, t.abs())).collect());
+                let is_fixup = cs.iter().any(|c| c.scale_kind.as_deref() == Some("scale"));
+                if !mean.is_empty() {
+                    let (to_mean, to_max) = if is_fixup {
+                        (&mut out.fixup_mean, &mut out.fixup_max)
+                    } else {
+                        (&mut out.alpha_mean, &mut out.alpha_max)
+                    };
+                    to_mean.push(Series::new(label.clone(), mean));
+                    to_max.push(Series::new(label.clone(), max));
+                }
+                if !tau.is_empty() {
+                    let s = Series::new(format!("{label}: learnable τ"), tau);
+                    out.alpha_mean.push(s.clone());
+                    out.alpha_max.push(s);
+                }
             }
         }
+        out
     }
-    let mut figs = Vec::new();
-    for (stem, title, y_desc, series) in [
-        (
-            "alpha_mean_vs_step",
-            "SkipInit / ReZero: mean |α| over the blocks",
-            "mean |α| (a learnable τ: |τ|)",
-            alpha_mean,
-        ),
-        (
-            "alpha_max_vs_step",
-            "SkipInit / ReZero: largest |α| over the blocks",
-            "largest |α| (a learnable τ: |τ|)",
-            alpha_max,
-        ),
-        (
-            "fixup_scale_mean_vs_step",
-            "Fixup: mean |multiplier| over the blocks",
-            "mean |multiplier|",
-            fixup_mean,
-        ),
-        (
-            "fixup_scale_max_vs_step",
-            "Fixup: largest |multiplier| over the blocks",
-            "largest |multiplier|",
-            fixup_max,
-        ),
-    ] {
-        if series.is_empty() {
-            continue;
+
+    /// The figures that have lines, each with its image link in `md`: `(file stem, chart)`.
+    fn figures(self, md: &mut String) -> Vec<(String, Chart)> {
+        let mut figs = Vec::new();
+        for (stem, title, y_desc, series) in [
+            (
+                "alpha_mean_vs_step",
+                "SkipInit / ReZero: mean |α| over the blocks",
+                "mean |α| (a learnable τ: |τ|)",
+                self.alpha_mean,
+            ),
+            (
+                "alpha_max_vs_step",
+                "SkipInit / ReZero: largest |α| over the blocks",
+                "largest |α| (a learnable τ: |τ|)",
+                self.alpha_max,
+            ),
+            (
+                "fixup_scale_mean_vs_step",
+                "Fixup: mean |multiplier| over the blocks",
+                "mean |multiplier|",
+                self.fixup_mean,
+            ),
+            (
+                "fixup_scale_max_vs_step",
+                "Fixup: largest |multiplier| over the blocks",
+                "largest |multiplier|",
+                self.fixup_max,
+            ),
+        ] {
+            if series.is_empty() {
+                continue;
+            }
+            let _ = writeln!(md, "![{title} vs step](figures/{stem}.png)\n");
+            figs.push((
+                stem.to_string(),
+                Chart {
+                    title: title.into(),
+                    x_desc: "step".into(),
+                    y_desc: y_desc.into(),
+                    x_log: false,
+                    y_axis: YAxis::Linear,
+                    y_range: None,
+                    series,
+                    vlines: Vec::new(),
+                    hlines: Vec::new(),
+                },
+            ));
         }
-        let _ = writeln!(md, "![{title} vs step](figures/{stem}.png)\n");
-        figs.push((
-            stem.to_string(),
-            Chart {
-                title: title.into(),
-                x_desc: "step".into(),
-                y_desc: y_desc.into(),
-                x_log: false,
-                y_axis: YAxis::Linear,
-                y_range: None,
-                series,
-                vlines: Vec::new(),
-                hlines: Vec::new(),
-            },
-        ));
+        figs
     }
-    final_scale_tables(md, states, curves, groups);
-    figs
 }
 
 /// Tables of the last record's mean and largest |scalar| over the blocks, by depth, for the
