@@ -31,7 +31,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use crate::error::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 mod device;
@@ -396,7 +396,7 @@ impl RunConfig {
     ///
     /// # Errors
     /// The first problem found, naming the key.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         match (self.epochs, self.steps) {
             (Some(_), Some(_)) => bail!("set only one of `epochs` and `steps`"),
             (None, None) => bail!("missing `epochs` or `steps`"),
@@ -478,7 +478,7 @@ impl RunConfig {
         }
         self.model
             .validate()
-            .map_err(|e| anyhow::anyhow!("invalid `model`: {e}"))?;
+            .map_err(|e| crate::error::err!("invalid `model`: {e}"))?;
         Ok(())
     }
 
@@ -495,7 +495,7 @@ impl RunConfig {
     ///
     /// # Errors
     /// Only if a value cannot be represented in TOML.
-    pub fn to_toml(&self) -> anyhow::Result<String> {
+    pub fn to_toml(&self) -> crate::Result<String> {
         toml::to_string(self).context("serializing the resolved config")
     }
 }
@@ -509,7 +509,7 @@ impl RunConfig {
 ///
 /// # Errors
 /// A missing `=`, an empty key segment, or a key that walks through a non-table value.
-pub fn apply_overrides(table: &mut toml::Table, sets: &[String]) -> anyhow::Result<()> {
+pub fn apply_overrides(table: &mut toml::Table, sets: &[String]) -> crate::Result<()> {
     for set in sets {
         let (key, raw) = set
             .split_once('=')
@@ -554,15 +554,15 @@ fn parse_value(raw: &str) -> toml::Value {
 /// # Errors
 /// An unknown key or an ill-typed value, naming the dotted key; or a failed
 /// [`RunConfig::validate`].
-pub fn config_from_table(table: toml::Table) -> anyhow::Result<RunConfig> {
+pub fn config_from_table(table: toml::Table) -> crate::Result<RunConfig> {
     let cfg: RunConfig =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             if path == "." || path.is_empty() {
-                anyhow::anyhow!("{inner}")
+                crate::error::err!("{inner}")
             } else {
-                anyhow::anyhow!("key `{path}`: {inner}")
+                crate::error::err!("key `{path}`: {inner}")
             }
         })?;
     cfg.validate()?;
@@ -574,7 +574,7 @@ pub fn config_from_table(table: toml::Table) -> anyhow::Result<RunConfig> {
 /// # Errors
 /// A missing or unreadable file, malformed TOML, a bad override, an unknown key or an
 /// ill-typed value (naming the key), or a failed validation. Each names the file.
-pub fn load_config(path: &Path, sets: &[String]) -> anyhow::Result<RunConfig> {
+pub fn load_config(path: &Path, sets: &[String]) -> crate::Result<RunConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
     let mut table: toml::Table = text

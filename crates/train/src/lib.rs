@@ -2,6 +2,7 @@
 //! the stability probe; the library behind the `tau-resnet` CLI.
 
 pub mod config;
+pub mod error;
 pub mod loss;
 pub mod optim;
 pub mod probe;
@@ -9,3 +10,5 @@ pub mod records;
 pub mod schedule;
 pub mod setup;
 pub mod trainer;
+
+pub use error::{Error, Result};

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::error::Context;
 
 pub(crate) use tau_records::sync_dir;
 pub use tau_records::{
@@ -39,7 +39,7 @@ impl MetricsWriter {
     ///
     /// # Errors
     /// I/O errors, naming the path.
-    pub fn create(dir: &Path) -> anyhow::Result<MetricsWriter> {
+    pub fn create(dir: &Path) -> crate::Result<MetricsWriter> {
         let path = dir.join(METRICS_FILE);
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(MetricsWriter { path, file, len: 0 })
@@ -49,7 +49,7 @@ impl MetricsWriter {
     ///
     /// # Errors
     /// A missing file or one shorter than `len` (the record and the checkpoint disagree).
-    pub fn resume(dir: &Path, len: u64) -> anyhow::Result<MetricsWriter> {
+    pub fn resume(dir: &Path, len: u64) -> crate::Result<MetricsWriter> {
         let path = dir.join(METRICS_FILE);
         let mut file = OpenOptions::new()
             .read(true)
@@ -58,7 +58,7 @@ impl MetricsWriter {
             .with_context(|| format!("opening {}", path.display()))?;
         let actual = file.metadata()?.len();
         if actual < len {
-            anyhow::bail!(
+            crate::error::bail!(
                 "{}: {actual} bytes, but the checkpoint was taken at {len}: the records do not belong to this checkpoint",
                 path.display()
             );
@@ -73,7 +73,7 @@ impl MetricsWriter {
     ///
     /// # Errors
     /// I/O errors, naming the path.
-    pub fn append(&mut self, record: &MetricsRecord) -> anyhow::Result<()> {
+    pub fn append(&mut self, record: &MetricsRecord) -> crate::Result<()> {
         let mut line = serde_json::to_string(record)?;
         line.push('\n');
         self.file
@@ -98,7 +98,7 @@ impl MetricsWriter {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn sync(&mut self) -> anyhow::Result<()> {
+    pub fn sync(&mut self) -> crate::Result<()> {
         self.file
             .sync_data()
             .with_context(|| format!("syncing {}", self.path.display()))
@@ -109,7 +109,7 @@ impl MetricsWriter {
 ///
 /// # Errors
 /// I/O errors or a malformed line, naming the file and line.
-pub fn read_metrics(path: &Path) -> anyhow::Result<Vec<MetricsRecord>> {
+pub fn read_metrics(path: &Path) -> crate::Result<Vec<MetricsRecord>> {
     let mut text = String::new();
     File::open(path)
         .and_then(|mut f| f.read_to_string(&mut text))
@@ -142,7 +142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("missing/a.json");
         let err = atomic_write(&p, b"x").unwrap_err();
-        assert!(format!("{err:#}").contains("missing"));
+        assert!(format!("{:#}", anyhow::Error::from(err)).contains("missing"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use crate::error::{Context, bail};
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use tau_model::{Model, ModelConfig, ParamKind};
@@ -50,7 +50,7 @@ impl TauModel {
         seed: u64,
         dtype: DType,
         device: &Device,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let varmap =
             tau_model::init_varmap(cfg, seed, dtype, device).context("initializing the model")?;
         Self::from_varmap(cfg, varmap, device)
@@ -61,7 +61,7 @@ impl TauModel {
     ///
     /// # Errors
     /// Tensors that do not fit the config (missing, unexpected, misshapen, mixed dtypes).
-    pub fn from_varmap(cfg: &ModelConfig, varmap: VarMap, device: &Device) -> anyhow::Result<Self> {
+    pub fn from_varmap(cfg: &ModelConfig, varmap: VarMap, device: &Device) -> crate::Result<Self> {
         let model = Model::from_varmap(cfg, &varmap, device).context("building the model")?;
         Ok(TauModel {
             cfg: cfg.clone(),
@@ -78,7 +78,7 @@ impl TauModel {
     /// # Errors
     /// Missing or corrupt files, another architecture, a missing tensor or one of another
     /// shape.
-    pub fn load_weights(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn load_weights(&self, dir: &Path) -> crate::Result<()> {
         let (ck_cfg, weights) = tau_model::checkpoint::load(dir, &self.device)
             .with_context(|| format!("loading checkpoint {}", dir.display()))?;
         if ck_cfg != self.cfg {
@@ -92,13 +92,13 @@ impl TauModel {
         let weights = weights
             .data()
             .lock()
-            .map_err(|_| anyhow::anyhow!("checkpoint lock poisoned"))?
+            .map_err(|_| crate::error::err!("checkpoint lock poisoned"))?
             .clone();
         let data = self
             .varmap
             .data()
             .lock()
-            .map_err(|_| anyhow::anyhow!("model lock poisoned"))?;
+            .map_err(|_| crate::error::err!("model lock poisoned"))?;
         for (name, var) in data.iter() {
             let t = weights
                 .get(name)
@@ -153,7 +153,7 @@ impl TrainModel for TauModel {
 }
 
 impl ModelStore for TauModel {
-    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+    fn save(&self, dir: &Path) -> crate::Result<()> {
         let record = tau_model::CheckpointConfig {
             model: self.cfg.clone(),
             ..self.record.clone()
@@ -172,12 +172,12 @@ impl TauModel {
     ///
     /// # Errors
     /// A poisoned lock (not expected).
-    pub fn params(&self, cfg: &RunConfig) -> anyhow::Result<Vec<Param>> {
+    pub fn params(&self, cfg: &RunConfig) -> crate::Result<Vec<Param>> {
         let data = self
             .varmap
             .data()
             .lock()
-            .map_err(|_| anyhow::anyhow!("model lock poisoned"))?;
+            .map_err(|_| crate::error::err!("model lock poisoned"))?;
         let mut names: Vec<&String> = data.keys().collect();
         names.sort_by(|a, b| natural_cmp(a, b));
         let small = cfg.optim.small_lr_factor;
@@ -229,7 +229,7 @@ impl TauModel {
 ///
 /// # Errors
 /// A mismatch, naming the model key to change.
-pub fn check_fit(model: &ModelConfig, data: &RunData, loss: LossKind) -> anyhow::Result<()> {
+pub fn check_fit(model: &ModelConfig, data: &RunData, loss: LossKind) -> crate::Result<()> {
     match model {
         ModelConfig::Theory(t) => {
             if data.input_shape != [t.input_dim] {
@@ -258,7 +258,7 @@ pub fn check_fit(model: &ModelConfig, data: &RunData, loss: LossKind) -> anyhow:
     Ok(())
 }
 
-fn check_image_model(in_channels: usize, num_classes: usize, data: &RunData) -> anyhow::Result<()> {
+fn check_image_model(in_channels: usize, num_classes: usize, data: &RunData) -> crate::Result<()> {
     match data.input_shape.as_slice() {
         [c, _, _] if *c == in_channels => {}
         [c, _, _] => bail!("`model.in_channels` is {in_channels}, the images have {c} channels"),
@@ -291,7 +291,7 @@ pub struct Prepared {
 ///
 /// # Errors
 /// Bad data, a model that does not fit the data, device errors.
-pub fn prepare(cfg: &RunConfig, device: &Device) -> anyhow::Result<Prepared> {
+pub fn prepare(cfg: &RunConfig, device: &Device) -> crate::Result<Prepared> {
     let dtype = cfg.dtype.dtype();
     let flat = matches!(cfg.model, ModelConfig::Theory(_));
     if cfg.loss.kind == LossKind::CrossEntropy && cfg.data.source == SourceKind::Synthetic {
@@ -309,7 +309,7 @@ impl Prepared {
     ///
     /// # Errors
     /// A model that does not fit the data, device errors.
-    pub fn from_parts(cfg: &RunConfig, device: &Device, data: RunData) -> anyhow::Result<Prepared> {
+    pub fn from_parts(cfg: &RunConfig, device: &Device, data: RunData) -> crate::Result<Prepared> {
         check_fit(&cfg.model, &data, cfg.loss.kind)?;
         let model = TauModel::init(&cfg.model, cfg.seed, cfg.dtype.dtype(), device)?;
         let params = model.params(cfg)?;
@@ -360,7 +360,7 @@ fn session<'a>(p: &'a mut Prepared) -> Session<'a> {
 ///
 /// # Errors
 /// An existing run in `run_dir`, an unwritable directory, and the errors of the loop.
-pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> anyhow::Result<Summary> {
+pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> crate::Result<Summary> {
     let text = prepared.cfg.to_toml()?;
     if run_dir.join(CONFIG_FILE).exists() || run_dir.join(METRICS_FILE).exists() {
         bail!(
@@ -384,7 +384,7 @@ pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> anyho
 ///
 /// # Errors
 /// A missing or invalid `config.toml`.
-pub fn run_config(run_dir: &Path) -> anyhow::Result<RunConfig> {
+pub fn run_config(run_dir: &Path) -> crate::Result<RunConfig> {
     let path = run_dir.join(CONFIG_FILE);
     if !path.exists() {
         bail!(
@@ -400,11 +400,7 @@ pub fn run_config(run_dir: &Path) -> anyhow::Result<RunConfig> {
 /// # Errors
 /// No checkpoint, a checkpoint of another architecture or a corrupt one, and the errors
 /// of the loop.
-pub fn resume(
-    mut prepared: Prepared,
-    run_dir: &Path,
-    opts: &RunOptions,
-) -> anyhow::Result<Summary> {
+pub fn resume(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> crate::Result<Summary> {
     let ckpt = last_checkpoint(run_dir).with_context(|| {
         format!(
             "{} has no checkpoint to resume from (checkpoints/last)",

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::Context;
+use crate::error::Context;
 use candle::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -91,7 +91,7 @@ pub trait ModelStore {
     ///
     /// # Errors
     /// I/O errors.
-    fn save(&self, dir: &Path) -> anyhow::Result<()>;
+    fn save(&self, dir: &Path) -> crate::Result<()>;
 }
 
 /// How a session of the loop may be stopped early, and who hears of its progress.
@@ -241,7 +241,7 @@ pub fn run_loop(
     mut state: TrainState,
     mut metrics: MetricsWriter,
     opts: &RunOptions,
-) -> anyhow::Result<Summary> {
+) -> crate::Result<Summary> {
     let cfg = sess.cfg;
     let plan = Plan::new(&sess)?;
     let (spe, total) = (plan.spe, plan.total);
@@ -363,7 +363,7 @@ pub fn evaluate(
     data: &dyn TrainData,
     loss: LossKind,
     batch_size: usize,
-) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+) -> crate::Result<(Option<f64>, Option<f64>)> {
     let n = data.len();
     if n == 0 {
         return Ok((None, None));

@@ -43,7 +43,7 @@ fn config(sets: &[&str]) -> anyhow::Result<RunConfig> {
     let mut t: toml::Table = RUN.parse()?;
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     apply_overrides(&mut t, &sets)?;
-    config_from_table(t)
+    Ok(config_from_table(t)?)
 }
 
 #[test]

@@ -111,7 +111,7 @@ fn resolve(args: &ProbeArgs) -> anyhow::Result<ProbePlan> {
         }
         None => toml::Table::new(),
     };
-    resolve_config(table, &cli_sets(args))
+    Ok(resolve_config(table, &cli_sets(args))?)
 }
 
 /// Runs `tau-resnet probe`.

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::Context;
+use crate::error::Context;
 use serde::{Deserialize, Serialize};
 
 /// Floating-point type of a run.
@@ -89,7 +89,7 @@ impl DeviceSpec {
     ///
     /// # Errors
     /// When the device is absent or the binary was built without its feature.
-    pub fn device(self) -> anyhow::Result<candle::Device> {
+    pub fn device(self) -> crate::Result<candle::Device> {
         match self {
             // candle's `*_is_available` say only whether the build has the feature: a
             // CUDA build on a machine without a usable GPU falls back to the CPU.

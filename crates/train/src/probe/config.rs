@@ -2,7 +2,7 @@
 //! with a `[probe]` table, the command-line flags and `--set` overrides on top; or, with
 //! `probe.checkpoint` (`--checkpoint`), the model of a trained checkpoint.
 
-use anyhow::{Context, bail};
+use crate::error::{Context, bail};
 
 use super::*;
 
@@ -65,7 +65,7 @@ pub struct ProbePlan {
 ///
 /// # Errors
 /// The first problem found, naming the key.
-pub fn validate_config(table: toml::Table, sets: &[String]) -> anyhow::Result<()> {
+pub fn validate_config(table: toml::Table, sets: &[String]) -> crate::Result<()> {
     resolve_config(table, sets).map(|_| ())
 }
 
@@ -75,7 +75,7 @@ pub fn validate_config(table: toml::Table, sets: &[String]) -> anyhow::Result<()
 ///
 /// # Errors
 /// The first problem found, naming the key.
-pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> anyhow::Result<ProbePlan> {
+pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> crate::Result<ProbePlan> {
     crate::config::apply_overrides(&mut table, sets)?;
     let settings = probe_settings(&table)?;
     let checkpoint = checkpoint_model(&mut table, &settings)?;
@@ -109,7 +109,7 @@ pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> anyhow::Result
         .cloned()
         .context("missing [model]")?
         .try_into()
-        .map_err(|e| anyhow::anyhow!("key `model`: {e}"))?;
+        .map_err(|e| crate::error::err!("key `model`: {e}"))?;
     model.validate().context("key `model`")?;
     let rules = probe_rules(&model, &settings)?;
     Ok(ProbePlan {
@@ -129,7 +129,7 @@ pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> anyhow::Result
 fn checkpoint_model(
     table: &mut toml::Table,
     settings: &ProbeSettings,
-) -> anyhow::Result<Option<PathBuf>> {
+) -> crate::Result<Option<PathBuf>> {
     let Some(given) = &settings.checkpoint else {
         return Ok(None);
     };
@@ -156,7 +156,7 @@ fn checkpoint_model(
 
 /// The checkpoint directory `path` stands for: itself when it holds a `config.json`, a run
 /// directory's last checkpoint.
-fn checkpoint_dir(path: &Path) -> anyhow::Result<PathBuf> {
+fn checkpoint_dir(path: &Path) -> crate::Result<PathBuf> {
     if path.join(tau_model::checkpoint::CONFIG_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
@@ -179,12 +179,12 @@ fn checkpoint_dir(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The `[probe]` table, checked.
-fn probe_settings(table: &toml::Table) -> anyhow::Result<ProbeSettings> {
+fn probe_settings(table: &toml::Table) -> crate::Result<ProbeSettings> {
     let settings: ProbeSettings = match table.get("probe") {
         Some(v) => v
             .clone()
             .try_into()
-            .map_err(|e| anyhow::anyhow!("key `probe`: {e}"))?,
+            .map_err(|e| crate::error::err!("key `probe`: {e}"))?,
         None => ProbeSettings {
             n_inputs: None,
             n_seeds: default_seeds(),
@@ -210,7 +210,7 @@ fn probe_settings(table: &toml::Table) -> anyhow::Result<ProbeSettings> {
 
 /// The τ rules to probe: the model's own, or `probe.taus` with the backward pass for
 /// those in `probe.grad_taus` (all when it is absent).
-fn probe_rules(model: &ModelConfig, settings: &ProbeSettings) -> anyhow::Result<Vec<ProbeTauRule>> {
+fn probe_rules(model: &ModelConfig, settings: &ProbeSettings) -> crate::Result<Vec<ProbeTauRule>> {
     let scaling = model.scaling();
     if scaling != Scaling::Tau && !settings.taus.is_empty() {
         bail!(
@@ -239,7 +239,7 @@ fn probe_rules(model: &ModelConfig, settings: &ProbeSettings) -> anyhow::Result<
                         .is_none_or(|g| g.iter().any(|x| x == t)),
                 })
             })
-            .collect::<anyhow::Result<Vec<_>>>()?
+            .collect::<crate::Result<Vec<_>>>()?
     };
     if let Some(g) = &settings.grad_taus {
         for t in g {

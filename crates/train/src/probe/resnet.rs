@@ -1,7 +1,7 @@
 //! The probe of the ResNets: hidden-state norms through the model's own hooked forward
 //! pass, gradient norms per residual block.
 
-use anyhow::bail;
+use crate::error::bail;
 
 use super::*;
 
@@ -26,6 +26,9 @@ pub fn chain_len(cfg: &ModelConfig) -> usize {
 /// The weights are each seed's initialization, or the `trained` checkpoint's for every
 /// seed (then only the inputs and labels change with the seed, and τ is the model's own:
 /// `rules` holds its rule alone).
+///
+/// # Errors
+/// The theory network (it has a probe of its own), or shape and device errors.
 pub fn probe_resnet(
     cfg: &ModelConfig,
     rules: &[ProbeTauRule],
@@ -33,14 +36,12 @@ pub fn probe_resnet(
     n: usize,
     image: usize,
     trained: Option<&Trained>,
-) -> anyhow::Result<Vec<ProbeTau>> {
-    let dev = Device::Cpu;
+) -> crate::Result<Vec<ProbeTau>> {
     let n_blocks = cfg.n_blocks();
     // The residual chain: L blocks in a CIFAR ResNet, more in a bottleneck ResNet (whose
     // L is its longest stage).
     let chain = chain_len(cfg);
     let blocks = sample_blocks(chain);
-    let ln10 = std::f64::consts::LN_10;
     let mut out = Vec::new();
     for rule in rules {
         let mut c = cfg.clone();
@@ -49,10 +50,11 @@ pub fn probe_resnet(
             ModelConfig::BottleneckResnet(x) => x.tau = rule.rule,
             ModelConfig::Theory(_) => bail!("the theory network takes the fast path"),
         }
-        let (in_ch, classes) = match &c {
-            ModelConfig::CifarResnet(x) => (x.in_channels, x.num_classes),
-            ModelConfig::BottleneckResnet(x) => (x.in_channels, x.num_classes),
-            ModelConfig::Theory(_) => (1, 1),
+        let batch = Batch {
+            n,
+            image,
+            chain,
+            blocks: &blocks,
         };
         let mut ratios = Vec::new();
         let mut grad_ratio = Vec::new();
@@ -61,71 +63,13 @@ pub fn probe_resnet(
         // A trained checkpoint's learnable τ, as trained (a fixed τ is the rule's).
         let mut tau_used = None;
         for &seed in seeds {
-            let (varmap, dtype) = match trained {
-                Some(t) => (
-                    t.varmap.clone(),
-                    tau_model::checkpoint::varmap_dtype(&t.varmap).unwrap_or(DType::F32),
-                ),
-                None => (
-                    tau_model::init_varmap(&c, seed, DType::F32, &dev)?,
-                    DType::F32,
-                ),
-            };
-            let vb = VarBuilder::from_varmap(&varmap, dtype, &dev);
-            let model = Model::new(&c, vb.clone())?;
-            if trained.is_some() && c.learnable_tau() {
-                tau_used = Some(model.tau()?);
-            }
-            let dim = in_ch * image * image;
-            let data = tau_data::synthetic::sphere(
-                n,
-                dim,
-                1,
-                tau_data::synthetic::Targets::Gaussian,
-                seed,
-            );
-            let xs = (Tensor::from_slice(&data.xs, (n, in_ch, image, image), &dev)?
-                .to_dtype(dtype)?
-                * (dim as f64).sqrt())?;
-            // One forward pass of the model itself, the stem's output and the sampled
-            // blocks' outputs measured on the way; its logits feed the backward pass.
-            let mut log0 = Vec::new();
-            let mut last = Vec::new();
-            let mut logs_at: Vec<Vec<f64>> = Vec::new();
-            let logits = model.forward_hooked(&xs, true, |l, h| {
-                if l == 0 {
-                    log0 = sample_log_norms(h)?;
-                    last = log0.clone();
-                } else if blocks.contains(&l) || l == chain {
-                    last = sample_log_norms(h)?;
-                    if blocks.contains(&l) {
-                        logs_at.push(
-                            last.iter()
-                                .zip(&log0)
-                                .map(|(a, b)| (a - b) / ln10)
-                                .collect(),
-                        );
-                    }
-                }
-                Ok(())
-            })?;
-            ratios.extend(
-                last.iter()
-                    .zip(&log0)
-                    .map(|(a, b)| (a - b) / ln10)
-                    .filter(|v| v.is_finite()),
-            );
-            for (dst, src) in block_ratio.iter_mut().zip(&logs_at) {
+            let m = probe_seed(&c, seed, &batch, trained)?;
+            tau_used = m.tau.or(tau_used);
+            ratios.extend(m.ratios.into_iter().filter(|v| v.is_finite()));
+            for (dst, src) in block_ratio.iter_mut().zip(&m.block_ratios) {
                 dst.extend(src.iter().copied().filter(|v| v.is_finite()));
             }
-            // Backward: cross-entropy of random labels.
-            let labels: Vec<u32> = (0..n)
-                .map(|i| ((seed as usize + 7 * i) % classes) as u32)
-                .collect();
-            let labels = Tensor::from_vec(labels, n, &dev)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let grads = loss.backward()?;
-            let rel = block_grad_log_ratios(&c, &varmap, &grads, chain)?;
+            let rel = m.grad_rel;
             if rel[0].is_finite() {
                 grad_ratio.push(rel[0]);
             }
@@ -157,6 +101,116 @@ pub fn probe_resnet(
     Ok(out)
 }
 
+/// The inputs of one seed's probe and where it measures.
+struct Batch<'a> {
+    /// Inputs.
+    n: usize,
+    /// Their height and width.
+    image: usize,
+    /// The residual chain's length.
+    chain: usize,
+    /// The sampled blocks (1-based).
+    blocks: &'a [usize],
+}
+
+/// One seed's measurements of a ResNet.
+struct SeedProbe {
+    /// log10 ‖h_chain‖/‖h_0‖ per input.
+    ratios: Vec<f64>,
+    /// log10 ‖h_l‖/‖h_0‖ per sampled block, per input.
+    block_ratios: Vec<Vec<f64>>,
+    /// log10 of each block's gradient norm relative to the last block's, blocks 1..=chain.
+    grad_rel: Vec<f64>,
+    /// The model's learnable τ, from a trained checkpoint.
+    tau: Option<f64>,
+}
+
+/// Draws seed `seed`'s inputs (and weights, without `trained`), runs the model's own
+/// forward pass measuring the stem's and the sampled blocks' outputs, and back-propagates
+/// the cross-entropy of random labels.
+fn probe_seed(
+    c: &ModelConfig,
+    seed: u64,
+    batch: &Batch<'_>,
+    trained: Option<&Trained>,
+) -> crate::Result<SeedProbe> {
+    let dev = Device::Cpu;
+    let ln10 = std::f64::consts::LN_10;
+    let Batch {
+        n,
+        image,
+        chain,
+        blocks,
+    } = *batch;
+    let (in_ch, classes) = match c {
+        ModelConfig::CifarResnet(x) => (x.in_channels, x.num_classes),
+        ModelConfig::BottleneckResnet(x) => (x.in_channels, x.num_classes),
+        ModelConfig::Theory(_) => (1, 1),
+    };
+    let (varmap, dtype) = match trained {
+        Some(t) => (
+            t.varmap.clone(),
+            tau_model::checkpoint::varmap_dtype(&t.varmap).unwrap_or(DType::F32),
+        ),
+        None => (
+            tau_model::init_varmap(c, seed, DType::F32, &dev)?,
+            DType::F32,
+        ),
+    };
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &dev);
+    let model = Model::new(c, vb.clone())?;
+    let tau = if trained.is_some() && c.learnable_tau() {
+        Some(model.tau()?)
+    } else {
+        None
+    };
+    let dim = in_ch * image * image;
+    let data = tau_data::synthetic::sphere(n, dim, 1, tau_data::synthetic::Targets::Gaussian, seed);
+    let xs = (Tensor::from_slice(&data.xs, (n, in_ch, image, image), &dev)?.to_dtype(dtype)?
+        * (dim as f64).sqrt())?;
+    // One forward pass of the model itself, the stem's output and the sampled blocks'
+    // outputs measured on the way; its logits feed the backward pass.
+    let mut log0 = Vec::new();
+    let mut last = Vec::new();
+    let mut block_ratios: Vec<Vec<f64>> = Vec::new();
+    let logits = model.forward_hooked(&xs, true, |l, h| {
+        if l == 0 {
+            log0 = sample_log_norms(h)?;
+            last = log0.clone();
+        } else if blocks.contains(&l) || l == chain {
+            last = sample_log_norms(h)?;
+            if blocks.contains(&l) {
+                block_ratios.push(
+                    last.iter()
+                        .zip(&log0)
+                        .map(|(a, b)| (a - b) / ln10)
+                        .collect(),
+                );
+            }
+        }
+        Ok(())
+    })?;
+    let ratios = last
+        .iter()
+        .zip(&log0)
+        .map(|(a, b)| (a - b) / ln10)
+        .collect();
+    // Backward: cross-entropy of random labels.
+    let labels: Vec<u32> = (0..n)
+        .map(|i| ((seed as usize + 7 * i) % classes) as u32)
+        .collect();
+    let labels = Tensor::from_vec(labels, n, &dev)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+    let grads = loss.backward()?;
+    let grad_rel = block_grad_log_ratios(c, &varmap, &grads, chain)?;
+    Ok(SeedProbe {
+        ratios,
+        block_ratios,
+        grad_rel,
+        tau,
+    })
+}
+
 /// log10 of each block's gradient norm (its parameters' together) relative to the last
 /// block's, blocks 1..=chain in order.
 fn block_grad_log_ratios(
@@ -164,12 +218,12 @@ fn block_grad_log_ratios(
     varmap: &candle_nn::VarMap,
     grads: &candle::backprop::GradStore,
     chain: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> crate::Result<Vec<f64>> {
     let ln10 = std::f64::consts::LN_10;
     let data = varmap
         .data()
         .lock()
-        .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
+        .map_err(|_| crate::error::err!("varmap lock poisoned"))?;
     let mut per_block = vec![0f64; chain];
     // In name order, so that the sums (and the record) repeat bit for bit.
     let mut named: Vec<_> = data.iter().collect();

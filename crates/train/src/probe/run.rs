@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use crate::error::{Context, bail};
 use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
 
 use super::*;
@@ -35,7 +35,7 @@ impl Trained {
     ///
     /// # Errors
     /// A missing or invalid checkpoint.
-    pub fn load(dir: &Path) -> anyhow::Result<Trained> {
+    pub fn load(dir: &Path) -> crate::Result<Trained> {
         let (record, varmap) = tau_model::checkpoint::load_checkpoint(dir, &Device::Cpu)
             .with_context(|| format!("loading checkpoint {}", dir.display()))?;
         let step = std::fs::read_to_string(dir.join("state.json"))
@@ -92,7 +92,7 @@ fn needed_memory(plan: &ProbePlan) -> u64 {
 /// # Errors
 /// A probe too large for the available memory, a checkpoint that does not load, or
 /// device errors.
-pub fn run_probe(plan: &ProbePlan) -> anyhow::Result<ProbeRun> {
+pub fn run_probe(plan: &ProbePlan) -> crate::Result<ProbeRun> {
     let start = Instant::now();
     let r = plan;
     let trained = r.checkpoint.as_deref().map(Trained::load).transpose()?;
@@ -166,7 +166,7 @@ pub fn run_probe(plan: &ProbePlan) -> anyhow::Result<ProbeRun> {
 ///
 /// # Errors
 /// I/O errors.
-pub fn write_probe(dir: &Path, plan: &ProbePlan, record: &ProbeRecord) -> anyhow::Result<()> {
+pub fn write_probe(dir: &Path, plan: &ProbePlan, record: &ProbeRecord) -> crate::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cfg_text = toml::to_string(&plan.table).context("serializing the resolved config")?;
     write_atomic(&dir.join(CONFIG_FILE), cfg_text.as_bytes())?;

@@ -433,7 +433,7 @@ pub fn probe_theory(
     rules: &[ProbeTauRule],
     seeds: &[u64],
     n_inputs: usize,
-) -> anyhow::Result<Vec<ProbeTau>> {
+) -> crate::Result<Vec<ProbeTau>> {
     probe_theory_weights(cfg, rules, seeds, n_inputs, None)
 }
 
@@ -449,7 +449,7 @@ pub fn probe_theory_weights(
     seeds: &[u64],
     n_inputs: usize,
     fixed: Option<&TheoryWeights>,
-) -> anyhow::Result<Vec<ProbeTau>> {
+) -> crate::Result<Vec<ProbeTau>> {
     let l = cfg.depth;
     let blocks = sample_blocks(l);
     let resolved: Vec<f64> = rules.iter().map(|r| r.rule.resolve(l)).collect();

@@ -1,7 +1,7 @@
 //! The data of a run: synthetic points, or an image data set with its subsets,
 //! normalization and augmentation, and what a checkpoint records of it.
 
-use anyhow::{Context, bail};
+use crate::error::{Context, bail};
 use candle::{DType, Device, Tensor};
 use tau_model::ModelConfig;
 
@@ -24,7 +24,7 @@ impl TrainData for ImageData {
         self.ds.len()
     }
 
-    fn batch(&self, indices: &[usize], augment: Option<u64>) -> anyhow::Result<(Tensor, Targets)> {
+    fn batch(&self, indices: &[usize], augment: Option<u64>) -> crate::Result<(Tensor, Targets)> {
         let (aug, epoch) = match augment {
             Some(e) => (self.augment, e),
             None => (tau_data::Augment::None, 0),
@@ -109,7 +109,7 @@ fn flat_tensor_data(
     ds: &tau_data::ImageDataset,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<TensorData> {
+) -> crate::Result<TensorData> {
     let (xs, _) = tau_data::flatten_unit_norm(ds, dtype, device)?;
     let labels = Tensor::new(ds.labels.as_slice(), device)?;
     TensorData::new(xs, Targets::Classes(labels, ds.num_classes))
@@ -126,7 +126,7 @@ pub fn load_data(
     dtype: DType,
     device: &Device,
     flat: bool,
-) -> anyhow::Result<RunData> {
+) -> crate::Result<RunData> {
     Ok(load_data_with(cfg, dtype, device, flat, None)?.0)
 }
 
@@ -142,7 +142,7 @@ pub fn load_data_with(
     device: &Device,
     flat: bool,
     normalize_override: Option<tau_data::Normalize>,
-) -> anyhow::Result<(RunData, DataRecord)> {
+) -> crate::Result<(RunData, DataRecord)> {
     let d = &cfg.data;
     if d.source == SourceKind::Synthetic {
         return Ok((synthetic_data(cfg, dtype, device)?, DataRecord::default()));
@@ -248,13 +248,13 @@ pub fn load_data_with(
     ))
 }
 
-fn unreachable_synthetic() -> anyhow::Result<tau_data::DataSource> {
+fn unreachable_synthetic() -> crate::Result<tau_data::DataSource> {
     bail!("synthetic data is handled before loading files")
 }
 
 /// Points on the unit sphere with Gaussian or teacher targets (`data.source =
 /// "synthetic"`), the first `data.n` for training and the next `data.n_test` for testing.
-fn synthetic_data(cfg: &RunConfig, dtype: DType, device: &Device) -> anyhow::Result<RunData> {
+fn synthetic_data(cfg: &RunConfig, dtype: DType, device: &Device) -> crate::Result<RunData> {
     let d = &cfg.data;
     let (n, p, out) = (d.n.unwrap_or(0), d.p.unwrap_or(0), d.d.unwrap_or(0));
     let total = n.saturating_add(d.n_test);
@@ -290,7 +290,7 @@ fn image_normalization(
     normalize_override: Option<tau_data::Normalize>,
     normalize: NormalizeKind,
     c: usize,
-) -> anyhow::Result<tau_data::Normalize> {
+) -> crate::Result<tau_data::Normalize> {
     let norm = match (normalize_override, normalize) {
         (Some(n), _) => {
             if n.mean.len() != c || n.std.len() != c {

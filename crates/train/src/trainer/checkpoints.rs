@@ -24,7 +24,7 @@ pub(super) fn checkpoint(
     run_dir: &Path,
     state: &mut TrainState,
     metrics: &mut MetricsWriter,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     metrics.sync()?;
     state.metrics_len = metrics.len();
     let dir = run_dir.join(tau_records::CHECKPOINTS_DIR);
@@ -72,7 +72,7 @@ pub(super) fn checkpoint(
 }
 
 #[cfg(unix)]
-fn point_last(dir: &Path, name: &str) -> anyhow::Result<()> {
+fn point_last(dir: &Path, name: &str) -> crate::Result<()> {
     let tmp = dir.join(".last.tmp");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(name, &tmp).with_context(|| format!("linking {}", tmp.display()))?;
@@ -83,7 +83,7 @@ fn point_last(dir: &Path, name: &str) -> anyhow::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn point_last(dir: &Path, name: &str) -> anyhow::Result<()> {
+fn point_last(dir: &Path, name: &str) -> crate::Result<()> {
     Ok(write_atomic(&dir.join("last"), name.as_bytes())?)
 }
 
@@ -91,7 +91,7 @@ fn point_last(dir: &Path, name: &str) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// Missing or corrupt files, or optimizer state that does not fit the model.
-pub fn load_checkpoint_state(ckpt: &Path, optimizer: &mut Sgd) -> anyhow::Result<TrainState> {
+pub fn load_checkpoint_state(ckpt: &Path, optimizer: &mut Sgd) -> crate::Result<TrainState> {
     let state_path = ckpt.join("state.json");
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("reading {}", state_path.display()))?;
@@ -115,7 +115,7 @@ pub fn load_checkpoint_state(ckpt: &Path, optimizer: &mut Sgd) -> anyhow::Result
 ///
 /// # Errors
 /// I/O errors.
-pub fn write_config(run_dir: &Path, text: &str) -> anyhow::Result<()> {
+pub fn write_config(run_dir: &Path, text: &str) -> crate::Result<()> {
     Ok(write_atomic(
         &run_dir.join(tau_records::CONFIG_FILE),
         text.as_bytes(),

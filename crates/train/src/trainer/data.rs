@@ -19,7 +19,7 @@ pub trait TrainData {
     ///
     /// # Errors
     /// Indices out of range, device errors.
-    fn batch(&self, indices: &[usize], augment: Option<u64>) -> anyhow::Result<(Tensor, Targets)>;
+    fn batch(&self, indices: &[usize], augment: Option<u64>) -> crate::Result<(Tensor, Targets)>;
 }
 
 /// A data set held as tensors (synthetic data, small full-batch sets, tests).
@@ -33,10 +33,10 @@ impl TensorData {
     ///
     /// # Errors
     /// Row counts that differ.
-    pub fn new(xs: Tensor, targets: Targets) -> anyhow::Result<TensorData> {
+    pub fn new(xs: Tensor, targets: Targets) -> crate::Result<TensorData> {
         let n = xs.dim(0)?;
         let m = targets.len()?;
-        anyhow::ensure!(n == m, "{n} inputs but {m} targets");
+        crate::error::ensure!(n == m, "{n} inputs but {m} targets");
         Ok(TensorData { xs, targets })
     }
 }
@@ -46,10 +46,10 @@ impl TrainData for TensorData {
         self.xs.dims().first().copied().unwrap_or(0)
     }
 
-    fn batch(&self, indices: &[usize], _augment: Option<u64>) -> anyhow::Result<(Tensor, Targets)> {
+    fn batch(&self, indices: &[usize], _augment: Option<u64>) -> crate::Result<(Tensor, Targets)> {
         let n = self.len();
         if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
-            anyhow::bail!("index {bad} out of range for {n} examples");
+            crate::error::bail!("index {bad} out of range for {n} examples");
         }
         let all_in_order = indices.len() == n && indices.iter().enumerate().all(|(k, &i)| k == i);
         if all_in_order {

@@ -58,7 +58,7 @@ pub(super) struct GradNorms {
     pub(super) param_sq: Vec<f64>,
 }
 
-pub(super) fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> anyhow::Result<GradNorms> {
+pub(super) fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> crate::Result<GradNorms> {
     let mut sq = Vec::new();
     let mut which = Vec::new();
     for (i, g) in grads.iter().enumerate() {
@@ -196,7 +196,7 @@ fn forward_backward(
 
 /// Full batch: the gradient of the loss over all `n` examples, summed over chunks of
 /// `batch_size` in index order (the sum of the chunks' gradients is the full gradient).
-pub(super) fn gd_grads(sess: &Session<'_>, n: usize, epoch: u64) -> anyhow::Result<StepGrads> {
+pub(super) fn gd_grads(sess: &Session<'_>, n: usize, epoch: u64) -> crate::Result<StepGrads> {
     let cfg = sess.cfg;
     let scale = scale_for(cfg, n);
     let mut acc: Vec<Option<Tensor>> = vec![None; sess.optimizer.params().len()];
@@ -225,7 +225,7 @@ pub(super) fn sgd_grads(
     sess: &Session<'_>,
     indices: &[usize],
     epoch: u64,
-) -> anyhow::Result<StepGrads> {
+) -> crate::Result<StepGrads> {
     let cfg = sess.cfg;
     let (xs, ys) = sess.train.batch(indices, Some(epoch))?;
     let (preds, l, grads) = forward_backward(sess, &xs, &ys, scale_for(cfg, indices.len()))?;

@@ -25,12 +25,12 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    pub(super) fn new(sess: &Session<'_>) -> anyhow::Result<Plan> {
+    pub(super) fn new(sess: &Session<'_>) -> crate::Result<Plan> {
         let cfg = sess.cfg;
         let n = sess.train.len();
-        anyhow::ensure!(n > 0, "the training set is empty");
+        crate::error::ensure!(n > 0, "the training set is empty");
         let spe = steps_per_epoch(cfg, n);
-        anyhow::ensure!(
+        crate::error::ensure!(
             spe > 0,
             "no full batch of {} in {n} training examples (drop_last)",
             cfg.data.batch_size
@@ -170,7 +170,7 @@ pub(super) fn diverged_record(
     lr: f64,
     loss: f64,
     norms: grads::GradNorms,
-) -> anyhow::Result<MetricsRecord> {
+) -> crate::Result<MetricsRecord> {
     Ok(MetricsRecord {
         step,
         epoch,
@@ -196,7 +196,7 @@ pub(super) fn diverged_record(
 /// Read at the parameters' stored values, so a resumed run records the same numbers.
 pub(super) fn branch_scales(
     sess: &Session<'_>,
-) -> anyhow::Result<Option<std::collections::BTreeMap<String, f32>>> {
+) -> crate::Result<Option<std::collections::BTreeMap<String, f32>>> {
     use tau_model::ParamKind;
     let scalars: Vec<&crate::optim::Param> = sess
         .optimizer
@@ -221,7 +221,7 @@ pub(super) fn branch_scales(
         .to_dtype(candle::DType::F32)?
         .to_vec1::<f32>()
         .context("reading the per-block scalars")?;
-    anyhow::ensure!(
+    crate::error::ensure!(
         values.len() == scalars.len(),
         "a per-block scalar with {} elements in all for {} parameters",
         values.len(),
@@ -269,7 +269,7 @@ pub(super) fn step_grads(
     plan: &Plan,
     s: u64,
     order: &mut Option<(u64, Vec<Vec<usize>>)>,
-) -> anyhow::Result<StepGrads> {
+) -> crate::Result<StepGrads> {
     let cfg = sess.cfg;
     let epoch = s / plan.spe;
     match cfg.optim.kind {
@@ -333,7 +333,7 @@ pub(super) fn make_record(
     norms: grads::GradNorms,
     clock: &Clock,
     last_record_time: &mut Instant,
-) -> anyhow::Result<MetricsRecord> {
+) -> crate::Result<MetricsRecord> {
     let cfg = sess.cfg;
     let (test_loss, test_acc) = match sess.test {
         Some(t) if at.eval => evaluate(sess.model, t, cfg.loss.kind, cfg.data.batch_size)?,
