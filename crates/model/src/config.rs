@@ -32,8 +32,11 @@
 //! # Ok(()) }
 //! ```
 
+use std::any::Any;
+
 use serde::{Deserialize, Serialize};
 
+use crate::family::Family;
 pub use crate::params::{MAX_ELEMENTS, ParamInit, ParamKind, ParamName, ParamSpec};
 use crate::resnet::{BottleneckResNetConfig, CifarResNetConfig, Scaling};
 use crate::theory::TheoryConfig;
@@ -93,14 +96,43 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
+    /// The family behind the tag: the one place that lists the families. Every other
+    /// method asks it. See the [module example](crate::family#example).
+    pub fn as_family(&self) -> &dyn Family {
+        match self {
+            ModelConfig::Theory(c) => c,
+            ModelConfig::CifarResnet(c) => c,
+            ModelConfig::BottleneckResnet(c) => c,
+        }
+    }
+
+    /// The family behind the tag, to change its settings (as
+    /// [`Family::set_tau_rule`]). See the [module example](crate::family#example).
+    pub fn as_family_mut(&mut self) -> &mut dyn Family {
+        match self {
+            ModelConfig::Theory(c) => c,
+            ModelConfig::CifarResnet(c) => c,
+            ModelConfig::BottleneckResnet(c) => c,
+        }
+    }
+
+    /// The theory network's config, if this is one (it has fast paths of its own).
+    ///
+    /// ```
+    /// # use tau_model::ModelConfig;
+    /// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "theory", "depth": 5}"#).unwrap();
+    /// assert_eq!(cfg.as_theory().map(|t| t.depth), Some(5));
+    /// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet"}"#).unwrap();
+    /// assert!(cfg.as_theory().is_none());
+    /// ```
+    pub fn as_theory(&self) -> Option<&TheoryConfig> {
+        (self.as_family() as &dyn Any).downcast_ref()
+    }
+
     /// L, the number of residual blocks τ is resolved against.
     /// See the [example](ModelConfig#example).
     pub fn n_blocks(&self) -> usize {
-        match self {
-            ModelConfig::Theory(c) => c.depth,
-            ModelConfig::CifarResnet(c) => c.n_blocks(),
-            ModelConfig::BottleneckResnet(c) => c.n_blocks(),
-        }
+        self.as_family().n_blocks()
     }
 
     /// The number of residual blocks in each stage, in order: `[depth]` for the theory
@@ -109,11 +141,7 @@ impl ModelConfig {
     /// than [`Self::n_blocks`] (the largest stage).
     /// See the [example](ModelConfig#example).
     pub fn stage_blocks(&self) -> Vec<usize> {
-        match self {
-            ModelConfig::Theory(c) => vec![c.depth],
-            ModelConfig::CifarResnet(c) => vec![c.blocks_per_stage(); 3],
-            ModelConfig::BottleneckResnet(c) => c.stage_blocks().to_vec(),
-        }
+        self.as_family().stage_blocks()
     }
 
     /// The residual block (0-based, counted over all stages, see [`Self::stage_blocks`])
@@ -135,72 +163,45 @@ impl ModelConfig {
     /// The τ rule.
     /// See the [example](ModelConfig#example).
     pub fn tau_rule(&self) -> crate::TauRule {
-        match self {
-            ModelConfig::Theory(c) => c.tau,
-            ModelConfig::CifarResnet(c) => c.tau,
-            ModelConfig::BottleneckResnet(c) => c.tau,
-        }
+        self.as_family().tau_rule()
     }
 
     /// τ at initialization: the rule resolved at L = [`Self::n_blocks`]; 1 for a ResNet
     /// whose branches another [`Scaling`] scheme scales.
     /// See the [example](ModelConfig#example).
     pub fn tau_init(&self) -> f64 {
-        match self {
-            ModelConfig::CifarResnet(c) => c.tau_init(),
-            _ => self.tau_rule().resolve(self.n_blocks()),
-        }
+        self.as_family().tau_init()
     }
 
     /// How the residual branches are scaled ([`Scaling::Tau`] for the theory network).
     /// See the [example](ModelConfig#example).
     pub fn scaling(&self) -> Scaling {
-        match self {
-            ModelConfig::Theory(_) => Scaling::Tau,
-            ModelConfig::CifarResnet(c) => c.scaling,
-            ModelConfig::BottleneckResnet(c) => c.scaling,
-        }
+        self.as_family().scaling()
     }
 
     /// Whether τ is a learnable parameter named `tau`.
     /// See the [example](ModelConfig#example).
     pub fn learnable_tau(&self) -> bool {
-        match self {
-            ModelConfig::Theory(_) => false,
-            ModelConfig::CifarResnet(c) => c.learnable_tau,
-            ModelConfig::BottleneckResnet(c) => c.learnable_tau,
-        }
+        self.as_family().learnable_tau()
     }
 
     /// The channels of the input images (`None` for the theory network, which takes
     /// vectors).
     /// See the [example](ModelConfig#example).
     pub fn in_channels(&self) -> Option<usize> {
-        match self {
-            ModelConfig::Theory(_) => None,
-            ModelConfig::CifarResnet(c) => Some(c.in_channels),
-            ModelConfig::BottleneckResnet(c) => Some(c.in_channels),
-        }
+        self.as_family().input().channels()
     }
 
     /// The number of outputs: classes for the ResNets, `output_dim` for the theory network.
     /// See the [example](ModelConfig#example).
     pub fn num_outputs(&self) -> usize {
-        match self {
-            ModelConfig::Theory(c) => c.output_dim,
-            ModelConfig::CifarResnet(c) => c.num_classes,
-            ModelConfig::BottleneckResnet(c) => c.num_classes,
-        }
+        self.as_family().num_outputs()
     }
 
     /// The family's name as in the `family` tag.
     /// See the [example](ModelConfig#example).
     pub fn family(&self) -> &'static str {
-        match self {
-            ModelConfig::Theory(_) => "theory",
-            ModelConfig::CifarResnet(_) => "cifar_resnet",
-            ModelConfig::BottleneckResnet(_) => "bottleneck_resnet",
-        }
+        self.as_family().name()
     }
 
     /// Checks every setting (depth, widths, τ, variances, total size).
@@ -209,11 +210,7 @@ impl ModelConfig {
     /// # Errors
     /// One message naming the bad setting.
     pub fn validate(&self) -> candle::Result<()> {
-        match self {
-            ModelConfig::Theory(c) => c.validate()?,
-            ModelConfig::CifarResnet(c) => c.validate()?,
-            ModelConfig::BottleneckResnet(c) => c.validate()?,
-        }
+        self.as_family().validate()?;
         let tau = self.tau_init();
         if !tau.is_finite() || tau <= 0.0 {
             candle::bail!(
@@ -229,11 +226,7 @@ impl ModelConfig {
     /// them (the order of the crate docs' naming scheme). Assumes a validated config.
     /// See the [example](ModelConfig#example).
     pub fn param_specs(&self) -> Vec<ParamSpec> {
-        match self {
-            ModelConfig::Theory(c) => c.param_specs(),
-            ModelConfig::CifarResnet(c) => c.param_specs(),
-            ModelConfig::BottleneckResnet(c) => c.param_specs(),
-        }
+        self.as_family().param_specs()
     }
 
     /// Number of parameter scalars (everything but the BN running statistics), as PyTorch
@@ -255,9 +248,6 @@ impl ModelConfig {
         if name.ends_with(".num_batches_tracked") {
             return ParamKind::Buffer;
         }
-        match self {
-            ModelConfig::Theory(c) => c.param_kind(name),
-            _ => crate::resnet::param_kind(name),
-        }
+        self.as_family().param_kind(name)
     }
 }

@@ -112,6 +112,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod family;
 pub mod hub;
 pub mod init;
 pub mod model;
@@ -130,6 +131,7 @@ pub use tau_kernels::alloc;
 
 pub use checkpoint::{CheckpointConfig, CheckpointError};
 pub use config::{ModelConfig, ParamInit, ParamKind, ParamName, ParamSpec};
+pub use family::{Family, Network};
 pub use init::{init_varmap, named_vars};
 pub use model::Model;
 pub use preprocess::Preprocessing;

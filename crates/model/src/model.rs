@@ -27,10 +27,13 @@
 //! # Ok(()) }
 //! ```
 
+use std::any::Any;
+
 use candle::{Device, ModuleT, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
+use crate::family::{LossBackward, Network};
 use crate::resnet::{BottleneckResNet, CifarResNet};
 use crate::theory::TheoryNet;
 
@@ -94,13 +97,17 @@ impl Model {
     /// An invalid config, or a tensor missing from `vb` / of the wrong shape.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        Ok(match cfg {
-            ModelConfig::Theory(c) => Model::Theory(TheoryNet::new(c, vb)?),
-            ModelConfig::CifarResnet(c) => Model::CifarResNet(CifarResNet::new(c, vb)?),
-            ModelConfig::BottleneckResnet(c) => {
-                Model::BottleneckResNet(BottleneckResNet::new(c, vb)?)
-            }
-        })
+        cfg.as_family().build(vb)
+    }
+
+    /// The network behind the variant: the one place that lists the families. Every other
+    /// method runs it. See the [module example](crate::family#example).
+    pub fn network(&self) -> &dyn Network {
+        match self {
+            Model::Theory(m) => m,
+            Model::CifarResNet(m) => m,
+            Model::BottleneckResNet(m) => m,
+        }
     }
 
     /// Builds the model `cfg` describes on the tensors of `varmap`, after checking that the
@@ -126,11 +133,7 @@ impl Model {
     /// # Errors
     /// Inputs of the wrong shape or dtype.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            Model::Theory(m) => m.forward(xs),
-            Model::CifarResNet(m) => m.forward_t(xs, train),
-            Model::BottleneckResNet(m) => m.forward_t(xs, train),
-        }
+        self.network().forward_t(xs, train)
     }
 
     /// A training step's forward and backward pass in one call, where the model has a
@@ -141,18 +144,11 @@ impl Model {
     ///
     /// # Errors
     /// Wrong input shape or dtype, the loss closure's error, or a device error.
-    pub fn loss_backward<F>(
-        &self,
-        xs: &Tensor,
-        loss: F,
-    ) -> Result<Option<(Tensor, Tensor, candle::backprop::GradStore)>>
+    pub fn loss_backward<F>(&self, xs: &Tensor, loss: F) -> Result<Option<LossBackward>>
     where
         F: FnOnce(&Tensor) -> Result<Tensor>,
     {
-        match self {
-            Model::Theory(m) => m.loss_backward(xs, loss).map(Some),
-            Model::CifarResNet(_) | Model::BottleneckResNet(_) => Ok(None),
-        }
+        self.network().loss_backward(xs, Box::new(loss))
     }
 
     /// The output for a batch, as [`Self::forward_t`], calling `hook(l, h_l)` on the way
@@ -185,15 +181,11 @@ impl Model {
     ///
     /// # Errors
     /// Inputs of the wrong shape or dtype, or the hook's error (which stops the pass).
-    pub fn forward_hooked<F>(&self, xs: &Tensor, train: bool, hook: F) -> Result<Tensor>
+    pub fn forward_hooked<F>(&self, xs: &Tensor, train: bool, mut hook: F) -> Result<Tensor>
     where
         F: FnMut(usize, &Tensor) -> Result<()>,
     {
-        match self {
-            Model::Theory(m) => m.forward_hooked(xs, hook),
-            Model::CifarResNet(m) => m.forward_hooked(xs, train, hook),
-            Model::BottleneckResNet(m) => m.forward_hooked(xs, train, hook),
-        }
+        self.network().forward_hooked(xs, train, &mut hook)
     }
 
     /// The current τ (a learnable τ's present value). See the [example](Model#example).
@@ -201,29 +193,18 @@ impl Model {
     /// # Errors
     /// A device error reading a learnable τ back.
     pub fn tau(&self) -> Result<f64> {
-        match self {
-            Model::Theory(m) => Ok(m.tau()),
-            Model::CifarResNet(m) => m.tau(),
-            Model::BottleneckResNet(m) => m.tau(),
-        }
+        self.network().tau()
     }
 
     /// L, the number of residual blocks τ is resolved against. See the
     /// [example](Model#example).
     pub fn n_blocks(&self) -> usize {
-        match self {
-            Model::Theory(m) => m.n_blocks(),
-            Model::CifarResNet(m) => m.n_blocks(),
-            Model::BottleneckResNet(m) => m.n_blocks(),
-        }
+        self.network().n_blocks()
     }
 
     /// The theory network, if this is one. See the [example](Model#example).
     pub fn as_theory(&self) -> Option<&TheoryNet> {
-        match self {
-            Model::Theory(m) => Some(m),
-            _ => None,
-        }
+        (self.network() as &dyn Any).downcast_ref()
     }
 }
 

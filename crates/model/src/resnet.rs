@@ -30,7 +30,10 @@ use candle::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::family::{Family, Input, Network};
+use crate::model::Model;
 use crate::params::{ParamInit, ParamKind, ParamName, ParamSpec, check_size};
+use crate::preprocess::Preprocessing;
 use crate::tau::TauRule;
 use tau_kernels::{
     add_scalar, batch_norm_block, batch_norm_residual_relu, batch_norm_t, conv2d, conv2d_shifted,
@@ -314,6 +317,25 @@ pub(crate) fn param_kind(name: &str) -> ParamKind {
         "weight" | "bias" if p.in_batch_norm() => ParamKind::BnAffine,
         "weight" | "bias" => ParamKind::Weight,
         _ => ParamKind::Buffer,
+    }
+}
+
+/// What a block's residual branch holds besides its convolutions, for a description.
+pub(super) fn describe_branch(norm: Norm, scaling: Scaling) -> &'static str {
+    match (norm, scaling) {
+        (Norm::BatchNorm, _) => "BatchNorm",
+        (Norm::None, Scaling::ReZero) => "no normalization, no biases",
+        (Norm::None, _) => "no normalization, scalar biases",
+    }
+}
+
+/// The preprocessing of the data sets the ResNets train on, guessed from the channels:
+/// MNIST's for 1, CIFAR-10's for 3, pixels in `[0, 1]` at 32×32 otherwise.
+pub(super) fn guess_preprocessing(channels: usize) -> Preprocessing {
+    match channels {
+        1 => Preprocessing::mnist(),
+        3 => Preprocessing::cifar10(),
+        c => Preprocessing::identity([c, 32, 32]),
     }
 }
 

@@ -223,7 +223,90 @@ impl CifarResNetConfig {
         (self.n_blocks().max(1) as f64).powf(-1.0 / (2.0 * FIXUP_BRANCH_LAYERS - 2.0))
     }
 
-    pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
+    /// τ at initialization: the rule at L for `scaling = "tau"`, 1 for the other schemes
+    /// (whose branches τ does not scale).
+    /// See the [example](CifarResNetConfig#example).
+    pub fn tau_init(&self) -> f64 {
+        match self.scaling {
+            Scaling::Tau => self.tau.resolve(self.n_blocks()),
+            _ => 1.0,
+        }
+    }
+}
+
+/// The card's name of a branch-scaling scheme other than τ.
+fn scheme_title(scaling: Scaling) -> Option<&'static str> {
+    match scaling {
+        Scaling::Tau => None,
+        Scaling::Fixup => Some("Fixup"),
+        Scaling::SkipInit => Some("SkipInit"),
+        Scaling::ReZero => Some("ReZero"),
+    }
+}
+
+/// The name of a shortcut of the two shape-changing blocks, for a description.
+fn shortcut_title(shortcut: Shortcut) -> &'static str {
+    match shortcut {
+        Shortcut::ZeroPad => "option-A shortcut",
+        Shortcut::SubsampleBn => "subsample-BatchNorm shortcut",
+        Shortcut::ConvBn => "option-B conv-BatchNorm shortcut",
+    }
+}
+
+/// The CIFAR ResNets as a [`Family`]: images in, class logits out, L = 3n, τ or another
+/// [`Scaling`] scheme. See the [module example](crate::family#example).
+impl Family for CifarResNetConfig {
+    fn name(&self) -> &'static str {
+        "cifar_resnet"
+    }
+
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn n_blocks(&self) -> usize {
+        CifarResNetConfig::n_blocks(self)
+    }
+
+    fn stage_blocks(&self) -> Vec<usize> {
+        vec![self.blocks_per_stage(); 3]
+    }
+
+    fn tau_rule(&self) -> TauRule {
+        self.tau
+    }
+
+    fn set_tau_rule(&mut self, rule: TauRule) {
+        self.tau = rule;
+    }
+
+    fn tau_init(&self) -> f64 {
+        CifarResNetConfig::tau_init(self)
+    }
+
+    fn scaling(&self) -> Scaling {
+        self.scaling
+    }
+
+    fn learnable_tau(&self) -> bool {
+        self.learnable_tau
+    }
+
+    fn input(&self) -> Input {
+        Input::Images {
+            channels: self.in_channels,
+        }
+    }
+
+    fn num_outputs(&self) -> usize {
+        self.num_classes
+    }
+
+    fn validate(&self) -> Result<()> {
+        CifarResNetConfig::validate(self)
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
         let n = self.blocks_per_stage();
         let bn = self.norm == Norm::BatchNorm;
         let scaling = self.scaling;
@@ -315,13 +398,43 @@ impl CifarResNetConfig {
         specs
     }
 
-    /// τ at initialization: the rule at L for `scaling = "tau"`, 1 for the other schemes
-    /// (whose branches τ does not scale).
-    /// See the [example](CifarResNetConfig#example).
-    pub fn tau_init(&self) -> f64 {
+    fn param_kind(&self, name: &str) -> ParamKind {
+        param_kind(name)
+    }
+
+    fn summary(&self) -> String {
         match self.scaling {
-            Scaling::Tau => self.tau.resolve(self.n_blocks()),
-            _ => 1.0,
+            Scaling::Tau => format!("CIFAR ResNet-{} ({:?})", self.depth, self.norm),
+            scaling => format!(
+                "CIFAR ResNet-{} ({:?}, scaling = {scaling})",
+                self.depth, self.norm
+            ),
         }
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "a CIFAR ResNet-{} ({}{}, {}, {} input channels, {} classes)",
+            self.depth,
+            describe_branch(self.norm, self.scaling),
+            scheme_title(self.scaling)
+                .map(|s| format!(", {s} branch scaling"))
+                .unwrap_or_default(),
+            shortcut_title(self.shortcut),
+            self.in_channels,
+            self.num_classes
+        )
+    }
+
+    fn probe_image_size(&self) -> Option<usize> {
+        Some(32)
+    }
+
+    fn default_preprocessing(&self) -> Option<Preprocessing> {
+        Some(guess_preprocessing(self.in_channels))
+    }
+
+    fn build(&self, vb: VarBuilder) -> Result<Model> {
+        Ok(Model::CifarResNet(CifarResNet::new(self, vb)?))
     }
 }

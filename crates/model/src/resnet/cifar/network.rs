@@ -421,3 +421,24 @@ impl ModuleT for CifarResNet {
         self.forward_hooked(xs, train, |_, _| Ok(()))
     }
 }
+
+/// The CIFAR ResNets as a [`Network`]: [`CifarResNet::forward_hooked`] and the shared
+/// τ. See the [module example](crate::family#example).
+impl Network for CifarResNet {
+    fn forward_hooked(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        hook: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        CifarResNet::forward_hooked(self, xs, train, hook)
+    }
+
+    fn tau(&self) -> Result<f64> {
+        CifarResNet::tau(self)
+    }
+
+    fn n_blocks(&self) -> usize {
+        CifarResNet::n_blocks(self)
+    }
+}
