@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Context, bail};
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use tau_model::family::Input;
 use tau_model::{Model, ModelConfig, ParamKind};
 use tau_records::{CONFIG_FILE, METRICS_FILE};
 
@@ -230,19 +231,19 @@ impl TauModel {
 /// # Errors
 /// A mismatch, naming the model key to change.
 pub fn check_fit(model: &ModelConfig, data: &RunData, loss: LossKind) -> crate::Result<()> {
-    match model {
-        ModelConfig::Theory(t) => {
-            if data.input_shape != [t.input_dim] {
+    match model.as_family().input() {
+        Input::Vectors { dim } => {
+            if data.input_shape != [dim] {
                 bail!(
                     "`model.input_dim` is {}, the data has {} features per example",
-                    t.input_dim,
+                    dim,
                     data.input_shape.iter().product::<usize>()
                 );
             }
-            if t.output_dim != data.outputs {
+            if model.num_outputs() != data.outputs {
                 bail!(
                     "`model.output_dim` is {}, the data has {} {}",
-                    t.output_dim,
+                    model.num_outputs(),
                     data.outputs,
                     if loss == LossKind::CrossEntropy {
                         "classes"
@@ -252,8 +253,7 @@ pub fn check_fit(model: &ModelConfig, data: &RunData, loss: LossKind) -> crate::
                 );
             }
         }
-        ModelConfig::CifarResnet(c) => check_image_model(c.in_channels, c.num_classes, data)?,
-        ModelConfig::BottleneckResnet(c) => check_image_model(c.in_channels, c.num_classes, data)?,
+        Input::Images { channels } => check_image_model(channels, model.num_outputs(), data)?,
     }
     Ok(())
 }
@@ -293,7 +293,7 @@ pub struct Prepared {
 /// Bad data, a model that does not fit the data, device errors.
 pub fn prepare(cfg: &RunConfig, device: &Device) -> crate::Result<Prepared> {
     let dtype = cfg.dtype.dtype();
-    let flat = matches!(cfg.model, ModelConfig::Theory(_));
+    let flat = matches!(cfg.model.as_family().input(), Input::Vectors { .. });
     if cfg.loss.kind == LossKind::CrossEntropy && cfg.data.source == SourceKind::Synthetic {
         bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
     }

@@ -110,7 +110,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     let checkpoint = pretrained.config;
     let (model_cfg, varmap) = (checkpoint.model.clone(), pretrained.varmap);
     let loss = match args.loss.as_deref() {
-        None if matches!(model_cfg, ModelConfig::Theory(_)) => LossKind::Squared,
+        None if !model_cfg.as_family().is_classifier() => LossKind::Squared,
         None | Some("cross_entropy") => LossKind::CrossEntropy,
         Some("squared") => LossKind::Squared,
         Some(other) => bail!("unknown --loss `{other}`: expected squared or cross_entropy"),
@@ -132,7 +132,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         ),
         dtype,
     )?;
-    let flat = matches!(model_cfg, ModelConfig::Theory(_));
+    let flat = model_cfg.in_channels().is_none();
     let normalize = normalization(&args, &checkpoint)?;
     let (data, record) = load_data_with(
         &cfg,

@@ -222,9 +222,5 @@ pub fn run(args: ImportArgs) -> anyhow::Result<Outcome> {
 }
 
 fn describe_depth(model: &ModelConfig) -> String {
-    match model {
-        ModelConfig::Theory(c) => format!("depth {}", c.depth),
-        ModelConfig::CifarResnet(c) => format!("depth {}", c.depth),
-        ModelConfig::BottleneckResnet(c) => format!("depth {}", c.depth),
-    }
+    format!("depth {}", model.as_family().depth())
 }

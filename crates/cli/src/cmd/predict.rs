@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use candle::{DType, Device, Tensor};
 use serde::Serialize;
 use tau_model::preprocess::{Interpolation, Preprocessing};
-use tau_model::{CheckpointConfig, Model, ModelConfig};
+use tau_model::{CheckpointConfig, Model};
 
 use super::Outcome;
 use super::load::{ModelArgs, check_stat};
@@ -111,16 +111,12 @@ pub fn preprocessing(
     let mut p = match &checkpoint.preprocessing {
         Some(p) => p.clone(),
         None => {
-            let guess = match (&checkpoint.model, channels) {
-                (ModelConfig::BottleneckResnet(_), 3) => Preprocessing::imagenet(),
-                (_, 1) => Preprocessing::mnist(),
-                _ => Preprocessing::cifar10(),
-            };
-            let guess = if guess.channels() == channels {
-                guess
-            } else {
-                Preprocessing::identity([channels, 32, 32])
-            };
+            let guess = checkpoint
+                .model
+                .as_family()
+                .default_preprocessing()
+                .filter(|p| p.channels() == channels)
+                .unwrap_or_else(|| Preprocessing::identity([channels, 32, 32]));
             tracing::warn!(
                 "the checkpoint records no preprocessing: assuming mean {:?}, std {:?}, input {:?} (override with --mean, --std, --input-size)",
                 guess.mean,

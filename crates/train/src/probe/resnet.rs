@@ -44,12 +44,11 @@ pub fn probe_resnet(
     let blocks = sample_blocks(chain);
     let mut out = Vec::new();
     for rule in rules {
-        let mut c = cfg.clone();
-        match &mut c {
-            ModelConfig::CifarResnet(x) => x.tau = rule.rule,
-            ModelConfig::BottleneckResnet(x) => x.tau = rule.rule,
-            ModelConfig::Theory(_) => bail!("the theory network takes the fast path"),
+        if cfg.as_theory().is_some() {
+            bail!("the theory network takes the fast path")
         }
+        let mut c = cfg.clone();
+        c.as_family_mut().set_tau_rule(rule.rule);
         let batch = Batch {
             n,
             image,
@@ -142,11 +141,8 @@ fn probe_seed(
         chain,
         blocks,
     } = *batch;
-    let (in_ch, classes) = match c {
-        ModelConfig::CifarResnet(x) => (x.in_channels, x.num_classes),
-        ModelConfig::BottleneckResnet(x) => (x.in_channels, x.num_classes),
-        ModelConfig::Theory(_) => (1, 1),
-    };
+    // The theory network never comes here (it has a probe of its own).
+    let (in_ch, classes) = (c.in_channels().unwrap_or(1), c.num_outputs());
     let (varmap, dtype) = match trained {
         Some(t) => (
             t.varmap.clone(),

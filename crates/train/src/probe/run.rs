@@ -70,8 +70,8 @@ fn available_memory() -> Option<u64> {
 
 /// The memory a probe of `plan` needs, about, in bytes.
 fn needed_memory(plan: &ProbePlan) -> u64 {
-    match &plan.model {
-        ModelConfig::Theory(c) => {
+    match plan.model.as_theory() {
+        Some(c) => {
             let rows = (c.width as u64)
                 * (plan.settings.n_inputs.unwrap_or(64) as u64)
                 * plan.rules.len() as u64;
@@ -82,7 +82,7 @@ fn needed_memory(plan: &ProbePlan) -> u64 {
                 + 2 * 4 * rows
                 + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8)
         }
-        _ => 8 * plan.model.num_parameters() as u64,
+        None => 8 * plan.model.num_parameters() as u64,
     }
 }
 
@@ -108,8 +108,8 @@ pub fn run_probe(plan: &ProbePlan) -> crate::Result<ProbeRun> {
             avail as f64 / (1u64 << 30) as f64
         );
     }
-    let (family, n_inputs, taus) = match &r.model {
-        ModelConfig::Theory(c) => {
+    let (family, n_inputs, taus) = match r.model.as_theory() {
+        Some(c) => {
             let n = r.settings.n_inputs.unwrap_or(64);
             let taus = match &trained {
                 None => probe_theory(c, &r.rules, &seeds, n)?,
@@ -127,18 +127,15 @@ pub fn run_probe(plan: &ProbePlan) -> crate::Result<ProbeRun> {
             };
             ("theory", n, taus)
         }
-        other => {
+        None => {
+            let other = &r.model;
             let n = r.settings.n_inputs.unwrap_or(8);
-            let image = r.settings.image_size.unwrap_or(match (&trained, other) {
-                (
-                    Some(Trained {
-                        input_size: Some([_, h, _]),
-                        ..
-                    }),
-                    _,
-                ) => *h,
-                (_, ModelConfig::BottleneckResnet(_)) => 64,
-                _ => 32,
+            let image = r.settings.image_size.unwrap_or(match &trained {
+                Some(Trained {
+                    input_size: Some([_, h, _]),
+                    ..
+                }) => *h,
+                _ => other.as_family().probe_image_size().unwrap_or(32),
             });
             (
                 other.family(),

@@ -14,31 +14,13 @@ fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// What is in a block's residual branch besides the convolutions, for the card.
-fn describe_norm(norm: Norm, scaling: Scaling) -> &'static str {
-    match (norm, scaling) {
-        (Norm::BatchNorm, _) => "BatchNorm",
-        (Norm::None, Scaling::ReZero) => "no normalization, no biases",
-        (Norm::None, _) => "no normalization, scalar biases",
-    }
-}
-
-/// The shortcut of a CIFAR ResNet's two shape-changing blocks: its name, and what it
-/// computes from the block input x.
-fn describe_shortcut(shortcut: Shortcut) -> (&'static str, &'static str) {
+/// What the shortcut of a CIFAR ResNet's two shape-changing blocks computes from the
+/// block input x.
+fn describe_shortcut(shortcut: Shortcut) -> &'static str {
     match shortcut {
-        Shortcut::ZeroPad => (
-            "option-A shortcut",
-            "x at every other pixel with zero channels appended (option A)",
-        ),
-        Shortcut::SubsampleBn => (
-            "subsample-BatchNorm shortcut",
-            "BatchNorm of x at every other pixel, with zero channels appended",
-        ),
-        Shortcut::ConvBn => (
-            "option-B conv-BatchNorm shortcut",
-            "BatchNorm of a 1×1 stride-2 convolution of x (option B)",
-        ),
+        Shortcut::ZeroPad => "x at every other pixel with zero channels appended (option A)",
+        Shortcut::SubsampleBn => "BatchNorm of x at every other pixel, with zero channels appended",
+        Shortcut::ConvBn => "BatchNorm of a 1×1 stride-2 convolution of x (option B)",
     }
 }
 
@@ -90,33 +72,6 @@ fn scheme(scaling: Scaling) -> Option<Scheme> {
             block: "`x_(l+1) = x_l + α_l·F(x_l)`, without a ReLU after the sum",
             pytorch: "shortcut(x) + alpha * branch(x)",
         }),
-    }
-}
-
-fn describe_model(model: &ModelConfig) -> String {
-    match model {
-        ModelConfig::Theory(t) => format!(
-            "the paper's fully connected theory network (width {}, depth {})",
-            t.width, t.depth
-        ),
-        ModelConfig::CifarResnet(c) => format!(
-            "a CIFAR ResNet-{} ({}{}, {}, {} input channels, {} classes)",
-            c.depth,
-            describe_norm(c.norm, c.scaling),
-            scheme(c.scaling)
-                .map(|s| format!(", {} branch scaling", s.title))
-                .unwrap_or_default(),
-            describe_shortcut(c.shortcut).0,
-            c.in_channels,
-            c.num_classes
-        ),
-        ModelConfig::BottleneckResnet(c) => format!(
-            "a bottleneck ResNet-{} ({}, {} input channels, {} classes)",
-            c.depth,
-            describe_norm(c.norm, c.scaling),
-            c.in_channels,
-            c.num_classes
-        ),
     }
 }
 
@@ -233,7 +188,7 @@ fn card_intro(
         });
     let trained = format!(
         "{} trained with [tau-resnet](https://github.com/tau-resnet/tau-resnet) on {data}.",
-        capitalize(&describe_model(model))
+        capitalize(&model.as_family().description())
     );
     match scheme(model.scaling()) {
         None => {
@@ -400,7 +355,7 @@ fn card_usage(md: &mut String, repo_id: &str, checkpoint: &CheckpointConfig, cfg
                 ModelConfig::CifarResnet(c) => format!(
                     " In the first block of stages 2 and 3 `shortcut(x)` is {}; in the others \
                      it is x.",
-                    describe_shortcut(c.shortcut).1
+                    describe_shortcut(c.shortcut)
                 ),
                 _ => String::new(),
             };

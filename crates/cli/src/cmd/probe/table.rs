@@ -79,20 +79,7 @@ pub fn scheme_note(model: &ModelConfig, trained: bool) -> Option<String> {
 }
 
 pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig, trained: Option<&Trained>) {
-    let what = match model {
-        ModelConfig::Theory(c) => format!(
-            "theory network, width {}, input dim {}",
-            c.width, c.input_dim
-        ),
-        ModelConfig::CifarResnet(c) if c.scaling != Scaling::Tau => {
-            format!(
-                "CIFAR ResNet-{} ({:?}, scaling = {})",
-                c.depth, c.norm, c.scaling
-            )
-        }
-        ModelConfig::CifarResnet(c) => format!("CIFAR ResNet-{} ({:?})", c.depth, c.norm),
-        ModelConfig::BottleneckResnet(c) => format!("bottleneck ResNet-{} ({:?})", c.depth, c.norm),
-    };
+    let what = model.as_family().summary();
     println!(
         "{what}: L = {} blocks, {} inputs x {} seeds ({}..={}), {:.2}s",
         rec.n_blocks,
