@@ -8,7 +8,10 @@
 //!
 //! A family is one file: its config type with `impl Family`, its network with
 //! `impl Network` (a candle [`ModuleT`]), registered by one variant and one dispatch arm
-//! in [`ModelConfig`](crate::ModelConfig) and in [`Model`].
+//! in [`ModelConfig`](crate::ModelConfig) (`config.rs`) and in [`Model`] (`model.rs`),
+//! and declared by its `mod` line in `lib.rs`: four files in all. Nothing downstream
+//! (training, the probe, the CLI) names the families; the doc-example rule of
+//! `tests/doc_examples.rs` finds the new file by itself.
 //!
 //! # Example
 //!
@@ -247,11 +250,7 @@ pub trait Network: ModuleT + Any + Debug {
     ///
     /// # Errors
     /// Wrong input shape or dtype, the loss closure's error, or a device error.
-    fn loss_backward(
-        &self,
-        xs: &Tensor,
-        loss: LossFn<'_>,
-    ) -> Result<Option<LossBackward>> {
+    fn loss_backward(&self, xs: &Tensor, loss: LossFn<'_>) -> Result<Option<LossBackward>> {
         let _ = (xs, loss);
         Ok(None)
     }

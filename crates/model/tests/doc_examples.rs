@@ -10,36 +10,15 @@
 
 use std::path::{Path, PathBuf};
 
-/// The files held to the rule, relative to `crates/model/src`: every file of the crate
-/// ([`every_source_file_is_covered`] checks that a new file is added here).
-const COVERED: &[&str] = &[
-    "checkpoint.rs",
-    "checkpoint/loading.rs",
-    "checkpoint/saving.rs",
-    "config.rs",
-    "family.rs",
-    "hub.rs",
-    "init.rs",
-    "lib.rs",
-    "model.rs",
-    "params.rs",
-    "preprocess.rs",
-    "pth.rs",
-    "pth/index.rs",
-    "pth/load.rs",
-    "pth/pickle.rs",
-    "pth/scan.rs",
-    "resnet.rs",
-    "resnet/bottleneck.rs",
-    "resnet/bottleneck/network.rs",
-    "resnet/cifar.rs",
-    "resnet/cifar/network.rs",
-    "tau.rs",
-    "theory.rs",
-    "theory/network.rs",
-    "theory/trace.rs",
-    "timm.rs",
-];
+/// The files held to the rule, relative to `crates/model/src`: every `.rs` file of the
+/// crate, found by walking the directory, so that a new file (a new model family, say) is
+/// held to it from the start without being registered anywhere.
+fn covered() -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(&src_dir(), &src_dir(), &mut files);
+    files.sort();
+    files
+}
 
 /// A public item that needs an example: its line (1-based), kind and name.
 #[derive(Debug)]
@@ -191,7 +170,7 @@ fn src_dir() -> PathBuf {
 #[test]
 fn every_public_item_of_the_covered_files_has_an_example() {
     let mut problems = Vec::new();
-    for file in COVERED {
+    for file in &covered() {
         let path = src_dir().join(file);
         let src =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -213,13 +192,6 @@ fn every_public_item_of_the_covered_files_has_an_example() {
     );
 }
 
-#[test]
-fn the_covered_files_exist() {
-    for file in COVERED {
-        assert!(src_dir().join(file).is_file(), "src/{file} is not a file");
-    }
-}
-
 /// The `.rs` files under `dir`, relative to `root`, with `/` separators.
 fn rust_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
     let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -238,19 +210,27 @@ fn rust_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
     }
 }
 
-/// A new source file is held to the rule from the start: it must be listed in [`COVERED`].
+/// The walk finds the crate's files, nested modules included (a broken walk would make
+/// the rule above vacuous).
 #[test]
 fn every_source_file_is_covered() {
-    let mut files = Vec::new();
-    rust_files(&src_dir(), &src_dir(), &mut files);
-    files.sort();
-    let missing: Vec<&String> = files
-        .iter()
-        .filter(|f| !COVERED.contains(&f.as_str()))
-        .collect();
+    let files = covered();
+    for expected in [
+        "lib.rs",
+        "config.rs",
+        "model.rs",
+        "family.rs",
+        "resnet/cifar/network.rs",
+    ] {
+        assert!(
+            files.iter().any(|f| f == expected),
+            "src/{expected} not found among {files:?}"
+        );
+    }
     assert!(
-        missing.is_empty(),
-        "source files not in COVERED: {missing:?}"
+        files.len() >= 20,
+        "only {} files found: {files:?}",
+        files.len()
     );
 }
 

@@ -323,11 +323,7 @@ impl Network for TheoryNet {
         TheoryNet::n_blocks(self)
     }
 
-    fn loss_backward(
-        &self,
-        xs: &Tensor,
-        loss: LossFn<'_>,
-    ) -> Result<Option<LossBackward>> {
+    fn loss_backward(&self, xs: &Tensor, loss: LossFn<'_>) -> Result<Option<LossBackward>> {
         TheoryNet::loss_backward(self, xs, loss).map(Some)
     }
 }
