@@ -34,88 +34,12 @@
 
 use std::any::Any;
 
-use serde::{Deserialize, Serialize};
-
-use crate::family::Family;
 pub use crate::params::{MAX_ELEMENTS, ParamInit, ParamKind, ParamName, ParamSpec};
-use crate::resnet::{BottleneckResNetConfig, CifarResNetConfig, Scaling};
+pub use crate::registry::ModelConfig;
+use crate::resnet::Scaling;
 use crate::theory::TheoryConfig;
 
-/// Any τ-ResNet, tagged by `family` (`theory`, `cifar_resnet`, `bottleneck_resnet`).
-///
-/// A TOML `[model]` table reads directly (see the [module example](self#example)).
-///
-/// # Example
-///
-/// CIFAR ResNet-20 with BatchNorm (the defaults): 3 stages of 3 blocks, τ = 1/√9, and the
-/// 269,722 parameters of the PyTorch model (conv1 432 + bn1 32, then per block two 3×3
-/// convolutions and two BNs, and the 64 × 10 + 10 classifier).
-///
-/// ```
-/// use tau_model::{ModelConfig, ParamKind, Scaling};
-///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 20}"#)?;
-/// cfg.validate()?;
-/// assert_eq!(cfg.family(), "cifar_resnet");
-/// assert_eq!((cfg.n_blocks(), cfg.stage_blocks()), (9, vec![3, 3, 3]));
-/// assert_eq!(cfg.tau_rule().to_string(), "1/sqrt(L)");
-/// assert_eq!(cfg.tau_init(), 1.0 / 3.0);
-/// assert_eq!((cfg.scaling(), cfg.learnable_tau()), (Scaling::Tau, false));
-/// assert_eq!((cfg.in_channels(), cfg.num_outputs()), (Some(3), 10));
-/// assert_eq!(cfg.num_parameters(), 269_722);
-/// let specs = cfg.param_specs();
-/// assert_eq!(specs[0].name, "conv1.weight");
-/// assert_eq!(specs[0].shape, [16, 3, 3, 3]);
-/// // How an optimizer treats each tensor; names the model does not own are never trained.
-/// assert_eq!(cfg.param_kind("layer3.2.conv2.weight"), ParamKind::Weight);
-/// assert_eq!(cfg.param_kind("bn1.bias"), ParamKind::BnAffine);
-/// assert_eq!(cfg.param_kind("layer1.0.bn1.running_var"), ParamKind::Buffer);
-/// assert_eq!(cfg.param_kind("no.such.tensor"), ParamKind::Buffer);
-///
-/// // The theory network takes vectors: no input channels.
-/// let theory: ModelConfig = serde_json::from_str(
-///     r#"{"family": "theory", "input_dim": 4, "width": 8, "depth": 3, "tau": "1/L"}"#,
-/// )?;
-/// assert_eq!((theory.in_channels(), theory.n_blocks(), theory.tau_init()), (None, 3, 1.0 / 3.0));
-/// assert_eq!(theory.num_parameters(), 8 * 4 + 3 * 8 * 8 + 8); // A, W_1..W_3, B
-/// // A depth that is not 6n + 2 is refused, naming it.
-/// let bad: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 21}"#)?;
-/// assert!(bad.validate().unwrap_err().to_string().contains("got 21"));
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "family", rename_all = "snake_case")]
-pub enum ModelConfig {
-    /// The paper's fully connected analysis network.
-    Theory(TheoryConfig),
-    /// CIFAR ResNet of depth 6n+2 (basic blocks, option-A shortcut).
-    CifarResnet(CifarResNetConfig),
-    /// ImageNet bottleneck ResNet 50/101/152.
-    BottleneckResnet(BottleneckResNetConfig),
-}
-
 impl ModelConfig {
-    /// The family behind the tag: the one place that lists the families. Every other
-    /// method asks it. See the [module example](crate::family#example).
-    pub fn as_family(&self) -> &dyn Family {
-        match self {
-            ModelConfig::Theory(c) => c,
-            ModelConfig::CifarResnet(c) => c,
-            ModelConfig::BottleneckResnet(c) => c,
-        }
-    }
-
-    /// The family behind the tag, to change its settings (as
-    /// [`Family::set_tau_rule`]). See the [module example](crate::family#example).
-    pub fn as_family_mut(&mut self) -> &mut dyn Family {
-        match self {
-            ModelConfig::Theory(c) => c,
-            ModelConfig::CifarResnet(c) => c,
-            ModelConfig::BottleneckResnet(c) => c,
-        }
-    }
-
     /// The theory network's config, if this is one (it has fast paths of its own).
     ///
     /// ```

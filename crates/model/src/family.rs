@@ -8,10 +8,10 @@
 //!
 //! A family is one file: its config type with `impl Family`, its network with
 //! `impl Network` (a candle [`ModuleT`]), registered by one variant and one dispatch arm
-//! in [`ModelConfig`](crate::ModelConfig) (`config.rs`) and in [`Model`] (`model.rs`),
-//! and declared by its `mod` line in `lib.rs`: four files in all. Nothing downstream
-//! (training, the probe, the CLI) names the families; the doc-example rule of
-//! `tests/doc_examples.rs` finds the new file by itself.
+//! for each of [`ModelConfig`](crate::ModelConfig) and [`Model`] in
+//! [`registry`](crate::registry), and declared by its `mod` line in `lib.rs`: three files
+//! in all. Nothing downstream (training, the probe, the CLI) names the families; the
+//! doc-example rule of `tests/doc_examples.rs` finds the new file by itself.
 //!
 //! # Example
 //!

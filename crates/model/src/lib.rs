@@ -53,6 +53,8 @@
 //!   torchvision weights ([`timm`]); [`pth`]: PyTorch `.pth` files (`torch.save`'s zip
 //!   format) read as a model's tensors, checked name by name against its config.
 //! - [`ParamKind`], [`named_vars`]: how an optimizer groups the tensors, by name.
+//! - [`Family`], [`Network`]: what every family answers (a config) and runs (a network),
+//!   through which everything else reaches it; [`registry`] lists the families.
 //! - [`kernels`]: the CPU kernels the models run on (`tau-kernels`, re-exported), with
 //!   the one switch between kernel sets.
 //!
@@ -119,6 +121,7 @@ pub mod model;
 pub mod params;
 pub mod preprocess;
 pub mod pth;
+pub mod registry;
 pub mod resnet;
 pub mod tau;
 pub mod theory;

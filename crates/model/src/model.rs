@@ -33,57 +33,9 @@ use candle::{Device, ModuleT, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
-use crate::family::{LossBackward, Network};
-use crate::resnet::{BottleneckResNet, CifarResNet};
+use crate::family::LossBackward;
+pub use crate::registry::Model;
 use crate::theory::TheoryNet;
-
-/// A built τ-ResNet of any family.
-///
-/// # Example
-///
-/// ```
-/// use std::collections::HashMap;
-///
-/// use candle::{DType, Device, Tensor};
-/// use candle_nn::VarBuilder;
-/// use tau_model::{Model, ModelConfig, init_varmap};
-///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let dev = Device::Cpu;
-/// // A scalar theory network with every weight 1: y = (1 + τ)^L x for x > 0.
-/// let cfg: ModelConfig = serde_json::from_str(
-///     r#"{"family": "theory", "input_dim": 1, "width": 1, "depth": 4, "tau": "1/sqrt(L)"}"#,
-/// )?;
-/// let one = Tensor::ones((1, 1), DType::F32, &dev)?;
-/// let tensors: HashMap<String, Tensor> =
-///     cfg.param_specs().into_iter().map(|s| (s.name, one.clone())).collect();
-/// let model = Model::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
-/// assert_eq!((model.n_blocks(), model.tau()?), (4, 0.5));
-/// let ys = model.forward_t(&Tensor::new(&[[2f32]], &dev)?, false)?;
-/// assert_eq!(ys.to_vec2::<f32>()?, [[2.0 * 1.5f32.powi(4)]]); // 10.125
-/// assert!(model.as_theory().is_some());
-///
-/// // A CIFAR ResNet-8 (L = 3) with a learnable τ, on a seeded VarMap.
-/// let cfg: ModelConfig = serde_json::from_str(
-///     r#"{"family": "cifar_resnet", "depth": 8, "tau": "1/sqrt(L)", "learnable_tau": true}"#,
-/// )?;
-/// let model = Model::from_varmap(&cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?, &dev)?;
-/// assert_eq!(model.n_blocks(), 3);
-/// assert!((model.tau()? - 1.0 / 3f64.sqrt()).abs() < 1e-7); // τ is an f32 tensor
-/// let logits = model.forward_t(&Tensor::zeros((2, 3, 8, 8), DType::F32, &dev)?, true)?;
-/// assert_eq!(logits.dims(), [2, 10]);
-/// assert!(model.as_theory().is_none());
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub enum Model {
-    /// The theory network.
-    Theory(TheoryNet),
-    /// A CIFAR ResNet.
-    CifarResNet(CifarResNet),
-    /// A bottleneck ResNet.
-    BottleneckResNet(BottleneckResNet),
-}
 
 impl Model {
     /// Builds the model `cfg` describes from the tensors in `vb` (device and dtype are
@@ -98,16 +50,6 @@ impl Model {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         cfg.as_family().build(vb)
-    }
-
-    /// The network behind the variant: the one place that lists the families. Every other
-    /// method runs it. See the [module example](crate::family#example).
-    pub fn network(&self) -> &dyn Network {
-        match self {
-            Model::Theory(m) => m,
-            Model::CifarResNet(m) => m,
-            Model::BottleneckResNet(m) => m,
-        }
     }
 
     /// Builds the model `cfg` describes on the tensors of `varmap`, after checking that the
