@@ -31,7 +31,7 @@
 use candle::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{CHUNK, f32_data};
+use crate::util::{CHUNK, f32_data, par_sum_squares};
 
 /// One parameter's SGD step (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -310,6 +310,38 @@ impl InplaceOp3 for BufferOp {
     }
 }
 
+/// Σ x² of a tensor's elements, in `f64`: a gradient's squared norm, for the gradient norms
+/// a trainer records and clips by. One pass over a contiguous CPU `f32` tensor (`f32` lanes
+/// within chunks of 2¹⁴ elements, `f64` across them, on rayon's threads) where candle's
+/// `sqr().sum_all()` writes a temporary as large as the tensor first; that composition
+/// (summed in the tensor's dtype) on other devices and dtypes, for non-contiguous tensors,
+/// and when [`crate::select`] names candle's ops.
+///
+/// ```
+/// use candle::{Device, Tensor};
+///
+/// # fn main() -> candle::Result<()> {
+/// let g = Tensor::new(&[3f32, -4.0, 12.0], &Device::Cpu)?;
+/// assert_eq!(tau_kernels::sgd::sum_squares(&g)?, 169.0);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// Device errors of the composed path.
+pub fn sum_squares(t: &Tensor) -> Result<f64> {
+    if crate::util::fused_f32(&[t]) && t.is_contiguous() {
+        let (guard, layout) = t.storage_and_layout();
+        if let candle::Storage::Cpu(s) = &*guard {
+            let x = f32_data(s, layout, t.elem_count(), "sum_squares", "input")?;
+            return Ok(par_sum_squares(x));
+        }
+    }
+    t.sqr()?
+        .sum_all()?
+        .to_dtype(candle::DType::F64)?
+        .to_scalar::<f64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,6 +455,38 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("without a buffer")
+        );
+    }
+
+    /// Σ x² against the same sum in f64, for lengths around the lane and chunk sizes; the
+    /// composed path (candle's ops forced, a transposed tensor, f64) gives the same value.
+    #[test]
+    fn sum_squares_matches_an_f64_sum() {
+        let dev = Device::Cpu;
+        for n in [0usize, 1, 15, 16, 17, (1 << 14) - 1, (1 << 14) + 5, 100_003] {
+            let vals: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 3.0)
+                .collect();
+            let exact: f64 = vals.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let t = Tensor::from_vec(vals, n, &dev).unwrap();
+            let fused = sum_squares(&t).unwrap();
+            let tol = 1e-6 * exact.max(1e-30);
+            assert!((fused - exact).abs() <= tol, "n = {n}: {fused} vs {exact}");
+            let composed = with_kernels(Kernels::Candle, || sum_squares(&t)).unwrap();
+            assert!(
+                (composed - exact).abs() <= 1e-5 * exact.max(1e-30),
+                "n = {n}"
+            );
+        }
+        let m = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let exact: f64 = (0..12).map(|i| (i * i) as f64).sum();
+        assert_eq!(sum_squares(&m.t().unwrap()).unwrap(), exact);
+        assert_eq!(
+            sum_squares(&m.to_dtype(DType::F64).unwrap()).unwrap(),
+            exact
         );
     }
 }

@@ -65,6 +65,26 @@ pub(crate) fn par_sum(x: &[f32]) -> f64 {
         .sum()
 }
 
+/// Σ x² in `f64`, on rayon's threads: 16 `f32` lanes within chunks of 2¹⁴ elements, `f64`
+/// across them.
+pub(crate) fn par_sum_squares(x: &[f32]) -> f64 {
+    x.par_chunks(1 << 14)
+        .map(|c| {
+            let mut acc = [0f32; 16];
+            let mut lanes = c.chunks_exact(16);
+            for ch in &mut lanes {
+                for (a, &v) in acc.iter_mut().zip(ch) {
+                    *a += v * v;
+                }
+            }
+            for (a, &v) in acc.iter_mut().zip(lanes.remainder()) {
+                *a += v * v;
+            }
+            lanes_sum(&acc)
+        })
+        .sum()
+}
+
 /// Σ of 16 per-lane `f32` partial sums, in `f64` (the lanes of the vectorized reductions
 /// here and in the convolution and block ops).
 pub(crate) fn lanes_sum(acc: &[f32; 16]) -> f64 {

@@ -1,6 +1,7 @@
 //! One step's gradients (full batch or mini-batch), their norms (global and per layer)
 //! and clipping.
 
+use tau_kernels::sgd::sum_squares;
 use tau_model::params::ParamName;
 
 use super::*;
@@ -59,20 +60,28 @@ pub(super) struct GradNorms {
 }
 
 pub(super) fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> crate::Result<GradNorms> {
-    let mut sq = Vec::new();
-    let mut which = Vec::new();
-    for (i, g) in grads.iter().enumerate() {
-        if let Some(g) = g {
-            sq.push(g.sqr()?.sum_all()?.to_dtype(candle::DType::F64)?);
-            which.push(i);
-        }
-    }
-    if sq.is_empty() {
+    let which: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+    if which.is_empty() {
         return Ok(GradNorms::default());
     }
-    let sq: Vec<f64> = Tensor::stack(&sq, 0)?
-        .to_device(&candle::Device::Cpu)?
-        .to_vec1()?;
+    let sq: Vec<f64> = if grads.iter().flatten().all(|g| g.device().is_cpu()) {
+        // One pass over each gradient, no temporary (`tau_kernels::sgd::sum_squares`).
+        grads
+            .iter()
+            .flatten()
+            .map(sum_squares)
+            .collect::<candle::Result<_>>()?
+    } else {
+        // On a GPU: the sums on the device, read back in one transfer.
+        let sq = grads
+            .iter()
+            .flatten()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(candle::DType::F64))
+            .collect::<candle::Result<Vec<_>>>()?;
+        Tensor::stack(&sq, 0)?
+            .to_device(&candle::Device::Cpu)?
+            .to_vec1()?
+    };
     let mut layers: Vec<(String, f64)> = Vec::new();
     let mut param_sq = vec![0.0; grads.len()];
     for (&i, v) in which.iter().zip(&sq) {
@@ -111,11 +120,7 @@ pub fn clip_grad_norm(
     let param_sq = grads
         .iter()
         .map(|g| match g {
-            Some(g) => g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle::DType::F64)?
-                .to_scalar::<f64>(),
+            Some(g) => sum_squares(g),
             None => Ok(0.0),
         })
         .collect::<candle::Result<Vec<f64>>>()?;
