@@ -54,31 +54,28 @@ pub(crate) fn written_with_spare(
 
 /// Σ x in `f64`, on rayon's threads (16 `f32` lanes within each chunk).
 pub(crate) fn par_sum(x: &[f32]) -> f64 {
-    x.par_chunks(1 << 14)
-        .map(|c| {
-            let mut acc = [0f32; 16];
-            for (i, &v) in c.iter().enumerate() {
-                acc[i % 16] += v;
-            }
-            lanes_sum(&acc)
-        })
-        .sum()
+    par_lane_sum(x, |v| v)
 }
 
-/// Σ x² in `f64`, on rayon's threads: 16 `f32` lanes within chunks of 2¹⁴ elements, `f64`
-/// across them.
+/// Σ x² in `f64`, on rayon's threads (16 `f32` lanes within each chunk).
 pub(crate) fn par_sum_squares(x: &[f32]) -> f64 {
+    par_lane_sum(x, |v| v * v)
+}
+
+/// Σ f(x) in `f64`, on rayon's threads: chunks of 2¹⁴ elements, element i of a chunk added
+/// into `f32` lane i mod 16, the lanes and the chunks summed in `f64`.
+fn par_lane_sum(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> f64 {
     x.par_chunks(1 << 14)
         .map(|c| {
             let mut acc = [0f32; 16];
             let mut lanes = c.chunks_exact(16);
             for ch in &mut lanes {
                 for (a, &v) in acc.iter_mut().zip(ch) {
-                    *a += v * v;
+                    *a += f(v);
                 }
             }
             for (a, &v) in acc.iter_mut().zip(lanes.remainder()) {
-                *a += v * v;
+                *a += f(v);
             }
             lanes_sum(&acc)
         })
