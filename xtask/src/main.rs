@@ -8,6 +8,8 @@ mod analysis;
 #[cfg(test)]
 mod architecture;
 mod bench;
+#[cfg(test)]
+mod build_sharing;
 mod figures;
 mod pool;
 mod records;

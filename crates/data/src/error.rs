@@ -192,8 +192,8 @@ pub enum DataError {
         repo: String,
         /// The file in the repository.
         file: String,
-        /// The hub client's error.
-        source: Box<hf_hub::HFError>,
+        /// Why the hub could not provide it.
+        source: Box<tau_hub::HubError>,
     },
 
     /// The requested data source needs a directory and none was given.

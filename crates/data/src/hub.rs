@@ -1,6 +1,6 @@
 //! MNIST and CIFAR-10 from the Hugging Face hub: the parquet conversions of `ylecun/mnist`
-//! and `uoft-cs/cifar10` (the files candle-datasets reads), fetched with hf-hub into its cache
-//! (cache first, network only on a miss), and decoded here.
+//! and `uoft-cs/cifar10` (the files candle-datasets reads), fetched into the hub cache with
+//! [`tau_hub`] (cache first, network only on a miss), and decoded here.
 //!
 //! The files are parsed with the parquet crate and each PNG decoded with the `image` crate,
 //! rather than through candle-datasets' loaders, because those panic on an undecodable image,
@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use arrow_array::{
     Array, BinaryArray, Int32Array, Int64Array, LargeBinaryArray, RecordBatch, StructArray,
 };
-use hf_hub::{HFClient, HFClientSync};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 
@@ -23,20 +22,20 @@ use crate::{DataError, ImageDataset, Split};
 /// Where to find the hub and its cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HubConfig {
-    /// The cache directory; `None`: hf-hub's default (`HF_HUB_CACHE`, `$HF_HOME/hub`,
-    /// `~/.cache/huggingface/hub`, …).
+    /// The cache directory; `None`: the environment's (`HF_HUB_CACHE`, `$HF_HOME/hub`,
+    /// `~/.cache/huggingface/hub`, …; [`tau_hub::default_cache_dir`]).
     pub cache_dir: Option<PathBuf>,
     /// The hub's URL; `None`: `HF_ENDPOINT` or `https://huggingface.co`.
     pub endpoint: Option<String>,
     /// Use only the cache, never the network (a miss is an error).
     pub offline: bool,
-    /// Retries of transient network errors; `None`: hf-hub's default.
+    /// How many times an interrupted download is resumed; `None`: 0.
     pub retries: Option<usize>,
 }
 
 impl HubConfig {
     /// Defaults, with `offline` set when the `HF_HUB_OFFLINE` environment variable is
-    /// `1`, `true`, `yes` or `on` (hf-hub itself does not read it).
+    /// `1`, `true`, `yes` or `on`.
     pub fn from_env() -> Self {
         let offline = std::env::var("HF_HUB_OFFLINE")
             .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
@@ -85,43 +84,30 @@ pub const CIFAR10: HubDataset = HubDataset {
     num_classes: 10,
 };
 
-fn hub_err(repo: &str, file: &str, e: hf_hub::HFError) -> DataError {
-    DataError::Hub {
-        repo: repo.into(),
-        file: file.into(),
-        source: Box::new(e),
-    }
-}
-
-fn client(cfg: &HubConfig, repo: &str) -> Result<HFClientSync, DataError> {
-    let mut b = HFClient::builder();
-    if let Some(dir) = &cfg.cache_dir {
-        b = b.cache_dir(dir.clone());
-    }
-    if let Some(endpoint) = &cfg.endpoint {
-        b = b.endpoint(endpoint.clone());
-    }
-    if let Some(n) = cfg.retries {
-        b = b.retry_max_attempts(n);
-    }
-    b.build_sync().map_err(|e| hub_err(repo, "(client)", e))
-}
-
 /// The local path of `file` of `ds`: from the cache, else downloaded (unless offline).
 ///
 /// # Errors
 /// [`DataError::Hub`] when the cache misses offline, or the download fails.
 pub fn fetch(cfg: &HubConfig, ds: &HubDataset, file: &str) -> Result<PathBuf, DataError> {
-    let api = client(cfg, ds.repo)?;
-    let (owner, name) = hf_hub::split_id(ds.repo);
-    let repo = api.dataset(owner, name);
-    let download = repo.download_file().filename(file).revision(ds.revision);
-    let local = download.clone().local_files_only(true).send();
-    let path = match local {
-        Err(hf_hub::HFError::LocalEntryNotFound { .. }) if !cfg.offline => download.send(),
-        other => other,
+    let options = tau_hub::HubOptions {
+        cache_dir: cfg.cache_dir.clone(),
+        endpoint: cfg.endpoint.clone(),
+        token: None,
+        retries: cfg.retries,
+        offline: cfg.offline,
     };
-    path.map_err(|e| hub_err(ds.repo, file, e))
+    tau_hub::fetch(
+        tau_hub::RepoKind::Dataset,
+        ds.repo,
+        Some(ds.revision),
+        file,
+        &options,
+    )
+    .map_err(|e| DataError::Hub {
+        repo: ds.repo.into(),
+        file: file.into(),
+        source: Box::new(e),
+    })
 }
 
 fn parquet_err(path: &Path, message: impl Into<String>) -> DataError {

@@ -13,7 +13,7 @@
 //!    - CIFAR-10: `$TAU_DATA_DIR/cifar-10-batches-bin/`, `$TAU_DATA_DIR/cifar10/`, or itself;
 //!    - CIFAR-100: `$TAU_DATA_DIR/cifar-100-binary/`, `$TAU_DATA_DIR/cifar100/`, or itself.
 //! 3. **The hub** (MNIST and CIFAR-10 only): the parquet files of `ylecun/mnist` and
-//!    `uoft-cs/cifar10` (revision `refs/convert/parquet`), from the hf-hub cache first and
+//!    `uoft-cs/cifar10` (revision `refs/convert/parquet`), from the hub cache first and
 //!    downloaded on a miss; `HF_HUB_OFFLINE=1` forbids the download, and `HF_HOME`,
 //!    `HF_HUB_CACHE`, `HF_ENDPOINT` choose the cache and the server (see [`hub`]).
 //!

@@ -1,5 +1,5 @@
 //! Loading checkpoints from a local directory or a Hugging Face hub model repo
-//! (hf-hub 1.0): the local cache is tried first with no network access, and the files are
+//! ([`tau_hub`]): the local cache is tried first with no network access, and the files are
 //! downloaded only on a cache miss, so a cached repo loads offline.
 //!
 //! Besides this crate's own checkpoints, timm's ResNet repos load as they are
@@ -29,7 +29,7 @@
 //! # Example
 //!
 //! A checkpoint loads from its directory, and from a hub cache with no network access
-//! (`local_files_only`), here a cache laid out as hf-hub's: `refs/main` names the
+//! (`local_files_only`), here a cache laid out as the hub's: `refs/main` names the
 //! commit, `snapshots/<commit>/` holds the files.
 //!
 //! ```
@@ -76,14 +76,14 @@ use std::path::{Path, PathBuf};
 
 use candle::Device;
 use candle_nn::VarMap;
-use hf_hub::{HFClient, HFClientSync, HFError};
 
 use crate::checkpoint::{self, CONFIG_FILE, CheckpointConfig, CheckpointError, WEIGHTS_FILE};
 use crate::config::ModelConfig;
 use crate::model::Model;
 
-/// Where and how to reach the hub. The defaults are hf-hub's: the cache directory and
-/// endpoint from the environment (`HF_HUB_CACHE`, `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`…).
+/// Where and how to reach the hub. The defaults are `huggingface_hub`'s: the cache directory,
+/// endpoint and token from the environment (`HF_HUB_CACHE`, `HF_HOME`, `HF_ENDPOINT`,
+/// `HF_TOKEN`…; see [`tau_hub`]).
 ///
 /// # Example
 ///
@@ -102,7 +102,7 @@ use crate::model::Model;
 /// #     r#"{"family": "theory", "input_dim": 2, "width": 8, "depth": 4}"#)?;
 /// # let ckpt = tmp.path().join("ckpt");
 /// # checkpoint::save(&ckpt, &cfg, &init_varmap(&cfg, 0, DType::F32, &dev)?)?;
-/// // `tau-resnet/example` in a hub cache laid out as hf-hub's (see the module example).
+/// // `tau-resnet/example` in a hub cache (see the module example).
 /// # let (cache, commit) = (tmp.path().join("hub"), "0123456789abcdef0123456789abcdef01234567");
 /// # let repo = cache.join("models--tau-resnet--example");
 /// # std::fs::create_dir_all(repo.join("refs"))?;
@@ -135,48 +135,21 @@ pub struct HubOptions {
     pub endpoint: Option<String>,
     /// An access token.
     pub token: Option<String>,
-    /// Retries for transient network errors (`Some(0)` fails fast).
+    /// How many times an interrupted download is resumed (`None`: 0).
     pub retry_max_attempts: Option<usize>,
     /// Never download: a cache miss is an error.
     pub local_files_only: bool,
 }
 
 impl HubOptions {
-    fn client(&self, id: &str) -> Result<HFClientSync, CheckpointError> {
-        let hub_err = |e: HFError| CheckpointError::Hub {
-            id: id.to_string(),
-            message: e.to_string(),
-        };
-        let mut builder = HFClient::builder();
-        if let Some(dir) = &self.cache_dir {
-            builder = builder.cache_dir(dir.clone());
+    fn hub_options(&self) -> tau_hub::HubOptions {
+        tau_hub::HubOptions {
+            cache_dir: self.cache_dir.clone(),
+            endpoint: self.endpoint.clone(),
+            token: self.token.clone(),
+            retries: self.retry_max_attempts,
+            offline: self.local_files_only,
         }
-        if let Some(endpoint) = &self.endpoint {
-            builder = builder.endpoint(endpoint.clone());
-        }
-        if let Some(token) = &self.token {
-            builder = builder.token(token.clone());
-        }
-        if let Some(n) = self.retry_max_attempts {
-            builder = builder.retry_max_attempts(n);
-        }
-        HFClientSync::from_inner(builder.build().map_err(hub_err)?).map_err(hub_err)
-    }
-}
-
-/// Whether `id` has the form of a hub repo id: `name` or `owner/name`, each part made of
-/// ASCII letters, digits, `-`, `_` and `.`, not starting with `.` or `-`.
-fn is_repo_id(id: &str) -> bool {
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 96
-            && !p.starts_with(['.', '-'])
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    match id.split_once('/') {
-        Some((owner, name)) => part_ok(owner) && part_ok(name),
-        None => part_ok(id),
     }
 }
 
@@ -290,7 +263,7 @@ impl Pretrained {
 }
 
 /// Loads a checkpoint (see [`checkpoint::load`]) from a local directory or a hub repo id,
-/// with hf-hub's default settings. See the [module example](self#example).
+/// with the default hub settings. See the [module example](self#example).
 ///
 /// # Errors
 /// As [`from_pretrained_with`].
@@ -360,7 +333,7 @@ pub fn load_pretrained(
             None => checkpoint::load_config(&path.join(CONFIG_FILE))?,
         };
         (config, path.join(weights_file))
-    } else if path.exists() || !is_repo_id(id_or_path) {
+    } else if path.exists() || !tau_hub::is_repo_id(id_or_path) {
         return Err(CheckpointError::Hub {
             id: id_or_path.to_string(),
             message: "neither a checkpoint directory nor a hub repo id (owner/name)".into(),
@@ -417,58 +390,11 @@ pub fn fetch_file(
     file: &str,
     options: &HubOptions,
 ) -> Result<PathBuf, CheckpointError> {
-    let client = options.client(id)?;
-    let (owner, name) = hf_hub::split_id(id);
-    let repo = client.model(owner, name);
-    let hub_err = |e: HFError| CheckpointError::Hub {
-        id: id.to_string(),
-        message: format!("{file}: {e}"),
-    };
-    let cached = repo
-        .download_file()
-        .filename(file)
-        .maybe_revision(revision.map(str::to_string))
-        .local_files_only(true)
-        .send();
-    match cached {
-        Ok(p) => Ok(p),
-        Err(HFError::LocalEntryNotFound { .. }) if !options.local_files_only => {
-            tracing::info!(repo = id, file, "downloading from the hub");
-            repo.download_file()
-                .filename(file)
-                .maybe_revision(revision.map(str::to_string))
-                .send()
-                .map_err(hub_err)
+    let hub = options.hub_options();
+    tau_hub::fetch(tau_hub::RepoKind::Model, id, revision, file, &hub).map_err(|e| {
+        CheckpointError::Hub {
+            id: id.to_string(),
+            message: format!("{file}: {e}"),
         }
-        Err(e) => Err(hub_err(e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_repo_id;
-
-    #[test]
-    fn repo_id_shapes() {
-        for ok in [
-            "gpt2",
-            "owner/name",
-            "tau-resnet/resnet110-cifar10",
-            "a.b/c_d",
-        ] {
-            assert!(is_repo_id(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "/abs/path",
-            "./x",
-            "a/b/c",
-            "owner/",
-            "../x",
-            "a b",
-            ".hidden",
-        ] {
-            assert!(!is_repo_id(bad), "{bad}");
-        }
-    }
+    })
 }
