@@ -4,12 +4,15 @@
 
 use std::path::Path;
 
-use candle::{Device, Tensor};
-use tau_train::config::{RunConfig, apply_overrides, config_from_table};
-use tau_train::loss::Targets;
+use candle::Device;
+use tau_train::config::RunConfig;
 use tau_train::records::{MetricsRecord, RunStatus, read_metrics};
-use tau_train::setup::{Prepared, RunData, resume, start};
-use tau_train::trainer::{RunOptions, TensorData};
+use tau_train::setup::{Prepared, resume, start};
+use tau_train::trainer::RunOptions;
+
+mod support;
+
+use support::{config as config_from, twelve_images};
 
 const RUN: &str = r#"
 name = "scales"
@@ -42,29 +45,11 @@ checkpoint_every = 4
 "#;
 
 fn config(sets: &[&str]) -> RunConfig {
-    let mut t: toml::Table = RUN.parse().unwrap();
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    apply_overrides(&mut t, &sets).unwrap();
-    config_from_table(t).unwrap()
-}
-
-/// Twelve 8×8 single-channel images in three classes.
-fn data() -> RunData {
-    let vals: Vec<f32> = (0..12 * 64)
-        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-        .collect();
-    let xs = Tensor::from_vec(vals, (12, 1, 8, 8), &Device::Cpu).unwrap();
-    let ys = Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2], &Device::Cpu).unwrap();
-    RunData {
-        train: Box::new(TensorData::new(xs, Targets::Classes(ys, 3)).unwrap()),
-        test: None,
-        input_shape: vec![1, 8, 8],
-        outputs: 3,
-    }
+    config_from(RUN, sets)
 }
 
 fn prepared(cfg: &RunConfig) -> Prepared {
-    Prepared::from_parts(cfg, &Device::Cpu, data()).unwrap()
+    Prepared::from_parts(cfg, &Device::Cpu, twelve_images()).unwrap()
 }
 
 fn records(dir: &Path) -> Vec<MetricsRecord> {

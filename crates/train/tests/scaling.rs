@@ -2,12 +2,15 @@
 //! combinations are named errors, each scheme's scalars land in their paper's
 //! learning-rate group, and a few steps of each scheme train (the loss falls, α leaves 0).
 
-use candle::{DType, Device, Tensor};
+use candle::{DType, Device};
 use tau_train::config::{RunConfig, apply_overrides, config_from_table};
-use tau_train::loss::Targets;
 use tau_train::records::RunStatus;
-use tau_train::setup::{Prepared, RunData, TauModel, start};
-use tau_train::trainer::{RunOptions, TensorData};
+use tau_train::setup::{Prepared, TauModel, start};
+use tau_train::trainer::RunOptions;
+
+mod support;
+
+use support::twelve_images;
 
 const RUN: &str = r#"
 name = "schemes"
@@ -132,21 +135,6 @@ fn each_scheme_s_scalars_get_their_paper_s_learning_rate() {
     }
 }
 
-/// Twelve random 8×8 images in three classes, learnable in a few steps.
-fn data() -> RunData {
-    let vals: Vec<f32> = (0..12 * 64)
-        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-        .collect();
-    let xs = Tensor::from_vec(vals, (12, 1, 8, 8), &Device::Cpu).unwrap();
-    let ys = Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2], &Device::Cpu).unwrap();
-    RunData {
-        train: Box::new(TensorData::new(xs, Targets::Classes(ys, 3)).unwrap()),
-        test: None,
-        input_shape: vec![1, 8, 8],
-        outputs: 3,
-    }
-}
-
 /// 30 full-batch SGD steps of each scheme: the run finishes, the training loss falls
 /// below its first value, and the schemes that start as the identity (α = 0) have moved α.
 #[test]
@@ -163,7 +151,7 @@ fn every_scheme_trains() {
             &format!("model.norm={norm}"),
         ])
         .unwrap();
-        let prepared = Prepared::from_parts(&cfg, &Device::Cpu, data()).unwrap();
+        let prepared = Prepared::from_parts(&cfg, &Device::Cpu, twelve_images()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let s = start(prepared, tmp.path(), &RunOptions::default()).unwrap();
         assert_eq!(s.status, RunStatus::Finished, "{scheme}/{norm}");

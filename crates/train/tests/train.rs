@@ -6,68 +6,15 @@
 use std::path::Path;
 
 use candle::{DType, Device, Tensor};
-use tau_train::config::{RunConfig, apply_overrides, config_from_table};
+use tau_train::config::RunConfig;
 use tau_train::loss::Targets;
-use tau_train::records::{MetricsRecord, RunStatus, read_metrics};
+use tau_train::records::RunStatus;
 use tau_train::setup::{Prepared, RunData, TauModel, prepare, resume, start};
 use tau_train::trainer::{RunOptions, TensorData};
 
-const THEORY: &str = r#"
-name = "t"
-seed = 7
-steps = 12
-device = "cpu"
-[model]
-family = "theory"
-input_dim = 8
-width = 32
-depth = 4
-output_dim = 1
-tau = "1/sqrt(L)"
-[data]
-source = "synthetic"
-n = 16
-p = 8
-d = 1
-n_test = 8
-batch_size = 4
-[loss]
-kind = "squared"
-[optim]
-kind = "sgd"
-lr = 0.05
-momentum = 0.9
-nesterov = true
-weight_decay = 1e-3
-schedule = "cosine"
-warmup = 2
-[log]
-every = 1
-eval_every = 3
-checkpoint_every = 2
-"#;
+mod support;
 
-fn config(base: &str, sets: &[&str]) -> RunConfig {
-    let mut t: toml::Table = base.parse().unwrap();
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    apply_overrides(&mut t, &sets).unwrap();
-    config_from_table(t).unwrap()
-}
-
-fn records_without_timing(dir: &Path) -> Vec<MetricsRecord> {
-    read_metrics(&dir.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .map(MetricsRecord::without_timing)
-        .collect()
-}
-
-fn stop_after(k: u64) -> RunOptions {
-    RunOptions {
-        stop_after_steps: Some(k),
-        ..RunOptions::default()
-    }
-}
+use support::*;
 
 /// Runs `cfg` once straight through and once stopped after `k` steps and resumed, and
 /// checks the records are bitwise equal apart from wall-clock fields.
