@@ -272,14 +272,10 @@ pub fn fetch(
             message: e.to_string(),
         })?;
     let repo = api.repo(repo);
-    tracing::info!(
-        repo = id,
-        file,
-        url = repo.url(file),
-        "downloading from the hub"
-    );
+    let url = repo.url(file);
+    tracing::info!(repo = id, file, url, "downloading from the hub");
     repo.download(file).map_err(|e| HubError::Download {
-        url: repo.url(file),
+        url,
         message: e.to_string(),
     })
 }

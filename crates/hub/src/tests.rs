@@ -250,16 +250,18 @@ fn the_cache_lookup_follows_refs_and_commits_and_stays_inside_the_repo() {
     assert_eq!(look(None, "sub/f.txt"), None);
 }
 
+/// An environment of `pairs`, as `std::env::var` would read it.
+fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
 #[test]
 fn settings_resolve_as_huggingface_hub_resolves_them() {
-    let env = |pairs: &'static [(&'static str, &'static str)]| {
-        move |k: &str| {
-            pairs
-                .iter()
-                .find(|(key, _)| *key == k)
-                .map(|(_, v)| v.to_string())
-        }
-    };
     let all = [
         ("HF_HUB_CACHE", "/a"),
         ("HUGGINGFACE_HUB_CACHE", "/b"),
@@ -267,25 +269,52 @@ fn settings_resolve_as_huggingface_hub_resolves_them() {
         ("XDG_CACHE_HOME", "/d"),
         ("HOME", "/e"),
     ];
+    let want = [
+        "/a",
+        "/b",
+        "/c/hub",
+        "/d/huggingface/hub",
+        "/e/.cache/huggingface/hub",
+    ];
     for skip in 0..all.len() {
-        let pairs: &'static [(&str, &str)] = Box::leak(all[skip..].to_vec().into_boxed_slice());
-        let want = [
-            "/a",
-            "/b",
-            "/c/hub",
-            "/d/huggingface/hub",
-            "/e/.cache/huggingface/hub",
-        ];
-        assert_eq!(cache_dir_from(env(pairs)), PathBuf::from(want[skip]));
+        assert_eq!(cache_dir_from(env(&all[skip..])), PathBuf::from(want[skip]));
     }
 
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("token"), "hf_file\n").unwrap();
-    let home: &'static str = Box::leak(tmp.path().to_str().unwrap().to_string().into_boxed_str());
-    let with_file: &'static [(&str, &str)] = Box::leak(vec![("HF_HOME", home)].into_boxed_slice());
-    assert_eq!(token_from(env(with_file)).as_deref(), Some("hf_file"));
-    let both: &'static [(&str, &str)] =
-        Box::leak(vec![("HF_TOKEN", "hf_env"), ("HF_HOME", home)].into_boxed_slice());
-    assert_eq!(token_from(env(both)).as_deref(), Some("hf_env"));
+    let home = tmp.path().to_str().unwrap();
+    assert_eq!(
+        token_from(env(&[("HF_HOME", home)])).as_deref(),
+        Some("hf_file")
+    );
+    assert_eq!(
+        token_from(env(&[("HF_TOKEN", "hf_env"), ("HF_HOME", home)])).as_deref(),
+        Some("hf_env")
+    );
     assert_eq!(token_from(env(&[("HF_HOME", "/nonexistent-dir")])), None);
+}
+
+/// The repo-id rule tau-model's loader also uses to tell a hub id from a local path.
+#[test]
+fn repo_id_shapes() {
+    for ok in [
+        "gpt2",
+        "owner/name",
+        "tau-resnet/resnet110-cifar10",
+        "a.b/c_d",
+    ] {
+        assert!(is_repo_id(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "/abs/path",
+        "./x",
+        "a/b/c",
+        "owner/",
+        "../x",
+        "a b",
+        ".hidden",
+    ] {
+        assert!(!is_repo_id(bad), "{bad}");
+    }
 }
