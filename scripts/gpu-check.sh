@@ -18,6 +18,8 @@
 #   and writes summary.md and summary.json (plus every log) under D (default $OUT, else
 #   gpu-check/out).
 #
+# Environment for `prepare`: GPU_CHECK_FEATURES (cudnn, the default: cuDNN convolutions and
+# BatchNorm; or cuda: candle's own CUDA kernels only).
 # Environment for `run`: GPU_CHECK_DATA (the folder holding cifar10-jpeg.tar.gz; default
 # ../shared/data or shared/data), GPU_CHECK_QUICK=1 (fewer steps, for a dry run).
 set -euo pipefail
@@ -36,13 +38,15 @@ prepare() {
   # shellcheck source=/dev/null
   source "$root/.cuda-toolkit/env.sh"
   cd "$root"
-  say "building tau-resnet and the GPU tests with --features cuda into $CARGO_TARGET_DIR"
-  cargo build --release -p tau-resnet --features cuda || die "building tau-resnet failed"
+  local features="${GPU_CHECK_FEATURES:-cudnn}"
+  case "$features" in cuda | cudnn) ;; *) die "GPU_CHECK_FEATURES must be cuda or cudnn" ;; esac
+  say "building tau-resnet and the GPU tests with --features $features into $CARGO_TARGET_DIR"
+  cargo build --release -p tau-resnet --features "$features" || die "building tau-resnet failed"
   local tests
-  tests="$(cargo test --release -p tau-model --features cuda --test cuda --no-run \
+  tests="$(cargo test --release -p tau-model --features "$features" --test cuda --no-run \
     --message-format=json 2> /dev/null \
     | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)"
-  [[ -x "$tests" ]] || die "building the GPU tests failed (cargo test --release -p tau-model --features cuda --test cuda --no-run)"
+  [[ -x "$tests" ]] || die "building the GPU tests failed (cargo test --release -p tau-model --features $features --test cuda --no-run)"
   mkdir -p "$pack"
   local bin="$CARGO_TARGET_DIR/release/tau-resnet"
   for pair in "$bin:tau-resnet" "$tests:cuda-tests"; do
@@ -100,7 +104,7 @@ run() {
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' 2>&1 || true
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     echo "--- ldd tau-resnet"
-    ldd "$work/tau-resnet" 2>&1 | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
+    ldd "$work/tau-resnet" 2>&1 | grep -E 'cuda|cublas|curand|nvrtc|cudnn|not found' || true
   } > "$out/device.txt"
   cat "$out/device.txt" >&2
 

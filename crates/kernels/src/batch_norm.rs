@@ -9,9 +9,12 @@
 //! closed-form BatchNorm gradient, all on rayon's threads. The running statistics are
 //! updated outside the graph exactly as candle-nn does (momentum, unbiased variance, as
 //! PyTorch). Elsewhere (other devices or dtypes, evaluation mode, no affine parameters,
-//! or candle's ops selected in [`crate::select`]) candle-nn's `BatchNorm` runs.
+//! or candle's ops selected in [`crate::select`]) candle-nn's `BatchNorm` runs, except
+//! that with the `cudnn` feature, training mode on CUDA runs cuDNN's BatchNorm (`cudnn`).
 //! [`residual::batch_norm_residual_relu`] fuses the end of a basic block with it.
 
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod residual;
 
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,21 @@ pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Res
         && xs.dtype() == DType::F32
         && xs.rank() == 4
         && bn_params_f32(bn);
+    #[cfg(feature = "cudnn")]
+    if train
+        && crate::select::kernels().fused()
+        && xs.device().is_cuda()
+        && xs.dtype() == DType::F32
+        && xs.rank() == 4
+        && bn_params_f32(bn)
+    {
+        let ys = cudnn::batch_norm_train(bn, xs)?;
+        return if relu {
+            crate::elementwise::relu_composed(&ys)
+        } else {
+            Ok(ys)
+        };
+    }
     if !fused {
         let ys = bn.forward_t(xs, train)?;
         return if relu {
@@ -122,6 +140,16 @@ pub(crate) fn update_running(
     factor: f64,
 ) -> Result<()> {
     let batch = Tensor::from_iter(batch.iter().map(|&v| v as f32), running.device())?;
+    update_running_with(running, &batch, momentum, factor)
+}
+
+/// [`update_running`] with the batch statistic as a tensor on `running`'s device.
+pub(crate) fn update_running_with(
+    running: &Tensor,
+    batch: &Tensor,
+    momentum: f64,
+    factor: f64,
+) -> Result<()> {
     let updated = ((running.detach() * (1.0 - momentum))? + (batch * (momentum * factor))?)?;
     // `running` is the variable candle-nn's BatchNorm holds (`Var::from_tensor` of a
     // variable wraps the same storage).

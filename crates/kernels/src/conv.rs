@@ -10,9 +10,12 @@
 //! computes the backward of its `conv2d` with direct loops (`conv_transpose2d`, and a
 //! convolution with an image-sized kernel), which is an order of magnitude slower. On CUDA
 //! and Metal, for other dtypes, and with [`crate::select::Kernels::Candle`], candle's own
-//! `conv2d` runs.
+//! `conv2d` runs, except that with the `cudnn` feature, `f32` convolutions on CUDA run
+//! cuDNN's forward, backward-data and backward-filter passes (`cudnn`).
 
 mod cpu;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod direct;
 
 use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -30,7 +33,7 @@ pub(crate) use cpu::Geom;
 /// Fails when the shapes do not fit together, when the weight has no input or output
 /// channels, or when `stride` is zero.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let fast = xs.device().is_cpu()
+    let fast = (xs.device().is_cpu() || (cfg!(feature = "cudnn") && xs.device().is_cuda()))
         && xs.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && crate::select::kernels().own_conv();
@@ -164,6 +167,17 @@ impl CustomOp2 for Conv2dGemm {
         let x = f32_data(s1, l1, g.n * g.c_in * g.h * g.w, "conv2d", "input")?;
         let w = f32_data(s2, l2, g.c_out * g.c_in * g.k * g.k, "conv2d", "weight")?;
         Ok(forward_storage(g, x, None, w))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        cudnn::forward(&self.0, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -358,6 +372,21 @@ impl CustomOp2 for Conv2dGemmGradInput {
         dx.push(total as f32);
         Ok((CpuStorage::F32(dx), Shape::from(len + 1)))
     }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        if self.sum {
+            // conv2d_shifted is composed (add_scalar, then conv2d) off the CPU.
+            candle::bail!("conv2d (cuDNN): no input-bias gradient on CUDA");
+        }
+        cudnn::backward_input(&self.g, s1, l1, s2, l2)
+    }
 }
 
 /// Weight gradient of [`Conv2dGemm`] and [`Conv2dShifted`]: (grad of output, input) →
@@ -393,6 +422,20 @@ impl CustomOp2 for Conv2dGemmGradWeight {
             CpuStorage::F32(dw),
             Shape::from((g.c_out, g.c_in, g.k, g.k)),
         ))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        if self.bias.is_some() {
+            candle::bail!("conv2d (cuDNN): no shifted-input convolution on CUDA");
+        }
+        cudnn::backward_weight(&self.g, s1, l1, s2, l2)
     }
 }
 

@@ -469,3 +469,70 @@ fn checkpoints_move_between_devices() {
     let b = m_cpu.forward_t(&xs, false).unwrap();
     check("eval logits of a CPU checkpoint loaded on CUDA", &a, &b);
 }
+
+/// `tau_kernels::conv::conv2d` alone on CUDA (cuDNN's three passes with the `cudnn`
+/// feature, candle's convolution without it) against the CPU, output and both gradients,
+/// on the shapes the models use and a few others: 3×3 stride 1 and 2, 1×1 stride 1 and 2,
+/// the ImageNet stem's 7×7 stride 2 with padding 3, odd sizes, a one-image batch and an
+/// input that is a narrowed (non-contiguous) view.
+#[test]
+fn convolutions_match_cpu() {
+    let Some(gpu) = cuda("convolutions_match_cpu") else {
+        return;
+    };
+    // (n, c_in, h, w, c_out, k, stride, padding)
+    let shapes = [
+        (8, 16, 32, 32, 16, 3, 1, 1),
+        (8, 16, 32, 32, 32, 3, 2, 1),
+        (8, 64, 8, 8, 64, 3, 1, 1),
+        (4, 64, 14, 14, 256, 1, 1, 0),
+        (4, 256, 14, 14, 512, 1, 2, 0),
+        (2, 3, 64, 64, 64, 7, 2, 3),
+        (1, 5, 9, 7, 3, 3, 1, 1),
+        (3, 4, 11, 13, 6, 3, 2, 0),
+    ];
+    for (i, &(n, c_in, h, w, c_out, k, stride, padding)) in shapes.iter().enumerate() {
+        let what = format!("conv {n}×{c_in}×{h}×{w} → {c_out}, {k}×{k} s{stride} p{padding}");
+        let x = input(&[n, c_in + 1, h, w], 17 + i as u64);
+        let wt = (input(&[c_out, c_in, k, k], 29 + i as u64) * 0.2).unwrap();
+        let dy = input(
+            &[
+                n,
+                c_out,
+                (h + 2 * padding - k) / stride + 1,
+                (w + 2 * padding - k) / stride + 1,
+            ],
+            41,
+        );
+        let run = |dev: &Device| {
+            let x = Var::from_tensor(&x.to_device(dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&wt.to_device(dev).unwrap()).unwrap();
+            // A view that skips the first channel: not contiguous.
+            let x_view = x.as_tensor().narrow(1, 1, c_in).unwrap();
+            let y = tau_model::kernels::conv::conv2d(&x_view, &wt, stride, padding).unwrap();
+            let loss = (&y * dy.to_device(dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let dx = g.get(x.as_tensor()).unwrap().clone();
+            let dw = g.get(wt.as_tensor()).unwrap().clone();
+            (y, dx, dw)
+        };
+        let (y_cpu, dx_cpu, dw_cpu) = run(&Device::Cpu);
+        for kernels in [Kernels::best(), Kernels::Candle] {
+            let mut out = None;
+            with_kernels(kernels, &mut || out = Some(run(&gpu)));
+            let (y, dx, dw) = out.unwrap();
+            let e = [
+                check(&format!("{what} ({kernels}) output"), &y, &y_cpu),
+                check(&format!("{what} ({kernels}) input gradient"), &dx, &dx_cpu),
+                check(&format!("{what} ({kernels}) weight gradient"), &dw, &dw_cpu),
+            ];
+            eprintln!(
+                "{what} ({kernels} kernels): relative errors {:.2e} / {:.2e} / {:.2e}",
+                e[0], e[1], e[2]
+            );
+        }
+    }
+}

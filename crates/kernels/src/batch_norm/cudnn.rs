@@ -1,0 +1,423 @@
+//! Training-mode BatchNorm on CUDA through cuDNN (the `cudnn` feature).
+//!
+//! candle-nn's `BatchNorm` composes about fifteen tensor ops forward and more backward,
+//! each one kernel launch and one pass over the activation. Here the forward is one
+//! `cudnnBatchNormalizationForwardTraining` (batch mean and inverse standard deviation
+//! saved for the backward) and the backward one `cudnnBatchNormalizationBackward` giving
+//! dx, dγ and dβ together, as PyTorch runs it. The running statistics are updated as on the
+//! CPU (candle-nn's rule: momentum, unbiased batch variance), from the saved statistics,
+//! with a few per-channel tensor ops and no copy to the host.
+//!
+//! candle's `cudarc` bindings wrap cuDNN's convolutions but not its BatchNorm, so this
+//! module calls the C API (`cudarc::cudnn::sys`) with its own handle and descriptors,
+//! each released on drop.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use candle::cuda_backend::cudarc::cudnn::sys;
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
+use candle::cuda_backend::{CudaDevice, DeviceId};
+use candle::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_nn::BatchNorm;
+
+use super::{BnGeom, bn_train_parts, update_running_with};
+use crate::util::lock_state;
+
+/// `bn.forward_t(xs, true)` for an `f32` (N, C, H, W) tensor on CUDA and an affine `f32`
+/// `bn`, with `bn`'s running statistics updated.
+pub(crate) fn batch_norm_train(bn: &BatchNorm, xs: &Tensor) -> Result<Tensor> {
+    let (weight, bias, geom) = bn_train_parts(bn, xs.dims4()?, "batch_norm_t")?;
+    let saved = Arc::new(Mutex::new(None));
+    let op = CudnnBnFwd {
+        geom,
+        eps: bn.eps(),
+        saved: saved.clone(),
+    };
+    let ys = xs.contiguous()?.apply_op3(weight, bias, op)?;
+    let take = |which| {
+        weight.apply_op1_no_bwd(&SavedStat {
+            saved: saved.clone(),
+            which,
+            c: geom.c,
+        })
+    };
+    let mean = take(Stat::Mean)?;
+    // The biased batch variance, from 1/sqrt(var + eps).
+    let var = (take(Stat::InvStd)?.sqr()?.recip()? - bn.eps())?;
+    let m = (geom.n * geom.hw) as f64;
+    update_running_with(bn.running_mean(), &mean, bn.momentum(), 1.0)?;
+    update_running_with(bn.running_var(), &var, bn.momentum(), m / (m - 1.0))?;
+    Ok(ys)
+}
+
+/// What the forward keeps: per channel, the batch mean and 1/sqrt(var + eps).
+struct Saved {
+    mean: CudaSlice<f32>,
+    invstd: CudaSlice<f32>,
+}
+
+type SavedCell = Arc<Mutex<Option<Saved>>>;
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<DeviceId, Handle>> = RefCell::new(HashMap::new());
+}
+
+/// A cuDNN handle bound to a device's stream, destroyed on drop.
+struct Handle(sys::cudnnHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by `cudnnCreate` and is destroyed once.
+        unsafe { sys::cudnnDestroy(self.0) };
+    }
+}
+
+/// Runs `f` with the calling thread's cuDNN handle for `dev` (created on first use), the
+/// device's context bound to the thread.
+fn with_handle<R>(dev: &CudaDevice, f: impl FnOnce(sys::cudnnHandle_t) -> Result<R>) -> Result<R> {
+    let stream = dev.cuda_stream();
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(candle::Error::wrap)?;
+    let handle = HANDLES.with(|handles| -> Result<sys::cudnnHandle_t> {
+        if let Some(h) = handles.borrow().get(&dev.id()) {
+            return Ok(h.0);
+        }
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` receives a new handle; the stream outlives it (the device holds it).
+        unsafe {
+            sys::cudnnCreate(&mut raw)
+                .result()
+                .map_err(candle::Error::wrap)?;
+            let h = Handle(raw);
+            sys::cudnnSetStream(h.0, stream.cu_stream() as sys::cudaStream_t)
+                .result()
+                .map_err(candle::Error::wrap)?;
+            handles.borrow_mut().insert(dev.id(), h);
+        }
+        Ok(raw)
+    })?;
+    f(handle)
+}
+
+/// A 4-d `f32` NCHW tensor descriptor, destroyed on drop.
+struct Desc(sys::cudnnTensorDescriptor_t);
+
+impl Desc {
+    fn nchw(dims: [usize; 4]) -> Result<Desc> {
+        let mut d = [0i32; 4];
+        for (o, &v) in d.iter_mut().zip(&dims) {
+            *o = i32::try_from(v).map_err(|_| {
+                candle::Error::Msg(format!("batch norm (cuDNN): dimension {v} exceeds i32"))
+            })?;
+        }
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` receives a new descriptor, owned by the returned `Desc`.
+        unsafe {
+            sys::cudnnCreateTensorDescriptor(&mut raw)
+                .result()
+                .map_err(candle::Error::wrap)?;
+            let desc = Desc(raw);
+            sys::cudnnSetTensor4dDescriptor(
+                desc.0,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                d[0],
+                d[1],
+                d[2],
+                d[3],
+            )
+            .result()
+            .map_err(candle::Error::wrap)?;
+            Ok(desc)
+        }
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by `cudnnCreateTensorDescriptor`, destroyed once.
+        unsafe { sys::cudnnDestroyTensorDescriptor(self.0) };
+    }
+}
+
+/// The input and per-channel descriptors of a BatchNorm over `geom`.
+fn descriptors(geom: BnGeom) -> Result<(Desc, Desc)> {
+    let (n, c, h, w) = geom.dims;
+    Ok((Desc::nchw([n, c, h, w])?, Desc::nchw([1, c, 1, 1])?))
+}
+
+/// The device address of a contiguous `f32` operand of `len` elements, and the guard that
+/// must live until the call that uses it has been issued.
+fn operand<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    len: usize,
+    stream: &'a CudaStream,
+    what: &str,
+) -> Result<(*const c_void, SyncOnDrop<'a>)> {
+    if !l.is_contiguous() || l.shape().elem_count() != len {
+        candle::bail!(
+            "batch norm (cuDNN): {what} must be a contiguous tensor of {len} elements, got {:?}",
+            l.dims()
+        );
+    }
+    let slice = s.as_cuda_slice::<f32>()?;
+    let offset = (l.start_offset() * std::mem::size_of::<f32>()) as u64;
+    let (ptr, guard) = slice.device_ptr(stream);
+    Ok(((ptr + offset) as usize as *const c_void, guard))
+}
+
+/// Forward: (x, γ, β) → y, the batch statistics kept in `saved`.
+struct CudnnBnFwd {
+    geom: BnGeom,
+    eps: f64,
+    saved: SavedCell,
+}
+
+impl CustomOp3 for CudnnBnFwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-cudnn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let dev = &s1.device;
+        let stream = dev.cuda_stream();
+        let (x, _gx) = operand(s1, l1, n * c * hw, &stream, "input")?;
+        let (gamma, _gg) = operand(s2, l2, c, &stream, "weight")?;
+        let (beta, _gb) = operand(s3, l3, c, &stream, "bias")?;
+        // SAFETY: cuDNN writes every element of the three outputs.
+        let (mut y, mut mean, mut invstd) = unsafe {
+            (
+                dev.alloc::<f32>(n * c * hw)?,
+                dev.alloc::<f32>(c)?,
+                dev.alloc::<f32>(c)?,
+            )
+        };
+        let (xd, cd) = descriptors(self.geom)?;
+        {
+            let (py, _gy) = y.device_ptr_mut(&stream);
+            let (pm, _gm) = mean.device_ptr_mut(&stream);
+            let (pi, _gi) = invstd.device_ptr_mut(&stream);
+            let (one, zero) = (1f32, 0f32);
+            with_handle(dev, |h| {
+                // SAFETY: the pointers address buffers of the sizes the descriptors say,
+                // on the handle's stream; no running statistics (both null), updated by
+                // the caller instead.
+                unsafe {
+                    sys::cudnnBatchNormalizationForwardTraining(
+                        h,
+                        sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                        &one as *const f32 as *const c_void,
+                        &zero as *const f32 as *const c_void,
+                        xd.0,
+                        x,
+                        xd.0,
+                        py as usize as *mut c_void,
+                        cd.0,
+                        gamma,
+                        beta,
+                        0.0,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        self.eps,
+                        pm as usize as *mut c_void,
+                        pi as usize as *mut c_void,
+                    )
+                }
+                .result()
+                .map_err(candle::Error::wrap)
+            })?;
+        }
+        *lock_state(&self.saved)? = Some(Saved { mean, invstd });
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from(self.geom.dims),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let out = grad.contiguous()?.apply_op3_no_bwd(
+            xs,
+            weight,
+            &CudnnBnBwd {
+                geom: self.geom,
+                eps: self.eps,
+                saved: self.saved.clone(),
+            },
+        )?;
+        let len = n * c * hw;
+        let dx = out.narrow(0, 0, len)?.reshape(xs.shape())?;
+        let dgamma = out.narrow(0, len, c)?;
+        let dbeta = out.narrow(0, len + c, c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Backward: (dy, x, γ) → dx, dγ, dβ in one vector (n·c·hw + 2c elements).
+struct CudnnBnBwd {
+    geom: BnGeom,
+    eps: f64,
+    saved: SavedCell,
+}
+
+impl CustomOp3 for CudnnBnBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-cudnn-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let BnGeom { n, c, hw, .. } = self.geom;
+        let len = n * c * hw;
+        let dev = &s1.device;
+        let stream = dev.cuda_stream();
+        let (dy, _gdy) = operand(s1, l1, len, &stream, "output gradient")?;
+        let (x, _gx) = operand(s2, l2, len, &stream, "input")?;
+        let (gamma, _gg) = operand(s3, l3, c, &stream, "weight")?;
+        let guard = lock_state(&self.saved)?;
+        let Some(saved) = guard.as_ref() else {
+            candle::bail!("{}: the forward pass left no statistics", self.name());
+        };
+        let (pm, _gm) = saved.mean.device_ptr(&stream);
+        let (pi, _gi) = saved.invstd.device_ptr(&stream);
+        // SAFETY: cuDNN writes dx, dγ and dβ, every element.
+        let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+        let (xd, cd) = descriptors(self.geom)?;
+        {
+            let (po, _go) = out.device_ptr_mut(&stream);
+            let f = std::mem::size_of::<f32>() as u64;
+            let (dx, dgamma, dbeta) = (po, po + len as u64 * f, po + (len + c) as u64 * f);
+            let (one, zero) = (1f32, 0f32);
+            with_handle(dev, |h| {
+                // SAFETY: as in the forward; dx, dγ and dβ are disjoint parts of `out`.
+                unsafe {
+                    sys::cudnnBatchNormalizationBackward(
+                        h,
+                        sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                        &one as *const f32 as *const c_void,
+                        &zero as *const f32 as *const c_void,
+                        &one as *const f32 as *const c_void,
+                        &zero as *const f32 as *const c_void,
+                        xd.0,
+                        x,
+                        xd.0,
+                        dy,
+                        xd.0,
+                        dx as usize as *mut c_void,
+                        cd.0,
+                        gamma,
+                        dgamma as usize as *mut c_void,
+                        dbeta as usize as *mut c_void,
+                        self.eps,
+                        pm as usize as *const c_void,
+                        pi as usize as *const c_void,
+                    )
+                }
+                .result()
+                .map_err(candle::Error::wrap)
+            })?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(len + 2 * c),
+        ))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stat {
+    Mean,
+    InvStd,
+}
+
+/// A copy of one saved statistic as a (c,) tensor (applied to any tensor on the device).
+struct SavedStat {
+    saved: SavedCell,
+    which: Stat,
+    c: usize,
+}
+
+impl CustomOp1 for SavedStat {
+    fn name(&self) -> &'static str {
+        "batch-norm-cudnn-saved-statistic"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let guard = lock_state(&self.saved)?;
+        let Some(saved) = guard.as_ref() else {
+            candle::bail!("{}: the forward pass left no statistics", self.name());
+        };
+        let src = match self.which {
+            Stat::Mean => &saved.mean,
+            Stat::InvStd => &saved.invstd,
+        };
+        let copy = s
+            .device
+            .cuda_stream()
+            .clone_dtod(src)
+            .map_err(candle::Error::wrap)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(copy, s.device.clone()),
+            Shape::from(self.c),
+        ))
+    }
+}
