@@ -11,6 +11,7 @@
 #     2. the GPU tests (crates/model/tests/cuda.rs): CPU against CUDA for every model family;
 #     3. `tau-resnet bench --device cuda`: training steps of CIFAR ResNet-20/56/110 with and
 #        without BN (batch 128) and ResNet-50 with BN (batch 64, 224x224);
+#        and ResNet-20 ± BN once more on candle's own CUDA kernels (--conv candle);
 #     4. scripts/bench-gpu-torch.py: the same steps in PyTorch + cuDNN on the same GPU;
 #     5. a short real training run, CIFAR-10 (JPEG) ResNet-20 BN for 2 epochs from the
 #        shared data (cifar10-jpeg.tar.gz), on CUDA and on the CPU, the test accuracies side
@@ -120,6 +121,11 @@ run() {
   step bench-tau-resnet50 90 "$work/tau-resnet" bench --device cuda --json --skip-resnets \
     --bottleneck-depths 50 --norms bn --bottleneck-batch 64 --theory-depth 0 \
     --steps "$steps" --warmup "$warmup" || true
+  # The same ResNet-20 steps on candle's own CUDA kernels (--conv candle: candle's
+  # convolutions and candle-nn's BatchNorm): what the cuDNN ops gain.
+  step bench-tau-candle 90 "$work/tau-resnet" bench --device cuda --json --conv candle \
+    --depths 20 --norms none,bn --batch 128 --theory-depth 0 \
+    --steps "$steps" --warmup "$warmup" || true
   step bench-torch 120 python3 "$root/scripts/bench-gpu-torch.py" --json \
     --depths 20,56,110 --norms none,bn --batch 128 \
     --bottleneck-depths 50 --bottleneck-norms bn --bottleneck-batch 64 \
@@ -173,10 +179,13 @@ def records(name):
 
 ours = records("bench-tau-cifar") + records("bench-tau-resnet50")
 torch = {(r["model"], r["depth"], r["norm"], r["batch"]): r for r in records("bench-torch")}
+candle = {(r["model"], r["depth"], r["norm"], r["batch"]): r for r in records("bench-tau-candle")}
 rows = []
 for r in ours:
     t = torch.get((r["model"], r["depth"], r["norm"], r["batch"]))
+    c = candle.get((r["model"], r["depth"], r["norm"], r["batch"]))
     rows.append({
+        "candle_kernels_images_per_s": c["images_per_s"] if c else None,
         "model": r["model"], "depth": r["depth"], "norm": r["norm"], "batch": r["batch"],
         "tau_images_per_s": r["images_per_s"],
         "torch_images_per_s": t["images_per_s"] if t else None,
@@ -203,12 +212,13 @@ summary = {
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 md = ["# GPU check", "", "```", summary["device"].strip(), "```", "",
       "GPU tests: " + summary["gpu_tests"], "",
-      "| model | depth | norm | batch | tau-resnet images/s | PyTorch + cuDNN images/s | ratio |",
-      "| --- | --- | --- | --- | --- | --- | --- |"]
+      "| model | depth | norm | batch | tau-resnet images/s | PyTorch + cuDNN images/s | ratio | candle's kernels images/s |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in rows:
     f = lambda v, p: "—" if v is None else f"{v:.{p}f}"
     md.append(f"| {r['model']} | {r['depth']} | {r['norm']} | {r['batch']} | "
-              f"{f(r['tau_images_per_s'], 1)} | {f(r['torch_images_per_s'], 1)} | {f(r['ratio'], 2)} |")
+              f"{f(r['tau_images_per_s'], 1)} | {f(r['torch_images_per_s'], 1)} | {f(r['ratio'], 2)} | "
+              f"{f(r['candle_kernels_images_per_s'], 1)} |")
 md += ["", "| training run | status | steps | test accuracy |", "| --- | --- | --- | --- |"]
 for dev, t in train.items():
     md.append(f"| CIFAR-10 (JPEG) ResNet-20 BN, {dev} | {t['status']} | {t['steps']} | {t['test_acc']} |")
@@ -222,6 +232,6 @@ EOF
 case "$cmd" in
   prepare) prepare "$@" ;;
   run) run "$@" ;;
-  -h | --help | "") sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h | --help | "") sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$cmd' (prepare or run)" ;;
 esac

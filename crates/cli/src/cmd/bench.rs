@@ -100,9 +100,11 @@ pub struct BenchArgs {
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Where to run: cpu, cuda, cuda:N or metal. Off the CPU candle's own kernels run
-    /// (`--conv`, `--unfused` and `--kernels` choose CPU kernels only) and every timed
-    /// step ends with a synchronization of the device, so that it is timed whole.
+    /// Where to run: cpu, cuda, cuda:N or metal. Off the CPU candle's own kernels run,
+    /// except that a `cudnn` build runs convolutions and BatchNorm through cuDNN on CUDA
+    /// (`--conv candle` turns that off; `--unfused` and `--kernels` choose CPU kernels
+    /// only), and every timed step ends with a synchronization of the device, so that it
+    /// is timed whole.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }
@@ -125,7 +127,7 @@ pub struct BenchRecord {
     /// `gemm`, `gemm-unfused` or `candle`.
     pub conv: String,
     /// The kernels that ran (`avx512`, `avx2`, `portable`, `conv-only` or `candle`; off the
-    /// CPU the device: `cuda` or `metal`).
+    /// CPU the device: `cuda`, `cudnn` (cuDNN convolutions and BatchNorm) or `metal`).
     pub kernels: String,
     /// Median seconds per step.
     pub median_s: f64,
@@ -253,6 +255,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
 fn kernels_label(device: &Device) -> String {
     match device.location() {
         candle::DeviceLocation::Cpu => tau_kernels::select::kernels().to_string(),
+        candle::DeviceLocation::Cuda { .. }
+            if cfg!(feature = "cudnn") && tau_kernels::select::kernels().own_conv() =>
+        {
+            "cudnn".into()
+        }
         candle::DeviceLocation::Cuda { .. } => "cuda".into(),
         candle::DeviceLocation::Metal { .. } => "metal".into(),
     }
