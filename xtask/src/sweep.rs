@@ -212,21 +212,27 @@ fn build_args(features: Option<&str>) -> Vec<String> {
 }
 
 /// Refuses a `--slurm` sweep whose base config runs on CUDA when xtask is about to build
-/// `tau-resnet` without the `cuda` feature (the tasks would all fail opening the GPU).
+/// `tau-resnet` without the `cuda` or `cudnn` feature (the tasks would all fail opening the
+/// GPU).
 fn check_cuda_build(spec: &SweepSpec, args: &SweepArgs) -> anyhow::Result<()> {
     let on_cuda = spec
         .base
         .get("device")
         .and_then(|d| d.as_str())
         .is_some_and(|d| d.starts_with("cuda"));
-    let cuda_feature = args
-        .features
-        .as_deref()
-        .is_some_and(|f| f.split([',', ' ']).any(|f| f.trim() == "cuda"));
+    let cuda_feature = args.features.as_deref().is_some_and(|f| {
+        f.split([',', ' ']).any(|f| {
+            matches!(
+                f.trim(),
+                "cuda" | "cudnn" | "tau-resnet/cuda" | "tau-resnet/cudnn"
+            )
+        })
+    });
     if on_cuda && args.bin.is_none() && !args.no_build && !cuda_feature {
         bail!(
-            "the sweep runs on device = \"cuda\", but without --features cuda xtask would build \
-             a CPU-only tau-resnet for the tasks: pass --features cuda (or --bin a CUDA build)"
+            "the sweep runs on device = \"cuda\", but without --features cudnn (or cuda) xtask \
+             would build a CPU-only tau-resnet for the tasks: pass --features cudnn (cuDNN \
+             convolutions and BatchNorm), --features cuda, or --bin a CUDA build"
         );
     }
     Ok(())

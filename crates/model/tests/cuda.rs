@@ -4,17 +4,20 @@
 //! and every gradient agree within 1e-4 relative (f32, TF32 off), a few SGD steps track
 //! each other, and a checkpoint saved from one device loads on the other.
 //!
-//! On the CPU the models run the fused `tau-kernels` ops; on CUDA every op of the crate
-//! falls back to its composition of candle ops (the path `Kernels::Candle` runs on the
-//! CPU), so these tests are the check that the two paths compute the same network on a GPU.
+//! On the CPU the models run the fused `tau-kernels` ops; on CUDA the convolutions and the
+//! training-mode BatchNorms run cuDNN (with the `cudnn` feature; candle's kernels with plain
+//! `cuda`) and every other op falls back to its composition of candle ops (the path
+//! `Kernels::Candle` runs on the CPU), so these tests are the check that the two paths
+//! compute the same network on a GPU.
 //!
 //! A gradient that no `f32` computation gets within 1e-4 (ResNet-50 with training-mode
 //! BatchNorm on a small batch, where some gradients are sums that nearly cancel) is
 //! measured against the same network in `f64` instead: CUDA must be within 1e-4 of it or
 //! within 10× the CPU's own error (see [`Case::check_against_f64`]).
 //!
-//! They run where `Device::new_cuda(0)` opens a device: a `--features cuda` build on a
-//! machine with an NVIDIA GPU (`cargo test -p tau-model --features cuda --test cuda`).
+//! They run where `Device::new_cuda(0)` opens a device: a `--features cudnn` (or `cuda`)
+//! build on a machine with an NVIDIA GPU
+//! (`cargo test -p tau-model --features cudnn --test cuda`).
 //! Elsewhere (a CPU build, or no GPU) each test prints `skipped: no CUDA device` and passes,
 //! and `composed_path_matches_fused_path_on_the_cpu` runs the same comparisons with the
 //! CPU's composed path in the GPU's place.
@@ -480,6 +483,20 @@ fn convolutions_match_cpu() {
     let Some(gpu) = cuda("convolutions_match_cpu") else {
         return;
     };
+    check_convolutions(&gpu);
+}
+
+/// [`convolutions_match_cpu`]'s comparison with the CPU in the GPU's place (its
+/// `Kernels::Candle` pass is then candle's CPU convolution against tau-kernels' own): runs
+/// everywhere, so the check itself is exercised without a GPU.
+#[test]
+fn convolution_check_runs_on_the_cpu() {
+    check_convolutions(&Device::Cpu);
+}
+
+/// `conv2d` on `gpu` with the selected kernels and with `Kernels::Candle`, against the CPU
+/// with the selected kernels: output and both gradients.
+fn check_convolutions(gpu: &Device) {
     // (n, c_in, h, w, c_out, k, stride, padding)
     let shapes = [
         (8, 16, 32, 32, 16, 3, 1, 1),
@@ -522,7 +539,7 @@ fn convolutions_match_cpu() {
         let (y_cpu, dx_cpu, dw_cpu) = run(&Device::Cpu);
         for kernels in [Kernels::best(), Kernels::Candle] {
             let mut out = None;
-            with_kernels(kernels, &mut || out = Some(run(&gpu)));
+            with_kernels(kernels, &mut || out = Some(run(gpu)));
             let (y, dx, dw) = out.unwrap();
             let e = [
                 check(&format!("{what} ({kernels}) output"), &y, &y_cpu),

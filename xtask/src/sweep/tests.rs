@@ -221,6 +221,12 @@ fn the_build_takes_cargo_features_and_a_cuda_sweep_asks_for_them() {
     assert!(err.to_string().contains("--features cuda"), "{err}");
     a.features = Some("cuda".into());
     check_cuda_build(&cuda, &a).unwrap();
+    a.features = Some("cudnn".into());
+    check_cuda_build(&cuda, &a).unwrap();
+    a.features = Some("metal,cudnn".into());
+    check_cuda_build(&cuda, &a).unwrap();
+    a.features = Some("metal".into());
+    assert!(check_cuda_build(&cuda, &a).is_err());
     // A CPU sweep, a binary given or no build: nothing to say.
     check_cuda_build(&spec("4"), &args(false)).unwrap();
     let mut given = args(false);

@@ -104,10 +104,20 @@ impl DeviceSpec {
                 .unwrap_or(candle::Device::Cpu)),
             DeviceSpec::Cpu => Ok(candle::Device::Cpu),
             DeviceSpec::Cuda(n) => candle::Device::new_cuda(n).with_context(|| {
-                format!("opening cuda:{n} (is the binary built with `--features cuda`?)")
+                if cfg!(feature = "cuda") {
+                    format!("opening cuda:{n} (no such GPU, or no usable NVIDIA driver)")
+                } else {
+                    format!(
+                        "opening cuda:{n}: this binary is built without CUDA (build it with \
+                         `--features cudnn` or `--features cuda`)"
+                    )
+                }
             }),
-            DeviceSpec::Metal => candle::Device::new_metal(0)
-                .context("opening metal (is the binary built with `--features metal`?)"),
+            DeviceSpec::Metal => candle::Device::new_metal(0).context(if cfg!(feature = "metal") {
+                "opening metal (no usable Metal device)"
+            } else {
+                "opening metal: this binary is built without Metal (build it with `--features metal`)"
+            }),
         }
     }
 }
