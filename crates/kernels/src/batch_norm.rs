@@ -140,16 +140,6 @@ pub(crate) fn update_running(
     factor: f64,
 ) -> Result<()> {
     let batch = Tensor::from_iter(batch.iter().map(|&v| v as f32), running.device())?;
-    update_running_with(running, &batch, momentum, factor)
-}
-
-/// [`update_running`] with the batch statistic as a tensor on `running`'s device.
-pub(crate) fn update_running_with(
-    running: &Tensor,
-    batch: &Tensor,
-    momentum: f64,
-    factor: f64,
-) -> Result<()> {
     let updated = ((running.detach() * (1.0 - momentum))? + (batch * (momentum * factor))?)?;
     // `running` is the variable candle-nn's BatchNorm holds (`Var::from_tensor` of a
     // variable wraps the same storage).

@@ -4,9 +4,9 @@
 //! each one kernel launch and one pass over the activation. Here the forward is one
 //! `cudnnBatchNormalizationForwardTraining` (batch mean and inverse standard deviation
 //! saved for the backward) and the backward one `cudnnBatchNormalizationBackward` giving
-//! dx, dγ and dβ together, as PyTorch runs it. The running statistics are updated as on the
-//! CPU (candle-nn's rule: momentum, unbiased batch variance), from the saved statistics,
-//! with a few per-channel tensor ops and no copy to the host.
+//! dx, dγ and dβ together, as PyTorch runs it. cuDNN also updates the running statistics
+//! by candle-nn's rule (momentum, unbiased batch variance), on copies of them that then
+//! replace `bn`'s: no copy to the host, no extra kernels.
 //!
 //! candle's `cudarc` bindings wrap cuDNN's convolutions but not its BatchNorm, so this
 //! module calls the C API (`cudarc::cudnn::sys`) with its own handle and descriptors,
@@ -22,10 +22,12 @@ use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
 };
 use candle::cuda_backend::{CudaDevice, DeviceId};
-use candle::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var,
+};
 use candle_nn::BatchNorm;
 
-use super::{BnGeom, bn_train_parts, update_running_with};
+use super::{BnGeom, bn_train_parts};
 use crate::util::lock_state;
 
 /// `bn.forward_t(xs, true)` for an `f32` (N, C, H, W) tensor on CUDA and an affine `f32`
@@ -36,29 +38,34 @@ pub(crate) fn batch_norm_train(bn: &BatchNorm, xs: &Tensor) -> Result<Tensor> {
     let op = CudnnBnFwd {
         geom,
         eps: bn.eps(),
+        momentum: bn.momentum(),
+        running: (bn.running_mean().clone(), bn.running_var().clone()),
         saved: saved.clone(),
     };
     let ys = xs.contiguous()?.apply_op3(weight, bias, op)?;
-    let take = |which| {
-        weight.apply_op1_no_bwd(&SavedStat {
+    for (which, running) in [
+        (Stat::RunningMean, bn.running_mean()),
+        (Stat::RunningVar, bn.running_var()),
+    ] {
+        let updated = weight.apply_op1_no_bwd(&TakeRunning {
             saved: saved.clone(),
             which,
             c: geom.c,
-        })
-    };
-    let mean = take(Stat::Mean)?;
-    // The biased batch variance, from 1/sqrt(var + eps).
-    let var = (take(Stat::InvStd)?.sqr()?.recip()? - bn.eps())?;
-    let m = (geom.n * geom.hw) as f64;
-    update_running_with(bn.running_mean(), &mean, bn.momentum(), 1.0)?;
-    update_running_with(bn.running_var(), &var, bn.momentum(), m / (m - 1.0))?;
+        })?;
+        // `running` is the variable candle-nn's BatchNorm holds (`Var::from_tensor` of a
+        // variable wraps the same storage).
+        Var::from_tensor(running)?.set(&updated)?;
+    }
     Ok(ys)
 }
 
-/// What the forward keeps: per channel, the batch mean and 1/sqrt(var + eps).
+/// What the forward keeps: per channel, the batch mean and 1/sqrt(var + eps) for the
+/// backward, and the updated running statistics until they replace `bn`'s.
 struct Saved {
     mean: CudaSlice<f32>,
     invstd: CudaSlice<f32>,
+    running_mean: Option<CudaSlice<f32>>,
+    running_var: Option<CudaSlice<f32>>,
 }
 
 type SavedCell = Arc<Mutex<Option<Saved>>>;
@@ -174,10 +181,32 @@ fn operand<'a>(
     Ok(((ptr + offset) as usize as *const c_void, guard))
 }
 
-/// Forward: (x, γ, β) → y, the batch statistics kept in `saved`.
+/// A copy, on the device, of a running statistic (`c` contiguous `f32`s on CUDA).
+fn running_copy(t: &Tensor, c: usize, stream: &Arc<CudaStream>) -> Result<CudaSlice<f32>> {
+    let (storage, l) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        candle::bail!("batch norm (cuDNN): the running statistics are not on the CUDA device");
+    };
+    if !l.is_contiguous() || l.shape().elem_count() != c {
+        candle::bail!(
+            "batch norm (cuDNN): running statistics of shape {:?} for {c} channels",
+            l.dims()
+        );
+    }
+    let view = s
+        .as_cuda_slice::<f32>()?
+        .slice(l.start_offset()..l.start_offset() + c);
+    stream.clone_dtod(&view).map_err(candle::Error::wrap)
+}
+
+/// Forward: (x, γ, β) → y, the batch statistics and the updated running statistics kept in
+/// `saved`.
 struct CudnnBnFwd {
     geom: BnGeom,
     eps: f64,
+    momentum: f64,
+    /// `bn`'s running mean and variance (read, never written, by the op).
+    running: (Tensor, Tensor),
     saved: SavedCell,
 }
 
@@ -221,16 +250,21 @@ impl CustomOp3 for CudnnBnFwd {
                 dev.alloc::<f32>(c)?,
             )
         };
+        let mut running_mean = running_copy(&self.running.0, c, &stream)?;
+        let mut running_var = running_copy(&self.running.1, c, &stream)?;
         let (xd, cd) = descriptors(self.geom)?;
         {
             let (py, _gy) = y.device_ptr_mut(&stream);
             let (pm, _gm) = mean.device_ptr_mut(&stream);
             let (pi, _gi) = invstd.device_ptr_mut(&stream);
+            let (prm, _grm) = running_mean.device_ptr_mut(&stream);
+            let (prv, _grv) = running_var.device_ptr_mut(&stream);
             let (one, zero) = (1f32, 0f32);
             with_handle(dev, |h| {
                 // SAFETY: the pointers address buffers of the sizes the descriptors say,
-                // on the handle's stream; no running statistics (both null), updated by
-                // the caller instead.
+                // on the handle's stream. cuDNN updates the running statistics in place:
+                // running = (1 − momentum)·running + momentum·batch, the batch variance
+                // unbiased, as candle-nn and PyTorch.
                 unsafe {
                     sys::cudnnBatchNormalizationForwardTraining(
                         h,
@@ -244,9 +278,9 @@ impl CustomOp3 for CudnnBnFwd {
                         cd.0,
                         gamma,
                         beta,
-                        0.0,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
+                        self.momentum,
+                        prm as usize as *mut c_void,
+                        prv as usize as *mut c_void,
                         self.eps,
                         pm as usize as *mut c_void,
                         pi as usize as *mut c_void,
@@ -256,7 +290,12 @@ impl CustomOp3 for CudnnBnFwd {
                 .map_err(candle::Error::wrap)
             })?;
         }
-        *lock_state(&self.saved)? = Some(Saved { mean, invstd });
+        *lock_state(&self.saved)? = Some(Saved {
+            mean,
+            invstd,
+            running_mean: Some(running_mean),
+            running_var: Some(running_var),
+        });
         Ok((
             CudaStorage::wrap_cuda_slice(y, dev.clone()),
             Shape::from(self.geom.dims),
@@ -381,20 +420,21 @@ impl CustomOp3 for CudnnBnBwd {
 
 #[derive(Clone, Copy)]
 enum Stat {
-    Mean,
-    InvStd,
+    RunningMean,
+    RunningVar,
 }
 
-/// A copy of one saved statistic as a (c,) tensor (applied to any tensor on the device).
-struct SavedStat {
+/// The updated running statistic the forward left, as a (c,) tensor (applied to any tensor
+/// on the device; it can be taken once).
+struct TakeRunning {
     saved: SavedCell,
     which: Stat,
     c: usize,
 }
 
-impl CustomOp1 for SavedStat {
+impl CustomOp1 for TakeRunning {
     fn name(&self) -> &'static str {
-        "batch-norm-cudnn-saved-statistic"
+        "batch-norm-cudnn-running-statistic"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -402,21 +442,19 @@ impl CustomOp1 for SavedStat {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let guard = lock_state(&self.saved)?;
-        let Some(saved) = guard.as_ref() else {
+        let mut guard = lock_state(&self.saved)?;
+        let Some(saved) = guard.as_mut() else {
             candle::bail!("{}: the forward pass left no statistics", self.name());
         };
-        let src = match self.which {
-            Stat::Mean => &saved.mean,
-            Stat::InvStd => &saved.invstd,
+        let slot = match self.which {
+            Stat::RunningMean => &mut saved.running_mean,
+            Stat::RunningVar => &mut saved.running_var,
         };
-        let copy = s
-            .device
-            .cuda_stream()
-            .clone_dtod(src)
-            .map_err(candle::Error::wrap)?;
+        let Some(slice) = slot.take() else {
+            candle::bail!("{}: already taken", self.name());
+        };
         Ok((
-            CudaStorage::wrap_cuda_slice(copy, s.device.clone()),
+            CudaStorage::wrap_cuda_slice(slice, s.device.clone()),
             Shape::from(self.c),
         ))
     }
