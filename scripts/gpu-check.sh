@@ -96,7 +96,17 @@ run() {
   # 1. The device and the libraries: PyTorch's CUDA wheels, and the driver's folder.
   local py_libs=""
   py_libs="$(python3 -c 'import nvidia, os, glob; r = nvidia.__path__[0]; print(":".join(sorted(set(glob.glob(os.path.join(r, "*", "lib"))))))' 2> /dev/null || true)"
-  export LD_LIBRARY_PATH="${py_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # The system toolkit's libraries too (nvcc's own folder first): PyTorch's wheels do not
+  # always bring every library the binary links (libcurand is not among PyTorch 2.15's).
+  local sys_libs="" d nvcc_dir=""
+  command -v nvcc > /dev/null && nvcc_dir="$(dirname "$(command -v nvcc)")/.."
+  for d in ${nvcc_dir:+"$nvcc_dir/lib64" "$nvcc_dir/targets/x86_64-linux/lib"} \
+    /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d $d ]] && sys_libs="${sys_libs:+$sys_libs:}$d"
+  done
+  export LD_LIBRARY_PATH="${py_libs}${sys_libs:+:$sys_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  local missing
+  missing="$(ldd "$work/tau-resnet" 2>&1 | grep 'not found' | awk '{print $1}' | tr '\n' ' ' || true)"
   {
     echo "date: $(date -u +%FT%TZ)"
     nvidia-smi -L 2>&1 || echo "nvidia-smi failed"
@@ -106,7 +116,9 @@ run() {
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     echo "--- ldd tau-resnet"
     ldd "$work/tau-resnet" 2>&1 | grep -E 'cuda|cublas|curand|nvrtc|cudnn|not found' || true
+    [[ -z $missing ]] || echo "MISSING LIBRARIES (nothing of tau-resnet can run): $missing"
   } > "$out/device.txt"
+  [[ -z $missing ]] || say "the binaries cannot load: $missing not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
   cat "$out/device.txt" >&2
 
   # 2. The GPU tests, one at a time (their CPU halves use every core).
