@@ -51,8 +51,14 @@ pub fn relu(xs: &Tensor) -> Result<Tensor> {
 /// is exactly zero: the identity shortcut of a block whose branch multiplier is 0 (SkipInit
 /// and Fixup at initialization) feeds the block's ReLU the zeros of the previous one. The
 /// fallback of every op of the crate (other devices, other dtypes, `Kernels::Candle`)
-/// runs it, so every device computes the same gradients.
+/// runs it, so every device computes the same gradients. With the `cuda` feature, `f32`
+/// tensors on CUDA (fused ops selected) run one kernel instead, with the same gradient
+/// (`crate::cuda`).
 pub(crate) fn relu_composed(xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused_cuda_f32(&[xs]) {
+        return crate::cuda::relu(xs);
+    }
     xs * xs.gt(0f64)?.to_dtype(xs.dtype())?
 }
 
@@ -241,6 +247,14 @@ pub fn residual_relu(
     }
     let mut all = vec![branch, tau, shortcut];
     all.extend(b);
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused_cuda_f32(&all) {
+        let ab = match b {
+            Some(b) => Tensor::cat(&[tau.flatten_all()?, b.flatten_all()?], 0)?,
+            None => tau.flatten_all()?,
+        };
+        return crate::cuda::residual_relu(branch, &ab, b.is_some(), shortcut);
+    }
     if !fused_f32(&all) {
         let branch = match b {
             Some(b) => branch.broadcast_add(b)?,

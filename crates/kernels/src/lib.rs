@@ -46,6 +46,8 @@ pub mod alloc;
 pub mod batch_norm;
 pub mod block;
 pub mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod elementwise;
 pub mod matmul;
 pub mod pool;

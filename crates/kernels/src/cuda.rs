@@ -1,0 +1,302 @@
+//! Fused elementwise ops on CUDA (the `cuda` feature): ReLU and the end of a residual
+//! block, relu(τ·(x + b) + s), each one kernel forward and one backward, where candle's
+//! composition (`x ⊙ 1(x > 0)`, broadcast products and sums) launches three to five kernels
+//! forward and more backward, each a pass over the activation.
+//!
+//! The kernels are `src/cuda/elementwise.cu`, compiled to PTX by the build script and
+//! loaded once per device (`CudaDevice::get_or_load_custom_func`). The scalars τ and b stay
+//! on the device (no copy to the host, so no synchronization); their gradients, which only
+//! trainable τ and b need, are sums composed of candle ops.
+
+use candle::cuda_backend::WrapErr;
+use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3};
+use candle::{DType, Layout, Result, Shape, Tensor};
+
+/// The PTX of `src/cuda/elementwise.cu`.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+/// The module name the PTX is cached under on each device.
+const MODULE: &str = "tau_kernels_elementwise";
+
+/// Whether the fused CUDA ops apply: `f32` tensors on a CUDA device, fused ops selected.
+pub(crate) fn fused_cuda_f32(ts: &[&Tensor]) -> bool {
+    crate::select::kernels().fused()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+}
+
+/// A contiguous `f32` operand of `len` elements as a view from its layout's offset.
+fn operand<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    len: usize,
+    what: &str,
+) -> Result<CudaView<'a, f32>> {
+    if !l.is_contiguous() || l.shape().elem_count() != len {
+        candle::bail!(
+            "fused CUDA op: {what} must be a contiguous tensor of {len} elements, got {:?}",
+            l.dims()
+        );
+    }
+    Ok(s.as_cuda_slice::<f32>()?
+        .slice(l.start_offset()..l.start_offset() + len))
+}
+
+/// The element count as the kernels take it.
+fn count(len: usize) -> Result<u32> {
+    u32::try_from(len)
+        .map_err(|_| candle::Error::Msg(format!("fused CUDA op: {len} elements exceed u32")))
+}
+
+/// An uninitialized output of `len` `f32` (every kernel writes all of it).
+fn output(
+    dev: &CudaDevice,
+    len: usize,
+) -> Result<candle::cuda_backend::cudarc::driver::CudaSlice<f32>> {
+    // SAFETY: the kernel that receives it writes every element before it is read.
+    unsafe { dev.alloc::<f32>(len) }
+}
+
+/// `max(x, 0)` with the gradient masked where the output is positive.
+pub(crate) fn relu(xs: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1(ReluCuda)
+}
+
+struct ReluCuda;
+
+impl CustomOp1 for ReluCuda {
+    fn name(&self) -> &'static str {
+        "relu-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let len = l.shape().elem_count();
+        let n = count(len)?;
+        let dev = &s.device;
+        let x = operand(s, l, len, "input")?;
+        let y = output(dev, len)?;
+        let func = dev.get_or_load_custom_func("tau_relu_fwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        b.arg(&x);
+        b.arg(&y);
+        // SAFETY: the arguments match the kernel's signature; x and y hold n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, xs: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = grad.contiguous()?.apply_op2_no_bwd(res, &ReluBwdCuda)?;
+        Ok(Some(dx.reshape(xs.shape())?))
+    }
+}
+
+/// (dy, y) → dy ⊙ 1(y > 0).
+struct ReluBwdCuda;
+
+impl CustomOp2 for ReluBwdCuda {
+    fn name(&self) -> &'static str {
+        "relu-cuda-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = &s1.device;
+        let dy = operand(s1, l1, len, "output gradient")?;
+        let y = operand(s2, l2, len, "output")?;
+        let dx = output(dev, len)?;
+        let func = dev.get_or_load_custom_func("tau_relu_bwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        b.arg(&dy);
+        b.arg(&y);
+        b.arg(&dx);
+        // SAFETY: as in the forward.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// relu(τ·(branch + b) + shortcut), `ab` = [τ] or [τ, b] (`has_b`), shapes checked by the
+/// caller.
+pub(crate) fn residual_relu(
+    branch: &Tensor,
+    ab: &Tensor,
+    has_b: bool,
+    shortcut: &Tensor,
+) -> Result<Tensor> {
+    branch
+        .contiguous()?
+        .apply_op3(ab, &shortcut.contiguous()?, ResidualReluCuda { has_b })
+}
+
+struct ResidualReluCuda {
+    has_b: bool,
+}
+
+impl CustomOp3 for ResidualReluCuda {
+    fn name(&self) -> &'static str {
+        "residual-relu-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = &s1.device;
+        let x = operand(s1, l1, len, "branch")?;
+        let ab = operand(s2, l2, 1 + usize::from(self.has_b), "scalars")?;
+        let s = operand(s3, l3, len, "shortcut")?;
+        let y = output(dev, len)?;
+        let has_b = i32::from(self.has_b);
+        let func = dev.get_or_load_custom_func("tau_residual_relu_fwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        b.arg(&x);
+        b.arg(&ab);
+        b.arg(&has_b);
+        b.arg(&s);
+        b.arg(&y);
+        // SAFETY: as in the ReLU.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        branch: &Tensor,
+        ab: &Tensor,
+        shortcut: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let len = branch.elem_count();
+        let out = grad
+            .contiguous()?
+            .apply_op3_no_bwd(res, ab, &ResidualReluBwdCuda)?;
+        let dx = out.narrow(0, 0, len)?.reshape(branch.shape())?;
+        // m = dy ⊙ 1(y > 0), the shortcut's gradient.
+        let m = out.narrow(0, len, len)?.reshape(shortcut.shape())?;
+        let d_ab = if ab.track_op() {
+            let tau = ab.narrow(0, 0, 1)?;
+            let pre = if self.has_b {
+                branch.broadcast_add(&ab.narrow(0, 1, 1)?)?
+            } else {
+                branch.clone()
+            };
+            // dτ = Σ m·(x + b); db = τ·Σ m.
+            let d_tau = (&m * &pre)?.sum_all()?.reshape(1)?;
+            Some(if self.has_b {
+                let d_b = (m.sum_all()?.reshape(1)? * &tau)?;
+                Tensor::cat(&[&d_tau, &d_b], 0)?
+            } else {
+                d_tau
+            })
+        } else {
+            None
+        };
+        Ok((Some(dx), d_ab, Some(m)))
+    }
+}
+
+/// (dy, y, ab) → [τ·m, m] with m = dy ⊙ 1(y > 0), 2·len elements.
+struct ResidualReluBwdCuda;
+
+impl CustomOp3 for ResidualReluBwdCuda {
+    fn name(&self) -> &'static str {
+        "residual-relu-cuda-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = &s1.device;
+        let dy = operand(s1, l1, len, "output gradient")?;
+        let y = operand(s2, l2, len, "output")?;
+        let ab = operand(s3, l3, l3.shape().elem_count(), "scalars")?;
+        let out = output(dev, 2 * len)?;
+        let func = dev.get_or_load_custom_func("tau_residual_relu_bwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        b.arg(&dy);
+        b.arg(&y);
+        b.arg(&ab);
+        b.arg(&out);
+        // SAFETY: as in the ReLU; `out` holds 2n elements.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(2 * len),
+        ))
+    }
+}
