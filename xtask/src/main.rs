@@ -1,4 +1,5 @@
-//! `cargo xtask`: depth × τ sweeps, their reports and figures, and benchmarks.
+//! `cargo xtask`: depth × τ sweeps, their reports and figures, benchmarks, and the GPU
+//! scripts.
 //!
 //! xtask never computes a gradient: it launches `tau-resnet` processes and aggregates
 //! their run records.
@@ -14,6 +15,7 @@ mod figures;
 mod pool;
 mod records;
 mod report;
+mod scripts;
 #[cfg(test)]
 mod shipped_configs;
 mod slurm;
@@ -40,6 +42,12 @@ enum Command {
     Report(report::ReportArgs),
     /// Training-step throughput (images/s) of the CIFAR ResNets and the theory network.
     Bench(bench::BenchArgs),
+    /// The CUDA toolkit and cuDNN from NVIDIA's PyPI wheels, and with --build the CUDA
+    /// binary (scripts/cuda-toolkit.sh).
+    CudaToolkit(scripts::ScriptArgs),
+    /// The prepared GPU check: `prepare` here, `run` on a GPU machine
+    /// (scripts/gpu-check.sh).
+    GpuCheck(scripts::ScriptArgs),
 }
 
 /// Restores the default action of SIGPIPE (Rust ignores it, so that `println!` panics
@@ -62,6 +70,8 @@ fn main() -> ExitCode {
         Command::Sweep(args) => sweep::run(*args),
         Command::Report(args) => report::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::CudaToolkit(args) => scripts::run("cuda-toolkit.sh", &args),
+        Command::GpuCheck(args) => scripts::run("gpu-check.sh", &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
