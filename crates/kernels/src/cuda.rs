@@ -26,16 +26,18 @@ pub(crate) fn fused_cuda_f32(ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
 }
 
-/// A contiguous `f32` operand of `len` elements as a view from its layout's offset.
-fn operand<'a>(
+/// A contiguous `f32` operand of `len` elements of the CUDA op `op`, as a view from its
+/// layout's offset (shared by every CUDA op of the crate).
+pub(crate) fn f32_view<'a>(
     s: &'a CudaStorage,
     l: &Layout,
     len: usize,
+    op: &str,
     what: &str,
 ) -> Result<CudaView<'a, f32>> {
     if !l.is_contiguous() || l.shape().elem_count() != len {
         candle::bail!(
-            "fused CUDA op: {what} must be a contiguous tensor of {len} elements, got {:?}",
+            "{op}: {what} must be a contiguous tensor of {len} elements, got {:?}",
             l.dims()
         );
     }
@@ -78,7 +80,7 @@ impl CustomOp1 for ReluCuda {
         let len = l.shape().elem_count();
         let n = count(len)?;
         let dev = &s.device;
-        let x = operand(s, l, len, "input")?;
+        let x = f32_view(s, l, len, self.name(), "input")?;
         let y = output(dev, len)?;
         let func = dev.get_or_load_custom_func("tau_relu_fwd", MODULE, PTX)?;
         let mut b = func.builder();
@@ -127,8 +129,8 @@ impl CustomOp2 for ReluBwdCuda {
         let len = l1.shape().elem_count();
         let n = count(len)?;
         let dev = &s1.device;
-        let dy = operand(s1, l1, len, "output gradient")?;
-        let y = operand(s2, l2, len, "output")?;
+        let dy = f32_view(s1, l1, len, self.name(), "output gradient")?;
+        let y = f32_view(s2, l2, len, self.name(), "output")?;
         let dx = output(dev, len)?;
         let func = dev.get_or_load_custom_func("tau_relu_bwd", MODULE, PTX)?;
         let mut b = func.builder();
@@ -191,9 +193,9 @@ impl CustomOp3 for ResidualReluCuda {
         let len = l1.shape().elem_count();
         let n = count(len)?;
         let dev = &s1.device;
-        let x = operand(s1, l1, len, "branch")?;
-        let ab = operand(s2, l2, 1 + usize::from(self.has_b), "scalars")?;
-        let s = operand(s3, l3, len, "shortcut")?;
+        let x = f32_view(s1, l1, len, self.name(), "branch")?;
+        let ab = f32_view(s2, l2, 1 + usize::from(self.has_b), self.name(), "scalars")?;
+        let s = f32_view(s3, l3, len, self.name(), "shortcut")?;
         let y = output(dev, len)?;
         let has_b = i32::from(self.has_b);
         let func = dev.get_or_load_custom_func("tau_residual_relu_fwd", MODULE, PTX)?;
@@ -281,9 +283,9 @@ impl CustomOp3 for ResidualReluBwdCuda {
         let len = l1.shape().elem_count();
         let n = count(len)?;
         let dev = &s1.device;
-        let dy = operand(s1, l1, len, "output gradient")?;
-        let y = operand(s2, l2, len, "output")?;
-        let ab = operand(s3, l3, l3.shape().elem_count(), "scalars")?;
+        let dy = f32_view(s1, l1, len, self.name(), "output gradient")?;
+        let y = f32_view(s2, l2, len, self.name(), "output")?;
+        let ab = f32_view(s3, l3, l3.shape().elem_count(), self.name(), "scalars")?;
         let out = output(dev, 2 * len)?;
         let func = dev.get_or_load_custom_func("tau_residual_relu_bwd", MODULE, PTX)?;
         let mut b = func.builder();

@@ -18,9 +18,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use candle::cuda_backend::cudarc::cudnn::sys;
-use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
-};
+use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use candle::cuda_backend::{CudaDevice, DeviceId};
 use candle::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var,
@@ -28,6 +26,7 @@ use candle::{
 use candle_nn::BatchNorm;
 
 use super::{BnGeom, bn_train_parts};
+use crate::cuda::f32_view;
 use crate::util::lock_state;
 
 /// `bn.forward_t(xs, true)` for an `f32` (N, C, H, W) tensor on CUDA and an affine `f32`
@@ -160,27 +159,6 @@ fn descriptors(geom: BnGeom) -> Result<(Desc, Desc)> {
     Ok((Desc::nchw([n, c, h, w])?, Desc::nchw([1, c, 1, 1])?))
 }
 
-/// The device address of a contiguous `f32` operand of `len` elements, and the guard that
-/// must live until the call that uses it has been issued.
-fn operand<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    len: usize,
-    stream: &'a CudaStream,
-    what: &str,
-) -> Result<(*const c_void, SyncOnDrop<'a>)> {
-    if !l.is_contiguous() || l.shape().elem_count() != len {
-        candle::bail!(
-            "batch norm (cuDNN): {what} must be a contiguous tensor of {len} elements, got {:?}",
-            l.dims()
-        );
-    }
-    let slice = s.as_cuda_slice::<f32>()?;
-    let offset = (l.start_offset() * std::mem::size_of::<f32>()) as u64;
-    let (ptr, guard) = slice.device_ptr(stream);
-    Ok(((ptr + offset) as usize as *const c_void, guard))
-}
-
 /// A copy, on the device, of a running statistic (`c` contiguous `f32`s on CUDA).
 fn running_copy(t: &Tensor, c: usize, stream: &Arc<CudaStream>) -> Result<CudaSlice<f32>> {
     let (storage, l) = t.storage_and_layout();
@@ -239,9 +217,15 @@ impl CustomOp3 for CudnnBnFwd {
         let BnGeom { n, c, hw, .. } = self.geom;
         let dev = &s1.device;
         let stream = dev.cuda_stream();
-        let (x, _gx) = operand(s1, l1, n * c * hw, &stream, "input")?;
-        let (gamma, _gg) = operand(s2, l2, c, &stream, "weight")?;
-        let (beta, _gb) = operand(s3, l3, c, &stream, "bias")?;
+        let x_view = f32_view(s1, l1, n * c * hw, self.name(), "input")?;
+        let (x, _gx) = x_view.device_ptr(&stream);
+        let x = x as usize as *const c_void;
+        let gamma_view = f32_view(s2, l2, c, self.name(), "weight")?;
+        let (gamma, _gg) = gamma_view.device_ptr(&stream);
+        let gamma = gamma as usize as *const c_void;
+        let beta_view = f32_view(s3, l3, c, self.name(), "bias")?;
+        let (beta, _gb) = beta_view.device_ptr(&stream);
+        let beta = beta as usize as *const c_void;
         // SAFETY: cuDNN writes every element of the three outputs.
         let (mut y, mut mean, mut invstd) = unsafe {
             (
@@ -365,9 +349,15 @@ impl CustomOp3 for CudnnBnBwd {
         let len = n * c * hw;
         let dev = &s1.device;
         let stream = dev.cuda_stream();
-        let (dy, _gdy) = operand(s1, l1, len, &stream, "output gradient")?;
-        let (x, _gx) = operand(s2, l2, len, &stream, "input")?;
-        let (gamma, _gg) = operand(s3, l3, c, &stream, "weight")?;
+        let dy_view = f32_view(s1, l1, len, self.name(), "output gradient")?;
+        let (dy, _gdy) = dy_view.device_ptr(&stream);
+        let dy = dy as usize as *const c_void;
+        let x_view = f32_view(s2, l2, len, self.name(), "input")?;
+        let (x, _gx) = x_view.device_ptr(&stream);
+        let x = x as usize as *const c_void;
+        let gamma_view = f32_view(s3, l3, c, self.name(), "weight")?;
+        let (gamma, _gg) = gamma_view.device_ptr(&stream);
+        let gamma = gamma as usize as *const c_void;
         let guard = lock_state(&self.saved)?;
         let Some(saved) = guard.as_ref() else {
             candle::bail!("{}: the forward pass left no statistics", self.name());

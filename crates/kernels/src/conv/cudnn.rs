@@ -28,6 +28,7 @@ use candle::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle::{Layout, Result, Shape};
 
 use super::Geom;
+use crate::cuda::f32_view;
 
 thread_local! {
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
@@ -147,23 +148,6 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
     Ok(Some(unsafe { dev.alloc::<u8>(bytes) }?))
 }
 
-/// A contiguous `f32` operand of `len` elements: its slice from the layout's offset.
-fn operand<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    len: usize,
-    what: &str,
-) -> Result<candle::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    if !l.is_contiguous() || l.shape().elem_count() != len {
-        candle::bail!(
-            "conv2d (cuDNN): {what} must be a contiguous tensor of {len} elements, got {:?}",
-            l.dims()
-        );
-    }
-    let slice = s.as_cuda_slice::<f32>()?;
-    Ok(slice.slice(l.start_offset()..l.start_offset() + len))
-}
-
 /// An uninitialized output of `len` `f32` on `dev` (cuDNN writes every element, β = 0).
 fn output(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
     // SAFETY: every pass below writes its whole output (β = 0) before it is read.
@@ -179,8 +163,14 @@ pub(super) fn forward(
     lw: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
-    let xv = operand(x, lx, g.n * g.c_in * g.h * g.w, "input")?;
-    let wv = operand(w, lw, g.c_out * g.c_in * g.k * g.k, "weight")?;
+    let xv = f32_view(x, lx, g.n * g.c_in * g.h * g.w, "conv2d (cuDNN)", "input")?;
+    let wv = f32_view(
+        w,
+        lw,
+        g.c_out * g.c_in * g.k * g.k,
+        "conv2d (cuDNN)",
+        "weight",
+    )?;
     let cudnn = handle(dev)?;
     let d = descriptors(&cudnn, g)?;
     let op = ConvForward {
@@ -213,13 +203,20 @@ pub(super) fn backward_input(
     lw: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &dy.device;
-    let dyv = operand(
+    let dyv = f32_view(
         dy,
         ldy,
         g.n * g.c_out * g.h_out * g.w_out,
+        "conv2d (cuDNN)",
         "output gradient",
     )?;
-    let wv = operand(w, lw, g.c_out * g.c_in * g.k * g.k, "weight")?;
+    let wv = f32_view(
+        w,
+        lw,
+        g.c_out * g.c_in * g.k * g.k,
+        "conv2d (cuDNN)",
+        "weight",
+    )?;
     let cudnn = handle(dev)?;
     let d = descriptors(&cudnn, g)?;
     let op = ConvBackwardData {
@@ -252,13 +249,14 @@ pub(super) fn backward_weight(
     lx: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &dy.device;
-    let dyv = operand(
+    let dyv = f32_view(
         dy,
         ldy,
         g.n * g.c_out * g.h_out * g.w_out,
+        "conv2d (cuDNN)",
         "output gradient",
     )?;
-    let xv = operand(x, lx, g.n * g.c_in * g.h * g.w, "input")?;
+    let xv = f32_view(x, lx, g.n * g.c_in * g.h * g.w, "conv2d (cuDNN)", "input")?;
     let cudnn = handle(dev)?;
     let d = descriptors(&cudnn, g)?;
     let op = ConvBackwardFilter {
