@@ -6,7 +6,8 @@
 #                                       them (xz) into gpu-check/ (ignored) to carry
 #   scripts/gpu-check.sh run [--out D]  on the GPU machine (no Rust toolchain, no network):
 #                                       unpack, then in one go, each step under its own time
-#                                       limit (about 9 minutes in all):
+#                                       limit (at most 9 minutes in all, so that one
+#                                       10-minute command holds it):
 #     1. the device: nvidia-smi, the CUDA libraries found, PyTorch's version;
 #     2. the GPU tests (crates/model/tests/cuda.rs): CPU against CUDA for every model family;
 #     3. `tau-resnet bench --device cuda`: training steps of CIFAR ResNet-20/56/110 with and
@@ -122,24 +123,24 @@ run() {
   cat "$out/device.txt" >&2
 
   # 2. The GPU tests, one at a time (their CPU halves use every core).
-  step gpu-tests 240 "$work/cuda-tests" --nocapture --test-threads=1 || true
+  step gpu-tests 150 "$work/cuda-tests" --nocapture --test-threads=1 || true
 
   # 3. and 4. The training-step benchmarks, the same points in both.
   local steps=10 warmup=3
   [[ $quick == 1 ]] && steps=2 warmup=1
-  step bench-tau-cifar 150 "$work/tau-resnet" bench --device cuda --json \
+  step bench-tau-cifar 75 "$work/tau-resnet" bench --device cuda --json \
     --depths 20,56,110 --norms none,bn --batch 128 --theory-depth 0 \
     --steps "$steps" --warmup "$warmup" || true
-  step bench-tau-resnet50 90 "$work/tau-resnet" bench --device cuda --json --skip-resnets \
+  step bench-tau-resnet50 45 "$work/tau-resnet" bench --device cuda --json --skip-resnets \
     --bottleneck-depths 50 --norms bn --bottleneck-batch 64 --theory-depth 0 \
     --steps "$steps" --warmup "$warmup" || true
   # The same ResNet-20 steps on candle's own CUDA kernels (--conv candle: candle's
   # convolutions and candle-nn's BatchNorm): what the cuDNN ops gain.
   # candle's convolution backward is a direct loop: few steps, so it fits its time limit.
-  step bench-tau-candle 90 "$work/tau-resnet" bench --device cuda --json --conv candle \
+  step bench-tau-candle 45 "$work/tau-resnet" bench --device cuda --json --conv candle \
     --depths 20 --norms none,bn --batch 128 --theory-depth 0 \
     --steps 3 --warmup 1 || true
-  step bench-torch 120 python3 "$root/scripts/bench-gpu-torch.py" --json \
+  step bench-torch 75 python3 "$root/scripts/bench-gpu-torch.py" --json \
     --depths 20,56,110 --norms none,bn --batch 128 \
     --bottleneck-depths 50 --bottleneck-norms bn --bottleneck-batch 64 \
     --steps "$steps" --warmup "$warmup" || true
@@ -159,7 +160,9 @@ run() {
     local epochs=2
     [[ $quick == 1 ]] && epochs=1
     for dev in cuda cpu; do
-      step "train-$dev" 150 "$work/tau-resnet" train \
+      local limit=60
+      [[ $dev == cpu ]] && limit=90
+      step "train-$dev" "$limit" "$work/tau-resnet" train \
         --config "$root/configs/cifar10-jpeg-resnet20-bn.toml" \
         --set "data.dir=\"$dir\"" --set "epochs=$epochs" --device "$dev" \
         --out "$out/train-$dev" || true
