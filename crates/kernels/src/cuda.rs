@@ -1,5 +1,6 @@
-//! Fused elementwise ops on CUDA (the `cuda` feature): ReLU and the end of a residual
-//! block, relu(τ·(x + b) + s), each one kernel forward and one backward, where candle's
+//! Fused elementwise ops on CUDA (the `cuda` feature): ReLU, the middle of a no-BN block
+//! relu(x + b) + c, and the end of a residual block relu(τ·(x + b) + s), each one kernel
+//! forward and one backward, where candle's
 //! composition (`x ⊙ 1(x > 0)`, broadcast products and sums) launches three to five kernels
 //! forward and more backward, each a pass over the activation.
 //!
@@ -299,6 +300,129 @@ impl CustomOp3 for ResidualReluBwdCuda {
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from(2 * len),
+        ))
+    }
+}
+
+/// relu(x + b) + c for one-element `b` and `c` (`bc` = [b, c]).
+pub(crate) fn bias_relu_bias(xs: &Tensor, bc: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?.apply_op2(bc, BiasReluBiasCuda)
+}
+
+struct BiasReluBiasCuda;
+
+impl CustomOp2 for BiasReluBiasCuda {
+    fn name(&self) -> &'static str {
+        "bias-relu-bias-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = &s1.device;
+        let x = f32_view(s1, l1, len, self.name(), "input")?;
+        let bc = f32_view(s2, l2, 2, self.name(), "biases")?;
+        let y = output(dev, len)?;
+        let func = dev.get_or_load_custom_func("tau_bias_relu_bias_fwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        b.arg(&x);
+        b.arg(&bc);
+        b.arg(&y);
+        // SAFETY: as in the ReLU.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        bc: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // m = dy ⊙ 1(x + b > 0): dx = m, db = Σ m, dc = Σ dy.
+        let m = grad.apply_op3_no_bwd(&xs.contiguous()?, bc, &BiasReluBiasBwdCuda)?;
+        let d_bc = if bc.track_op() {
+            Some(Tensor::cat(
+                &[m.sum_all()?.reshape(1)?, grad.sum_all()?.reshape(1)?],
+                0,
+            )?)
+        } else {
+            None
+        };
+        Ok((Some(m.reshape(xs.shape())?), d_bc))
+    }
+}
+
+/// (dy, x, [b, c]) → dy ⊙ 1(x + b > 0).
+struct BiasReluBiasBwdCuda;
+
+impl CustomOp3 for BiasReluBiasBwdCuda {
+    fn name(&self) -> &'static str {
+        "bias-relu-bias-cuda-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = &s1.device;
+        let dy = f32_view(s1, l1, len, self.name(), "output gradient")?;
+        let x = f32_view(s2, l2, len, self.name(), "input")?;
+        let bc = f32_view(s3, l3, 2, self.name(), "biases")?;
+        let dx = output(dev, len)?;
+        let func = dev.get_or_load_custom_func("tau_bias_relu_bias_bwd", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&n);
+        b.arg(&dy);
+        b.arg(&x);
+        b.arg(&bc);
+        b.arg(&dx);
+        // SAFETY: as in the ReLU.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+            l1.shape().clone(),
         ))
     }
 }

@@ -112,6 +112,11 @@ pub fn bias_relu_bias(xs: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
             c.dims()
         );
     }
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused_cuda_f32(&[xs, b, c]) {
+        let bc = Tensor::cat(&[b.flatten_all()?, c.flatten_all()?], 0)?;
+        return crate::cuda::bias_relu_bias(xs, &bc);
+    }
     if !fused_f32(&[xs, b, c]) {
         return add_scalar(&add_scalar(xs, b, true)?, c, false);
     }
