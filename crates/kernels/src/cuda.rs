@@ -426,3 +426,52 @@ impl CustomOp3 for BiasReluBiasBwdCuda {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PTX;
+
+    /// The parameters of each `.entry` of the PTX, by kernel name.
+    fn entries() -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for part in PTX.split(".entry ").skip(1) {
+            let name = part.split('(').next().unwrap_or("").trim().to_string();
+            let params = part.split(')').next().unwrap_or("");
+            out.push((name, params.matches(".param").count()));
+        }
+        out
+    }
+
+    /// Every kernel the ops launch is in the PTX the build script compiled, with the number
+    /// of parameters the launch pushes (a wrong name or argument count would only fail on
+    /// a GPU, at the first launch; this runs wherever the `cuda` feature builds).
+    #[test]
+    fn ptx_has_every_kernel_with_the_arguments_the_launches_push() {
+        let entries = entries();
+        let expected = [
+            ("tau_relu_fwd", 3),
+            ("tau_relu_bwd", 4),
+            ("tau_residual_relu_fwd", 6),
+            ("tau_residual_relu_bwd", 5),
+            ("tau_bias_relu_bias_fwd", 4),
+            ("tau_bias_relu_bias_bwd", 5),
+        ];
+        for (name, params) in expected {
+            let found = entries.iter().find(|(n, _)| n == name);
+            assert_eq!(
+                found.map(|(_, p)| *p),
+                Some(params),
+                "kernel {name} in the PTX (entries: {entries:?})"
+            );
+        }
+        assert_eq!(entries.len(), expected.len(), "entries: {entries:?}");
+        // Every name the ops load, from this file's own source.
+        let src = include_str!("cuda.rs");
+        for (name, _) in &entries {
+            assert!(
+                src.contains(&format!("get_or_load_custom_func(\"{name}\"")),
+                "{name} is compiled but never launched"
+            );
+        }
+    }
+}
