@@ -427,6 +427,216 @@ impl CustomOp3 for BiasReluBiasBwdCuda {
     }
 }
 
+/// The constants of one SGD step as the kernels take them (`crate::sgd`'s, with flags for
+/// the optional ones).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SgdArgs {
+    pub(crate) scale: Option<f32>,
+    pub(crate) coupled: Option<f32>,
+    pub(crate) decay: Option<f32>,
+    pub(crate) momentum: Option<f32>,
+    pub(crate) nesterov: bool,
+    pub(crate) first: bool,
+    pub(crate) lr: f32,
+}
+
+/// One SGD step of `w` in place (and of the momentum buffer `buf`, which `a.momentum`
+/// requires), `f32` tensors on CUDA, contiguous: one kernel, two with momentum.
+pub(crate) fn sgd_update(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, a: SgdArgs) -> Result<()> {
+    match (a.momentum, buf) {
+        (Some(_), Some(b)) => {
+            b.inplace_op3(g, w, &SgdBufferCuda(a))?;
+            w.inplace_op3(g, b, &SgdWeightCuda(a))
+        }
+        (Some(_), None) => candle::bail!("sgd_update: momentum without a buffer"),
+        (None, _) => w.inplace_op2(g, &SgdWeightCuda(a)),
+    }
+}
+
+/// The flag and value of an optional constant, as the kernels take them.
+fn opt(v: Option<f32>) -> (i32, f32) {
+    (i32::from(v.is_some()), v.unwrap_or(0.0))
+}
+
+/// b ← b·μ + d (d on the first step), from (g, w).
+struct SgdBufferCuda(SgdArgs);
+
+impl candle::InplaceOp3 for SgdBufferCuda {
+    fn name(&self) -> &'static str {
+        "sgd-momentum-buffer-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = s1.device.clone();
+        let g = f32_view(s2, l2, len, self.name(), "gradient")?;
+        let w = f32_view(s3, l3, len, self.name(), "weight")?;
+        let (use_scale, scale) = opt(self.0.scale);
+        let (use_coupled, coupled) = opt(self.0.coupled);
+        let mu = self.0.momentum.unwrap_or(0.0);
+        let first = i32::from(self.0.first);
+        let mut b = f32_view_mut(s1, l1, len, self.name(), "buffer")?;
+        let func = dev.get_or_load_custom_func("tau_sgd_buffer", MODULE, PTX)?;
+        let mut l = func.builder();
+        l.arg(&n);
+        l.arg(&mut b);
+        l.arg(&g);
+        l.arg(&w);
+        l.arg(&use_scale);
+        l.arg(&scale);
+        l.arg(&use_coupled);
+        l.arg(&coupled);
+        l.arg(&mu);
+        l.arg(&first);
+        // SAFETY: the arguments match the kernel's signature; every buffer holds n elements.
+        unsafe { l.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok(())
+    }
+}
+
+/// w ← w·k − step·η, from g and, with momentum, the new buffer.
+struct SgdWeightCuda(SgdArgs);
+
+impl SgdWeightCuda {
+    /// Launches the weight update on `w` (s1, l1) with the gradient `g` and the buffer `b`
+    /// (`None` without momentum: the kernel then does not read it).
+    fn launch(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        g: CudaView<'_, f32>,
+        b: Option<CudaView<'_, f32>>,
+    ) -> Result<()> {
+        let len = l1.shape().elem_count();
+        let n = count(len)?;
+        let dev = s1.device.clone();
+        let a = self.0;
+        let has_buf = i32::from(b.is_some());
+        let (use_scale, scale) = opt(a.scale);
+        let (use_coupled, coupled) = opt(a.coupled);
+        let (use_decay, decay) = opt(a.decay);
+        let mu = a.momentum.unwrap_or(0.0);
+        let nesterov = i32::from(a.nesterov);
+        let lr = a.lr;
+        let mut w = f32_view_mut(s1, l1, len, "sgd-update-cuda", "weight")?;
+        let func = dev.get_or_load_custom_func("tau_sgd_weight", MODULE, PTX)?;
+        let mut l = func.builder();
+        l.arg(&n);
+        l.arg(&mut w);
+        l.arg(&g);
+        // Without a buffer the kernel does not read this argument: the gradient stands in.
+        let b = b.unwrap_or(g.slice(..));
+        l.arg(&b);
+        l.arg(&has_buf);
+        l.arg(&use_scale);
+        l.arg(&scale);
+        l.arg(&use_coupled);
+        l.arg(&coupled);
+        l.arg(&use_decay);
+        l.arg(&decay);
+        l.arg(&mu);
+        l.arg(&nesterov);
+        l.arg(&lr);
+        // SAFETY: the arguments match the kernel's signature; every buffer holds n elements.
+        unsafe { l.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok(())
+    }
+}
+
+impl candle::InplaceOp2 for SgdWeightCuda {
+    fn name(&self) -> &'static str {
+        "sgd-update-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let len = l1.shape().elem_count();
+        let g = f32_view(s2, l2, len, self.name(), "gradient")?;
+        self.launch(s1, l1, g, None)
+    }
+}
+
+impl candle::InplaceOp3 for SgdWeightCuda {
+    fn name(&self) -> &'static str {
+        "sgd-update-momentum-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle::bail!("{}: CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let len = l1.shape().elem_count();
+        let g = f32_view(s2, l2, len, candle::InplaceOp3::name(self), "gradient")?;
+        let b = f32_view(s3, l3, len, candle::InplaceOp3::name(self), "buffer")?;
+        self.launch(s1, l1, g, Some(b))
+    }
+}
+
+/// A contiguous `f32` in-place destination of `len` elements as a mutable view.
+fn f32_view_mut<'a>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    len: usize,
+    op: &str,
+    what: &str,
+) -> Result<candle::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
+    if !l.is_contiguous() || l.shape().elem_count() != len {
+        candle::bail!(
+            "{op}: {what} must be a contiguous tensor of {len} elements, got {:?}",
+            l.dims()
+        );
+    }
+    Ok(s.as_cuda_slice_mut::<f32>()?
+        .slice_mut(l.start_offset()..l.start_offset() + len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::PTX;
@@ -455,6 +665,8 @@ mod tests {
             ("tau_residual_relu_bwd", 5),
             ("tau_bias_relu_bias_fwd", 4),
             ("tau_bias_relu_bias_bwd", 5),
+            ("tau_sgd_buffer", 10),
+            ("tau_sgd_weight", 14),
         ];
         for (name, params) in expected {
             let found = entries.iter().find(|(n, _)| n == name);

@@ -92,6 +92,20 @@ impl Consts {
         }
     }
 
+    /// The same constants for the CUDA kernels.
+    #[cfg(feature = "cuda")]
+    fn cuda_args(&self) -> crate::cuda::SgdArgs {
+        crate::cuda::SgdArgs {
+            scale: self.scale,
+            coupled: self.coupled,
+            decay: self.decay,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            first: self.first,
+            lr: self.lr,
+        }
+    }
+
     /// d from the gradient and the (undecayed) weight.
     #[inline(always)]
     fn direction(&self, g: f32, w: f32) -> f32 {
@@ -133,7 +147,9 @@ impl Consts {
 /// Returns `Ok(false)`, touching nothing, where the in-place kernel does not apply (a
 /// device other than the CPU, a dtype other than `f32`, non-contiguous tensors, or
 /// [`crate::select`] naming candle's ops): the caller then composes the update from
-/// candle's ops. Without momentum, `buf` is ignored.
+/// candle's ops. With the `cuda` feature, contiguous `f32` tensors on CUDA run the same
+/// update as one CUDA kernel (two with momentum) in the same `f32` operations. Without
+/// momentum, `buf` is ignored.
 ///
 /// # Errors
 /// Shapes that differ, or a missing buffer with momentum.
@@ -160,10 +176,15 @@ pub fn sgd_update(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, u: &SgdUpdate) -
     };
     let mut ts = vec![w, g];
     ts.extend(buf);
+    let c = Consts::new(u);
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused_cuda_f32(&ts) && ts.iter().all(|t| t.is_contiguous()) {
+        crate::cuda::sgd_update(w, g, buf, c.cuda_args())?;
+        return Ok(true);
+    }
     if !crate::util::fused_f32(&ts) || !ts.iter().all(|t| t.is_contiguous()) {
         return Ok(false);
     }
-    let c = Consts::new(u);
     match buf {
         None => w.inplace_op2(g, &WeightOp(c))?,
         Some(b) => {

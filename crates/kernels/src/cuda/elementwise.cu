@@ -63,3 +63,49 @@ extern "C" __global__ void tau_bias_relu_bias_bwd(const unsigned int n, const fl
         dx[i] = x[i] + bc[0] > 0.0f ? dy[i] : 0.0f;
     }
 }
+
+// One SGD step of one parameter, as tau_kernels::sgd computes it on the CPU (its module docs
+// give the update), in the same f32 operations: __fmul_rn / __fadd_rn are never contracted
+// into a multiply-add, and the `+ 0.0f` terms are those of candle's affine (v * a + b).
+// d = g·s (use_scale) + w·λ (use_coupled)
+__device__ __forceinline__ float sgd_direction(float g, float w, int use_scale, float scale,
+                                               int use_coupled, float coupled) {
+    float d = use_scale ? __fadd_rn(__fmul_rn(g, scale), 0.0f) : g;
+    if (use_coupled) {
+        d = __fadd_rn(d, __fadd_rn(__fmul_rn(w, coupled), 0.0f));
+    }
+    return d;
+}
+
+// b = d (first) or b·μ + d
+extern "C" __global__ void tau_sgd_buffer(const unsigned int n, float *b, const float *g,
+                                          const float *w, const int use_scale, const float scale,
+                                          const int use_coupled, const float coupled,
+                                          const float mu, const int first) {
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float d = sgd_direction(g[i], w[i], use_scale, scale, use_coupled, coupled);
+        b[i] = first ? d : __fadd_rn(__fadd_rn(__fmul_rn(b[i], mu), 0.0f), d);
+    }
+}
+
+// w = w·k (use_decay) − step·η, step = d (no buffer), b (momentum) or d + b·μ (Nesterov);
+// b is the new buffer (read only when has_buf).
+extern "C" __global__ void tau_sgd_weight(const unsigned int n, float *w, const float *g,
+                                          const float *b, const int has_buf,
+                                          const int use_scale, const float scale,
+                                          const int use_coupled, const float coupled,
+                                          const int use_decay, const float decay,
+                                          const float mu, const int nesterov, const float lr) {
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float wi = w[i];
+        const float d = sgd_direction(g[i], wi, use_scale, scale, use_coupled, coupled);
+        float step = d;
+        if (has_buf) {
+            step = nesterov ? __fadd_rn(d, __fadd_rn(__fmul_rn(b[i], mu), 0.0f)) : b[i];
+        }
+        const float wd = use_decay ? __fadd_rn(__fmul_rn(wi, decay), 0.0f) : wi;
+        w[i] = __fsub_rn(wd, __fadd_rn(__fmul_rn(step, lr), 0.0f));
+    }
+}
