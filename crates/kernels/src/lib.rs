@@ -1,6 +1,8 @@
 //! CPU kernels for deep ResNets in candle, each a candle custom op with a hand-written
 //! backward, and each falling back to a composition of candle's own ops on other devices,
-//! for other dtypes, or when [`select`] says so.
+//! for other dtypes, or when [`select`] says so. On CUDA, the `cudnn` feature runs the
+//! convolutions and training-mode BatchNorms through cuDNN, and any CUDA build runs ReLU,
+//! the blocks' elementwise chains and the SGD update as the crate's own CUDA kernels.
 //!
 //! | module | ops |
 //! | --- | --- |
