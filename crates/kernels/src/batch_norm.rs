@@ -40,28 +40,21 @@ use crate::util::{f32_data, lanes_sum, lock_state, sum_f64, written};
 /// # Errors
 /// Shapes that do not fit `bn`, or a device error.
 pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-    let fused = train
+    // The fused op's conditions but the device: the CPU runs the fused op, CUDA (with
+    // `cudnn`) cuDNN's BatchNorm, anything else candle-nn's.
+    let fusable = train
         && crate::select::kernels().fused()
-        && xs.device().is_cpu()
         && xs.dtype() == DType::F32
         && xs.rank() == 4
         && bn_params_f32(bn);
-    #[cfg(feature = "cudnn")]
-    if train
-        && crate::select::kernels().fused()
-        && xs.device().is_cuda()
-        && xs.dtype() == DType::F32
-        && xs.rank() == 4
-        && bn_params_f32(bn)
-    {
-        let ys = cudnn::batch_norm_train(bn, xs)?;
-        return if relu {
-            crate::elementwise::relu_composed(&ys)
+    if !(fusable && xs.device().is_cpu()) {
+        #[cfg(feature = "cudnn")]
+        let ys = if fusable && xs.device().is_cuda() {
+            cudnn::batch_norm_train(bn, xs)?
         } else {
-            Ok(ys)
+            bn.forward_t(xs, train)?
         };
-    }
-    if !fused {
+        #[cfg(not(feature = "cudnn"))]
         let ys = bn.forward_t(xs, train)?;
         return if relu {
             crate::elementwise::relu_composed(&ys)

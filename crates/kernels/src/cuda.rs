@@ -14,6 +14,8 @@ use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg
 use candle::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3};
 use candle::{DType, Layout, Result, Shape, Tensor};
 
+use crate::sgd::Consts;
+
 /// The PTX of `src/cuda/elementwise.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 /// The module name the PTX is cached under on each device.
@@ -36,14 +38,30 @@ pub(crate) fn f32_view<'a>(
     op: &str,
     what: &str,
 ) -> Result<CudaView<'a, f32>> {
+    let range = contiguous_range(l, len, op, what)?;
+    Ok(s.as_cuda_slice::<f32>()?.slice(range))
+}
+
+/// The element range of a contiguous operand of `len` elements, or an error naming it.
+fn contiguous_range(
+    l: &Layout,
+    len: usize,
+    op: &str,
+    what: &str,
+) -> Result<std::ops::Range<usize>> {
     if !l.is_contiguous() || l.shape().elem_count() != len {
         candle::bail!(
             "{op}: {what} must be a contiguous tensor of {len} elements, got {:?}",
             l.dims()
         );
     }
-    Ok(s.as_cuda_slice::<f32>()?
-        .slice(l.start_offset()..l.start_offset() + len))
+    Ok(l.start_offset()..l.start_offset() + len)
+}
+
+/// A dimension of a cuDNN descriptor (an `i32`), or an error naming the op.
+#[cfg(feature = "cudnn")]
+pub(crate) fn dim_i32(v: usize, op: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle::Error::Msg(format!("{op}: dimension {v} exceeds i32")))
 }
 
 /// The element count as the kernels take it.
@@ -52,12 +70,13 @@ fn count(len: usize) -> Result<u32> {
         .map_err(|_| candle::Error::Msg(format!("fused CUDA op: {len} elements exceed u32")))
 }
 
-/// An uninitialized output of `len` `f32` (every kernel writes all of it).
-fn output(
+/// An uninitialized output of `len` `f32` (every kernel and cuDNN call that receives one
+/// writes all of it).
+pub(crate) fn output(
     dev: &CudaDevice,
     len: usize,
 ) -> Result<candle::cuda_backend::cudarc::driver::CudaSlice<f32>> {
-    // SAFETY: the kernel that receives it writes every element before it is read.
+    // SAFETY: whatever receives it writes every element before it is read.
     unsafe { dev.alloc::<f32>(len) }
 }
 
@@ -427,22 +446,10 @@ impl CustomOp3 for BiasReluBiasBwdCuda {
     }
 }
 
-/// The constants of one SGD step as the kernels take them (`crate::sgd`'s, with flags for
-/// the optional ones).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SgdArgs {
-    pub(crate) scale: Option<f32>,
-    pub(crate) coupled: Option<f32>,
-    pub(crate) decay: Option<f32>,
-    pub(crate) momentum: Option<f32>,
-    pub(crate) nesterov: bool,
-    pub(crate) first: bool,
-    pub(crate) lr: f32,
-}
-
 /// One SGD step of `w` in place (and of the momentum buffer `buf`, which `a.momentum`
-/// requires), `f32` tensors on CUDA, contiguous: one kernel, two with momentum.
-pub(crate) fn sgd_update(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, a: SgdArgs) -> Result<()> {
+/// requires), `f32` tensors on CUDA, contiguous: one kernel, two with momentum. `a` holds
+/// the step's constants as the CPU kernel takes them.
+pub(crate) fn sgd_update(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, a: Consts) -> Result<()> {
     match (a.momentum, buf) {
         (Some(_), Some(b)) => {
             b.inplace_op3(g, w, &SgdBufferCuda(a))?;
@@ -459,7 +466,7 @@ fn opt(v: Option<f32>) -> (i32, f32) {
 }
 
 /// b ← b·μ + d (d on the first step), from (g, w).
-struct SgdBufferCuda(SgdArgs);
+struct SgdBufferCuda(Consts);
 
 impl candle::InplaceOp3 for SgdBufferCuda {
     fn name(&self) -> &'static str {
@@ -516,7 +523,7 @@ impl candle::InplaceOp3 for SgdBufferCuda {
 }
 
 /// w ← w·k − step·η, from g and, with momentum, the new buffer.
-struct SgdWeightCuda(SgdArgs);
+struct SgdWeightCuda(Consts);
 
 impl SgdWeightCuda {
     /// Launches the weight update on `w` (s1, l1) with the gradient `g` and the buffer `b`
@@ -627,14 +634,8 @@ fn f32_view_mut<'a>(
     op: &str,
     what: &str,
 ) -> Result<candle::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
-    if !l.is_contiguous() || l.shape().elem_count() != len {
-        candle::bail!(
-            "{op}: {what} must be a contiguous tensor of {len} elements, got {:?}",
-            l.dims()
-        );
-    }
-    Ok(s.as_cuda_slice_mut::<f32>()?
-        .slice_mut(l.start_offset()..l.start_offset() + len))
+    let range = contiguous_range(l, len, op, what)?;
+    Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(range))
 }
 
 #[cfg(test)]

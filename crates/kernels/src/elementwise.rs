@@ -252,15 +252,8 @@ pub fn residual_relu(
     }
     let mut all = vec![branch, tau, shortcut];
     all.extend(b);
-    #[cfg(feature = "cuda")]
-    if crate::cuda::fused_cuda_f32(&all) {
-        let ab = match b {
-            Some(b) => Tensor::cat(&[tau.flatten_all()?, b.flatten_all()?], 0)?,
-            None => tau.flatten_all()?,
-        };
-        return crate::cuda::residual_relu(branch, &ab, b.is_some(), shortcut);
-    }
-    if !fused_f32(&all) {
+    let cuda = crate::util::fused_cuda_f32(&all);
+    if !cuda && !fused_f32(&all) {
         let branch = match b {
             Some(b) => branch.broadcast_add(b)?,
             None => branch.clone(),
@@ -271,6 +264,10 @@ pub fn residual_relu(
         Some(b) => Tensor::cat(&[tau.flatten_all()?, b.flatten_all()?], 0)?,
         None => tau.flatten_all()?,
     };
+    #[cfg(feature = "cuda")]
+    if cuda {
+        return crate::cuda::residual_relu(branch, &ab, b.is_some(), shortcut);
+    }
     branch
         .contiguous()?
         .apply_op3(&ab, &shortcut.contiguous()?, ResidualRelu)

@@ -66,16 +66,17 @@ impl Default for SgdUpdate {
     }
 }
 
-/// The update's constants in `f32`, as candle's `affine` converts them.
+/// The update's constants in `f32`, as candle's `affine` converts them (the CUDA kernels
+/// take them too).
 #[derive(Clone, Copy)]
-struct Consts {
-    scale: Option<f32>,
-    coupled: Option<f32>,
-    decay: Option<f32>,
-    momentum: Option<f32>,
-    nesterov: bool,
-    first: bool,
-    lr: f32,
+pub(crate) struct Consts {
+    pub(crate) scale: Option<f32>,
+    pub(crate) coupled: Option<f32>,
+    pub(crate) decay: Option<f32>,
+    pub(crate) momentum: Option<f32>,
+    pub(crate) nesterov: bool,
+    pub(crate) first: bool,
+    pub(crate) lr: f32,
 }
 
 impl Consts {
@@ -89,20 +90,6 @@ impl Consts {
             nesterov: u.nesterov,
             first: u.first,
             lr: u.lr as f32,
-        }
-    }
-
-    /// The same constants for the CUDA kernels.
-    #[cfg(feature = "cuda")]
-    fn cuda_args(&self) -> crate::cuda::SgdArgs {
-        crate::cuda::SgdArgs {
-            scale: self.scale,
-            coupled: self.coupled,
-            decay: self.decay,
-            momentum: self.momentum,
-            nesterov: self.nesterov,
-            first: self.first,
-            lr: self.lr,
         }
     }
 
@@ -179,7 +166,7 @@ pub fn sgd_update(w: &Tensor, g: &Tensor, buf: Option<&Tensor>, u: &SgdUpdate) -
     let c = Consts::new(u);
     #[cfg(feature = "cuda")]
     if crate::cuda::fused_cuda_f32(&ts) && ts.iter().all(|t| t.is_contiguous()) {
-        crate::cuda::sgd_update(w, g, buf, c.cuda_args())?;
+        crate::cuda::sgd_update(w, g, buf, c)?;
         return Ok(true);
     }
     if !crate::util::fused_f32(&ts) || !ts.iter().all(|t| t.is_contiguous()) {

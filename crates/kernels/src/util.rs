@@ -115,6 +115,18 @@ pub(crate) fn fused_f32(ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// Whether the fused CUDA ops apply (`crate::cuda::fused_cuda_f32`); never without the
+/// `cuda` feature.
+pub(crate) fn fused_cuda_f32(ts: &[&Tensor]) -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::fused_cuda_f32(ts);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ts;
+        false
+    }
+}
+
 /// Sum of a slice in f64 (f32 lanes within the slice, which are short: one image-channel).
 pub(crate) fn sum_f64(xs: &[f32]) -> f64 {
     let mut acc = [0f32; 16];

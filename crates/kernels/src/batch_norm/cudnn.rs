@@ -18,7 +18,9 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use candle::cuda_backend::cudarc::cudnn::sys;
-use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 use candle::cuda_backend::{CudaDevice, DeviceId};
 use candle::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var,
@@ -26,7 +28,7 @@ use candle::{
 use candle_nn::BatchNorm;
 
 use super::{BnGeom, bn_train_parts};
-use crate::cuda::f32_view;
+use crate::cuda::{dim_i32, f32_view, output};
 use crate::util::lock_state;
 
 /// `bn.forward_t(xs, true)` for an `f32` (N, C, H, W) tensor on CUDA and an affine `f32`
@@ -119,9 +121,7 @@ impl Desc {
     fn nchw(dims: [usize; 4]) -> Result<Desc> {
         let mut d = [0i32; 4];
         for (o, &v) in d.iter_mut().zip(&dims) {
-            *o = i32::try_from(v).map_err(|_| {
-                candle::Error::Msg(format!("batch norm (cuDNN): dimension {v} exceeds i32"))
-            })?;
+            *o = dim_i32(v, "batch norm (cuDNN)")?;
         }
         let mut raw = std::ptr::null_mut();
         // SAFETY: `raw` receives a new descriptor, owned by the returned `Desc`.
@@ -159,21 +159,28 @@ fn descriptors(geom: BnGeom) -> Result<(Desc, Desc)> {
     Ok((Desc::nchw([n, c, h, w])?, Desc::nchw([1, c, 1, 1])?))
 }
 
+/// The device address of `v` for a cuDNN call, and the guard that must outlive the call.
+fn ptr<'a>(v: &'a impl DevicePtr<f32>, stream: &'a CudaStream) -> (*const c_void, SyncOnDrop<'a>) {
+    let (p, guard) = v.device_ptr(stream);
+    (p as usize as *const c_void, guard)
+}
+
+/// [`ptr`] for a buffer cuDNN writes.
+fn ptr_mut<'a>(
+    v: &'a mut impl DevicePtrMut<f32>,
+    stream: &'a CudaStream,
+) -> (*mut c_void, SyncOnDrop<'a>) {
+    let (p, guard) = v.device_ptr_mut(stream);
+    (p as usize as *mut c_void, guard)
+}
+
 /// A copy, on the device, of a running statistic (`c` contiguous `f32`s on CUDA).
 fn running_copy(t: &Tensor, c: usize, stream: &Arc<CudaStream>) -> Result<CudaSlice<f32>> {
     let (storage, l) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
         candle::bail!("batch norm (cuDNN): the running statistics are not on the CUDA device");
     };
-    if !l.is_contiguous() || l.shape().elem_count() != c {
-        candle::bail!(
-            "batch norm (cuDNN): running statistics of shape {:?} for {c} channels",
-            l.dims()
-        );
-    }
-    let view = s
-        .as_cuda_slice::<f32>()?
-        .slice(l.start_offset()..l.start_offset() + c);
+    let view = f32_view(s, l, c, "batch norm (cuDNN)", "running statistic")?;
     stream.clone_dtod(&view).map_err(candle::Error::wrap)
 }
 
@@ -218,31 +225,23 @@ impl CustomOp3 for CudnnBnFwd {
         let dev = &s1.device;
         let stream = dev.cuda_stream();
         let x_view = f32_view(s1, l1, n * c * hw, self.name(), "input")?;
-        let (x, _gx) = x_view.device_ptr(&stream);
-        let x = x as usize as *const c_void;
+        let (x, _gx) = ptr(&x_view, &stream);
         let gamma_view = f32_view(s2, l2, c, self.name(), "weight")?;
-        let (gamma, _gg) = gamma_view.device_ptr(&stream);
-        let gamma = gamma as usize as *const c_void;
+        let (gamma, _gg) = ptr(&gamma_view, &stream);
         let beta_view = f32_view(s3, l3, c, self.name(), "bias")?;
-        let (beta, _gb) = beta_view.device_ptr(&stream);
-        let beta = beta as usize as *const c_void;
-        // SAFETY: cuDNN writes every element of the three outputs.
-        let (mut y, mut mean, mut invstd) = unsafe {
-            (
-                dev.alloc::<f32>(n * c * hw)?,
-                dev.alloc::<f32>(c)?,
-                dev.alloc::<f32>(c)?,
-            )
-        };
+        let (beta, _gb) = ptr(&beta_view, &stream);
+        // cuDNN writes every element of the three outputs.
+        let (mut y, mut mean, mut invstd) =
+            (output(dev, n * c * hw)?, output(dev, c)?, output(dev, c)?);
         let mut running_mean = running_copy(&self.running.0, c, &stream)?;
         let mut running_var = running_copy(&self.running.1, c, &stream)?;
         let (xd, cd) = descriptors(self.geom)?;
         {
-            let (py, _gy) = y.device_ptr_mut(&stream);
-            let (pm, _gm) = mean.device_ptr_mut(&stream);
-            let (pi, _gi) = invstd.device_ptr_mut(&stream);
-            let (prm, _grm) = running_mean.device_ptr_mut(&stream);
-            let (prv, _grv) = running_var.device_ptr_mut(&stream);
+            let (py, _gy) = ptr_mut(&mut y, &stream);
+            let (pm, _gm) = ptr_mut(&mut mean, &stream);
+            let (pi, _gi) = ptr_mut(&mut invstd, &stream);
+            let (prm, _grm) = ptr_mut(&mut running_mean, &stream);
+            let (prv, _grv) = ptr_mut(&mut running_var, &stream);
             let (one, zero) = (1f32, 0f32);
             with_handle(dev, |h| {
                 // SAFETY: the pointers address buffers of the sizes the descriptors say,
@@ -258,16 +257,16 @@ impl CustomOp3 for CudnnBnFwd {
                         xd.0,
                         x,
                         xd.0,
-                        py as usize as *mut c_void,
+                        py,
                         cd.0,
                         gamma,
                         beta,
                         self.momentum,
-                        prm as usize as *mut c_void,
-                        prv as usize as *mut c_void,
+                        prm,
+                        prv,
                         self.eps,
-                        pm as usize as *mut c_void,
-                        pi as usize as *mut c_void,
+                        pm,
+                        pi,
                     )
                 }
                 .result()
@@ -350,27 +349,24 @@ impl CustomOp3 for CudnnBnBwd {
         let dev = &s1.device;
         let stream = dev.cuda_stream();
         let dy_view = f32_view(s1, l1, len, self.name(), "output gradient")?;
-        let (dy, _gdy) = dy_view.device_ptr(&stream);
-        let dy = dy as usize as *const c_void;
+        let (dy, _gdy) = ptr(&dy_view, &stream);
         let x_view = f32_view(s2, l2, len, self.name(), "input")?;
-        let (x, _gx) = x_view.device_ptr(&stream);
-        let x = x as usize as *const c_void;
+        let (x, _gx) = ptr(&x_view, &stream);
         let gamma_view = f32_view(s3, l3, c, self.name(), "weight")?;
-        let (gamma, _gg) = gamma_view.device_ptr(&stream);
-        let gamma = gamma as usize as *const c_void;
+        let (gamma, _gg) = ptr(&gamma_view, &stream);
         let guard = lock_state(&self.saved)?;
         let Some(saved) = guard.as_ref() else {
             candle::bail!("{}: the forward pass left no statistics", self.name());
         };
-        let (pm, _gm) = saved.mean.device_ptr(&stream);
-        let (pi, _gi) = saved.invstd.device_ptr(&stream);
-        // SAFETY: cuDNN writes dx, dγ and dβ, every element.
-        let mut out = unsafe { dev.alloc::<f32>(len + 2 * c)? };
+        let (pm, _gm) = ptr(&saved.mean, &stream);
+        let (pi, _gi) = ptr(&saved.invstd, &stream);
+        // cuDNN writes dx, dγ and dβ, every element.
+        let mut out = output(dev, len + 2 * c)?;
         let (xd, cd) = descriptors(self.geom)?;
         {
-            let (po, _go) = out.device_ptr_mut(&stream);
-            let f = std::mem::size_of::<f32>() as u64;
-            let (dx, dgamma, dbeta) = (po, po + len as u64 * f, po + (len + c) as u64 * f);
+            let (dx, _go) = ptr_mut(&mut out, &stream);
+            let f32_at = |i: usize| dx.cast::<f32>().wrapping_add(i).cast::<c_void>();
+            let (dgamma, dbeta) = (f32_at(len), f32_at(len + c));
             let (one, zero) = (1f32, 0f32);
             with_handle(dev, |h| {
                 // SAFETY: as in the forward; dx, dγ and dβ are disjoint parts of `out`.
@@ -387,14 +383,14 @@ impl CustomOp3 for CudnnBnBwd {
                         xd.0,
                         dy,
                         xd.0,
-                        dx as usize as *mut c_void,
+                        dx,
                         cd.0,
                         gamma,
-                        dgamma as usize as *mut c_void,
-                        dbeta as usize as *mut c_void,
+                        dgamma,
+                        dbeta,
                         self.eps,
-                        pm as usize as *const c_void,
-                        pi as usize as *const c_void,
+                        pm,
+                        pi,
                     )
                 }
                 .result()

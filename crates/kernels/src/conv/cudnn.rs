@@ -28,7 +28,10 @@ use candle::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle::{Layout, Result, Shape};
 
 use super::Geom;
-use crate::cuda::f32_view;
+use crate::cuda::{dim_i32, f32_view, output};
+
+/// The ops' name in errors.
+const OP: &str = "conv2d (cuDNN)";
 
 thread_local! {
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
@@ -90,27 +93,15 @@ struct Descriptors {
     y: TensorDescriptor<f32>,
 }
 
-fn i32_of(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| candle::Error::Msg(format!("conv2d (cuDNN): {what} {v} exceeds i32")))
-}
-
-fn descriptors(cudnn: &Arc<Cudnn>, g: &Geom) -> Result<Descriptors> {
+/// The descriptors of the convolution `g` for the calling thread's handle on `dev`.
+fn descriptors(dev: &CudaDevice, g: &Geom) -> Result<Descriptors> {
     use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let cudnn = handle(dev)?;
     let wrap = candle::Error::wrap;
-    let [n, c_in, h, w, c_out, k, h_out, w_out] = [
-        (g.n, "batch"),
-        (g.c_in, "input channels"),
-        (g.h, "height"),
-        (g.w, "width"),
-        (g.c_out, "output channels"),
-        (g.k, "kernel size"),
-        (g.h_out, "output height"),
-        (g.w_out, "output width"),
-    ]
-    .map(|(v, what)| i32_of(v, what));
-    let (n, c_in, h, w, c_out, k, h_out, w_out) = (n?, c_in?, h?, w?, c_out?, k?, h_out?, w_out?);
-    let (pad, stride) = (i32_of(g.padding, "padding")?, i32_of(g.stride, "stride")?);
+    let d = |v| dim_i32(v, OP);
+    let (n, c_in, h, w) = (d(g.n)?, d(g.c_in)?, d(g.h)?, d(g.w)?);
+    let (c_out, k, h_out, w_out) = (d(g.c_out)?, d(g.k)?, d(g.h_out)?, d(g.w_out)?);
+    let (pad, stride) = (d(g.padding)?, d(g.stride)?);
     let mut conv = cudnn
         .create_conv2d::<f32>(
             [pad, pad],
@@ -148,12 +139,6 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
     Ok(Some(unsafe { dev.alloc::<u8>(bytes) }?))
 }
 
-/// An uninitialized output of `len` `f32` on `dev` (cuDNN writes every element, β = 0).
-fn output(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
-    // SAFETY: every pass below writes its whole output (β = 0) before it is read.
-    unsafe { dev.alloc::<f32>(len) }
-}
-
 /// conv(x, w): (n, c_in, h, w) × (c_out, c_in, k, k) → (n, c_out, h_out, w_out).
 pub(super) fn forward(
     g: &Geom,
@@ -163,16 +148,9 @@ pub(super) fn forward(
     lw: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
-    let xv = f32_view(x, lx, g.n * g.c_in * g.h * g.w, "conv2d (cuDNN)", "input")?;
-    let wv = f32_view(
-        w,
-        lw,
-        g.c_out * g.c_in * g.k * g.k,
-        "conv2d (cuDNN)",
-        "weight",
-    )?;
-    let cudnn = handle(dev)?;
-    let d = descriptors(&cudnn, g)?;
+    let xv = f32_view(x, lx, g.n * g.c_in * g.h * g.w, OP, "input")?;
+    let wv = f32_view(w, lw, g.c_out * g.c_in * g.k * g.k, OP, "weight")?;
+    let d = descriptors(dev, g)?;
     let op = ConvForward {
         conv: &d.conv,
         x: &d.x,
@@ -207,18 +185,11 @@ pub(super) fn backward_input(
         dy,
         ldy,
         g.n * g.c_out * g.h_out * g.w_out,
-        "conv2d (cuDNN)",
+        OP,
         "output gradient",
     )?;
-    let wv = f32_view(
-        w,
-        lw,
-        g.c_out * g.c_in * g.k * g.k,
-        "conv2d (cuDNN)",
-        "weight",
-    )?;
-    let cudnn = handle(dev)?;
-    let d = descriptors(&cudnn, g)?;
+    let wv = f32_view(w, lw, g.c_out * g.c_in * g.k * g.k, OP, "weight")?;
+    let d = descriptors(dev, g)?;
     let op = ConvBackwardData {
         conv: &d.conv,
         dx: &d.x,
@@ -253,12 +224,11 @@ pub(super) fn backward_weight(
         dy,
         ldy,
         g.n * g.c_out * g.h_out * g.w_out,
-        "conv2d (cuDNN)",
+        OP,
         "output gradient",
     )?;
-    let xv = f32_view(x, lx, g.n * g.c_in * g.h * g.w, "conv2d (cuDNN)", "input")?;
-    let cudnn = handle(dev)?;
-    let d = descriptors(&cudnn, g)?;
+    let xv = f32_view(x, lx, g.n * g.c_in * g.h * g.w, OP, "input")?;
+    let d = descriptors(dev, g)?;
     let op = ConvBackwardFilter {
         conv: &d.conv,
         x: &d.x,
