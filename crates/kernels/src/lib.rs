@@ -57,6 +57,7 @@ pub mod probe;
 pub mod select;
 pub mod sgd;
 pub mod shortcut;
+mod team;
 mod util;
 
 #[cfg(test)]

@@ -1,12 +1,18 @@
 //! The theory network's matrix products, with the `gemm` crate: its residual block
-//! relu(h + τ·h·Wᵀ) as one op with a closed-form backward ([`residual_dense_relu`], what
-//! full-batch gradient descent runs), and the block product for the stability probe (many
-//! hidden states times one m × m weight, into a caller's buffer: [`block_matmul_f32`]).
+//! relu(h + τ·h·Wᵀ) as one op with a closed-form backward ([`residual_dense_relu`]), the
+//! forward and backward passes of a whole chain of them, which full-batch gradient descent
+//! runs ([`residual_dense_relu_chain`], [`residual_dense_relu_chain_backward`]: the
+//! threads work through the L small products as one team that meets between blocks), and
+//! the block product for the stability probe (many hidden states times one m × m weight,
+//! into a caller's buffer: [`block_matmul_f32`]).
+
+use std::ops::Range;
 
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::elementwise::MaskSum;
+use crate::team::{self, SharedMut};
 use crate::util::{f32_data, fused_f32};
 
 /// gemm's parallelism: rayon's pool when it has more than one thread.
@@ -19,17 +25,36 @@ fn parallelism() -> gemm::Parallelism {
 
 /// dst (rows × cols, row-major, `read_dst`: dst + beta·lhs·rhs, else beta·lhs·rhs) for a
 /// lhs of rows × depth and a rhs of depth × cols, each addressed by (column, row) strides.
+/// On rayon's threads; see [`gemm_f32_strided`].
 ///
 /// # Safety
 /// Every pointer addresses the elements its sizes and strides reach; `dst` aliases
 /// neither input.
 unsafe fn gemm_f32(
-    (rows, cols, depth): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut f32,
+    read_dst: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+) {
+    // SAFETY: the caller's contract, with dst's rows `cols` apart.
+    unsafe { gemm_f32_strided(dims, (dst, dims.1), read_dst, lhs, rhs, beta, parallelism()) }
+}
+
+/// [`gemm_f32`] into a dst whose rows are `dst_rs` elements apart (a block of columns of a
+/// wider matrix), with the given parallelism.
+///
+/// # Safety
+/// As for [`gemm_f32`].
+unsafe fn gemm_f32_strided(
+    (rows, cols, depth): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
     read_dst: bool,
     (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
     (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
     beta: f32,
+    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -39,7 +64,7 @@ unsafe fn gemm_f32(
             depth,
             dst,
             1,
-            cols as isize,
+            dst_rs as isize,
             read_dst,
             lhs,
             lhs_cs as isize,
@@ -52,7 +77,7 @@ unsafe fn gemm_f32(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         )
     }
 }
@@ -121,30 +146,16 @@ impl CustomOp2 for ResidualDense {
         // The product as τ·W·hᵀ (m × n, row-major), then y = relu(h + its transpose):
         // the `gemm` crate runs W·hᵀ, with W as its left operand read row by row, three
         // to four times faster than h·Wᵀ, whose right operand it reads transposed (m =
-        // 512, n = 32, measured), and the transpose is one pass over n × m values.
-        let mut p = vec![0f32; m * n];
-        if n > 0 && m > 0 {
-            // SAFETY: p holds m × n elements, w m × m, h n × m; p is a fresh vector.
-            // Element (k, j) of hᵀ is h[j][k]: column stride m, row stride 1.
-            unsafe {
-                gemm_f32(
-                    (m, n, m),
-                    p.as_mut_ptr(),
-                    false,
-                    (w.as_ptr(), 1, m),
-                    (h.as_ptr(), m, 1),
-                    self.tau,
-                )
-            };
-        }
+        // 512, n = 32, measured), and the transpose is one pass over n × m values. One
+        // tile of columns at a time, on rayon's threads (see TILE).
         let mut y = vec![0f32; n * m];
-        y.par_chunks_mut(m.max(1))
-            .zip(h.par_chunks(m.max(1)))
-            .enumerate()
-            .for_each(|(j, (yr, hr))| {
-                for (i, (o, &hv)) in yr.iter_mut().zip(hr).enumerate() {
-                    *o = (hv + p[i * n + j]).max(0.0);
-                }
+        let y_ptr = SharedMut(y.as_mut_ptr());
+        (0..m.div_ceil(TILE))
+            .into_par_iter()
+            .for_each_init(Vec::new, |p, t| {
+                // SAFETY: h is n × m and w m × m; y (n × m) is fresh, and each tile's
+                // columns of it are written by that tile's call only.
+                unsafe { forward_tile(w, h.as_ptr(), y_ptr.ptr(), p, tile(t, m), (n, m), self.tau) }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -209,12 +220,14 @@ impl CustomOp3 for ResidualDenseBwd {
 /// ∂ℓ/∂W_l = τ·g_lᵀ·h_{l−1} and ∂ℓ/∂h_{l−1} = g_l + τ·g_l·W_l.
 ///
 /// These are the products [`residual_dense_relu`]'s backward computes, in the same order
-/// and with the same GEMM calls, so the gradients are the same numbers bit for bit; what
-/// is saved is candle's gradient bookkeeping, which adds every block's m × m weight
-/// gradient to a freshly zeroed tensor (two more passes over each W-sized buffer and two
-/// allocations per block — the theory network's full-batch step is memory-bound at small
-/// n). On the CPU for `f32` under the fused kernels; elsewhere candle's composition of the
-/// same expressions.
+/// and with the same GEMM calls (tile by tile), so the gradients are the same numbers bit
+/// for bit, on any number of threads; what is saved is candle's gradient bookkeeping,
+/// which adds every block's m × m weight gradient to a freshly zeroed tensor (two more
+/// passes over each W-sized buffer and two allocations per block — the theory network's
+/// full-batch step is memory-bound at small n), and rayon's waking of its threads for
+/// every product: the threads work through the chain as one team, as in
+/// [`residual_dense_relu_chain`]. On the CPU for `f32` under the fused kernels; elsewhere
+/// candle's composition of the same expressions.
 ///
 /// # Example
 ///
@@ -284,33 +297,207 @@ pub fn residual_dense_relu_chain_backward(
     if !fused_f32(&all) {
         return chain_backward_composed(hs, ws, dy, tau);
     }
-    let tau32 = tau as f32;
+    chain_backward_f32(hs, ws, dy, tau, chain_threads(n, m))
+}
+
+/// [`residual_dense_relu_chain_backward`] on the CPU in `f32`, by a team of `threads`
+/// (the shapes checked).
+fn chain_backward_f32(
+    hs: &[Tensor],
+    ws: &[Tensor],
+    dy: &Tensor,
+    tau: f64,
+    threads: usize,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let (n, m) = dy.dims2()?;
+    let blocks = ws.len();
+    let (hs, ws) = (contiguous(hs)?, contiguous(ws)?);
+    let (h_guards, w_guards) = (guards(&hs), guards(&ws));
+    let h_data = cpu_slices(&h_guards, n * m, "hidden state")?;
+    let w_data = cpu_slices(&w_guards, m * m, "weight")?;
     let mut dh = cpu_f32_vec(dy)?;
-    let mut g = vec![0f32; n * m];
-    let mut dws = Vec::with_capacity(ws.len());
-    for l in (1..hs.len()).rev() {
-        let (h_out, h_in, w) = (cpu_f32_vec(&hs[l])?, cpu_f32_vec(&hs[l - 1])?, &ws[l - 1]);
-        // g = dh ⊙ 1(h_l > 0), into g and into dh (which becomes g + τ·g·W_l below).
-        for ((gv, d), &y) in g.iter_mut().zip(dh.iter_mut()).zip(&h_out) {
-            let v = if y > 0.0 { *d } else { 0.0 };
-            *gv = v;
-            *d = v;
-        }
-        let mut dw = vec![0f32; m * m];
-        let (w_guard, w_layout) = w.storage_and_layout();
-        let w_data = match &*w_guard {
-            candle::Storage::Cpu(s) => {
-                f32_data(s, w_layout, m * m, "residual-dense-relu-chain", "weight")?
+    let mut dws: Vec<Vec<f32>> = (0..blocks).map(|_| Vec::with_capacity(m * m)).collect();
+    if n > 0 && m > 0 {
+        // g_l, double-buffered: a rank may write its columns of g_{l−1} while another
+        // still multiplies by g_l.
+        let mut g = [vec![0f32; n * m], vec![0f32; n * m]];
+        let g_ptr = [SharedMut(g[0].as_mut_ptr()), SharedMut(g[1].as_mut_ptr())];
+        let dh_ptr = SharedMut(dh.as_mut_ptr());
+        let dw_ptr: Vec<SharedMut> = dws.iter_mut().map(|d| SharedMut(d.as_mut_ptr())).collect();
+        let tau32 = tau as f32;
+        team::run(threads, |rank, barrier| {
+            let cols = team::share(m, threads, rank, TILE);
+            for l in (1..=blocks).rev() {
+                let (g, dh) = (g_ptr[l % 2].ptr(), dh_ptr.ptr());
+                // SAFETY: this rank writes only its columns of g_l and of dh (each n × m);
+                // the other ranks read g_l after the barrier below, and g_l's buffer is
+                // next written (as g_{l−2}) after the next barrier, when every rank is
+                // done with it.
+                unsafe {
+                    let h_out = h_data[l];
+                    for j in 0..n {
+                        for i in cols.clone() {
+                            let k = j * m + i;
+                            let v = if h_out[k] > 0.0 { *dh.add(k) } else { 0.0 };
+                            *g.add(k) = v;
+                            *dh.add(k) = v;
+                        }
+                    }
+                }
+                barrier.wait();
+                for cols in tiles_of(cols.clone()) {
+                    // SAFETY: g (n × m) and W_l (m × m) are read whole; this rank writes
+                    // only its columns of dh and its rows of dW_l (allocated m × m).
+                    unsafe {
+                        let dw = dw_ptr[l - 1].ptr();
+                        backward_tile(
+                            g,
+                            h_data[l - 1].as_ptr(),
+                            w_data[l - 1],
+                            dh,
+                            dw,
+                            cols,
+                            (n, m),
+                            tau32,
+                        )
+                    }
+                }
             }
-            _ => candle::bail!("residual_dense_relu_chain_backward: weight not on the CPU"),
-        };
-        // The same products as ResidualDenseBwd's.
-        block_backward_f32(&g, &h_in, w_data, &mut dh, &mut dw, (n, m), tau32);
-        drop(w_guard);
-        dws.push(Tensor::from_vec(dw, (m, m), w.device())?);
+        });
+        // SAFETY: the ranks' rows cover every row of every dW_l, each written whole.
+        dws.iter_mut().for_each(|d| unsafe { d.set_len(m * m) });
+    } else {
+        dws.iter_mut().for_each(|d| d.resize(m * m, 0.0));
     }
-    dws.reverse();
+    drop((h_guards, w_guards));
+    let dws = dws
+        .into_iter()
+        .zip(&ws)
+        .map(|(d, w)| Tensor::from_vec(d, (m, m), w.device()))
+        .collect::<Result<_>>()?;
     Ok((Tensor::from_vec(dh, (n, m), dy.device())?, dws))
+}
+
+/// The forward pass of a whole chain of [`residual_dense_relu`] blocks: from h_0 (n × m)
+/// and `ws` = [W_1, …, W_L] (each m × m), the hidden states [h_1, …, h_L], h_l =
+/// relu(h_{l−1} + τ·h_{l−1}·W_lᵀ), each the same numbers as [`residual_dense_relu`]'s.
+///
+/// On the CPU for `f32` under the fused kernels, the threads work through the chain as
+/// one team (each a block of columns of every product, meeting between blocks) instead
+/// of waking rayon's pool for every block's small product; elsewhere one
+/// [`residual_dense_relu`] per block. [`residual_dense_relu_chain_backward`] is its
+/// backward pass.
+///
+/// # Errors
+/// `h0` not n × m, a weight not m × m, or a device error.
+pub fn residual_dense_relu_chain(h0: &Tensor, ws: &[Tensor], tau: f64) -> Result<Vec<Tensor>> {
+    let (n, m) = h0.dims2()?;
+    for (l, w) in ws.iter().enumerate() {
+        if w.dims() != [m, m] {
+            candle::bail!(
+                "residual_dense_relu_chain: W_{} is {:?} (expected [{m}, {m}])",
+                l + 1,
+                w.dims()
+            )
+        }
+    }
+    let all: Vec<&Tensor> = ws.iter().chain([h0]).collect();
+    if !fused_f32(&all) || n == 0 || m == 0 {
+        let mut hs: Vec<Tensor> = Vec::with_capacity(ws.len());
+        for w in ws {
+            let h = residual_dense_relu(hs.last().unwrap_or(h0), w, tau)?;
+            hs.push(h);
+        }
+        return Ok(hs);
+    }
+    chain_forward_f32(h0, ws, tau, chain_threads(n, m))
+}
+
+/// [`residual_dense_relu_chain`] on the CPU in `f32`, by a team of `threads` (the shapes
+/// checked, n and m not 0).
+fn chain_forward_f32(h0: &Tensor, ws: &[Tensor], tau: f64, threads: usize) -> Result<Vec<Tensor>> {
+    let (n, m) = h0.dims2()?;
+    let blocks = ws.len();
+    let ws = contiguous(ws)?;
+    let w_guards = guards(&ws);
+    let w_data = cpu_slices(&w_guards, m * m, "weight")?;
+    let h0 = cpu_f32_vec(h0)?;
+    let mut outs: Vec<Vec<f32>> = (0..blocks).map(|_| Vec::with_capacity(n * m)).collect();
+    let out_ptr: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
+    let tau32 = tau as f32;
+    team::run(threads, |rank, barrier| {
+        let cols = team::share(m, threads, rank, TILE);
+        let mut p = Vec::new();
+        for l in 0..blocks {
+            let h_in = if l == 0 {
+                h0.as_ptr()
+            } else {
+                out_ptr[l - 1].ptr().cast_const()
+            };
+            for cols in tiles_of(cols.clone()) {
+                // SAFETY: h_{l−1} (n × m, written whole before the last barrier) and W_l
+                // are read; this rank writes only its columns of h_l.
+                unsafe {
+                    forward_tile(
+                        w_data[l],
+                        h_in,
+                        out_ptr[l].ptr(),
+                        &mut p,
+                        cols,
+                        (n, m),
+                        tau32,
+                    )
+                }
+            }
+            barrier.wait();
+        }
+    });
+    // SAFETY: the ranks' columns cover every column of every h_l, each written whole.
+    outs.iter_mut().for_each(|o| unsafe { o.set_len(n * m) });
+    drop(w_guards);
+    let device = ws
+        .first()
+        .map(Tensor::device)
+        .cloned()
+        .unwrap_or(candle::Device::Cpu);
+    outs.into_iter()
+        .map(|o| Tensor::from_vec(o, (n, m), &device))
+        .collect()
+}
+
+/// How many threads a chain's team gets: none beyond the first for products too small to
+/// repay a barrier per block, and at most one per tile.
+fn chain_threads(n: usize, m: usize) -> usize {
+    if n * m * m < 1 << 18 {
+        1
+    } else {
+        team::threads(m.div_ceil(TILE))
+    }
+}
+
+/// The tensors, each contiguous (a cheap clone for those that are).
+fn contiguous(ts: &[Tensor]) -> Result<Vec<Tensor>> {
+    ts.iter().map(Tensor::contiguous).collect()
+}
+
+/// Each tensor's storage, read-locked, with its layout.
+fn guards(ts: &[Tensor]) -> Vec<(impl std::ops::Deref<Target = candle::Storage> + '_, &Layout)> {
+    ts.iter().map(Tensor::storage_and_layout).collect()
+}
+
+/// The `f32` values of each locked CPU storage, `len` each.
+fn cpu_slices<'a, G: std::ops::Deref<Target = candle::Storage>>(
+    guards: &'a [(G, &'a Layout)],
+    len: usize,
+    what: &str,
+) -> Result<Vec<&'a [f32]>> {
+    guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            candle::Storage::Cpu(c) => f32_data(c, l, len, "residual-dense-relu-chain", what),
+            _ => candle::bail!("residual-dense-relu-chain: {what} not on the CPU"),
+        })
+        .collect()
 }
 
 /// A contiguous CPU `f32` tensor's values (one copy of n × m values: the hidden states
@@ -337,9 +524,117 @@ fn chain_backward_composed(
     Ok((dh, dws))
 }
 
-/// One block's backward products, shared by [`residual_dense_relu`]'s backward op and
-/// [`residual_dense_relu_chain_backward`]: `dh` = `dh` + τ·g·w (the caller puts g in `dh`
-/// first) and `dw` = τ·gᵀ·h, for g and h of n × m and w of m × m, all row-major.
+/// Columns of W per product call. Every block product is computed in tiles of this many
+/// columns of W_l (rows of τ·W·hᵀ and of dW, columns of dh; the last tile narrower), each
+/// by one `gemm` call, whichever thread computes it: the per-block ops and the chain's
+/// team, on any number of threads, get the same bits (the `gemm` crate sums a product's
+/// terms in an order that depends on the shape of the call).
+const TILE: usize = 128;
+
+/// Tile `t`'s columns, of 0..m.
+fn tile(t: usize, m: usize) -> Range<usize> {
+    t * TILE..((t + 1) * TILE).min(m)
+}
+
+/// The tiles of `cols` (a range whose start is a multiple of [`TILE`]).
+fn tiles_of(cols: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    cols.clone()
+        .step_by(TILE)
+        .map(move |c| c..(c + TILE).min(cols.end))
+}
+
+/// One tile of a block's forward pass: h_out[:, cols] = relu(h_in[:, cols] + τ·(W[cols, :]·h_inᵀ)ᵀ),
+/// for h_in and h_out n × m and w m × m, row-major, through `p` (resized to hold the
+/// tile's cols × n product).
+///
+/// # Safety
+/// `h_in` and `h_out` address n × m elements and do not overlap; no other thread writes
+/// `h_out`'s columns `cols` or reads them during the call.
+unsafe fn forward_tile(
+    w: &[f32],
+    h_in: *const f32,
+    h_out: *mut f32,
+    p: &mut Vec<f32>,
+    cols: Range<usize>,
+    (n, m): (usize, usize),
+    tau: f32,
+) {
+    let (c0, cw) = (cols.start, cols.len());
+    if n == 0 || cw == 0 {
+        return;
+    }
+    p.resize(cw * n, 0.0);
+    // SAFETY: W's rows c0.. (cw × m, row stride m) lie in w; element (k, j) of h_inᵀ is
+    // h_in[j][k] (column stride m, row stride 1); p holds cw × n; the writes to h_out are
+    // to this tile's columns (the caller's contract).
+    unsafe {
+        gemm_f32_strided(
+            (cw, n, m),
+            (p.as_mut_ptr(), n),
+            false,
+            (w.as_ptr().add(c0 * m), 1, m),
+            (h_in, m, 1),
+            tau,
+            gemm::Parallelism::None,
+        );
+        for j in 0..n {
+            for i in cols.clone() {
+                let k = j * m + i;
+                *h_out.add(k) = (*h_in.add(k) + p[(i - c0) * n + j]).max(0.0);
+            }
+        }
+    }
+}
+
+/// One tile of a block's backward products: dh[:, cols] += τ·g·W[:, cols] and
+/// dW[cols, :] = τ·g[:, cols]ᵀ·h, for g, h and dh n × m and w and dw m × m, row-major.
+///
+/// # Safety
+/// `g`, `h` and `dh` address n × m elements, `dw` m × m; `dh` and `dw` overlap nothing
+/// else; no other thread touches dh's columns `cols` or dW's rows `cols` during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_tile(
+    g: *const f32,
+    h: *const f32,
+    w: &[f32],
+    dh: *mut f32,
+    dw: *mut f32,
+    cols: Range<usize>,
+    (n, m): (usize, usize),
+    tau: f32,
+) {
+    let (c0, cw) = (cols.start, cols.len());
+    if n == 0 || cw == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract; W's columns c0.. with row stride m lie in w, g's
+    // columns c0.. (element (i, k) of g[:, cols]ᵀ is g[k][c0 + i]) in g.
+    unsafe {
+        gemm_f32_strided(
+            (n, cw, m),
+            (dh.add(c0), m),
+            true,
+            (g, 1, m),
+            (w.as_ptr().add(c0), 1, m),
+            tau,
+            gemm::Parallelism::None,
+        );
+        gemm_f32_strided(
+            (cw, m, n),
+            (dw.add(c0 * m), m),
+            false,
+            (g.add(c0), m, 1),
+            (h, 1, m),
+            tau,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// One block's backward products, for [`residual_dense_relu`]'s backward op:
+/// `dh` = `dh` + τ·g·w (the caller puts g in `dh` first) and `dw` = τ·gᵀ·h, for g and h
+/// of n × m and w of m × m, all row-major; tile by tile on rayon's threads, as the
+/// chain's team computes them.
 ///
 /// # Panics
 /// Slices whose lengths do not match `n` and `m` (the callers check their shapes first).
@@ -360,31 +655,24 @@ fn block_backward_f32(
         w.len() == m * m && dw.len() == m * m,
         "block backward: m × m buffers of the wrong length"
     );
-    if n == 0 || m == 0 {
-        return;
-    }
-    // SAFETY: every slice holds exactly the elements its sizes and strides address
-    // (asserted above), and `dh` and `dw` are borrowed mutably, so they alias nothing.
-    unsafe {
-        // dh = g + τ·g·w (w row-major: column stride 1, row stride m).
-        gemm_f32(
-            (n, m, m),
-            dh.as_mut_ptr(),
-            true,
-            (g.as_ptr(), 1, m),
-            (w.as_ptr(), 1, m),
-            tau,
-        );
-        // dw = τ·gᵀ·h: element (i, k) of gᵀ is g[k][i].
-        gemm_f32(
-            (m, m, n),
-            dw.as_mut_ptr(),
-            false,
-            (g.as_ptr(), m, 1),
-            (h.as_ptr(), 1, m),
-            tau,
-        );
-    }
+    let (dh, dw) = (SharedMut(dh.as_mut_ptr()), SharedMut(dw.as_mut_ptr()));
+    (0..m.div_ceil(TILE)).into_par_iter().for_each(|t| {
+        // SAFETY: every slice holds the elements its sizes address (asserted above); dh
+        // and dw are borrowed mutably (they alias nothing), and each tile's columns of
+        // dh and rows of dw are written by that tile's call only.
+        unsafe {
+            backward_tile(
+                g.as_ptr(),
+                h.as_ptr(),
+                w,
+                dh.ptr(),
+                dw.ptr(),
+                tile(t, m),
+                (n, m),
+                tau,
+            )
+        }
+    });
 }
 
 /// The product of many hidden states with one block weight, written into a caller's
@@ -534,6 +822,40 @@ mod tests {
             assert!(rel_err(&dh0, grads.get(h0v.as_tensor()).unwrap()) < 1e-12);
             for (w, dw) in wv.iter().zip(&dws) {
                 assert!(rel_err(dw, grads.get(w.as_tensor()).unwrap()) < 1e-12);
+            }
+        }
+    }
+
+    /// The team's forward and backward passes, for 1 to 4 threads (tiles of 64, 64, 64
+    /// and 8 columns at m = 200, shared 2-1-1 by 3 threads; idle threads at m = 40), give
+    /// the numbers of one [`residual_dense_relu`] per block and of autograd over them, bit
+    /// for bit. (Seen failing when each thread ran one product over all its columns.)
+    #[test]
+    fn chain_team_equals_the_block_ops() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for (n, m, depth, tau) in [(5, 200, 3, 0.5), (32, 128, 3, 0.3), (3, 40, 2, 1.0)] {
+            let h0 = random(&mut rng, &[n, m], -1.0, 1.0);
+            let ws: Vec<Tensor> = (0..depth)
+                .map(|_| random(&mut rng, &[m, m], -0.4, 0.4))
+                .collect();
+            let r = random(&mut rng, &[n, m], -1.0, 1.0);
+            let (hs, wv, h0v, grads) = chain_autograd(&h0, &ws, &r, tau);
+            let wt: Vec<Tensor> = wv.iter().map(|w| w.as_tensor().clone()).collect();
+            let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for threads in 1..=4 {
+                let what = format!("n={n} m={m} L={depth}, {threads} threads");
+                let chain = chain_forward_f32(&h0, &wt, tau, threads).unwrap();
+                assert_eq!(chain.len(), depth);
+                for (l, (a, b)) in chain.iter().zip(&hs[1..]).enumerate() {
+                    assert_eq!(values(a), values(b), "h_{} ({what})", l + 1);
+                }
+                let (dh0, dws) = chain_backward_f32(&hs, &wt, &r, tau, threads).unwrap();
+                let expected = grads.get(h0v.as_tensor()).unwrap();
+                assert_eq!(values(&dh0), values(expected), "dh0 ({what})");
+                for (l, (w, dw)) in wv.iter().zip(&dws).enumerate() {
+                    let expected = grads.get(w.as_tensor()).unwrap();
+                    assert_eq!(values(dw), values(expected), "dW_{} ({what})", l + 1);
+                }
             }
         }
     }

@@ -263,12 +263,10 @@ impl TheoryNet {
         self.check_input(xs)?;
         let h0 = self.stem(xs)?;
         let ws: Vec<Tensor> = self.ws.iter().map(Tensor::detach).collect();
-        let mut hs = Vec::with_capacity(ws.len() + 1);
-        hs.push(h0.detach());
-        for w in &ws {
-            let h = self.block(&hs[hs.len() - 1], w)?;
-            hs.push(h);
-        }
+        let mut hs = vec![h0.detach()];
+        hs.extend(tau_kernels::matmul::residual_dense_relu_chain(
+            &hs[0], &ws, self.tau,
+        )?);
         // The head through autograd, from a variable copy of h_L: ∂loss/∂h_L (and ∂/∂B).
         let h_last = candle::Var::from_tensor(&hs[ws.len()])?;
         let preds = h_last.as_tensor().matmul(&self.b.t()?)?;
