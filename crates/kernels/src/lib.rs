@@ -12,7 +12,7 @@
 //! | [`pool`] | the 3×3/2 max pool (PyTorch's semantics), the global average pool |
 //! | [`shortcut`] | the option-A shortcut, the stride-2 subsample |
 //! | [`block`] | a whole basic block, with or without BatchNorm, as one op |
-//! | [`matmul`], [`probe`] | the theory network's block product and the element-wise passes of its stability probe |
+//! | [`matmul`], [`probe`] | the theory network's block product (one op, and whole chains of blocks run by one team of threads for full-batch GD) and the element-wise passes of its stability probe |
 //! | [`sgd`] | the SGD update (weight decay, momentum, Nesterov) in place |
 //! | [`select`] | which kernels run: candle's, the convolution only, or every op with a [`select::KernelSet`] |
 //! | [`alloc`] | the allocator policy for CPU training |
