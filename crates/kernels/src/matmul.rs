@@ -773,6 +773,44 @@ mod tests {
         (hs, wv, h0, grads)
     }
 
+    /// A chain's random inputs: h_0 (n × m), L weights and the output weighting r.
+    fn chain_inputs(
+        rng: &mut ChaCha8Rng,
+        (n, m, depth): (usize, usize, usize),
+    ) -> (Tensor, Vec<Tensor>, Tensor) {
+        let h0 = random(rng, &[n, m], -1.0, 1.0);
+        let ws = (0..depth)
+            .map(|_| random(rng, &[m, m], -0.4, 0.4))
+            .collect();
+        (h0, ws, random(rng, &[n, m], -1.0, 1.0))
+    }
+
+    /// Asserts that `a` and `b` hold the same `f32` values, bit for bit.
+    fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(a), values(b), "{what}");
+    }
+
+    /// Asserts that a chain backward's (dh0, dws) are autograd's gradients, bit for bit.
+    fn assert_autograd_grads(
+        (dh0, dws): &(Tensor, Vec<Tensor>),
+        h0: &Var,
+        ws: &[Var],
+        grads: &candle::backprop::GradStore,
+        what: &str,
+    ) {
+        assert_same(
+            dh0,
+            grads.get(h0.as_tensor()).unwrap(),
+            &format!("dh0 ({what})"),
+        );
+        assert_eq!(dws.len(), ws.len());
+        for (l, (w, dw)) in ws.iter().zip(dws).enumerate() {
+            let expected = grads.get(w.as_tensor()).unwrap();
+            assert_same(dw, expected, &format!("dW_{} ({what})", l + 1));
+        }
+    }
+
     /// The written-out backward gives candle's autograd gradients bit for bit (the same
     /// GEMM calls; candle only adds them to zeros), under every kernel set; in f64 (the
     /// composed fallback) within rounding of the f64 autograd.
@@ -781,31 +819,14 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         // Widths off every SIMD width, a single row; enough depth for dead ReLUs.
         for (n, m, depth, tau) in [(5, 24, 4, 0.5), (1, 17, 3, 1.0), (9, 33, 6, 0.2)] {
-            let h0 = random(&mut rng, &[n, m], -1.0, 1.0);
-            let ws: Vec<Tensor> = (0..depth)
-                .map(|_| random(&mut rng, &[m, m], -0.4, 0.4))
-                .collect();
-            let r = random(&mut rng, &[n, m], -1.0, 1.0);
+            let (h0, ws, r) = chain_inputs(&mut rng, (n, m, depth));
             for set in KernelSet::available() {
                 with_kernels(set, || {
                     let (hs, wv, h0v, grads) = chain_autograd(&h0, &ws, &r, tau);
                     let wt: Vec<Tensor> = wv.iter().map(|w| w.as_tensor().clone()).collect();
-                    let (dh0, dws) = residual_dense_relu_chain_backward(&hs, &wt, &r, tau).unwrap();
-                    let same = |a: &Tensor, b: &Tensor, what: &str| {
-                        let (a, b) = (
-                            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                        );
-                        assert_eq!(a, b, "{what} (n={n} m={m} L={depth}, {set} kernels)");
-                    };
-                    same(&dh0, grads.get(h0v.as_tensor()).unwrap(), "dh0");
-                    for (l, (w, dw)) in wv.iter().zip(&dws).enumerate() {
-                        same(
-                            dw,
-                            grads.get(w.as_tensor()).unwrap(),
-                            &format!("dW_{}", l + 1),
-                        );
-                    }
+                    let out = residual_dense_relu_chain_backward(&hs, &wt, &r, tau).unwrap();
+                    let what = format!("n={n} m={m} L={depth}, {set} kernels");
+                    assert_autograd_grads(&out, &h0v, &wv, &grads, &what);
                 });
             }
             // f64: the composed fallback against f64 autograd of the composed block.
@@ -826,36 +847,32 @@ mod tests {
         }
     }
 
-    /// The team's forward and backward passes, for 1 to 4 threads (tiles of 64, 64, 64
-    /// and 8 columns at m = 200, shared 2-1-1 by 3 threads; idle threads at m = 40), give
-    /// the numbers of one [`residual_dense_relu`] per block and of autograd over them, bit
-    /// for bit. (Seen failing when each thread ran one product over all its columns.)
+    /// The team's forward and backward passes, for 1 to 4 threads, give the numbers of
+    /// one [`residual_dense_relu`] per block and of autograd over them, bit for bit: at
+    /// m = 3·TILE + 8 the tiles are TILE, TILE, TILE and 8 columns wide, shared 2-1-1 by
+    /// 3 threads and 1-1-1-1 by 4; at m = TILE and m = 40 one thread gets everything.
+    /// (The forward was seen failing when each thread ran one product over all its
+    /// columns instead of fixed tiles.)
     #[test]
     fn chain_team_equals_the_block_ops() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        for (n, m, depth, tau) in [(5, 200, 3, 0.5), (32, 128, 3, 0.3), (3, 40, 2, 1.0)] {
-            let h0 = random(&mut rng, &[n, m], -1.0, 1.0);
-            let ws: Vec<Tensor> = (0..depth)
-                .map(|_| random(&mut rng, &[m, m], -0.4, 0.4))
-                .collect();
-            let r = random(&mut rng, &[n, m], -1.0, 1.0);
+        for (n, m, depth, tau) in [
+            (5, 3 * TILE + 8, 3, 0.5),
+            (32, TILE, 2, 0.3),
+            (3, 40, 2, 1.0),
+        ] {
+            let (h0, ws, r) = chain_inputs(&mut rng, (n, m, depth));
             let (hs, wv, h0v, grads) = chain_autograd(&h0, &ws, &r, tau);
             let wt: Vec<Tensor> = wv.iter().map(|w| w.as_tensor().clone()).collect();
-            let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for threads in 1..=4 {
                 let what = format!("n={n} m={m} L={depth}, {threads} threads");
                 let chain = chain_forward_f32(&h0, &wt, tau, threads).unwrap();
                 assert_eq!(chain.len(), depth);
                 for (l, (a, b)) in chain.iter().zip(&hs[1..]).enumerate() {
-                    assert_eq!(values(a), values(b), "h_{} ({what})", l + 1);
+                    assert_same(a, b, &format!("h_{} ({what})", l + 1));
                 }
-                let (dh0, dws) = chain_backward_f32(&hs, &wt, &r, tau, threads).unwrap();
-                let expected = grads.get(h0v.as_tensor()).unwrap();
-                assert_eq!(values(&dh0), values(expected), "dh0 ({what})");
-                for (l, (w, dw)) in wv.iter().zip(&dws).enumerate() {
-                    let expected = grads.get(w.as_tensor()).unwrap();
-                    assert_eq!(values(dw), values(expected), "dW_{} ({what})", l + 1);
-                }
+                let out = chain_backward_f32(&hs, &wt, &r, tau, threads).unwrap();
+                assert_autograd_grads(&out, &h0v, &wv, &grads, &what);
             }
         }
     }
