@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 
 use candle::{Tensor, Var};
+use rayon::prelude::*;
 
 use crate::config::WeightDecayMode;
 
@@ -99,75 +100,97 @@ impl Sgd {
                 self.params.len()
             );
         }
-        let c = self.cfg;
-        for ((p, g), buf) in self
-            .params
-            .iter()
-            .zip(grads)
-            .zip(self.momentum_buffers.iter_mut())
-        {
+        // In place where `tau_kernels::sgd` can (on the CPU for `f32`: the same bits as
+        // the composition in `step_composed`, without temporaries). Every parameter at
+        // once on rayon's threads when all are on the CPU: a model of many small tensors
+        // (the theory network's L weights) would otherwise wake the threads per tensor.
+        let mut jobs = Vec::new();
+        for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            let lr_p = lr * p.spec.lr_mult;
-            let wd = if p.spec.weight_decay {
-                c.weight_decay
-            } else {
-                0.0
-            };
-            // In place on the CPU (the same bits as below, without temporaries): the
-            // buffer is a tensor of its own, never one the caller holds.
-            let update = tau_kernels::sgd::SgdUpdate {
-                lr: lr_p,
-                grad_scale: p.spec.grad_scale,
-                weight_decay: wd,
-                decoupled: c.weight_decay_mode == WeightDecayMode::Decoupled,
-                momentum: c.momentum,
-                nesterov: c.nesterov,
-                first: buf.is_none(),
-            };
-            let w = p.var.as_tensor();
-            let b = match (c.momentum != 0.0, &*buf) {
+            let w = self.params[i].var.as_tensor();
+            // The buffer is a tensor of its own, never one the caller holds.
+            let b = match (self.cfg.momentum != 0.0, &self.momentum_buffers[i]) {
                 (false, _) => None,
                 (true, Some(b)) => Some(b.clone()),
                 (true, None) => Some(w.zeros_like()?.detach()),
             };
-            if tau_kernels::sgd::sgd_update(w, g, b.as_ref(), &update)? {
-                if b.is_some() {
-                    *buf = b;
-                }
-                continue;
+            jobs.push((i, g, self.update(i, lr), b));
+        }
+        let in_place = |(i, g, u, b): &(usize, &Tensor, _, Option<Tensor>)| {
+            tau_kernels::sgd::sgd_update(self.params[*i].var.as_tensor(), g, b.as_ref(), u)
+        };
+        let all_cpu = jobs.iter().all(|(i, g, ..)| {
+            g.device().is_cpu() && self.params[*i].var.as_tensor().device().is_cpu()
+        });
+        let done: Vec<bool> = if all_cpu {
+            jobs.par_iter()
+                .map(in_place)
+                .collect::<candle::Result<_>>()?
+        } else {
+            jobs.iter().map(in_place).collect::<candle::Result<_>>()?
+        };
+        for ((i, g, _, b), done) in jobs.into_iter().zip(done) {
+            if !done {
+                self.step_composed(i, g, lr)?;
+            } else if b.is_some() {
+                self.momentum_buffers[i] = b;
             }
-            // The update is no part of any autograd graph: computed from the variable
-            // itself (tracked), the decayed weights and through them every momentum
-            // buffer would record its inputs, each buffer the previous one, and keep all
-            // of them alive, a few copies of the model per step for the whole run.
-            let g = g.detach();
-            let mut w = p.var.as_tensor().detach();
-            let mut d = if p.spec.grad_scale == 1.0 {
-                g.clone()
-            } else {
-                g.affine(p.spec.grad_scale, 0.0)?
-            };
-            if wd != 0.0 {
-                match c.weight_decay_mode {
-                    WeightDecayMode::Coupled => d = (d + w.affine(wd, 0.0)?)?,
-                    WeightDecayMode::Decoupled => w = w.affine(1.0 - lr_p * wd, 0.0)?,
-                }
-            }
-            if c.momentum != 0.0 {
-                let b = match buf.take() {
-                    None => d.clone(),
-                    Some(b) => (b.affine(c.momentum, 0.0)? + &d)?,
-                };
-                d = if c.nesterov {
-                    (d + b.affine(c.momentum, 0.0)?)?
-                } else {
-                    b.clone()
-                };
-                *buf = Some(b);
-            }
-            p.var.set(&(w - d.affine(lr_p, 0.0)?)?)?;
         }
         Ok(())
+    }
+
+    /// Parameter `i`'s update at base learning rate `lr`, for `tau_kernels::sgd`.
+    fn update(&self, i: usize, lr: f64) -> tau_kernels::sgd::SgdUpdate {
+        let (c, spec) = (self.cfg, self.params[i].spec);
+        tau_kernels::sgd::SgdUpdate {
+            lr: lr * spec.lr_mult,
+            grad_scale: spec.grad_scale,
+            weight_decay: if spec.weight_decay {
+                c.weight_decay
+            } else {
+                0.0
+            },
+            decoupled: c.weight_decay_mode == WeightDecayMode::Decoupled,
+            momentum: c.momentum,
+            nesterov: c.nesterov,
+            first: self.momentum_buffers[i].is_none(),
+        }
+    }
+
+    /// Parameter `i`'s update from candle's ops, where the in-place one does not apply.
+    fn step_composed(&mut self, i: usize, g: &Tensor, lr: f64) -> candle::Result<()> {
+        let u = self.update(i, lr);
+        let (c, p, buf) = (self.cfg, &self.params[i], &mut self.momentum_buffers[i]);
+        // The update is no part of any autograd graph: computed from the variable
+        // itself (tracked), the decayed weights and through them every momentum
+        // buffer would record its inputs, each buffer the previous one, and keep all
+        // of them alive, a few copies of the model per step for the whole run.
+        let g = g.detach();
+        let mut w = p.var.as_tensor().detach();
+        let mut d = if u.grad_scale == 1.0 {
+            g.clone()
+        } else {
+            g.affine(u.grad_scale, 0.0)?
+        };
+        if u.weight_decay != 0.0 {
+            match c.weight_decay_mode {
+                WeightDecayMode::Coupled => d = (d + w.affine(u.weight_decay, 0.0)?)?,
+                WeightDecayMode::Decoupled => w = w.affine(1.0 - u.lr * u.weight_decay, 0.0)?,
+            }
+        }
+        if c.momentum != 0.0 {
+            let b = match buf.take() {
+                None => d.clone(),
+                Some(b) => (b.affine(c.momentum, 0.0)? + &d)?,
+            };
+            d = if c.nesterov {
+                (d + b.affine(c.momentum, 0.0)?)?
+            } else {
+                b.clone()
+            };
+            *buf = Some(b);
+        }
+        p.var.set(&(w - d.affine(u.lr, 0.0)?)?)
     }
 
     /// The optimizer state as named tensors: `momentum.<param name>` for every parameter

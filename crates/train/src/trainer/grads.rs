@@ -1,6 +1,9 @@
 //! One step's gradients (full batch or mini-batch), their norms (global and per layer)
 //! and clipping.
 
+use std::collections::HashMap;
+
+use rayon::prelude::*;
 use tau_kernels::sgd::sum_squares;
 use tau_model::params::ParamName;
 
@@ -65,11 +68,12 @@ pub(super) fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> crate::R
         return Ok(GradNorms::default());
     }
     let sq: Vec<f64> = if grads.iter().flatten().all(|g| g.device().is_cpu()) {
-        // One pass over each gradient, no temporary (`tau_kernels::sgd::sum_squares`).
+        // One pass over each gradient, no temporary (`tau_kernels::sgd::sum_squares`),
+        // all at once on rayon's threads (not a wake-up of them per gradient).
+        let grads: Vec<&Tensor> = grads.iter().flatten().collect();
         grads
-            .iter()
-            .flatten()
-            .map(sum_squares)
+            .par_iter()
+            .map(|g| sum_squares(g))
             .collect::<candle::Result<_>>()?
     } else {
         // On a GPU: the sums on the device, read back in one transfer.
@@ -82,14 +86,20 @@ pub(super) fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> crate::R
             .to_device(&candle::Device::Cpu)?
             .to_vec1()?
     };
+    // Layers in order of first appearance; an index by name (the theory network has as
+    // many layers as parameters, thousands).
     let mut layers: Vec<(String, f64)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
     let mut param_sq = vec![0.0; grads.len()];
     for (&i, v) in which.iter().zip(&sq) {
         param_sq[i] = *v;
         let layer = layer_of(&names[i]);
-        match layers.iter_mut().find(|(n, _)| n == layer) {
-            Some((_, s)) => *s += v,
-            None => layers.push((layer.to_string(), *v)),
+        match index.get(layer) {
+            Some(&k) => layers[k].1 += v,
+            None => {
+                index.insert(layer, layers.len());
+                layers.push((layer.to_string(), *v));
+            }
         }
     }
     Ok(GradNorms {
