@@ -559,6 +559,7 @@ unsafe fn forward_tile(
     (n, m): (usize, usize),
     tau: f32,
 ) {
+    debug_assert!(w.len() == m * m && cols.end <= m);
     let (c0, cw) = (cols.start, cols.len());
     if n == 0 || cw == 0 {
         return;
@@ -603,6 +604,7 @@ unsafe fn backward_tile(
     (n, m): (usize, usize),
     tau: f32,
 ) {
+    debug_assert!(w.len() == m * m && cols.end <= m);
     let (c0, cw) = (cols.start, cols.len());
     if n == 0 || cw == 0 {
         return;
