@@ -326,7 +326,7 @@ fn chain_backward_f32(
         let dw_ptr: Vec<SharedMut> = dws.iter_mut().map(|d| SharedMut(d.as_mut_ptr())).collect();
         let tau32 = tau as f32;
         team::run(threads, |rank, barrier| {
-            let cols = team::share(m, threads, rank, TILE);
+            let cols = team::share(m, barrier.threads(), rank, TILE);
             for l in (1..=blocks).rev() {
                 let (g, dh) = (g_ptr[l % 2].ptr(), dh_ptr.ptr());
                 // SAFETY: this rank writes only its columns of g_l and of dh (each n × m);
@@ -426,7 +426,7 @@ fn chain_forward_f32(h0: &Tensor, ws: &[Tensor], tau: f64, threads: usize) -> Re
     let out_ptr: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
     let tau32 = tau as f32;
     team::run(threads, |rank, barrier| {
-        let cols = team::share(m, threads, rank, TILE);
+        let cols = team::share(m, barrier.threads(), rank, TILE);
         let mut p = Vec::new();
         for l in 0..blocks {
             let h_in = if l == 0 {

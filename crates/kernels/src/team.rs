@@ -8,6 +8,7 @@
 //! nanoseconds while the threads are on their cores, and falls back to yielding when they
 //! are not (a loaded machine), so it never holds a core another thread needs for long.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How many spins a thread waits at a barrier before it starts to yield its core: a
@@ -29,6 +30,11 @@ impl SpinBarrier {
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
         }
+    }
+
+    /// The number of threads in the team.
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Returns once every thread of the team has called `wait` as often as this one;
@@ -63,26 +69,53 @@ pub(crate) fn threads(max: usize) -> usize {
     rayon::current_num_threads().min(max).max(1)
 }
 
-/// Runs `work(rank, barrier)` on `threads` threads at once (this one and `threads` − 1
-/// scoped ones), rank 0..threads, and returns when all have. `work` must call
-/// `barrier.wait()` equally often on every rank, and must not panic (a panicking rank
-/// would leave the others waiting at the barrier).
+/// Runs `work(rank, barrier)` on up to `threads` threads at once (this one and up to
+/// `threads` − 1 scoped ones), rank 0..`barrier.threads()`, and returns when all have.
+/// `work` must call `barrier.wait()` equally often on every rank, must split its work by
+/// `barrier.threads()` (fewer than asked for when the system refuses a thread: the team
+/// is then smaller, never stuck), and must not panic (a panicking rank would leave the
+/// others waiting at the barrier).
 pub(crate) fn run<F>(threads: usize, work: F)
 where
     F: Fn(usize, &SpinBarrier) + Sync,
 {
+    run_spawning(threads, usize::MAX, work);
+}
+
+/// [`run`], spawning at most `max_helpers` threads (the tests' stand-in for a system that
+/// refuses threads).
+fn run_spawning<F>(threads: usize, max_helpers: usize, work: F)
+where
+    F: Fn(usize, &SpinBarrier) + Sync,
+{
     let threads = threads.max(1);
-    let barrier = SpinBarrier::new(threads);
     if threads == 1 {
-        work(0, &barrier);
+        work(0, &SpinBarrier::new(1));
         return;
     }
+    // The helpers start before the team's size is known (a spawn may fail): each waits
+    // for the barrier, which is made once every spawn has been tried.
+    let team: OnceLock<SpinBarrier> = OnceLock::new();
     std::thread::scope(|s| {
-        for rank in 1..threads {
-            let (work, barrier) = (&work, &barrier);
-            s.spawn(move || work(rank, barrier));
+        let mut size = 1;
+        for rank in 1..threads.min(max_helpers.saturating_add(1)) {
+            let (work, team) = (&work, &team);
+            let spawned = std::thread::Builder::new().spawn_scoped(s, move || {
+                let barrier = loop {
+                    match team.get() {
+                        Some(b) => break b,
+                        None => std::thread::yield_now(),
+                    }
+                };
+                work(rank, barrier);
+            });
+            if spawned.is_err() {
+                break;
+            }
+            size += 1;
         }
-        work(0, &barrier);
+        let barrier = team.get_or_init(|| SpinBarrier::new(size));
+        work(0, barrier);
     });
 }
 
@@ -134,6 +167,27 @@ mod tests {
         }
     }
 
+    /// When only some helpers start, the team is that much smaller: every rank it has
+    /// runs once, each sees the same team size, and nothing waits for a missing rank.
+    #[test]
+    fn a_refused_thread_makes_the_team_smaller() {
+        for (asked, helpers) in [(4, 0), (4, 1), (4, 2), (3, 5)] {
+            let ran: Vec<AtomicU64> = (0..asked).map(|_| AtomicU64::new(0)).collect();
+            let sizes = AtomicU64::new(0);
+            run_spawning(asked, helpers, |rank, barrier| {
+                ran[rank].fetch_add(1, Ordering::Relaxed);
+                sizes.fetch_add(barrier.threads() as u64, Ordering::Relaxed);
+                barrier.wait();
+                barrier.wait();
+            });
+            let size = asked.min(helpers + 1);
+            let counts: Vec<u64> = ran.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+            let expected: Vec<u64> = (0..asked).map(|r| u64::from(r < size)).collect();
+            assert_eq!(counts, expected, "{asked} asked, {helpers} helpers");
+            assert_eq!(sizes.load(Ordering::Relaxed), (size * size) as u64);
+        }
+    }
+
     #[test]
     fn the_barrier_orders_every_step() {
         // Each step, every rank adds to its own slot, then (after the barrier) checks that
@@ -143,6 +197,7 @@ mod tests {
             let slots: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
             let wrong = AtomicU64::new(0);
             run(threads, |rank, barrier| {
+                wrong.fetch_add(u64::from(barrier.threads() != threads), Ordering::Relaxed);
                 for step in 1..=500u64 {
                     slots[rank].fetch_add(1, Ordering::Relaxed);
                     barrier.wait();
