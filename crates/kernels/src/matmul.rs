@@ -417,6 +417,7 @@ pub fn residual_dense_relu_chain(h0: &Tensor, ws: &[Tensor], tau: f64) -> Result
 /// checked, n and m not 0).
 fn chain_forward_f32(h0: &Tensor, ws: &[Tensor], tau: f64, threads: usize) -> Result<Vec<Tensor>> {
     let (n, m) = h0.dims2()?;
+    let device = h0.device().clone();
     let blocks = ws.len();
     let ws = contiguous(ws)?;
     let w_guards = guards(&ws);
@@ -455,11 +456,6 @@ fn chain_forward_f32(h0: &Tensor, ws: &[Tensor], tau: f64, threads: usize) -> Re
     // SAFETY: the ranks' columns cover every column of every h_l, each written whole.
     outs.iter_mut().for_each(|o| unsafe { o.set_len(n * m) });
     drop(w_guards);
-    let device = ws
-        .first()
-        .map(Tensor::device)
-        .cloned()
-        .unwrap_or(candle::Device::Cpu);
     outs.into_iter()
         .map(|o| Tensor::from_vec(o, (n, m), &device))
         .collect()

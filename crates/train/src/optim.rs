@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 
 use candle::{Tensor, Var};
-use rayon::prelude::*;
 
 use crate::config::WeightDecayMode;
 
@@ -100,40 +99,23 @@ impl Sgd {
                 self.params.len()
             );
         }
-        // In place where `tau_kernels::sgd` can (on the CPU for `f32`: the same bits as
-        // the composition in `step_composed`, without temporaries). Every parameter at
-        // once on rayon's threads when all are on the CPU: a model of many small tensors
-        // (the theory network's L weights) would otherwise wake the threads per tensor.
-        let mut jobs = Vec::new();
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
+            let u = self.update(i, lr);
             let w = self.params[i].var.as_tensor();
-            // The buffer is a tensor of its own, never one the caller holds.
+            // In place on the CPU (the same bits as `step_composed`, without temporaries):
+            // the buffer is a tensor of its own, never one the caller holds.
             let b = match (self.cfg.momentum != 0.0, &self.momentum_buffers[i]) {
                 (false, _) => None,
                 (true, Some(b)) => Some(b.clone()),
                 (true, None) => Some(w.zeros_like()?.detach()),
             };
-            jobs.push((i, g, self.update(i, lr), b));
-        }
-        let in_place = |(i, g, u, b): &(usize, &Tensor, _, Option<Tensor>)| {
-            tau_kernels::sgd::sgd_update(self.params[*i].var.as_tensor(), g, b.as_ref(), u)
-        };
-        let all_cpu = jobs.iter().all(|(i, g, ..)| {
-            g.device().is_cpu() && self.params[*i].var.as_tensor().device().is_cpu()
-        });
-        let done: Vec<bool> = if all_cpu {
-            jobs.par_iter()
-                .map(in_place)
-                .collect::<candle::Result<_>>()?
-        } else {
-            jobs.iter().map(in_place).collect::<candle::Result<_>>()?
-        };
-        for ((i, g, _, b), done) in jobs.into_iter().zip(done) {
-            if !done {
-                self.step_composed(i, g, lr)?;
-            } else if b.is_some() {
-                self.momentum_buffers[i] = b;
+            if tau_kernels::sgd::sgd_update(w, g, b.as_ref(), &u)? {
+                if b.is_some() {
+                    self.momentum_buffers[i] = b;
+                }
+            } else {
+                self.step_composed(i, g, &u)?;
             }
         }
         Ok(())
@@ -157,9 +139,13 @@ impl Sgd {
         }
     }
 
-    /// Parameter `i`'s update from candle's ops, where the in-place one does not apply.
-    fn step_composed(&mut self, i: usize, g: &Tensor, lr: f64) -> candle::Result<()> {
-        let u = self.update(i, lr);
+    /// Parameter `i`'s update `u` from candle's ops, where the in-place one does not apply.
+    fn step_composed(
+        &mut self,
+        i: usize,
+        g: &Tensor,
+        u: &tau_kernels::sgd::SgdUpdate,
+    ) -> candle::Result<()> {
         let (c, p, buf) = (self.cfg, &self.params[i], &mut self.momentum_buffers[i]);
         // The update is no part of any autograd graph: computed from the variable
         // itself (tracked), the decayed weights and through them every momentum

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use rayon::prelude::*;
 use tau_kernels::sgd::sum_squares;
 use tau_model::params::ParamName;
 
@@ -68,12 +67,11 @@ pub(super) fn grad_norms(names: &[String], grads: &[Option<Tensor>]) -> crate::R
         return Ok(GradNorms::default());
     }
     let sq: Vec<f64> = if grads.iter().flatten().all(|g| g.device().is_cpu()) {
-        // One pass over each gradient, no temporary (`tau_kernels::sgd::sum_squares`),
-        // all at once on rayon's threads (not a wake-up of them per gradient).
-        let grads: Vec<&Tensor> = grads.iter().flatten().collect();
+        // One pass over each gradient, no temporary (`tau_kernels::sgd::sum_squares`).
         grads
-            .par_iter()
-            .map(|g| sum_squares(g))
+            .iter()
+            .flatten()
+            .map(sum_squares)
             .collect::<candle::Result<_>>()?
     } else {
         // On a GPU: the sums on the device, read back in one transfer.
