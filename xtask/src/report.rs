@@ -296,6 +296,22 @@ mod tests {
                 "{fig}"
             );
         }
+        // Without a test set (full-batch GD on synthetic data) no run has an accuracy:
+        // no accuracy section then, the losses as before.
+        for p in spec.points().unwrap() {
+            let path = root.join(&p.name).join(tau_records::SUMMARY_FILE);
+            let mut summary: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            summary["best_test_acc"] = serde_json::Value::Null;
+            if let Some(m) = summary["final_metrics"].as_object_mut() {
+                m.remove("test_acc");
+            }
+            std::fs::write(&path, summary.to_string()).unwrap();
+        }
+        generate(&root).unwrap();
+        let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+        assert!(!md.contains("## Test accuracy by depth"), "{md}");
+        assert!(md.contains("| 56 | 2 of 2 diverged | 35 (30–40) |"), "{md}");
     }
 
     #[test]

@@ -133,6 +133,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if !args.dry_run {
+        check_cuda_build(&spec, &args)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = Arc::clone(&stop);
@@ -211,9 +214,9 @@ fn build_args(features: Option<&str>) -> Vec<String> {
     a
 }
 
-/// Refuses a `--slurm` sweep whose base config runs on CUDA when xtask is about to build
-/// `tau-resnet` without the `cuda` or `cudnn` feature (the tasks would all fail opening the
-/// GPU).
+/// Refuses a sweep (here or `--slurm`) whose base config runs on CUDA when xtask is about
+/// to build `tau-resnet` without the `cuda` or `cudnn` feature (every point would fail
+/// opening the GPU).
 fn check_cuda_build(spec: &SweepSpec, args: &SweepArgs) -> anyhow::Result<()> {
     let on_cuda = spec
         .base

@@ -9,11 +9,41 @@ pub mod predict;
 pub mod probe;
 pub mod train;
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use anyhow::Context;
 use tau_records::{RunStatus, exit_code};
 
 static QUIET: AtomicBool = AtomicBool::new(false);
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Prints a line to standard output like `println!`, but returns an error instead of
+/// panicking when the output cannot be written (`> /dev/full`: "writing to standard
+/// output: No space left on device"). A closed pipe (`tau-resnet import x.pth --list |
+/// head -1`) is not an error: the rest of the output is dropped and the command ends as
+/// it would have, with its own exit status.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cmd::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
+
+/// What [`outln!`] runs.
+pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        result => result.context("writing to standard output"),
+    }
+}
 
 /// Turns progress bars off (`--quiet`) or on for the commands of this process.
 pub fn set_quiet(quiet: bool) {

@@ -94,6 +94,21 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // candle attaches a backtrace to its errors whenever RUST_BACKTRACE is set, and an
+        // error message is no place for one: keep backtraces for panics (RUST_BACKTRACE)
+        // unless RUST_LIB_BACKTRACE=1 asks for them on errors too.
+        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+    if let Command::Eval(args) = &cli.command
+        && args.model.offline
+    {
+        // `eval --offline` keeps the data set off the network too: tau-data reads the
+        // setting from the environment (HF_HUB_OFFLINE), as Python's huggingface_hub does.
+        // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
+    }
     cmd::set_quiet(cli.quiet);
     init_logging(cli.quiet);
     // A bad TAU_KERNELS is a usage error, said once, before any work.

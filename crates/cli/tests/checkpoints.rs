@@ -339,3 +339,58 @@ fn predict_and_export_have_help_with_examples() {
         assert!(text.contains("Example"), "{cmd}: {text}");
     }
 }
+
+#[test]
+fn eval_offline_keeps_the_data_set_off_the_network_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = train(tmp.path());
+    // An empty cache and an endpoint nothing listens on: a download attempt would fail with
+    // a download error; offline, the miss is named as one before any network.
+    let o = bin()
+        .args(["eval", "--offline", "--data", "mnist", "--checkpoint"])
+        .arg(&run)
+        .env_remove("TAU_DATA_DIR")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_CACHE", tmp.path().join("empty-cache"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("offline: no download"), "{err}");
+}
+
+#[test]
+fn a_relative_data_dir_is_recorded_absolutely_so_resume_works_from_anywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    image_folder(&tmp.path().join("images"));
+    std::fs::write(tmp.path().join("run.toml"), RUN).unwrap();
+    let o = bin()
+        .current_dir(tmp.path())
+        .args([
+            "train",
+            "--config",
+            "run.toml",
+            "--set",
+            "data.dir=\"images\"",
+        ])
+        .args(["--stop-after-steps", "1", "--out", "run"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let config = std::fs::read_to_string(tmp.path().join("run/config.toml")).unwrap();
+    let want = std::path::absolute(tmp.path().join("images")).unwrap();
+    assert!(config.contains(&*want.to_string_lossy()), "{config}");
+    // Resumed from another working directory, the run finds its data.
+    ok(&bin()
+        .current_dir(std::env::temp_dir())
+        .args(["train", "--resume"])
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap());
+}

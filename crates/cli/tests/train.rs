@@ -175,12 +175,161 @@ fn resume_without_a_checkpoint_starts_over_from_step_0() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a run directory"));
 }
 
+/// `--resume` never starts a run over when that would delete checkpoints (`last` removed
+/// or dangling), and does not repeat a run that diverged before its first checkpoint.
+#[cfg(unix)]
+#[test]
+fn resume_keeps_damaged_checkpoints_and_ended_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let run = tmp.path().join("run");
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--set", "log.checkpoint_every=2", "--stop-after-steps", "3"])
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ckpts = run.join("checkpoints");
+    let step = std::fs::read_link(ckpts.join("last")).unwrap();
+    let metrics = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let resume = || {
+        bin()
+            .args(["train", "--resume"])
+            .arg(&run)
+            .output()
+            .unwrap()
+    };
+    // `last` removed: refused, naming the checkpoint that is left and how to use it.
+    std::fs::remove_file(ckpts.join("last")).unwrap();
+    let o = resume();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is missing") && err.contains(&*step.to_string_lossy()),
+        "{err}"
+    );
+    assert!(ckpts.join(&step).is_dir());
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), metrics);
+    // `last` dangling and no checkpoint left: refused too.
+    std::fs::remove_dir_all(ckpts.join(&step)).unwrap();
+    std::os::unix::fs::symlink(&step, ckpts.join("last")).unwrap();
+    let o = resume();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("leads to no checkpoint"), "{err}");
+    assert!(run.join("config.toml").is_file());
+
+    // A run that diverged before its first checkpoint: resume reports it, runs nothing.
+    let div = tmp.path().join("div");
+    let diverge = [
+        "--set",
+        "model.depth=64",
+        "--set",
+        "model.tau=1",
+        "--set",
+        "optim.lr=0.5",
+        "--set",
+        "model.width=16",
+        "--set",
+        "steps=50",
+    ];
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(diverge)
+        .arg("--out")
+        .arg(&div)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!div.join("checkpoints/last").exists());
+    let before = std::fs::read(div.join("metrics.jsonl")).unwrap();
+    let o = bin()
+        .args(["train", "--resume"])
+        .arg(&div)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(!err.contains("starting it over"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("diverged"));
+    assert_eq!(std::fs::read(div.join("metrics.jsonl")).unwrap(), before);
+}
+
+/// A full disk behind standard output is one error (exit 1), not a panic; a closed pipe
+/// (`tau-resnet train … | head -0`) drops the output and the run ends as it would have.
+#[cfg(target_os = "linux")]
+#[test]
+fn unwritable_stdout_is_an_error_and_a_closed_pipe_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(tmp.path().join("full"))
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("writing to standard output"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let mut child = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(tmp.path().join("pipe"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is printed
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let summary = std::fs::read_to_string(tmp.path().join("pipe/summary.json")).unwrap();
+    assert!(summary.contains("\"finished\""), "{summary}");
+}
+
 /// SIGTERM (what Slurm sends on scancel, preemption and at the time limit, and what a
 /// sweep's job script forwards on its warning signal) stops a run as Ctrl-C does: a
 /// checkpoint, status `interrupted`, exit code 130.
 #[cfg(unix)]
 #[test]
 fn sigterm_writes_a_checkpoint_and_exits_130() {
+    sigterm_run(1);
+}
+
+/// `timeout` (and some job runners) send their signal twice, to the process and to its
+/// group, a moment apart: that is still one interrupt, with its checkpoint.
+#[cfg(unix)]
+#[test]
+fn a_doubled_sigterm_is_one_interrupt() {
+    sigterm_run(2);
+}
+
+/// Sends SIGTERM `signals` times back to back (separate `kill` calls) to a training run.
+#[cfg(unix)]
+fn sigterm_run(signals: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write(tmp.path(), "c.toml", THEORY);
     let out = tmp.path().join("run");
@@ -203,11 +352,13 @@ fn sigterm_writes_a_checkpoint_and_exits_130() {
         assert!(start.elapsed().as_secs() < 120, "no metrics after 120 s");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    for _ in 0..signals {
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    }
     let o = child.wait_with_output().unwrap();
     assert_eq!(
         o.status.code(),
@@ -229,10 +380,17 @@ fn assert_fails_cleanly(args: &[&str], cfg_text: Option<&str>, expect: &str) {
     if let Some(text) = cfg_text {
         c.arg("--config").arg(write(tmp.path(), "c.toml", text));
     }
-    let o = c.args(args).arg("--out").arg(&out).output().unwrap();
+    // RUST_BACKTRACE (set in many shells and CI) keeps backtraces for panics; errors,
+    // candle's among them, print none.
+    let o = c.args(args).arg("--out").arg(&out);
+    let o = o
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE");
+    let o = o.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains(expect), "expected `{expect}` in: {err}");
+    assert!(!err.contains("backtrace") && !err.contains(" 0: "), "{err}");
     assert_eq!(
         err.lines().filter(|l| l.starts_with("error")).count(),
         1,
@@ -256,6 +414,17 @@ fn bad_input_fails_with_one_message_and_writes_nothing() {
         &["--set", "data.source=\"mnist\"", "--set", "data.n=1"],
         Some(THEORY),
         "data.n",
+    );
+    assert_fails_cleanly(
+        &["--set", "optim.freeze=[\"zzz.\"]"],
+        Some(THEORY),
+        "`optim.freeze`: no parameter name starts with `zzz.`",
+    );
+    // An error candle raises (with a backtrace attached when RUST_BACKTRACE is set).
+    assert_fails_cleanly(
+        &["--set", "model.depth=0"],
+        Some(THEORY),
+        "depth must be at least 1",
     );
 }
 

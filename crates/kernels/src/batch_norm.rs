@@ -28,7 +28,7 @@ pub(crate) use residual::{BnResBwd, bn_res_forward};
 
 use residual::bn_forward_map;
 
-use crate::util::{f32_data, lanes_sum, lock_state, sum_f64, written};
+use crate::util::{f32_data, lanes_sum, lock_state, relu_f32, sum_f64, written};
 
 /// `bn.forward_t(xs, train)`, followed by ReLU when `relu` is set.
 ///
@@ -307,7 +307,7 @@ pub(crate) fn bn_forward(
     bn_forward_map(geom, x, gamma, beta, eps, |_, yb, xb, a, b| {
         if relu {
             for (o, &v) in yb.iter_mut().zip(xb) {
-                o.write((v * a + b).max(0.0));
+                o.write(relu_f32(v * a + b));
             }
         } else {
             for (o, &v) in yb.iter_mut().zip(xb) {

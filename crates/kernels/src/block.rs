@@ -30,7 +30,7 @@ use crate::conv::{
 };
 use crate::elementwise::{bias_relu_bias, residual_relu};
 use crate::shortcut::{ShortcutGeom, option_a_shortcut, shortcut_a_backward, shortcut_a_forward};
-use crate::util::{CHUNK, f32_data, fused_f32, lanes_sum, lock_state, written};
+use crate::util::{CHUNK, f32_data, fused_f32, lanes_sum, lock_state, relu_f32, written};
 
 mod batch_norm;
 #[cfg(test)]
@@ -479,7 +479,7 @@ impl CustomOp2 for BlockFwd {
                     for (v, m) in hc.iter_mut().zip(mc) {
                         let pre = *v + b1b;
                         m.write(u8::from(pre > 0.0));
-                        *v = pre.max(0.0) + b2a;
+                        *v = relu_f32(pre) + b2a;
                     }
                 });
             // SAFETY: the pass above wrote all `len` elements; the capacity is `len`.
@@ -487,7 +487,7 @@ impl CustomOp2 for BlockFwd {
         } else {
             h.par_chunks_mut(CHUNK).for_each(|hc| {
                 for v in hc {
-                    *v = (*v + b1b).max(0.0) + b2a;
+                    *v = relu_f32(*v + b1b) + b2a;
                 }
             });
         }
@@ -501,7 +501,7 @@ impl CustomOp2 for BlockFwd {
         };
         let end = |yc: &[f32], xc: &[f32], oc: &mut [MaybeUninit<f32>]| {
             for ((o, &v), &t) in oc.iter_mut().zip(yc).zip(xc) {
-                o.write((a * v + c + t).max(0.0));
+                o.write(relu_f32(a * v + c + t));
             }
         };
         let out = if self.keep && self.keep_branch {
@@ -515,7 +515,7 @@ impl CustomOp2 for BlockFwd {
                 .zip(sc.par_chunks(CHUNK))
                 .for_each(|(yc, xc)| {
                     for (v, &t) in yc.iter_mut().zip(xc) {
-                        *v = (a * *v + c + t).max(0.0);
+                        *v = relu_f32(a * *v + c + t);
                     }
                 });
             std::mem::take(&mut y2)

@@ -11,7 +11,7 @@
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::util::{CHUNK, f32_data, fused_f32, lanes_sum, scalars, sum_f64, written};
+use crate::util::{CHUNK, f32_data, fused_f32, lanes_sum, relu_f32, scalars, sum_f64, written};
 
 /// `xs + b` for a one-element `b` (a scalar bias), optionally followed by ReLU.
 ///
@@ -78,7 +78,7 @@ impl CustomOp1 for Relu {
                 .zip(x.par_chunks(CHUNK))
                 .for_each(|(yc, xc)| {
                     for (o, &v) in yc.iter_mut().zip(xc) {
-                        o.write(v.max(0.0));
+                        o.write(relu_f32(v));
                     }
                 })
         });
@@ -150,7 +150,7 @@ impl CustomOp3 for BiasReluBias {
                 .zip(x.par_chunks(CHUNK))
                 .for_each(|(yc, xc)| {
                     for (o, &v) in yc.iter_mut().zip(xc) {
-                        o.write((v + b).max(0.0) + c);
+                        o.write(relu_f32(v + b) + c);
                     }
                 })
         });
@@ -300,7 +300,7 @@ impl CustomOp2 for AddScalar {
                 .for_each(|(yc, xc)| {
                     if relu {
                         for (o, &v) in yc.iter_mut().zip(xc) {
-                            o.write((v + b).max(0.0));
+                            o.write(relu_f32(v + b));
                         }
                     } else {
                         for (o, &v) in yc.iter_mut().zip(xc) {
@@ -407,7 +407,7 @@ impl CustomOp3 for ResidualRelu {
                 .zip(x.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
                 .for_each(|(yc, (xc, sc))| {
                     for ((o, &v), &t) in yc.iter_mut().zip(xc).zip(sc) {
-                        o.write((a * v + c + t).max(0.0));
+                        o.write(relu_f32(a * v + c + t));
                     }
                 })
         });

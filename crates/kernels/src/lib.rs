@@ -6,7 +6,7 @@
 //!
 //! | module | ops |
 //! | --- | --- |
-//! | [`conv`] | 2-D convolution: direct 3×3 kernels (AVX-512), im2col + GEMM elsewhere; the convolution of a shifted input |
+//! | [`conv`] | 2-D convolution: direct 3×3 kernels (AVX-512 or AVX2 + FMA, chosen at run time), im2col + GEMM elsewhere; the convolution of a shifted input |
 //! | [`batch_norm`] | BatchNorm in training mode (+ ReLU), and the end of a basic block relu(τ·BN(x) + shortcut) |
 //! | [`elementwise`] | a scalar bias (+ ReLU), ReLU, relu(x + b) + c, relu(τ·(x + b) + shortcut) |
 //! | [`pool`] | the 3×3/2 max pool (PyTorch's semantics), the global average pool |

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::elementwise::MaskSum;
 use crate::team::{self, SharedMut};
-use crate::util::{f32_data, fused_f32};
+use crate::util::{f32_data, fused_f32, relu_f32};
 
 /// gemm's parallelism: rayon's pool when it has more than one thread.
 fn parallelism() -> gemm::Parallelism {
@@ -577,7 +577,7 @@ unsafe fn forward_tile(
         for j in 0..n {
             for i in cols.clone() {
                 let k = j * m + i;
-                *h_out.add(k) = (*h_in.add(k) + p[(i - c0) * n + j]).max(0.0);
+                *h_out.add(k) = relu_f32(*h_in.add(k) + p[(i - c0) * n + j]);
             }
         }
     }
@@ -745,6 +745,49 @@ mod tests {
                 },
                 &format!("residual_dense_relu n={n} m={m} tau={tau}"),
             );
+        }
+    }
+
+    /// An overflowed hidden state stays non-finite through the blocks, as in PyTorch: the
+    /// theory network at τ = 1 and large L overflows f32 part-way, and a ReLU that turned
+    /// the resulting NaNs into 0 would hand the loss an all-zero state and a finite value.
+    #[test]
+    fn an_overflow_stays_non_finite_through_the_chain() {
+        let dev = candle::Device::Cpu;
+        // Row 0 holds +inf and -inf: W h mixes them into NaN, h + NaN is NaN.
+        let h0 = Tensor::new(
+            &[
+                [f32::INFINITY, f32::NEG_INFINITY, f32::INFINITY],
+                [0.5, -0.25, 1.0],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let w = Tensor::new(&[[1f32, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 1.0]], &dev).unwrap();
+        let ws = vec![w.clone(), w.clone(), w];
+        for set in crate::select::KernelSet::available() {
+            crate::select::with_kernels(set, || {
+                for (what, h) in [
+                    ("block op", residual_dense_relu(&h0, &ws[0], 1.0).unwrap()),
+                    (
+                        "chain",
+                        residual_dense_relu_chain(&h0, &ws, 1.0)
+                            .unwrap()
+                            .pop()
+                            .unwrap(),
+                    ),
+                ] {
+                    let rows = h.to_vec2::<f32>().unwrap();
+                    assert!(
+                        rows[0].iter().all(|v| v.is_nan()),
+                        "{what} ({set}): {rows:?}"
+                    );
+                    assert!(
+                        rows[1].iter().all(|v| v.is_finite()),
+                        "{what} ({set}): {rows:?}"
+                    );
+                }
+            });
         }
     }
 

@@ -3,6 +3,7 @@
 //! backward pass, and the ReLU mask kept between them, on 16-float groups that vectorize.
 
 use crate::select::KernelSet;
+use crate::util::relu_f32;
 
 /// Lanes of the vectorizable per-row loops.
 const LANES: usize = 16;
@@ -35,20 +36,19 @@ fn relu_step_body(z: &mut [f32], p: &[f32], s: f32, tau: f32) -> f64 {
     let st = s * tau;
     // max(v, 0) as a select: NaN and −0 give 0, as f32::max(v, 0) does up to the sign
     // of zero, which the square and the next step do not see.
-    let relu = |v: f32| if v > 0.0 { v } else { 0.0 };
     let mut acc = [0f32; LANES];
     let mut zc = z.chunks_exact_mut(LANES);
     let mut pc = p.chunks_exact(LANES);
     for (zs, ps) in (&mut zc).zip(&mut pc) {
         for k in 0..LANES {
-            let v = relu(s * zs[k] + st * ps[k]);
+            let v = relu_f32(s * zs[k] + st * ps[k]);
             zs[k] = v;
             acc[k] += v * v;
         }
     }
     let mut tail = 0f32;
     for (zj, pj) in zc.into_remainder().iter_mut().zip(pc.remainder()) {
-        let v = relu(s * *zj + st * pj);
+        let v = relu_f32(s * *zj + st * pj);
         *zj = v;
         tail += v * v;
     }
@@ -117,7 +117,7 @@ mod tests {
         let want: Vec<f32> = z0
             .iter()
             .zip(&p)
-            .map(|(a, b)| (s * a + s * tau * b).max(0.0))
+            .map(|(a, b)| relu_f32(s * a + s * tau * b))
             .collect();
         assert_eq!(z, want);
         let want_n2: f64 = want.iter().map(|&v| f64::from(v) * f64::from(v)).sum();

@@ -53,6 +53,14 @@ pub(crate) fn written_with_spare(
 }
 
 /// Σ x in `f64`, on rayon's threads (16 `f32` lanes within each chunk).
+/// max(v, 0) that keeps a NaN, as PyTorch's ReLU does (`f32::max` would return 0): a
+/// non-finite hidden state then shows as a non-finite loss instead of silently becoming
+/// zero. Compiles to one `max` instruction with the operands in this order.
+#[inline(always)]
+pub(crate) fn relu_f32(v: f32) -> f32 {
+    if 0.0 > v { 0.0 } else { v }
+}
+
 pub(crate) fn par_sum(x: &[f32]) -> f64 {
     par_lane_sum(x, |v| v)
 }

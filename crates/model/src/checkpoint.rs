@@ -1,7 +1,8 @@
 //! Checkpoints: a directory holding `config.json` (the architecture, τ rule and resolved
 //! τ) and `model.safetensors` (every parameter and buffer, PyTorch names), the Hugging
 //! Face layout. Both files are written atomically (temporary file, then rename), and
-//! loading checks every tensor's name, shape and dtype against the config.
+//! loading checks every tensor's name, shape and dtype against the config, and that its
+//! values are finite.
 //!
 //! `config.json` is one of
 //! - the wrapper this module writes ([`CheckpointConfig`]):
@@ -184,6 +185,23 @@ pub enum CheckpointError {
         /// What was expected.
         expected: String,
     },
+    /// A tensor holding NaN or infinite values (the weights of a diverged or corrupt
+    /// run), which would make every output NaN.
+    #[error(
+        "{}: tensor {name:?} holds non-finite values ({})",
+        path.display(),
+        non_finite_counts(*nan, *inf)
+    )]
+    NonFinite {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// How many of its values are NaN.
+        nan: usize,
+        /// How many are +∞ or −∞.
+        inf: usize,
+    },
     /// The hub could not provide the checkpoint.
     #[error("hub repo {id:?}: {message}")]
     Hub {
@@ -361,6 +379,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
+/// `3 NaN`, `2 infinite` or `3 NaN, 2 infinite`: what [`CheckpointError::NonFinite`] says.
+fn non_finite_counts(nan: usize, inf: usize) -> String {
+    match (nan, inf) {
+        (n, 0) => format!("{n} NaN"),
+        (0, i) => format!("{i} infinite"),
+        (n, i) => format!("{n} NaN, {i} infinite"),
+    }
+}
+
 fn dtype_name(dtype: DType) -> String {
     dtype.as_str().to_string()
 }
@@ -384,6 +411,52 @@ pub fn varmap_dtype(varmap: &VarMap) -> Option<DType> {
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     names.first().map(|n| data[*n].dtype())
+}
+
+/// The tensors of `varmap` in a dtype every device computes in: in f32 when they are
+/// narrower (f16, bf16, the 8-bit floats), in which candle's CPU kernels have no matrix
+/// product or convolution; else `varmap` itself (f32, f64). Widening is exact: a model
+/// built from the result computes with the checkpoint's very weights.
+///
+/// ```
+/// use candle::{DType, Device};
+/// use tau_model::checkpoint::{varmap_dtype, widen_to_f32};
+/// use tau_model::{ModelConfig, init_varmap};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)?;
+/// let half = init_varmap(&cfg, 0, DType::BF16, &Device::Cpu)?;
+/// let wide = widen_to_f32(&half)?;
+/// assert_eq!(varmap_dtype(&wide), Some(DType::F32));
+/// let double = init_varmap(&cfg, 0, DType::F64, &Device::Cpu)?;
+/// assert_eq!(varmap_dtype(&widen_to_f32(&double)?), Some(DType::F64));
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// A device error converting a tensor.
+pub fn widen_to_f32(varmap: &VarMap) -> Result<VarMap, CheckpointError> {
+    let wide_enough = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::F64);
+    let tensors = varmap_tensors(varmap)?;
+    if tensors.values().all(wide_enough) {
+        return Ok(varmap.clone());
+    }
+    let wide = VarMap::new();
+    {
+        let mut data = wide
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("the VarMap lock is poisoned".into()))?;
+        for (name, t) in tensors {
+            let t = if wide_enough(&t) {
+                t
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    Ok(wide)
 }
 
 /// Checks names, shapes and one common float dtype of `(name, shape, dtype)` entries

@@ -426,6 +426,16 @@ impl RunConfig {
             if self.loss.kind == LossKind::CrossEntropy {
                 bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
             }
+            for (key, s, size) in [
+                ("subset", d.subset, "n"),
+                ("test_subset", d.test_subset, "n_test"),
+            ] {
+                if s != Subset::All {
+                    bail!(
+                        "`data.{key}` does not apply to synthetic data: set `data.{size}` instead"
+                    );
+                }
+            }
         } else {
             for (key, v) in [("n", d.n), ("p", d.p), ("d", d.d)] {
                 if v.is_some() {
@@ -505,7 +515,7 @@ impl RunConfig {
 /// The key is dotted (`model.depth`, `optim.schedule.step.gamma`); missing intermediate
 /// tables are created. The value is parsed as a TOML value (`110`, `0.5`, `true`,
 /// `"text"`, `[100, 150]`, `{ balanced_k = 10 }`) and, when that fails, taken as a
-/// string, so `--set model.tau=0.5/sqrt(L)` works without quotes.
+/// string, so `--set 'model.tau=0.5/sqrt(L)'` needs no TOML quotes inside the shell's.
 ///
 /// # Errors
 /// A missing `=`, an empty key segment, or a key that walks through a non-table value.

@@ -38,7 +38,7 @@ mod run;
 mod theory;
 
 pub use config::{ProbePlan, ProbeSettings, resolve_config, validate_config};
-pub use resnet::{chain_len, probe_resnet};
+pub use resnet::{chain_len, min_image_size, probe_resnet};
 pub use run::{ProbeRun, Trained, run_probe, write_probe};
 pub use theory::{
     TheorySeedResult, TheoryWeights, probe_theory, probe_theory_weights, theory_probe_seed,

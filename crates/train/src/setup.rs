@@ -172,7 +172,7 @@ impl TauModel {
     /// lr without weight decay.
     ///
     /// # Errors
-    /// A poisoned lock (not expected).
+    /// An `optim.freeze` prefix that matches no parameter; a poisoned lock (not expected).
     pub fn params(&self, cfg: &RunConfig) -> crate::Result<Vec<Param>> {
         let data = self
             .varmap
@@ -181,6 +181,15 @@ impl TauModel {
             .map_err(|_| crate::error::err!("model lock poisoned"))?;
         let mut names: Vec<&String> = data.keys().collect();
         names.sort_by(|a, b| natural_cmp(a, b));
+        if let Some(f) =
+            (cfg.optim.freeze.iter()).find(|f| !names.iter().any(|n| n.starts_with(f.as_str())))
+        {
+            let examples: Vec<&str> = names.iter().take(3).map(|n| n.as_str()).collect();
+            bail!(
+                "`optim.freeze`: no parameter name starts with `{f}` (the model's names are like {})",
+                examples.join(", ")
+            );
+        }
         let small = cfg.optim.small_lr_factor;
         let l = self.cfg.n_blocks().max(1) as f64;
         let mut params = Vec::new();

@@ -262,7 +262,9 @@ fn accuracy_section(
         acc_table.entry((group_of(s), d)).or_default().push(outcome);
     }
     let acc_series = table_series(&acc_table, groups, true);
-    if !acc_table.is_empty() {
+    // No run with an accuracy (a sweep without a test set, such as full-batch GD on
+    // synthetic data): no section, rather than a table of "without an accuracy".
+    if !acc_table.is_empty() && metric_name.is_some() {
         let metric = metric_name.clone().unwrap_or_default();
         let n_seeds = states
             .iter()

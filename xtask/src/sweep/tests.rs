@@ -237,6 +237,24 @@ fn the_build_takes_cargo_features_and_a_cuda_sweep_asks_for_them() {
 }
 
 #[test]
+fn a_cuda_sweep_run_here_is_refused_before_a_cpu_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("cuda.toml");
+    std::fs::write(
+        &config,
+        "name = \"c\"\ncommand = \"train\"\n[base]\ndevice = \"cuda\"\n[grid]\nseed = [0]\n",
+    )
+    .unwrap();
+    let mut a = args(false);
+    a.config = Some(config);
+    a.runs_dir = Some(tmp.path().join("runs"));
+    a.no_build = false;
+    let err = run(a).unwrap_err();
+    assert!(err.to_string().contains("--features cudnn"), "{err}");
+    assert!(!tmp.path().join("runs").exists(), "nothing is written");
+}
+
+#[test]
 fn default_sweep_config_parses() {
     let spec = SweepSpec::from_str_in(DEFAULT_SWEEP, &workspace_root().join("configs")).unwrap();
     assert_eq!(spec.command, RunCommand::Probe);

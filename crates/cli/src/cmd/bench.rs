@@ -6,6 +6,7 @@
 //! plain SGD update of every trained tensor with the trainer's optimizer. Each point runs
 //! `--warmup` untimed steps, then `--steps` timed ones, and reports the median.
 
+use crate::cmd::outln;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -37,6 +38,23 @@ pub enum BenchConv {
     Gemm,
     /// Stock candle `conv2d` and its autograd (the baseline).
     Candle,
+}
+
+/// The kernels a bench runs: `--conv` and `--unfused` when given, else what `TAU_KERNELS`
+/// names when that is the stock-candle baseline (`candle`, `conv-only`), else the fused
+/// ops of `set`.
+fn bench_kernels(
+    conv: Option<BenchConv>,
+    unfused: bool,
+    from_env: Option<Kernels>,
+    set: KernelSet,
+) -> Kernels {
+    match (conv, unfused, from_env) {
+        (Some(BenchConv::Candle), _, _) => Kernels::Candle,
+        (_, true, _) => Kernels::ConvOnly,
+        (None, false, Some(k @ (Kernels::Candle | Kernels::ConvOnly))) => k,
+        (_, false, _) => Kernels::Fused(set),
+    }
 }
 
 /// Arguments of `tau-resnet bench`.
@@ -81,9 +99,10 @@ pub struct BenchArgs {
     /// Untimed steps before timing.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// CPU convolution implementation.
-    #[arg(long, value_enum, default_value_t = BenchConv::Gemm)]
-    pub conv: BenchConv,
+    /// CPU convolution implementation [default: gemm, or candle when `TAU_KERNELS=candle`
+    /// (and gemm with `--unfused` when `TAU_KERNELS=conv-only`)].
+    #[arg(long, value_enum)]
+    pub conv: Option<BenchConv>,
     /// With `--conv gemm`, run BatchNorm and the other layers as candle-nn's composed ops
     /// instead of the fused CPU ops (`--conv candle` always does).
     #[arg(long)]
@@ -171,16 +190,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             anyhow::bail!("--depths: a CIFAR ResNet depth is 6n+2 (20, 56, 110, ...), got {d}");
         }
     }
-    let set: KernelSet = if args.kernels.trim().eq_ignore_ascii_case("auto") {
-        tau_kernels::select::kernels_from_env()?.map_or_else(KernelSet::detected, Kernels::set)
+    let auto = args.kernels.trim().eq_ignore_ascii_case("auto");
+    let from_env = if auto {
+        tau_kernels::select::kernels_from_env()?
+    } else {
+        None
+    };
+    let set: KernelSet = if auto {
+        from_env.map_or_else(KernelSet::detected, Kernels::set)
     } else {
         args.kernels.parse()?
     };
-    let kernels = match (args.conv, args.unfused) {
-        (BenchConv::Candle, _) => Kernels::Candle,
-        (BenchConv::Gemm, true) => Kernels::ConvOnly,
-        (BenchConv::Gemm, false) => Kernels::Fused(set),
-    };
+    let kernels = bench_kernels(args.conv, args.unfused, from_env, set);
     set_kernels(kernels).context("--kernels")?;
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: nothing else runs yet (candle reads the variable when it first starts its
@@ -194,7 +215,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         Kernels::Candle => "candle".to_string(),
     };
     if !args.json {
-        println!(
+        outln!(
             "{:<17} {:>5} {:>5} {:>10} {:>6} {:>9} {:>10} {:>9} {:>9}",
             "model",
             "depth",
@@ -205,13 +226,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             "median s",
             "images/s",
             "GFLOP/s"
-        );
+        )?;
     }
     let report = |r: &BenchRecord| -> anyhow::Result<()> {
         if args.json {
-            println!("{}", serde_json::to_string(r)?);
+            outln!("{}", serde_json::to_string(r)?)?;
         } else {
-            println!(
+            outln!(
                 "{:<17} {:>5} {:>5} {:>10} {:>6} {:>9} {:>10.4} {:>9.1} {:>9.1}",
                 r.model,
                 r.depth,
@@ -222,7 +243,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
                 r.median_s,
                 r.images_per_s,
                 r.gflop_per_s
-            );
+            )?;
         }
         Ok(())
     };
@@ -571,5 +592,34 @@ mod tests {
         // 442 368 + 6·2 359 296 + (1 179 648 + 5·2 359 296)·2 + 640 = 40 551 040 multiply-adds.
         let f = cifar_forward_flops(20, 10);
         assert_eq!(f, 2.0 * 40_551_040.0);
+    }
+
+    #[test]
+    fn the_flags_win_and_tau_kernels_names_the_baseline_otherwise() {
+        let set = KernelSet::Portable;
+        let (gemm, candle) = (Some(BenchConv::Gemm), Some(BenchConv::Candle));
+        assert_eq!(bench_kernels(None, false, None, set), Kernels::Fused(set));
+        assert_eq!(
+            bench_kernels(None, false, Some(Kernels::Candle), set),
+            Kernels::Candle
+        );
+        assert_eq!(
+            bench_kernels(None, false, Some(Kernels::ConvOnly), set),
+            Kernels::ConvOnly
+        );
+        assert_eq!(
+            bench_kernels(None, false, Some(Kernels::Fused(set)), set),
+            Kernels::Fused(set)
+        );
+        assert_eq!(
+            bench_kernels(gemm, false, Some(Kernels::Candle), set),
+            Kernels::Fused(set)
+        );
+        assert_eq!(
+            bench_kernels(None, true, Some(Kernels::Candle), set),
+            Kernels::ConvOnly
+        );
+        assert_eq!(bench_kernels(candle, false, None, set), Kernels::Candle);
+        assert_eq!(bench_kernels(candle, true, None, set), Kernels::Candle);
     }
 }

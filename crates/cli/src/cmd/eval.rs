@@ -1,5 +1,6 @@
 //! `tau-resnet eval`: test loss and accuracy of a checkpoint on a data set.
 
+use crate::cmd::outln;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -108,7 +109,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     let device = args.device.device()?;
     let (place, pretrained) = args.model.load(&device)?;
     let checkpoint = pretrained.config;
-    let (model_cfg, varmap) = (checkpoint.model.clone(), pretrained.varmap);
+    // Half-precision weights (`import --dtype bf16`) compute in f32, as in predict and
+    // probe: widening is exact.
+    let varmap = tau_model::checkpoint::widen_to_f32(&pretrained.varmap)?;
+    let model_cfg = checkpoint.model.clone();
     let loss = match args.loss.as_deref() {
         None if !model_cfg.as_family().is_classifier() => LossKind::Squared,
         None | Some("cross_entropy") => LossKind::CrossEntropy,
@@ -175,26 +179,27 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         normalize: used,
     };
     if args.json {
-        println!("{}", serde_json::to_string(&result)?);
+        outln!("{}", serde_json::to_string(&result)?)?;
     } else {
-        println!("checkpoint  {}", result.checkpoint);
-        println!(
+        outln!("checkpoint  {}", result.checkpoint)?;
+        outln!(
             "data        {} test ({} examples)",
-            result.data, result.examples
-        );
+            result.data,
+            result.examples
+        )?;
         if let Some(l) = test_loss {
-            println!("test loss   {l:.6} ({})", result.loss_kind);
+            outln!("test loss   {l:.6} ({})", result.loss_kind)?;
         }
         if let Some(a) = test_acc {
-            println!("test acc    {:.2}%", 100.0 * a);
+            outln!("test acc    {:.2}%", 100.0 * a)?;
         }
         if let Some(n) = &result.normalize {
-            println!(
+            outln!(
                 "normalize   mean {:?} std {:?} ({})",
                 n.mean,
                 n.std,
                 n.source.replace('_', " ")
-            );
+            )?;
         }
     }
     Ok(Outcome::Finished)

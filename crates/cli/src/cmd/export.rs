@@ -2,6 +2,7 @@
 //! preprocessing), `model.safetensors` (weights and buffers, no optimizer state) and a
 //! `README.md` model card, ready for `huggingface-cli upload`.
 
+use crate::cmd::outln;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -150,9 +151,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<Outcome> {
     match summary.status {
         RunStatus::Finished => {}
         RunStatus::Diverged => bail!(
-            "{}: the run diverged (step {:?}); its weights are not exported",
+            "{}: the run diverged{}; its weights are not exported",
             run_dir.display(),
-            summary.diverged_at_step
+            summary
+                .diverged_at_step
+                .map_or_else(String::new, |s| format!(" at step {s}"))
         ),
         RunStatus::Interrupted => tracing::warn!(
             "{}: the run was interrupted after {} steps; exporting its last checkpoint",
@@ -229,15 +232,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<Outcome> {
             out.display()
         );
     }
-    println!(
+    outln!(
         "exported {} ({}) to {}",
         ckpt.display(),
         summary.status.as_str(),
         out.display()
-    );
+    )?;
     for f in ["config.json", "model.safetensors", "README.md"] {
         let len = std::fs::metadata(out.join(f)).map(|m| m.len()).unwrap_or(0);
-        println!("  {f:<18} {len:>10} bytes");
+        outln!("  {f:<18} {len:>10} bytes")?;
     }
     Ok(Outcome::Finished)
 }

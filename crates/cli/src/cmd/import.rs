@@ -3,6 +3,7 @@
 //! `tau_model::hub::from_pretrained` load. The reading and checking is tau-model's
 //! ([`tau_model::pth`]); this command finds the config, prints what was done, and writes.
 
+use crate::cmd::outln;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -139,7 +140,7 @@ fn print_list(args: &ImportArgs, options: &PthOptions) -> anyhow::Result<Outcome
         .key
         .as_ref()
         .map_or("the file".to_string(), |k| format!("entry {k:?}"));
-    println!(
+    outln!(
         "{}: {} tensors in {where_}{}",
         args.pth.display(),
         index.tensors.len(),
@@ -148,13 +149,13 @@ fn print_list(args: &ImportArgs, options: &PthOptions) -> anyhow::Result<Outcome
         } else {
             format!(" (stripped {})", index.stripped.join(""))
         }
-    );
+    )?;
     for t in &index.tensors {
         let dtype = match &t.dtype {
             Ok(d) => d.as_str().to_string(),
             Err(class) => class.clone(),
         };
-        println!("{}\t{dtype}\t{:?}", t.name, t.shape);
+        outln!("{}\t{dtype}\t{:?}", t.name, t.shape)?;
     }
     Ok(Outcome::Finished)
 }
@@ -208,7 +209,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<Outcome> {
         .with_context(|| format!("importing {}", args.pth.display()))?;
     tau_model::checkpoint::save_with(out, &config, &varmap)
         .with_context(|| format!("writing the checkpoint {}", out.display()))?;
-    println!(
+    outln!(
         "{}: {report}\nwrote {} ({} {}, L = {}, tau = {:.6}, {} parameters)",
         args.pth.display(),
         out.display(),
@@ -217,7 +218,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<Outcome> {
         config.model.n_blocks(),
         config.model.tau_init(),
         config.model.num_parameters()
-    );
+    )?;
     Ok(Outcome::Finished)
 }
 

@@ -28,7 +28,8 @@ pub struct ModelArgs {
     /// resnet152 (torchvision names; τ = 1, BatchNorm, ImageNet preprocessing).
     #[arg(long, value_name = "NAME")]
     pub arch: Option<String>,
-    /// Use only files already in the hub cache (no download).
+    /// Use only files already in the hub cache, never the network (for `eval`, the data
+    /// set's too, as HF_HUB_OFFLINE=1 does).
     #[arg(long)]
     pub offline: bool,
 }

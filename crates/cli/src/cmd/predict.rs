@@ -1,6 +1,7 @@
 //! `tau-resnet predict`: classify image files (JPEG, PNG) with a checkpoint, prepared as
 //! the checkpoint records (resize, center crop, normalization), and print the top classes.
 
+use crate::cmd::outln;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -268,7 +269,10 @@ pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
         bail!("--top-k and --batch-size must be positive");
     }
     let device = args.device.device()?;
-    let (place, pretrained) = args.model.load(&device)?;
+    let (place, mut pretrained) = args.model.load(&device)?;
+    // Half-precision weights (`import --dtype bf16`) compute in f32: candle's CPU kernels
+    // have no matrix product or convolution in f16 or bf16, and widening is exact.
+    pretrained.varmap = tau_model::checkpoint::widen_to_f32(&pretrained.varmap)?;
     let mut checkpoint = pretrained.config.clone();
     let prep = preprocessing(&args, &checkpoint)?;
     if let Some(path) = &args.labels {
@@ -289,18 +293,18 @@ pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
             preprocessing: prep,
             predictions: &predictions,
         };
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?)?;
     } else {
         for p in &predictions {
-            println!("{}", p.file);
+            outln!("{}", p.file)?;
             for (rank, s) in p.top.iter().enumerate() {
-                println!(
+                outln!(
                     "  {:>2}. {:>6.2}%  {} ({})",
                     rank + 1,
                     100.0 * s.prob,
                     s.label,
                     s.class
-                );
+                )?;
             }
         }
     }

@@ -3,6 +3,7 @@
 //! trained weights of a checkpoint (`--checkpoint`), where the seeds draw only the inputs.
 //! The probe itself is `tau_train::probe`; this is its command line and its table.
 
+use crate::cmd::outln;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -126,9 +127,9 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
         write_probe(dir, &plan, &run.record)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&run.record)?);
+        outln!("{}", serde_json::to_string_pretty(&run.record)?)?;
     } else {
-        print_table(&run.record, &plan.model, run.trained.as_ref());
+        print_table(&run.record, &plan.model, run.trained.as_ref())?;
     }
     Ok(Outcome::Finished)
 }

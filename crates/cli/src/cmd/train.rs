@@ -1,18 +1,25 @@
 //! `tau-resnet train`: start a run from a TOML config, or resume one from its last
 //! checkpoint.
 
-use std::path::PathBuf;
+use crate::cmd::outln;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tau_records::{CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, exit_code};
+use tau_records::{
+    CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, RunStatus, SUMMARY_FILE, Summary, exit_code,
+};
 use tracing_indicatif::span_ext::IndicatifSpanExt;
 
 use super::Outcome;
 use tau_train::config::{DeviceSpec, load_config};
 use tau_train::setup::{prepare, resume, run_config, start};
 use tau_train::trainer::{Progress, RunObserver, RunOptions, last_checkpoint};
+
+/// Signals closer together than this are one interrupt (see the handler in [`run`]).
+const SAME_SIGNAL: Duration = Duration::from_millis(500);
 
 /// Arguments of `tau-resnet train`.
 #[derive(Debug, clap::Args)]
@@ -56,7 +63,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     let (mut cfg, run_dir, mut resuming) = match (&args.resume, &args.config) {
         (Some(dir), _) => (run_config(dir)?, dir.clone(), true),
         (None, Some(path)) => {
-            let cfg = load_config(path, &args.sets)?;
+            let mut cfg = load_config(path, &args.sets)?;
+            // The run's config.toml names the data folder absolutely, so that `--resume`
+            // finds it from any working directory.
+            if let Some(d) = &cfg.data.dir {
+                cfg.data.dir = Some(
+                    std::path::absolute(d)
+                        .with_context(|| format!("resolving data.dir {}", d.display()))?,
+                );
+            }
             let dir = cfg.run_dir(args.out.as_deref());
             (cfg, dir, false)
         }
@@ -70,11 +85,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
 
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
+    let first = std::sync::OnceLock::new();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
+            // One signal often arrives twice: `timeout` and some job runners send it to
+            // the process and then to its group, and Ctrl-C in a terminal reaches every
+            // process of the foreground group. Only a second signal a moment later is
+            // someone asking to quit at once.
+            if first.get().is_some_and(|t: &Instant| t.elapsed() < SAME_SIGNAL) {
+                return;
+            }
             eprintln!("second interrupt: exiting without a checkpoint");
             std::process::exit(i32::from(exit_code::INTERRUPTED));
         }
+        let _ = first.set(Instant::now());
         eprintln!("interrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to quit now)");
     })
     .context("installing the Ctrl-C handler")?;
@@ -84,6 +108,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         observer: super::progress_enabled().then(|| Arc::new(ProgressBar) as Arc<dyn RunObserver>),
     };
     if resuming && last_checkpoint(&run_dir).is_none() {
+        if let Some(summary) = ended_without_checkpoint(&run_dir) {
+            // A run that diverged (or finished) before its first checkpoint has its result:
+            // there is nothing to resume, and starting over would only repeat it.
+            return report(&run_dir, &summary);
+        }
+        check_no_checkpoints(&run_dir)?;
         start_over(&run_dir)?;
         resuming = false;
     }
@@ -92,6 +122,65 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     } else {
         start(prepared, &run_dir, &opts)?
     };
+    report(&run_dir, &summary)
+}
+
+/// The summary of a run that ended (finished or diverged) without writing a checkpoint.
+fn ended_without_checkpoint(run_dir: &Path) -> Option<Summary> {
+    let text = std::fs::read_to_string(run_dir.join(SUMMARY_FILE)).ok()?;
+    let summary: Summary = serde_json::from_str(&text).ok()?;
+    matches!(summary.status, RunStatus::Finished | RunStatus::Diverged).then_some(summary)
+}
+
+/// Refuses to start a run over when `checkpoints/` holds anything of a checkpoint while
+/// `checkpoints/last` does not lead to one (removed, or pointing at a removed directory):
+/// starting over would delete the checkpoints that are there.
+fn check_no_checkpoints(run_dir: &Path) -> anyhow::Result<()> {
+    let dir = run_dir.join(CHECKPOINTS_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let mut steps: Vec<String> = Vec::new();
+    let mut has_last = false;
+    for entry in entries {
+        let name = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name == "last" {
+            has_last = true;
+        } else if name.starts_with("step-") {
+            steps.push(name);
+        }
+    }
+    steps.sort();
+    match (steps.last(), has_last) {
+        (None, false) => Ok(()),
+        (Some(newest), _) => anyhow::bail!(
+            "{}: checkpoints/last {}, but {} holds {newest}: the run's checkpoints are damaged, \
+             so it is not started over (which would delete them); to resume from {newest}, \
+             point the link at it (`ln -sfn {newest} {}`)",
+            run_dir.display(),
+            if has_last {
+                "leads to no checkpoint"
+            } else {
+                "is missing"
+            },
+            dir.display(),
+            dir.join("last").display()
+        ),
+        (None, true) => anyhow::bail!(
+            "{}: checkpoints/last leads to no checkpoint (its directory is gone): the run's \
+             checkpoints are damaged; remove {} to start the run over from step 0",
+            run_dir.display(),
+            dir.display()
+        ),
+    }
+}
+
+/// Prints the one-line result of a run and returns its outcome.
+fn report(run_dir: &Path, summary: &Summary) -> anyhow::Result<Outcome> {
     let last = summary.final_metrics.as_ref();
     let mut line = format!(
         "{}: {} after {} steps",
@@ -111,7 +200,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
             summary.divergence_reason.as_deref().unwrap_or("")
         ));
     }
-    println!("{line}");
+    outln!("{line}")?;
     Ok(Outcome::from(summary.status))
 }
 

@@ -12,7 +12,7 @@ use super::{
     update_running_stats,
 };
 use crate::elementwise::residual_relu;
-use crate::util::{f32_data, fused_f32, lanes_sum, lock_state, written};
+use crate::util::{f32_data, fused_f32, lanes_sum, lock_state, relu_f32, written};
 
 /// relu(τ · BN(`xs`) + `shortcut`) for a one-element `tau`: the end of a basic block with
 /// BatchNorm (BN2, the τ scaling, the residual addition and the ReLU).
@@ -75,7 +75,7 @@ pub(crate) fn bn_res_forward(
     bn_forward_map(geom, x, gamma, beta, eps, |idx, yb, xb, a, b| {
         let sb = &sc[idx * hw..(idx + 1) * hw];
         for ((o, &v), &t) in yb.iter_mut().zip(xb).zip(sb) {
-            o.write((tau * (v * a + b) + t).max(0.0));
+            o.write(relu_f32(tau * (v * a + b) + t));
         }
     })
 }

@@ -6,11 +6,14 @@
 // Every kernel handles one element per thread: i = blockIdx.x * blockDim.x + threadIdx.x,
 // nothing past n.
 
+// max(v, 0) keeping a NaN, as PyTorch's ReLU and the CPU kernels do (fmaxf would return 0).
+__device__ __forceinline__ float tau_relu(const float v) { return 0.0f > v ? 0.0f : v; }
+
 // y = max(x, 0)
 extern "C" __global__ void tau_relu_fwd(const unsigned int n, const float *x, float *y) {
     const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        y[i] = fmaxf(x[i], 0.0f);
+        y[i] = tau_relu(x[i]);
     }
 }
 
@@ -31,7 +34,7 @@ extern "C" __global__ void tau_residual_relu_fwd(const unsigned int n, const flo
     if (i < n) {
         const float tau = ab[0];
         const float b = has_b ? ab[1] : 0.0f;
-        y[i] = fmaxf(tau * (x[i] + b) + s[i], 0.0f);
+        y[i] = tau_relu(tau * (x[i] + b) + s[i]);
     }
 }
 
@@ -51,7 +54,7 @@ extern "C" __global__ void tau_bias_relu_bias_fwd(const unsigned int n, const fl
                                                   const float *bc, float *y) {
     const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        y[i] = fmaxf(x[i] + bc[0], 0.0f) + bc[1];
+        y[i] = tau_relu(x[i] + bc[0]) + bc[1];
     }
 }
 

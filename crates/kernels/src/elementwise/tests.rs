@@ -174,3 +174,39 @@ fn composed_relu_gradient_at_zero_is_zero_as_fused() {
         }
     }
 }
+
+/// A NaN goes through every fused ReLU as through PyTorch's (`f32::max(0)` would turn it
+/// into 0 and hide a blown-up activation); negatives still become 0.
+#[test]
+fn fused_relus_keep_a_nan() {
+    use crate::select::{KernelSet, with_kernels};
+    let dev = Device::Cpu;
+    let mut v: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| i as f32 / 7.0 - 4.0).collect();
+    v[3] = f32::NAN;
+    v[77] = f32::NAN;
+    let x = Tensor::from_vec(v, (2, 3, 4, 5), &dev).unwrap();
+    let zero = Tensor::new(&[0f32], &dev).unwrap();
+    let one = Tensor::new(&[1f32], &dev).unwrap();
+    let check = |y: Tensor, what: &str| {
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (&yi, &xi)) in y.iter().zip(&x).enumerate() {
+            if xi.is_nan() {
+                assert!(yi.is_nan(), "{what}: element {i} is {yi}, not NaN");
+            } else {
+                assert_eq!(yi, xi.max(0.0), "{what}: element {i}");
+            }
+        }
+    };
+    for set in KernelSet::available() {
+        with_kernels(set, || {
+            check(crate::relu(&x).unwrap(), &format!("relu ({set})"));
+            let y = crate::add_scalar(&x, &zero, true).unwrap();
+            check(y, &format!("add_scalar ({set})"));
+            let y = crate::bias_relu_bias(&x, &zero, &zero).unwrap();
+            check(y, &format!("bias_relu_bias ({set})"));
+            let y = crate::residual_relu(&x, &one, None, &x.zeros_like().unwrap()).unwrap();
+            check(y, &format!("residual_relu ({set})"));
+        });
+    }
+}

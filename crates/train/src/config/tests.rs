@@ -101,6 +101,25 @@ fn epochs_and_steps_are_exclusive() {
 }
 
 #[test]
+fn a_subset_of_synthetic_data_is_refused_not_ignored() {
+    for (set, want) in [
+        (
+            "data.subset={ first_n = 4 }",
+            "`data.subset` does not apply to synthetic data",
+        ),
+        (
+            "data.test_subset={ random_n = 4 }",
+            "set `data.n_test` instead",
+        ),
+    ] {
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &[set.into()]).unwrap();
+        let err = config_from_table(t).unwrap_err().to_string();
+        assert!(err.contains(want), "{set}: {err}");
+    }
+}
+
+#[test]
 fn schedules_parse() {
     for (s, want) in [
         ("\"constant\"", ScheduleConfig::Constant),

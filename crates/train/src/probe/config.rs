@@ -111,6 +111,7 @@ pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> crate::Result<
         .try_into()
         .map_err(|e| crate::error::err!("key `model`: {e}"))?;
     model.validate().context("key `model`")?;
+    check_image_size(&model, settings.image_size)?;
     let rules = probe_rules(&model, &settings)?;
     Ok(ProbePlan {
         model,
@@ -208,6 +209,21 @@ fn probe_settings(table: &toml::Table) -> crate::Result<ProbeSettings> {
     Ok(settings)
 }
 
+/// `probe.image_size` of a ResNet: at least the family's [`min_image_size`] (a theory
+/// network, which takes vectors, reads past it).
+fn check_image_size(model: &ModelConfig, image_size: Option<usize>) -> crate::Result<()> {
+    if let (Some(size), Some(min)) = (image_size, min_image_size(model))
+        && size < min
+    {
+        bail!(
+            "key `probe.image_size`: must be at least {min} for a {} (its total stride: the \
+             last stage's maps are 1×1 there), got {size}",
+            model.family()
+        );
+    }
+    Ok(())
+}
+
 /// The τ rules to probe: the model's own, or `probe.taus` with the backward pass for
 /// those in `probe.grad_taus` (all when it is absent).
 fn probe_rules(model: &ModelConfig, settings: &ProbeSettings) -> crate::Result<Vec<ProbeTauRule>> {
@@ -252,4 +268,39 @@ fn probe_rules(model: &ModelConfig, settings: &ProbeSettings) -> crate::Result<V
         }
     }
     Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `probe.image_size` below the family's total stride is refused up front, naming the
+    /// key and the minimum (0 used to fail deep in the stem's convolution); the minimum
+    /// itself is accepted, and the theory network reads past the key.
+    #[test]
+    fn image_size_below_the_total_stride_is_refused() {
+        let resolve = |family: &str, depth: usize, image: usize| {
+            let sets = [
+                format!("model.family=\"{family}\""),
+                format!("model.depth={depth}"),
+                format!("probe.image_size={image}"),
+            ];
+            resolve_config(toml::Table::new(), &sets)
+        };
+        for (family, depth, min) in [("cifar_resnet", 8, 4), ("bottleneck_resnet", 50, 32)] {
+            for bad in [0, 1, min - 1] {
+                let err = resolve(family, depth, bad).unwrap_err().to_string();
+                assert_eq!(
+                    err,
+                    format!(
+                        "key `probe.image_size`: must be at least {min} for a {family} (its \
+                         total stride: the last stage's maps are 1×1 there), got {bad}"
+                    )
+                );
+            }
+            let plan = resolve(family, depth, min).unwrap();
+            assert_eq!(plan.settings.image_size, Some(min));
+        }
+        assert!(resolve("theory", 4, 0).is_ok());
+    }
 }

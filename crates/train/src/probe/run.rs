@@ -31,12 +31,16 @@ impl std::fmt::Debug for Trained {
 }
 
 impl Trained {
-    /// Loads the checkpoint in `dir` onto the CPU.
+    /// Loads the checkpoint in `dir` onto the CPU, its weights in f32 when they are in
+    /// half precision (the CPU computes in f32 and f64 only; widening is exact).
     ///
     /// # Errors
-    /// A missing or invalid checkpoint.
+    /// A missing or invalid checkpoint (one with NaN or infinite weights too).
     pub fn load(dir: &Path) -> crate::Result<Trained> {
         let (record, varmap) = tau_model::checkpoint::load_checkpoint(dir, &Device::Cpu)
+            .and_then(|(record, varmap)| {
+                Ok((record, tau_model::checkpoint::widen_to_f32(&varmap)?))
+            })
             .with_context(|| format!("loading checkpoint {}", dir.display()))?;
         let step = std::fs::read_to_string(dir.join("state.json"))
             .ok()
@@ -68,8 +72,9 @@ fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The memory a probe of `plan` needs, about, in bytes.
-fn needed_memory(plan: &ProbePlan) -> u64 {
+/// The memory a probe of `plan` needs, about, in bytes; `image` is the ResNets' image
+/// side (see [`resnet_memory`](super::resnet::resnet_memory)).
+fn needed_memory(plan: &ProbePlan, image: usize) -> f64 {
     match plan.model.as_theory() {
         Some(c) => {
             let rows = (c.width as u64)
@@ -78,12 +83,45 @@ fn needed_memory(plan: &ProbePlan) -> u64 {
             // The weights in f32, drawn once and kept for the backward pass, two working
             // matrices of all (τ, input) rows, and per block the ReLU mask bits and
             // log-norms of the rows.
-            4 * plan.model.num_parameters() as u64
+            (4 * plan.model.num_parameters() as u64
                 + 2 * 4 * rows
-                + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8)
+                + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8))
+                as f64
         }
-        None => 8 * plan.model.num_parameters() as u64,
+        None => super::resnet::resnet_memory(
+            &plan.model,
+            plan.settings.n_inputs.unwrap_or(RESNET_INPUTS),
+            image,
+        ),
     }
+}
+
+/// Inputs per seed of a ResNet probe without `probe.n_inputs`.
+const RESNET_INPUTS: usize = 8;
+
+/// Refuses a probe of `plan` on images of side `image` (ResNets) that needs more memory
+/// than is available, naming the settings that size it.
+fn check_memory(plan: &ProbePlan, image: usize) -> crate::Result<()> {
+    let needed = needed_memory(plan, image);
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    if needed <= avail as f64 {
+        return Ok(());
+    }
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    let lower = match plan.model.as_theory() {
+        Some(_) => "model.depth or model.width".to_string(),
+        None => format!(
+            "probe.image_size ({image}), probe.n_inputs ({}) or model.depth",
+            plan.settings.n_inputs.unwrap_or(RESNET_INPUTS)
+        ),
+    };
+    bail!(
+        "this probe needs about {:.1} GiB of memory, {:.1} GiB are available: lower {lower}",
+        gib(needed),
+        gib(avail as f64)
+    )
 }
 
 /// Probes `plan`: per τ rule, ‖h_L‖/‖h_0‖ and the gradient ratios over the seeds'
@@ -98,16 +136,16 @@ pub fn run_probe(plan: &ProbePlan) -> crate::Result<ProbeRun> {
     let trained = r.checkpoint.as_deref().map(Trained::load).transpose()?;
     let seeds: Vec<u64> = (0..r.settings.n_seeds as u64).map(|k| r.seed + k).collect();
     let n_blocks = r.model.n_blocks();
-    let needed = needed_memory(r);
-    if let Some(avail) = available_memory()
-        && needed > avail
-    {
-        bail!(
-            "this probe needs about {:.1} GiB of memory, {:.1} GiB are available: lower model.depth or model.width",
-            needed as f64 / (1u64 << 30) as f64,
-            avail as f64 / (1u64 << 30) as f64
-        );
-    }
+    // The ResNets' image side: `probe.image_size`, else the checkpoint's input size, else
+    // the family's default (unused by the theory network).
+    let image = r.settings.image_size.unwrap_or(match &trained {
+        Some(Trained {
+            input_size: Some([_, h, _]),
+            ..
+        }) => *h,
+        _ => r.model.as_family().probe_image_size().unwrap_or(32),
+    });
+    check_memory(r, image)?;
     let (family, n_inputs, taus) = match r.model.as_theory() {
         Some(c) => {
             let n = r.settings.n_inputs.unwrap_or(64);
@@ -129,14 +167,7 @@ pub fn run_probe(plan: &ProbePlan) -> crate::Result<ProbeRun> {
         }
         None => {
             let other = &r.model;
-            let n = r.settings.n_inputs.unwrap_or(8);
-            let image = r.settings.image_size.unwrap_or(match &trained {
-                Some(Trained {
-                    input_size: Some([_, h, _]),
-                    ..
-                }) => *h,
-                _ => other.as_family().probe_image_size().unwrap_or(32),
-            });
+            let n = r.settings.n_inputs.unwrap_or(RESNET_INPUTS);
             (
                 other.family(),
                 n,

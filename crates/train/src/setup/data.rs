@@ -308,7 +308,11 @@ fn image_normalization(
     };
     if norm.mean.len() != c {
         bail!(
-            "`data.normalize = {normalize:?}` has {} channels, the images have {c}",
+            "`data.normalize = \"{}\"` has {} channels, the images have {c}",
+            serde_json::to_value(normalize)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{normalize:?}")),
             norm.mean.len()
         );
     }

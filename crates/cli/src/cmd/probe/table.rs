@@ -1,5 +1,6 @@
 //! The probe's table on the terminal (the record itself is `--json`).
 
+use crate::cmd::outln;
 use tau_model::{ModelConfig, Scaling};
 use tau_train::probe::{ProbeRecord, Trained, median};
 
@@ -78,9 +79,13 @@ pub fn scheme_note(model: &ModelConfig, trained: bool) -> Option<String> {
     ))
 }
 
-pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig, trained: Option<&Trained>) {
+pub(super) fn print_table(
+    rec: &ProbeRecord,
+    model: &ModelConfig,
+    trained: Option<&Trained>,
+) -> anyhow::Result<()> {
     let what = model.as_family().summary();
-    println!(
+    outln!(
         "{what}: L = {} blocks, {} inputs x {} seeds ({}..={}), {:.2}s",
         rec.n_blocks,
         rec.n_inputs,
@@ -88,26 +93,32 @@ pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig, trained: Optio
         rec.seeds.first().unwrap_or(&0),
         rec.seeds.last().unwrap_or(&0),
         rec.wall_s
-    );
+    )?;
     if let Some(t) = trained {
-        println!(
+        outln!(
             "trained weights of {}{}; random inputs (not the training data)",
             t.dir.display(),
             t.step
                 .map_or_else(String::new, |s| format!(" (after {s} steps)"))
-        );
+        )?;
     }
     if let Some(note) = scheme_note(model, trained.is_some()) {
-        println!("{note}");
+        outln!("{note}")?;
     }
-    println!(
+    outln!(
         "\n{:<14} {:>10}  {:>12} {:>10} {:>22}  {:>12} {:>22}",
-        "tau rule", "tau", "mean |h_L|", "median", "[10%, 90%]", "|dW_1|/|dW_L|", "[10%, 90%]"
-    );
-    println!("{:<14} {:>10}  {:>12}", "", "", "/ |h_0|");
+        "tau rule",
+        "tau",
+        "mean |h_L|",
+        "median",
+        "[10%, 90%]",
+        "|dW_1|/|dW_L|",
+        "[10%, 90%]"
+    )?;
+    outln!("{:<14} {:>10}  {:>12}", "", "", "/ |h_0|")?;
     for t in &rec.taus {
         let g = &t.log10_grad_ratio;
-        println!(
+        outln!(
             "{:<14} {:>10.4e}  {:>12} {:>10} {:>22}  {:>12} {:>22}",
             t.rule,
             t.tau,
@@ -132,19 +143,22 @@ pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig, trained: Optio
                     fmt_log10(quantile(g, 0.9))
                 )
             },
-        );
+        )?;
     }
     for t in &rec.taus {
-        println!(
+        outln!(
             "\nper block, tau = {} ({:.4e}): medians over inputs and seeds",
-            t.rule, t.tau
-        );
-        println!(
+            t.rule,
+            t.tau
+        )?;
+        outln!(
             "{:>8}  {:>14}  {:>16}",
-            "block l", "|h_l|/|h_0|", "|dW_l|/|dW_L|"
-        );
+            "block l",
+            "|h_l|/|h_0|",
+            "|dW_l|/|dW_L|"
+        )?;
         for (k, b) in rec.blocks.iter().enumerate() {
-            println!(
+            outln!(
                 "{:>8}  {:>14}  {:>16}",
                 b,
                 fmt_log10(
@@ -159,11 +173,12 @@ pub(super) fn print_table(rec: &ProbeRecord, model: &ModelConfig, trained: Optio
                         .copied()
                         .unwrap_or(f64::NAN)
                 ),
-            );
+            )?;
         }
         if rec.taus.len() > 4 {
-            println!("\n(per-block tables of the other rules: --json)");
+            outln!("\n(per-block tables of the other rules: --json)")?;
             break;
         }
     }
+    Ok(())
 }
