@@ -30,6 +30,12 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+/// A clap parser of a count that must be at least 1 (`--batch-size 0` is a usage error,
+/// exit status 2, like any malformed flag).
+pub fn positive() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 /// What [`outln!`] runs.
 pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     if STDOUT_CLOSED.load(Ordering::Relaxed) {
@@ -90,5 +96,58 @@ impl From<RunStatus> for Outcome {
             RunStatus::Diverged => Outcome::Diverged,
             RunStatus::Interrupted => Outcome::Interrupted,
         }
+    }
+}
+
+/// The one line an error is reported with: its message and its causes, joined by ": ",
+/// each cause left out when the message before it already ends with it (errors that
+/// print their source in their own message and also return it as `source()`, as
+/// `path: No such file or directory (os error 2)` does, would otherwise say it twice).
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        /// As thiserror's `#[error("config.json: {source}")]` with a `source` field.
+        #[derive(Debug)]
+        struct Io {
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Io {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "config.json: {}", self.source)
+            }
+        }
+        impl std::error::Error for Io {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file (os error 2)");
+        let err = anyhow::Error::new(Io { source: io() }).context("loading checkpoint run");
+        assert_eq!(
+            error_line(&err),
+            "loading checkpoint run: config.json: No such file (os error 2)"
+        );
+        // Causes that add something are all kept.
+        let err = anyhow::Error::new(io()).context("reading x");
+        assert_eq!(error_line(&err), "reading x: No such file (os error 2)");
+        assert_eq!(format!("{err:#}"), error_line(&err));
     }
 }

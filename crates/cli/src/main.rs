@@ -128,7 +128,7 @@ fn main() -> ExitCode {
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cmd::error_line(&err));
             ExitCode::from(exit_code::ERROR)
         }
     }

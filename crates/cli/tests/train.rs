@@ -267,6 +267,18 @@ fn resume_keeps_damaged_checkpoints_and_ended_runs() {
     assert!(!err.contains("starting it over"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("diverged"));
     assert_eq!(std::fs::read(div.join("metrics.jsonl")).unwrap(), before);
+    // eval of that run says what is missing, once.
+    let o = bin()
+        .args(["eval", "--data", "mnist", "--checkpoint"])
+        .arg(&div)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is a run directory without a checkpoint"),
+        "{err}"
+    );
 }
 
 /// A full disk behind standard output is one error (exit 1), not a panic; a closed pipe
@@ -498,6 +510,48 @@ fn resume_with_a_checkpoint_of_another_architecture_is_refused() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("different architecture"), "{err}");
     assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+}
+
+/// A malformed flag value is a usage error (exit status 2, clap's message naming the
+/// flag), before any checkpoint or data is read.
+#[test]
+fn malformed_flag_values_are_usage_errors() {
+    for args in [
+        &[
+            "eval",
+            "--checkpoint",
+            "x",
+            "--data",
+            "mnist",
+            "--batch-size",
+            "0",
+        ][..],
+        &[
+            "eval",
+            "--checkpoint",
+            "x",
+            "--data",
+            "mnist",
+            "--loss",
+            "hinge",
+        ],
+        &["predict", "--checkpoint", "x", "-k", "0", "a.png"],
+        &["predict", "--checkpoint", "x", "--batch-size", "0", "a.png"],
+    ] {
+        let o = bin().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        let flag = args[args.len() - 2];
+        let flag = if args[0] == "predict" {
+            args[args.len() - 3]
+        } else {
+            flag
+        };
+        assert!(
+            err.contains("invalid value") && err.contains(flag),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::io::{find_dir_with, read_class_names, read_records};
-use crate::{DataError, ImageDataset, Split};
+use crate::{DataError, ImageDataset, Split, Splits};
 
 /// Pixel bytes of one CIFAR image (3 × 32 × 32).
 pub const IMAGE_BYTES: usize = 3 * 32 * 32;
@@ -241,11 +241,26 @@ fn require(dir: &Path, name: &str) -> Result<std::path::PathBuf, DataError> {
 /// A missing file, a size that is not a whole number of records, a label ≥ 10, a bad
 /// `batches.meta.txt`: each a [`DataError`] naming the file.
 pub fn load_cifar10_dir(dir: impl AsRef<Path>) -> Result<Split, DataError> {
-    let dir = dir.as_ref();
-    let dir = find_dir_with(dir, CIFAR10_SUBDIRS, &[CIFAR10_TRAIN_FILES[0]])
-        .unwrap_or_else(|| dir.to_path_buf());
+    load_cifar10_splits(dir.as_ref(), Splits::TrainAndTest)
+}
+
+/// The file whose presence marks a CIFAR directory holding `splits`.
+fn marker<'a>(splits: Splits, train: &'a str, test: &'a str) -> &'a str {
+    match splits {
+        Splits::TrainAndTest => train,
+        Splits::TestOnly => test,
+    }
+}
+
+/// [`load_cifar10_dir`], or only the test split (`test_batch.bin`, the `data_batch_*.bin`
+/// files unread and not needed) with [`Splits::TestOnly`].
+pub(crate) fn load_cifar10_splits(dir: &Path, splits: Splits) -> Result<Split, DataError> {
+    let found = marker(splits, CIFAR10_TRAIN_FILES[0], CIFAR10_TEST_FILE);
+    let dir = find_dir_with(dir, CIFAR10_SUBDIRS, &[found]).unwrap_or_else(|| dir.to_path_buf());
+    let test_only = splits == Splits::TestOnly;
+    let train_files: &[&str] = if test_only { &[] } else { &CIFAR10_TRAIN_FILES };
     let mut paths = Vec::new();
-    for name in CIFAR10_TRAIN_FILES.iter().chain([&CIFAR10_TEST_FILE]) {
+    for name in train_files.iter().chain([&CIFAR10_TEST_FILE]) {
         paths.push(require(&dir, name)?);
     }
     let class_names = read_class_names(&dir.join("batches.meta.txt"), 10)?
@@ -264,7 +279,7 @@ pub fn load_cifar10_dir(dir: impl AsRef<Path>) -> Result<Split, DataError> {
     };
     let mut test = train.clone();
     for (i, (images, mut labels)) in parts.into_iter().enumerate() {
-        let ds = if i < CIFAR10_TRAIN_FILES.len() {
+        let ds = if i < train_files.len() {
             &mut train
         } else {
             &mut test
@@ -286,10 +301,24 @@ pub fn load_cifar100_dir(
     dir: impl AsRef<Path>,
     labels: Cifar100Labels,
 ) -> Result<Split, DataError> {
-    let dir = dir.as_ref();
-    let dir =
-        find_dir_with(dir, CIFAR100_SUBDIRS, &["train.bin"]).unwrap_or_else(|| dir.to_path_buf());
-    let train_path = require(&dir, "train.bin")?;
+    load_cifar100_splits(dir.as_ref(), labels, Splits::TrainAndTest)
+}
+
+/// [`load_cifar100_dir`], or only the test split (`test.bin`, `train.bin` unread and not
+/// needed) with [`Splits::TestOnly`].
+pub(crate) fn load_cifar100_splits(
+    dir: &Path,
+    labels: Cifar100Labels,
+    splits: Splits,
+) -> Result<Split, DataError> {
+    let found = marker(splits, "train.bin", "test.bin");
+    let dir = find_dir_with(dir, CIFAR100_SUBDIRS, &[found]).unwrap_or_else(|| dir.to_path_buf());
+    let test_only = splits == Splits::TestOnly;
+    let train_path = if test_only {
+        None
+    } else {
+        Some(require(&dir, "train.bin")?)
+    };
     let test_path = require(&dir, "test.bin")?;
     let (names_file, defaults, k, num_classes): (&str, &[&str], usize, usize) = match labels {
         Cifar100Labels::Coarse => ("coarse_label_names.txt", &CIFAR100_COARSE_CLASSES, 0, 20),
@@ -297,10 +326,6 @@ pub fn load_cifar100_dir(
     };
     let class_names = read_class_names(&dir.join(names_file), num_classes)?
         .unwrap_or_else(|| defaults.iter().map(|s| s.to_string()).collect());
-    let (train, test) = rayon::join(
-        || read_cifar_file(&train_path, &[20, 100]),
-        || read_cifar_file(&test_path, &[20, 100]),
-    );
     let make = |(images, mut labels): (Vec<u8>, Vec<Vec<u32>>)| ImageDataset {
         images,
         labels: std::mem::take(&mut labels[k]),
@@ -308,18 +333,32 @@ pub fn load_cifar100_dir(
         num_classes,
         class_names: class_names.clone(),
     };
+    let Some(train_path) = train_path else {
+        return Ok(Split::test_only(make(read_cifar_file(
+            &test_path,
+            &[20, 100],
+        )?)));
+    };
+    let (train, test) = rayon::join(
+        || read_cifar_file(&train_path, &[20, 100]),
+        || read_cifar_file(&test_path, &[20, 100]),
+    );
     Ok(Split {
         train: make(train?),
         test: make(test?),
     })
 }
 
-/// Whether `dir` (or a CIFAR-10 subdirectory) holds CIFAR-10.
-pub(crate) fn cifar10_present_in(dir: &Path) -> bool {
-    find_dir_with(dir, CIFAR10_SUBDIRS, &[CIFAR10_TRAIN_FILES[0]]).is_some()
+/// Whether `dir` (or a CIFAR-10 subdirectory) holds CIFAR-10 (its test file, when only
+/// the test split is wanted).
+pub(crate) fn cifar10_present_in(dir: &Path, splits: Splits) -> bool {
+    let found = marker(splits, CIFAR10_TRAIN_FILES[0], CIFAR10_TEST_FILE);
+    find_dir_with(dir, CIFAR10_SUBDIRS, &[found]).is_some()
 }
 
-/// Whether `dir` (or a CIFAR-100 subdirectory) holds CIFAR-100.
-pub(crate) fn cifar100_present_in(dir: &Path) -> bool {
-    find_dir_with(dir, CIFAR100_SUBDIRS, &["train.bin"]).is_some()
+/// Whether `dir` (or a CIFAR-100 subdirectory) holds CIFAR-100 (its test file, when only
+/// the test split is wanted).
+pub(crate) fn cifar100_present_in(dir: &Path, splits: Splits) -> bool {
+    let found = marker(splits, "train.bin", "test.bin");
+    find_dir_with(dir, CIFAR100_SUBDIRS, &[found]).is_some()
 }

@@ -24,10 +24,28 @@ pub struct ImageDataset {
 /// A train/test pair, as datasets ship.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
-    /// The training split.
+    /// The training split (empty, with the test split's shape and classes, when only the
+    /// test split was loaded: [`Splits::TestOnly`](crate::Splits::TestOnly)).
     pub train: ImageDataset,
     /// The test split.
     pub test: ImageDataset,
+}
+
+impl Split {
+    /// A split of `test` alone: the training split holds no image but has the test split's
+    /// shape, classes and class names.
+    pub(crate) fn test_only(test: ImageDataset) -> Split {
+        Split {
+            train: ImageDataset {
+                images: Vec::new(),
+                labels: Vec::new(),
+                shape: test.shape,
+                num_classes: test.num_classes,
+                class_names: test.class_names.clone(),
+            },
+            test,
+        }
+    }
 }
 
 impl ImageDataset {

@@ -8,6 +8,9 @@
 //! (C, H, W): C = 1 when every image of the dataset is grayscale, else 3 (grayscale images
 //! are then replicated to RGB, as torchvision's RGB loader does). All images must have the
 //! same height and width.
+//!
+//! When only the test split is loaded ([`Splits::TestOnly`]), `root/train` is not needed
+//! nor read, and the classes are the subfolders of `root/test`, sorted by name.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +18,7 @@ use image::{DynamicImage, ImageReader, Limits};
 use rayon::prelude::*;
 
 use crate::io::file_len;
-use crate::{DataError, ImageDataset, Split};
+use crate::{DataError, ImageDataset, Split, Splits};
 
 /// Largest image file accepted (64 MiB).
 const MAX_IMAGE_FILE: u64 = 64 << 20;
@@ -194,9 +197,22 @@ fn load_split(
 /// classes that differ from the train classes, an image that does not decode, images of
 /// different sizes (train and test must agree too): each a [`DataError`] naming the path.
 pub fn load_dir(root: impl AsRef<Path>) -> Result<Split, DataError> {
-    let root = root.as_ref();
+    load_splits(root.as_ref(), Splits::TrainAndTest)
+}
+
+/// [`load_dir`], or only `root/test` (`root/train` unread and not needed; the classes are
+/// `root/test`'s subfolders) with [`Splits::TestOnly`].
+pub(crate) fn load_splits(root: &Path, splits: Splits) -> Result<Split, DataError> {
     let train_dir = root.join("train");
     let test_dir = root.join("test");
+    if splits == Splits::TestOnly {
+        let (classes, test_files) = list_split(&test_dir)?;
+        return Ok(Split::test_only(load_split(
+            &test_dir,
+            &test_files,
+            &classes,
+        )?));
+    }
     let (classes, train_files) = list_split(&train_dir)?;
     let (test_classes, test_files) = list_split(&test_dir)?;
     if test_classes != classes {

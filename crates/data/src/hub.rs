@@ -17,7 +17,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rayon::prelude::*;
 
 use crate::folder::{decode_image_bytes, hwc_to_chw};
-use crate::{DataError, ImageDataset, Split};
+use crate::{DataError, ImageDataset, Split, Splits};
 
 /// Where to find the hub and its cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -248,6 +248,24 @@ pub fn read_parquet(
 /// # Errors
 /// As [`fetch`] and [`read_parquet`].
 pub fn load_with(cfg: &HubConfig, ds: &HubDataset) -> Result<Split, DataError> {
+    load_splits_with(cfg, ds, Splits::TrainAndTest)
+}
+
+/// [`load_with`], or only the test split (the training file neither fetched nor read)
+/// with [`Splits::TestOnly`].
+pub(crate) fn load_splits_with(
+    cfg: &HubConfig,
+    ds: &HubDataset,
+    splits: Splits,
+) -> Result<Split, DataError> {
+    if splits == Splits::TestOnly {
+        let test_path = fetch(cfg, ds, ds.test_file)?;
+        return Ok(Split::test_only(read_parquet(
+            &test_path,
+            ds.shape,
+            ds.num_classes,
+        )?));
+    }
     let train_path = fetch(cfg, ds, ds.train_file)?;
     let test_path = fetch(cfg, ds, ds.test_file)?;
     let train = read_parquet(&train_path, ds.shape, ds.num_classes)?;
@@ -269,7 +287,15 @@ pub fn load_mnist_with(cfg: &HubConfig) -> Result<Split, DataError> {
 /// # Errors
 /// As [`load_with`].
 pub fn load_cifar10_with(cfg: &HubConfig) -> Result<Split, DataError> {
-    let mut split = load_with(cfg, &CIFAR10)?;
+    load_cifar10_splits_with(cfg, Splits::TrainAndTest)
+}
+
+/// [`load_cifar10_with`], or only the test split with [`Splits::TestOnly`].
+pub(crate) fn load_cifar10_splits_with(
+    cfg: &HubConfig,
+    splits: Splits,
+) -> Result<Split, DataError> {
+    let mut split = load_splits_with(cfg, &CIFAR10, splits)?;
     let names: Vec<String> = crate::cifar::CIFAR10_CLASSES
         .iter()
         .map(|s| s.to_string())

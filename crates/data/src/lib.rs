@@ -20,6 +20,12 @@
 //! CIFAR-100 has no hub route, and an image folder ([`DataSource::Folder`]) always needs
 //! an explicit directory.
 //!
+//! With [`Splits::TestOnly`] (`LoadOptions::splits`, for evaluation) only the test split is
+//! looked for and read, everywhere: MNIST's `t10k-*` files, CIFAR-10's `test_batch.bin`,
+//! CIFAR-100's `test.bin`, a folder's `test/`, the hub's test parquet file. The training
+//! files need not exist (a directory holding only the test files is found in
+//! `TAU_DATA_DIR` too), are never read, and are never downloaded.
+//!
 //! # Formats
 //!
 //! - MNIST ([`mnist`]): the four IDX files, raw or gzip (detected by content), under the
@@ -144,6 +150,47 @@ impl std::str::FromStr for DataSource {
     }
 }
 
+/// Which splits [`load`] reads.
+///
+/// # Example
+///
+/// ```
+/// use tau_data::{DataSource, LoadOptions, Splits, load, mnist};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A directory holding only MNIST's test files (no `train-*` files).
+/// let dir = tempfile::tempdir()?;
+/// let images = mnist::encode_images(2, 28, 28, &[0; 2 * 784]);
+/// std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), images)?;
+/// std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), mnist::encode_labels(&[3, 7]))?;
+/// let opts = LoadOptions {
+///     dir: Some(dir.path().into()),
+///     splits: Splits::TestOnly,
+///     ..Default::default()
+/// };
+/// let split = load(&DataSource::Mnist, &opts)?;
+/// assert_eq!(split.test.labels, [3, 7]);
+/// assert!(split.train.is_empty());
+/// assert_eq!(split.train.shape, [1, 28, 28]);
+/// // Both splits (the default) need the training files.
+/// let opts = LoadOptions { splits: Splits::TrainAndTest, ..opts };
+/// assert!(load(&DataSource::Mnist, &opts).is_err());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Splits {
+    /// The training and the test split (the default; what training needs).
+    #[default]
+    TrainAndTest,
+    /// The test split only (what evaluation needs): the training files need not exist and
+    /// are neither read nor downloaded; [`Split::train`] comes back empty, with the test
+    /// split's shape and classes. An image folder's classes are then the subfolders of
+    /// its `test/`.
+    TestOnly,
+}
+
 /// Options of [`load`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadOptions {
@@ -152,28 +199,32 @@ pub struct LoadOptions {
     /// CIFAR-100's labels: fine (default) or coarse.
     #[serde(default)]
     pub cifar100_labels: Cifar100Labels,
+    /// Which splits to read: both (default), or only the test split.
+    #[serde(default)]
+    pub splits: Splits,
 }
 
 fn load_from_dir(source: &DataSource, dir: &Path, opts: &LoadOptions) -> Result<Split, DataError> {
     match source {
-        DataSource::Mnist => mnist::load_dir(dir),
-        DataSource::Cifar10 => cifar::load_cifar10_dir(dir),
-        DataSource::Cifar100 => cifar::load_cifar100_dir(dir, opts.cifar100_labels),
-        DataSource::Folder => folder::load_dir(dir),
+        DataSource::Mnist => mnist::load_splits(dir, opts.splits),
+        DataSource::Cifar10 => cifar::load_cifar10_splits(dir, opts.splits),
+        DataSource::Cifar100 => cifar::load_cifar100_splits(dir, opts.cifar100_labels, opts.splits),
+        DataSource::Folder => folder::load_splits(dir, opts.splits),
     }
 }
 
-fn present_in(source: &DataSource, dir: &Path) -> bool {
+fn present_in(source: &DataSource, dir: &Path, splits: Splits) -> bool {
     match source {
-        DataSource::Mnist => mnist::present_in(dir),
-        DataSource::Cifar10 => cifar::cifar10_present_in(dir),
-        DataSource::Cifar100 => cifar::cifar100_present_in(dir),
+        DataSource::Mnist => mnist::present_in(dir, splits),
+        DataSource::Cifar10 => cifar::cifar10_present_in(dir, splits),
+        DataSource::Cifar100 => cifar::cifar100_present_in(dir, splits),
         DataSource::Folder => false,
     }
 }
 
-/// Loads a dataset's train and test splits, resolving where from as the crate docs say:
-/// the explicit directory, then `TAU_DATA_DIR`, then the hub.
+/// Loads a dataset's train and test splits (or only its test split, as
+/// `opts.splits` says), resolving where from as the crate docs say: the explicit directory,
+/// then `TAU_DATA_DIR`, then the hub.
 ///
 /// # Errors
 /// Any [`DataError`] of the format's loader, [`DataError::NeedsDir`] for a folder without
@@ -183,18 +234,23 @@ pub fn load(source: &DataSource, opts: &LoadOptions) -> Result<Split, DataError>
     if let Some(dir) = &opts.dir {
         return load_from_dir(source, dir, opts);
     }
+    let test_only = opts.splits == Splits::TestOnly;
     if *source == DataSource::Folder {
+        let holding = if test_only {
+            "test/"
+        } else {
+            "train/ and test/"
+        };
         return Err(DataError::NeedsDir {
             source_name: source.name().into(),
-            hint: "give the image folder's root (holding train/ and test/) as the data directory"
-                .into(),
+            hint: format!("give the image folder's root (holding {holding}) as the data directory"),
         });
     }
     let env_dir = std::env::var_os(DATA_DIR_ENV)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
     if let Some(dir) = &env_dir {
-        if present_in(source, dir) {
+        if present_in(source, dir, opts.splits) {
             tracing::info!("loading {source} from {} ({DATA_DIR_ENV})", dir.display());
             return load_from_dir(source, dir, opts);
         }
@@ -204,16 +260,21 @@ pub fn load(source: &DataSource, opts: &LoadOptions) -> Result<Split, DataError>
     match source {
         DataSource::Mnist => {
             tracing::info!("loading mnist from the hub ({})", hub::MNIST.repo);
-            hub::load_mnist_with(&hub)
+            hub::load_splits_with(&hub, &hub::MNIST, opts.splits)
         }
         DataSource::Cifar10 => {
             tracing::info!("loading cifar10 from the hub ({})", hub::CIFAR10.repo);
-            hub::load_cifar10_with(&hub)
+            hub::load_cifar10_splits_with(&hub, opts.splits)
         }
         _ => Err(DataError::NotFound {
             path: env_dir.unwrap_or_else(|| PathBuf::from(format!("${DATA_DIR_ENV}"))),
             expected: format!(
-                "{source} (train.bin and test.bin, or cifar-100-binary/): give a data directory or set {DATA_DIR_ENV}; it has no hub route"
+                "{source} ({}, or cifar-100-binary/): give a data directory or set {DATA_DIR_ENV}; it has no hub route",
+                if test_only {
+                    "test.bin"
+                } else {
+                    "train.bin and test.bin"
+                }
             ),
         }),
     }

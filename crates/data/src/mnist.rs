@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::io::{HeaderedFile, find_dir_with, read_headered};
-use crate::{DataError, ImageDataset, Split};
+use crate::{DataError, ImageDataset, Split, Splits};
 
 /// Magic number of an IDX file of u8 values with 3 dimensions (images).
 pub const IMAGES_MAGIC: u32 = 0x0000_0803;
@@ -149,10 +149,32 @@ fn read_split(dir: &Path, images_stem: &str, labels_stem: &str) -> Result<ImageD
 /// A missing file, or any validation failure of [`read_images`] / [`read_labels`], or image
 /// and label files that disagree on the count or train and test images on the shape.
 pub fn load_dir(dir: impl AsRef<Path>) -> Result<Split, DataError> {
-    let dir = dir.as_ref();
-    let markers = candidates(TRAIN_IMAGES, "idx3");
+    load_splits(dir.as_ref(), Splits::TrainAndTest)
+}
+
+/// The directory holding the files of `splits`: `dir` or one of its [`SUBDIRS`], found by
+/// its training images (its test images when only the test split is wanted).
+fn data_dir(dir: &Path, splits: Splits) -> Option<PathBuf> {
+    let stem = match splits {
+        Splits::TrainAndTest => TRAIN_IMAGES,
+        Splits::TestOnly => TEST_IMAGES,
+    };
+    let markers = candidates(stem, "idx3");
     let markers: Vec<&str> = markers.iter().map(String::as_str).collect();
-    let dir = find_dir_with(dir, SUBDIRS, &markers).unwrap_or_else(|| dir.to_path_buf());
+    find_dir_with(dir, SUBDIRS, &markers)
+}
+
+/// [`load_dir`], or only the test split (`t10k-*`, the `train-*` files unread and not
+/// needed) with [`Splits::TestOnly`].
+pub(crate) fn load_splits(dir: &Path, splits: Splits) -> Result<Split, DataError> {
+    let dir = data_dir(dir, splits).unwrap_or_else(|| dir.to_path_buf());
+    if splits == Splits::TestOnly {
+        return Ok(Split::test_only(read_split(
+            &dir,
+            TEST_IMAGES,
+            TEST_LABELS,
+        )?));
+    }
     let (train, test) = rayon::join(
         || read_split(&dir, TRAIN_IMAGES, TRAIN_LABELS),
         || read_split(&dir, TEST_IMAGES, TEST_LABELS),
@@ -168,11 +190,10 @@ pub fn load_dir(dir: impl AsRef<Path>) -> Result<Split, DataError> {
     Ok(Split { train, test })
 }
 
-/// Whether `dir` (or one of its [`SUBDIRS`]) holds MNIST training images.
-pub(crate) fn present_in(dir: &Path) -> bool {
-    let markers = candidates(TRAIN_IMAGES, "idx3");
-    let markers: Vec<&str> = markers.iter().map(String::as_str).collect();
-    find_dir_with(dir, SUBDIRS, &markers).is_some()
+/// Whether `dir` (or one of its [`SUBDIRS`]) holds MNIST training images (test images
+/// when only the test split is wanted).
+pub(crate) fn present_in(dir: &Path, splits: Splits) -> bool {
+    data_dir(dir, splits).is_some()
 }
 
 /// Writes MNIST-format IDX bytes (for tests and tools): an image file for `images`

@@ -116,6 +116,7 @@ fn cifar100_fine_and_coarse_labels() {
     let opts = LoadOptions {
         dir: Some(dir),
         cifar100_labels: Cifar100Labels::Coarse,
+        ..Default::default()
     };
     assert_eq!(load(&DataSource::Cifar100, &opts).unwrap(), coarse);
 }

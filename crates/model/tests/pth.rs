@@ -228,6 +228,19 @@ fn mismatched_names_are_listed_with_the_rename_that_fits() {
         "{msg}"
     );
 
+    // Another family's file: no rename suggested from a lone `weight` under several heads
+    // (the theory network's input. and output. both hold only `weight`, as conv1. does).
+    for (file, cfg) in [
+        ("theory-ok.pth", cifar8()),
+        ("cifar8-akamaster.pth", theory()),
+    ] {
+        let msg = fail(import(file, &cfg, &PthOptions::default())).to_string();
+        assert!(
+            msg.contains("unexpected") && !msg.contains("a rename"),
+            "{file}: {msg}"
+        );
+    }
+
     // A deeper config than the file's: the blocks it lacks, by name.
     let deeper: ModelConfig =
         serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 14, "tau": "1/sqrt(L)"}"#)
@@ -330,6 +343,36 @@ fn bad_files_are_one_error_naming_file_and_tensor() {
             assert!(msg.contains(want), "{file}: {msg:?} lacks {want:?}");
         }
     }
+}
+
+/// A storage missing from the archive is named as missing, not weighed against the
+/// file's size.
+#[test]
+fn a_storage_missing_from_the_archive_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::File::open(fixture("cifar8-bare.pth")).unwrap();
+    let mut zip = zip::ZipArchive::new(src).unwrap();
+    let path = dir.path().join("missing-storage.pth");
+    let mut out = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let mut dropped = None;
+    for i in 0..zip.len() {
+        let f = zip.by_index_raw(i).unwrap();
+        let name = f.name().unwrap().to_string();
+        if dropped.is_none() && name.ends_with("/data/0") {
+            dropped = Some(name);
+            continue;
+        }
+        out.raw_copy_file(f).unwrap();
+    }
+    out.finish().unwrap();
+    let dropped = dropped.expect("the fixture has a storage 0");
+    let msg = error_of(&path, &cifar8());
+    assert!(
+        msg.contains(&format!(
+            "storage 0 ({dropped}) cannot be read from the archive"
+        )),
+        "{msg}"
+    );
 }
 
 /// Truncated and garbage copies of a real file: an error each, never a panic.

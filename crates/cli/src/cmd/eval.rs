@@ -14,7 +14,7 @@ use tau_train::config::{
     AugmentKind, DTypeSpec, DataConfig, DeviceSpec, LogConfig, LossConfig, LossKind, OptimConfig,
     OptimKind, Reduction, RunConfig, ScheduleConfig, SourceKind, Subset, WeightDecayMode,
 };
-use tau_train::setup::{TauModel, check_fit, load_data_with};
+use tau_train::setup::{RunData, TauModel, check_fit};
 use tau_train::trainer::evaluate;
 
 /// The data sets `eval` reads.
@@ -64,10 +64,10 @@ pub struct EvalArgs {
     pub std: Option<Vec<f64>>,
     /// Loss to report: `squared` or `cross_entropy` (default: squared for the theory
     /// network, cross-entropy otherwise).
-    #[arg(long, value_name = "KIND")]
+    #[arg(long, value_name = "KIND", value_parser = ["squared", "cross_entropy"])]
     pub loss: Option<String>,
     /// Examples per forward pass.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::positive())]
     pub batch_size: usize,
     /// Where to compute: auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
@@ -103,9 +103,6 @@ struct NormalizeUsed {
 /// # Errors
 /// A missing or corrupt checkpoint or data set, a model that does not fit the data.
 pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
-    if args.batch_size == 0 {
-        bail!("--batch-size must be positive");
-    }
     let device = args.device.device()?;
     let (place, pretrained) = args.model.load(&device)?;
     let checkpoint = pretrained.config;
@@ -138,7 +135,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     )?;
     let flat = model_cfg.in_channels().is_none();
     let normalize = normalization(&args, &checkpoint)?;
-    let (data, record) = load_data_with(
+    // Only the test split is read: the training files need not exist, nor be downloaded.
+    let (data, record) = RunData::load_test_with(
         &cfg,
         dtype,
         &device,
@@ -272,8 +270,8 @@ fn eval_config(
             d: None,
             targets: Default::default(),
             n_test: 0,
-            // Only the test split is used; keep one training example to load cheaply.
-            subset: Subset::FirstN(1),
+            // Not read: eval loads only the test split (`RunData::load_test_with`).
+            subset: Subset::All,
             test_subset: Subset::All,
             normalize: None,
             augment: AugmentKind::None,

@@ -53,12 +53,14 @@ impl ModelArgs {
         let place = if p.is_dir()
             && config.is_none()
             && !p.join(tau_model::checkpoint::CONFIG_FILE).is_file()
-            && p.join(tau_records::CHECKPOINTS_DIR).exists()
+            && (p.join(tau_records::CHECKPOINTS_DIR).exists()
+                || p.join(tau_records::CONFIG_FILE).is_file())
         {
             last_checkpoint(p)
                 .with_context(|| {
                     format!(
-                        "{} is a run directory without a checkpoint (checkpoints/last)",
+                        "{} is a run directory without a checkpoint (checkpoints/last): \
+                         a run that diverged or was killed before its first checkpoint has none",
                         self.checkpoint
                     )
                 })?

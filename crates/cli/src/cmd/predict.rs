@@ -33,7 +33,7 @@ pub struct PredictArgs {
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
     /// How many classes to print per image.
-    #[arg(long, short = 'k', default_value_t = 5)]
+    #[arg(long, short = 'k', default_value_t = 5, value_parser = super::positive())]
     pub top_k: usize,
     /// A text file of class names, one per line, overriding the checkpoint's.
     #[arg(long, value_name = "FILE")]
@@ -55,7 +55,7 @@ pub struct PredictArgs {
     #[arg(long, value_name = "NAME")]
     pub interpolation: Option<String>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::positive())]
     pub batch_size: usize,
     /// Where to compute: auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
@@ -265,9 +265,6 @@ impl Classifier {
 /// A missing or corrupt checkpoint, a bad image file (naming it), options that do not fit
 /// the model.
 pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
-    if args.top_k == 0 || args.batch_size == 0 {
-        bail!("--top-k and --batch-size must be positive");
-    }
     let device = args.device.device()?;
     let (place, mut pretrained) = args.model.load(&device)?;
     // Half-precision weights (`import --dtype bf16`) compute in f32: candle's CPU kernels

@@ -24,7 +24,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
 
@@ -163,6 +163,14 @@ fn read_storage(
         name: t.file_name.clone(),
         message,
     };
+    // A storage missing from the archive is said as such before its size is weighed.
+    let entry = format!("{archive}data/{key}");
+    let f = zip.by_name(&entry).map_err(|e| {
+        tensor_err(
+            ts[0],
+            format!("storage {key} ({entry}) cannot be read from the archive: {e}"),
+        )
+    })?;
     let (mut needed, mut neediest) = (0u64, ts[0]);
     for &t in ts {
         let esize = t.dtype.as_ref().map_or(1, |d| d.size_in_bytes()) as u64;
@@ -188,13 +196,6 @@ fn read_storage(
             (needed, neediest) = (bytes, t);
         }
     }
-    let entry = format!("{archive}data/{key}");
-    let f = zip.by_name(&entry).map_err(|e| {
-        tensor_err(
-            neediest,
-            format!("storage {key} ({entry}) cannot be read from the archive: {e}"),
-        )
-    })?;
     if f.size() < needed {
         return Err(tensor_err(
             neediest,
@@ -291,23 +292,36 @@ fn check_names(
             list(&shown)
         ));
     }
-    // A prefix rename that would turn unexpected names into missing ones.
-    let head = |n: &str| {
-        n.split_once('.')
-            .map(|(h, r)| (h.to_string(), r.to_string()))
+    // A prefix rename that would turn unexpected names into missing ones: `h.=t.` when the
+    // names under `h.` in the file are exactly those missing under `t.`, and neither `h`
+    // nor `t` pairs with anything else (a lone `weight` under several heads proves nothing).
+    let subtrees = |names: &[String]| {
+        let mut by_head: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for n in names {
+            if let Some((h, r)) = n.split_once('.') {
+                by_head
+                    .entry(h.to_string())
+                    .or_default()
+                    .insert(r.to_string());
+            }
+        }
+        by_head
     };
-    let missing_rest: HashMap<String, String> = missing
+    let (from, to) = (subtrees(&unexpected), subtrees(&missing));
+    let pairs: Vec<(&String, &String)> = from
         .iter()
-        .filter_map(|n| head(n))
-        .map(|(h, r)| (r, h))
-        .collect();
-    let mut hints: Vec<String> = unexpected
-        .iter()
-        .filter_map(|n| {
-            let (h, r) = head(n)?;
-            let to = missing_rest.get(&r)?;
-            Some(format!("{h}.={to}."))
+        .flat_map(|(h, rest)| {
+            to.iter()
+                .filter(move |(_, r)| *r == rest)
+                .map(move |(t, _)| (h, t))
         })
+        .collect();
+    let unique =
+        |h: &String, t: &String| pairs.iter().filter(|(a, b)| *a == h || *b == t).count() == 1;
+    let mut hints: Vec<String> = pairs
+        .iter()
+        .filter(|(h, t)| unique(h, t))
+        .map(|(h, t)| format!("{h}.={t}."))
         .collect();
     hints.sort();
     hints.dedup();

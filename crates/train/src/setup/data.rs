@@ -57,6 +57,57 @@ pub struct RunData {
     pub outputs: usize,
 }
 
+impl RunData {
+    /// [`load_data_with`] for evaluation: only the test split of an image data set is
+    /// looked for and read ([`tau_data::Splits::TestOnly`]), so a directory (or
+    /// `TAU_DATA_DIR`) holding only the test files is enough and the hub's training file
+    /// is not downloaded. `train` is then empty; the input shape, the classes and the
+    /// [`DataRecord`] come from the test split (an image folder's classes are the
+    /// subfolders of its `test/`). A grayscale image folder evaluated by a model taking
+    /// RGB gets its images replicated to RGB, as [`tau_data::folder`] does for a
+    /// grayscale test split of an RGB training split. Synthetic data is generated whole,
+    /// as by [`load_data_with`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use candle::{DType, Device};
+    /// use tau_train::config::load_config;
+    /// use tau_train::setup::RunData;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // `data.dir` holds only MNIST's t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte.
+    /// let sets = ["data.dir=\"mnist-test\"".to_string()];
+    /// let cfg = load_config("configs/mnist-resnet20-nobn.toml".as_ref(), &sets)?;
+    /// let (data, _record) =
+    ///     RunData::load_test_with(&cfg, DType::F32, &Device::Cpu, false, None)?;
+    /// assert!(data.train.is_empty());
+    /// assert_eq!(data.test.map(|t| t.len()), Some(10_000));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`load_data_with`], naming the missing or corrupt test file; an empty test split
+    /// is not an error here (`test` is `None`).
+    pub fn load_test_with(
+        cfg: &RunConfig,
+        dtype: DType,
+        device: &Device,
+        flat: bool,
+        normalize_override: Option<tau_data::Normalize>,
+    ) -> crate::Result<(RunData, DataRecord)> {
+        load_splits(
+            cfg,
+            dtype,
+            device,
+            flat,
+            normalize_override,
+            tau_data::Splits::TestOnly,
+        )
+    }
+}
+
 /// What a model trained on a run's data expects and outputs, as its checkpoints record
 /// it (the fields of [`tau_model::CheckpointConfig`] beside the model).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -143,6 +194,26 @@ pub fn load_data_with(
     flat: bool,
     normalize_override: Option<tau_data::Normalize>,
 ) -> crate::Result<(RunData, DataRecord)> {
+    load_splits(
+        cfg,
+        dtype,
+        device,
+        flat,
+        normalize_override,
+        tau_data::Splits::TrainAndTest,
+    )
+}
+
+/// [`load_data_with`] reading both splits, or only the test split
+/// ([`RunData::load_test_with`]).
+fn load_splits(
+    cfg: &RunConfig,
+    dtype: DType,
+    device: &Device,
+    flat: bool,
+    normalize_override: Option<tau_data::Normalize>,
+    splits: tau_data::Splits,
+) -> crate::Result<(RunData, DataRecord)> {
     let d = &cfg.data;
     if d.source == SourceKind::Synthetic {
         return Ok((synthetic_data(cfg, dtype, device)?, DataRecord::default()));
@@ -161,11 +232,24 @@ pub fn load_data_with(
         } else {
             tau_data::Cifar100Labels::Coarse
         },
+        splits,
     };
     let split = tau_data::load(&source, &opts).with_context(|| format!("loading {}", d.source))?;
-    let train = subset(&split.train, d.subset, cfg.seed);
-    let test = subset(&split.test, d.test_subset, cfg.seed.wrapping_add(1));
-    if train.is_empty() {
+    let mut train = subset(&split.train, d.subset, cfg.seed);
+    let mut test = subset(&split.test, d.test_subset, cfg.seed.wrapping_add(1));
+    if splits == tau_data::Splits::TestOnly {
+        // The training split is empty but carries the test split's shape and classes.
+        if d.source == SourceKind::Folder
+            && test.shape[0] == 1
+            && !flat
+            && cfg.model.in_channels() == Some(3)
+        {
+            // As with both splits loaded, where an RGB training split makes a grayscale
+            // test split RGB.
+            test = gray_to_rgb(&test);
+            train = test.first_n(0);
+        }
+    } else if train.is_empty() {
         bail!("the training set is empty after `data.subset`");
     }
     let [c, h, w] = train.shape;
@@ -246,6 +330,25 @@ pub fn load_data_with(
         },
         record,
     ))
+}
+
+/// A grayscale (1, H, W) data set as RGB (3, H, W), the gray plane replicated.
+fn gray_to_rgb(ds: &tau_data::ImageDataset) -> tau_data::ImageDataset {
+    let [_, h, w] = ds.shape;
+    let plane = (h * w).max(1);
+    let mut images = Vec::with_capacity(3 * ds.images.len());
+    for img in ds.images.chunks(plane) {
+        for _ in 0..3 {
+            images.extend_from_slice(img);
+        }
+    }
+    tau_data::ImageDataset {
+        images,
+        labels: ds.labels.clone(),
+        shape: [3, h, w],
+        num_classes: ds.num_classes,
+        class_names: ds.class_names.clone(),
+    }
 }
 
 fn unreachable_synthetic() -> crate::Result<tau_data::DataSource> {
