@@ -95,6 +95,12 @@ fn probe_refuses_image_sizes_it_cannot_run() {
         err.contains("key `probe.image_size`: must be at least 32 for a bottleneck_resnet"),
         "{err}"
     );
+    // The theory network has no images: the key is refused, not ignored.
+    let err = failed(&probe("theory", "4", "32"));
+    assert!(
+        err.contains("key `probe.image_size`: the theory network takes vectors"),
+        "{err}"
+    );
 }
 
 /// Checkpoints in bf16 and f16 (`import --dtype bf16`) failed in `predict` (`unsupported

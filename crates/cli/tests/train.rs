@@ -267,6 +267,22 @@ fn resume_keeps_damaged_checkpoints_and_ended_runs() {
     assert!(!err.contains("starting it over"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("diverged"));
     assert_eq!(std::fs::read(div.join("metrics.jsonl")).unwrap(), before);
+    // A revision names a hub commit; given with a local directory it is refused, not ignored.
+    let o = bin()
+        .args([
+            "eval",
+            "--data",
+            "mnist",
+            "--revision",
+            "v2",
+            "--checkpoint",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("a revision applies to hub ids only"), "{err}");
     // eval of that run says what is missing, once.
     let o = bin()
         .args(["eval", "--data", "mnist", "--checkpoint"])
@@ -552,6 +568,27 @@ fn malformed_flag_values_are_usage_errors() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A warm-up longer than the run is said once as a warning (the learning rate would never
+/// reach `optim.lr`), and the run goes on.
+#[test]
+fn a_warmup_longer_than_the_run_is_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--set", "optim.warmup=100", "--out"])
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("optim.warmup (100 steps) is longer than the run (12 steps)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -50,6 +50,14 @@ impl ModelArgs {
             None => None,
         };
         let p = Path::new(&self.checkpoint);
+        if let Some(rev) = &self.revision
+            && p.is_dir()
+        {
+            anyhow::bail!(
+                "--revision {rev}: {} is a local directory; a revision applies to hub ids only",
+                self.checkpoint
+            );
+        }
         let place = if p.is_dir()
             && config.is_none()
             && !p.join(tau_model::checkpoint::CONFIG_FILE).is_file()

@@ -212,6 +212,13 @@ fn probe_settings(table: &toml::Table) -> crate::Result<ProbeSettings> {
 /// `probe.image_size` of a ResNet: at least the family's [`min_image_size`] (a theory
 /// network, which takes vectors, reads past it).
 fn check_image_size(model: &ModelConfig, image_size: Option<usize>) -> crate::Result<()> {
+    if image_size.is_some() && min_image_size(model).is_none() {
+        bail!(
+            "key `probe.image_size`: the {} network takes vectors, not images (its inputs \
+             are `model.input_dim` long)",
+            model.family()
+        );
+    }
     if let (Some(size), Some(min)) = (image_size, min_image_size(model))
         && size < min
     {
@@ -301,6 +308,8 @@ mod tests {
             let plan = resolve(family, depth, min).unwrap();
             assert_eq!(plan.settings.image_size, Some(min));
         }
-        assert!(resolve("theory", 4, 0).is_ok());
+        // The theory network takes vectors: any image size is refused.
+        let err = resolve("theory", 4, 32).unwrap_err().to_string();
+        assert!(err.contains("the theory network takes vectors"), "{err}");
     }
 }

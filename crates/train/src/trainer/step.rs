@@ -38,6 +38,15 @@ impl Plan {
         let total = total_steps(cfg, n);
         let by_epochs = cfg.epochs.is_some();
         let unit = if by_epochs { spe } else { 1 };
+        let warmup_steps = cfg.optim.warmup * unit as f64;
+        if warmup_steps > total as f64 {
+            tracing::warn!(
+                "optim.warmup ({} {}) is longer than the run ({total} steps): the learning \
+                 rate never reaches optim.lr",
+                cfg.optim.warmup,
+                if by_epochs { "epochs" } else { "steps" }
+            );
+        }
         Ok(Plan {
             n,
             spe,
