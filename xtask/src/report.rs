@@ -350,6 +350,38 @@ mod tests {
         }
         let csv = std::fs::read_to_string(root.join("results.csv")).unwrap();
         assert_eq!(csv.lines().count(), 1 + 39 * 16);
+
+        // Two depths fit no growth: the table says so instead of "bounded".
+        let two = tmp.path().join("two");
+        std::fs::create_dir_all(&two).unwrap();
+        std::fs::write(
+            two.join(SWEEP_COPY),
+            spec_text
+                .replace(
+                    "[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]",
+                    "[2, 4]",
+                )
+                .replace("planted", "two"),
+        )
+        .unwrap();
+        for s in crate::analysis::tests::planted(0.5) {
+            let name = &s.point.name;
+            if name.starts_with("depth-2_") || name.starts_with("depth-4_") {
+                std::fs::create_dir_all(two.join(name)).unwrap();
+                let json = serde_json::to_string(s.probe.as_ref().unwrap()).unwrap();
+                std::fs::write(two.join(name).join(tau_records::PROBE_FILE), json).unwrap();
+            }
+        }
+        generate(&two).unwrap();
+        let md = std::fs::read_to_string(two.join("report.md")).unwrap();
+        assert!(
+            md.contains("– (2 depths; a fit needs 3) | too few depths |"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("| bounded |") && !md.contains("| grows |"),
+            "{md}"
+        );
         if let Ok(keep) = std::env::var("XTASK_KEEP_PLANTED_REPORT") {
             let _ = std::fs::remove_dir_all(&keep);
             std::fs::rename(&root, keep).unwrap();

@@ -152,9 +152,28 @@ pub fn submit(
     )?;
     let logs = slurm_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    // A dry run moves nothing aside; a real submission puts back what it moved if sbatch
+    // fails (the tasks must not find the old results, so the move comes first).
+    let mut moved = Vec::new();
     for &i in &ids {
-        crate::sweep::prepare_point(spec, &order[i], &root.join(&order[i].name), force)?;
+        let dir = root.join(&order[i].name);
+        if let Some(aside) = crate::sweep::prepare_point(spec, &order[i], &dir, force && !dry_run)?
+        {
+            moved.push((dir, aside));
+        }
     }
+    let put_back = |moved: &[(PathBuf, PathBuf)]| {
+        for (dir, aside) in moved {
+            let _ = std::fs::remove_dir_all(dir);
+            if let Err(e) = std::fs::rename(aside, dir) {
+                eprintln!(
+                    "could not move {} back to {}: {e}",
+                    aside.display(),
+                    dir.display()
+                );
+            }
+        }
+    };
     println!(
         "sweep `{}`: {} points ({done} with a result, {in_queue} queued or running), {} to submit",
         spec.name,
@@ -195,7 +214,13 @@ pub fn submit(
             bin: staged,
         });
     }
-    let out = slurm_command("sbatch", &args).context("submitting the job array")?;
+    let out = match slurm_command("sbatch", &args) {
+        Ok(out) => out,
+        Err(e) => {
+            put_back(&moved);
+            return Err(e.context("submitting the job array"));
+        }
+    };
     // --parsable prints `jobid` or `jobid;cluster`.
     let job_id = out
         .trim()

@@ -100,6 +100,9 @@ pub struct Axis {
     pub values: Vec<toml::Value>,
 }
 
+/// The most points a sweep's grid may have (each is a process and a folder).
+pub const MAX_POINTS: usize = 100_000;
+
 /// A parsed sweep: everything needed to expand and run it.
 #[derive(Debug, Clone)]
 pub struct SweepSpec {
@@ -198,6 +201,19 @@ impl SweepSpec {
                 bail!("grid axis `{key}` has no values");
             }
             axes.push(Axis { key, values });
+        }
+        let sizes: Vec<usize> = axes.iter().map(|a| a.values.len()).collect();
+        let n = sizes.iter().try_fold(1usize, |n, &k| n.checked_mul(k));
+        if n.is_none_or(|n| n > MAX_POINTS) {
+            bail!(
+                "the grid has {} points ({}); a sweep holds at most {MAX_POINTS}",
+                n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                sizes
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" × ")
+            );
         }
         Ok(SweepSpec {
             name: file.name,
@@ -387,6 +403,20 @@ seed = [0, 1]
                 "gird",
             ),
         ];
+        // A grid too large to expand (10^6 points) is one error with its size.
+        let axis: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        let huge = format!(
+            "name = \"a\"\ncommand = \"train\"\n[grid]\nseed = [{0}]\n\"a.b\" = [{0}]\n\"a.c\" = [{0}]\n",
+            axis.join(", ")
+        );
+        let err = format!(
+            "{:#}",
+            SweepSpec::from_str_in(&huge, Path::new(".")).unwrap_err()
+        );
+        assert!(
+            err.contains("the grid has 1000000 points (100 × 100 × 100)"),
+            "{err}"
+        );
         for (text, needle) in cases {
             let err = format!(
                 "{:#}",

@@ -24,14 +24,14 @@ pub const DEFAULT_SWEEP: &str = include_str!("../../configs/sweep-stability.toml
 /// Arguments of `cargo xtask sweep`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  cargo xtask sweep                                  # the default stability sweep\n  cargo xtask sweep configs/sweep-gd-convergence.toml --jobs 2\n  cargo xtask report runs/stability                  # rebuild CSV, report, figures\n  cargo xtask sweep configs/sweep-cifar10-bn.toml --slurm --time 12:00:00 --gpus-per-task 1\n  cargo xtask sweep configs/sweep-cifar10-bn.toml --status  # per-point state, with Slurm's"
+    after_help = "Examples:\n  cargo xtask sweep                                  # the default stability sweep\n  cargo xtask sweep configs/sweep-gd-convergence.toml --jobs 2\n  cargo xtask report runs/stability                  # rebuild CSV, report, figures\n  cargo xtask sweep configs/sweep-cifar10-bn.toml --slurm --features cudnn --time 12:00:00 --gpus-per-task 1\n  cargo xtask sweep configs/sweep-cifar10-bn.toml --status  # per-point state, with Slurm's"
 )]
 pub struct SweepArgs {
     /// The sweep config (default: the stability sweep, configs/sweep-stability.toml).
     pub config: Option<PathBuf>,
     /// Processes run at once (default: the number of CPU cores). Each gets
     /// cores / jobs compute threads (RAYON_NUM_THREADS).
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub jobs: Option<usize>,
     /// Redo every point, even finished ones (earlier outputs are moved aside, not deleted).
     #[arg(long)]
@@ -346,7 +346,11 @@ pub fn run_sweep(
         "sweep `{}`: {} points ({} already done{}), {} to run with {} parallel `tau-resnet {}` processes × {} threads",
         spec.name,
         points.len(),
-        skipped,
+        if args.force {
+            states.iter().filter(|s| s.status.is_done()).count()
+        } else {
+            skipped
+        },
         if args.force {
             ", redone with --force"
         } else {
@@ -416,15 +420,21 @@ fn check_same_base(
     force: bool,
 ) -> anyhow::Result<()> {
     let n_done = states.iter().filter(|s| s.status.is_done()).count();
+    // Training points started but not done resume with the config they started with.
+    let n_started = states
+        .iter()
+        .filter(|s| !s.status.is_done() && s.dir.join(tau_records::CONFIG_FILE).is_file())
+        .count();
     if let Ok(old) = std::fs::read_to_string(root.join(SWEEP_COPY))
         && let Ok(old) = SweepSpec::from_str_in(&old, root)
         && (old.base != spec.base || old.command != spec.command)
-        && n_done > 0
+        && n_done + n_started > 0
         && !force
     {
         bail!(
-            "{} holds {n_done} finished points run with a different base config or command; \
-             use --force to redo them, or give the sweep another name",
+            "{} holds {n_done} finished and {n_started} started points run with a different \
+             base config or command (started ones would resume with their old config); use \
+             --force to redo them, or give the sweep another name",
             root.display()
         );
     }
@@ -444,25 +454,31 @@ pub(crate) fn write_sweep_files(spec: &SweepSpec, root: &Path) -> anyhow::Result
 }
 
 /// Clears xtask's own stale records of a point about to run (and with `--force`, moves
-/// the earlier outputs aside), then writes `point.json`.
+/// the earlier outputs aside under `.replaced/`, returning where), then writes `point.json`.
 pub(crate) fn prepare_point(
     spec: &SweepSpec,
     point: &crate::spec::Point,
     dir: &Path,
     force: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<PathBuf>> {
+    let mut moved = None;
     if force && dir.exists() {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let aside = dir
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(".replaced")
-            .join(format!("{}-{stamp}", point.name));
-        std::fs::create_dir_all(aside.parent().unwrap_or(Path::new(".")))?;
+        let replaced = dir.parent().unwrap_or(Path::new(".")).join(".replaced");
+        std::fs::create_dir_all(&replaced)?;
+        // A second --force in the same second gets the next free name.
+        let aside = (0..)
+            .map(|k| match k {
+                0 => replaced.join(format!("{}-{stamp}", point.name)),
+                k => replaced.join(format!("{}-{stamp}-{k}", point.name)),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| replaced.join(&point.name));
         std::fs::rename(dir, &aside)
             .with_context(|| format!("moving {} aside to {}", dir.display(), aside.display()))?;
+        moved = Some(aside);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let failure = dir.join(FAILURE_RECORD);
@@ -487,7 +503,8 @@ pub(crate) fn prepare_point(
     write_atomic(
         &dir.join("point.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
-    )
+    )?;
+    Ok(moved)
 }
 
 mod execute;

@@ -17,17 +17,33 @@ pub struct ProbeTau {
     pub tau: f64,
     /// log10 ‖h_L‖/‖h_0‖ per (seed, input), seeds outermost. Inputs whose h_0 is zero are
     /// left out.
+    #[serde(deserialize_with = "non_finite_as_null::vec")]
     pub log10_ratio: Vec<f64>,
     /// log10 ‖∂ℓ/∂W_1‖/‖∂ℓ/∂W_L‖ per (seed, input) (empty for families without a
     /// per-input backward probe).
+    #[serde(deserialize_with = "non_finite_as_null::vec")]
     pub log10_grad_ratio: Vec<f64>,
     /// Median over inputs and seeds of log10 ‖h_l‖/‖h_0‖ at the blocks of
     /// [`ProbeRecord::blocks`].
+    #[serde(deserialize_with = "non_finite_as_null::vec")]
     pub block_log10_ratio_median: Vec<f64>,
     /// Median over inputs and seeds of log10 ‖∂ℓ/∂W_l‖/‖∂ℓ/∂W_L‖ at those blocks (theory
     /// network), or log10 of the gradient norm of each block's parameters relative to the
     /// last block's (ResNets, whole batch).
+    #[serde(deserialize_with = "non_finite_as_null::vec")]
     pub block_log10_grad_median: Vec<f64>,
+}
+
+/// JSON has no NaN or ±∞: serde_json writes them as `null`, and they read back as NaN (a
+/// probe of a scheme whose blocks start as the identity has 0/0 gradient ratios, a
+/// blown-up network infinite ones).
+mod non_finite_as_null {
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let values = Vec::<Option<f64>>::deserialize(d)?;
+        Ok(values.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    }
 }
 
 /// `probe.json`: the whole probe of one model config.
@@ -59,6 +75,28 @@ pub struct ProbeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_written_as_null_read_back_as_nan() {
+        let mut rec: ProbeRecord = serde_json::from_str(
+            r#"{"format": "tau-resnet-probe/1", "family": "cifar_resnet", "n_blocks": 3,
+                "seeds": [0], "n_inputs": 2, "blocks": [1, 2, 3],
+                "taus": [{"rule": "fixup", "alpha": null, "tau": 1.0,
+                          "log10_ratio": [0.0, 0.0], "log10_grad_ratio": [],
+                          "block_log10_ratio_median": [0.0, 0.0, 0.0],
+                          "block_log10_grad_median": [null, null, 0.0]}],
+                "wall_s": 0.1, "version": "0.1.0"}"#,
+        )
+        .unwrap();
+        let g = &rec.taus[0].block_log10_grad_median;
+        assert!(g[0].is_nan() && g[1].is_nan() && g[2] == 0.0, "{g:?}");
+        // What the writer makes of NaN and ∞ reads back.
+        rec.taus[0].log10_ratio = vec![f64::INFINITY, 1.0];
+        let again: ProbeRecord =
+            serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert!(again.taus[0].log10_ratio[0].is_nan());
+        assert_eq!(again.taus[0].log10_ratio[1], 1.0);
+    }
 
     #[test]
     fn probe_record_json_round_trips() {

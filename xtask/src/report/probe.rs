@@ -281,12 +281,18 @@ fn growth_section(md: &mut String, curves: &[RuleCurve], depths: &[usize]) {
             c.depths.last().map_or(f64::NAN, |d| d.tau),
             fmt_log10(g.ln_ratio_at_max / std::f64::consts::LN_10),
             g.slope_per_block,
-            if g.exponent.is_finite() {
+            if depths.len() < 3 {
+                format!("– ({} depths; a fit needs 3)", depths.len())
+            } else if g.exponent.is_finite() {
                 format!("{:.3} ± {:.3} ({})", g.exponent, g.exponent_se, g.n_fit)
             } else {
                 "– (ratio ≈ 1)".into()
             },
-            if g.grows { "grows" } else { "bounded" }
+            match (depths.len() < 3, g.grows) {
+                (true, _) => "too few depths",
+                (false, true) => "grows",
+                (false, false) => "bounded",
+            }
         );
     }
 }

@@ -62,16 +62,17 @@ pub struct SlurmArgs {
     /// Quality of service.
     #[arg(long)]
     pub qos: Option<String>,
-    /// Time limit per point, e.g. 04:00:00.
+    /// Time limit per task (one point each; a point that needs longer is checkpointed and
+    /// requeued as another task), e.g. 04:00:00.
     #[arg(long)]
     pub time: Option<String>,
-    /// Memory per point, e.g. 8G.
+    /// Memory per task (one point each), e.g. 8G.
     #[arg(long)]
     pub mem: Option<String>,
-    /// CPUs per point (also its compute threads).
+    /// CPUs per task (one point each; also its compute threads).
     #[arg(long)]
     pub cpus_per_task: Option<u32>,
-    /// GPUs per point, e.g. 1 or a100:1.
+    /// GPUs per task (one point each), e.g. 1 or a100:1.
     #[arg(long)]
     pub gpus_per_task: Option<String>,
     /// At most N points run at once (the array's %N).

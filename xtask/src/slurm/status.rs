@@ -185,8 +185,8 @@ pub(super) fn is_live(state: &str) -> bool {
 pub struct StatusRow {
     /// The point's folder name.
     pub point: String,
-    /// `finished`, `diverged`, `running`, `pending`, `interrupted`, `failed` or
-    /// `not submitted`.
+    /// `finished`, `diverged`, `running`, `pending`, `interrupted`, `failed`, `not run`
+    /// (a sweep never submitted to Slurm) or `not submitted`.
     pub state: String,
     /// The point's last array task and its Slurm state (`12_3 RUNNING`,
     /// `12_3 OUT_OF_MEMORY exit 0:125`), empty when never submitted.
@@ -218,6 +218,8 @@ pub fn status_rows(
             .find(|t| t.job_id == job && t.task == i)
             .cloned()
     };
+    // A sweep never submitted to Slurm is one run here: its words are the local ones.
+    let local = submissions.is_empty();
     states
         .iter()
         .map(|s| {
@@ -260,7 +262,12 @@ pub fn status_rows(
                 match (s.status, &ended) {
                     (Status::Interrupted, _) => (
                         "interrupted".to_string(),
-                        "checkpointed; resumes when resubmitted".to_string(),
+                        if local {
+                            "checkpointed; resumes when the sweep runs again"
+                        } else {
+                            "checkpointed; resumes when resubmitted"
+                        }
+                        .to_string(),
                     ),
                     (Status::Failed, _) => ("failed".to_string(), why),
                     (_, Some(t)) if t.state == "COMPLETED" => (
@@ -275,6 +282,7 @@ pub fn status_rows(
                         "pending".to_string(),
                         "submitted; Slurm has no record of it (yet)".to_string(),
                     ),
+                    (_, None) if local => ("not run".to_string(), String::new()),
                     (_, None) => ("not submitted".to_string(), String::new()),
                 }
             };
@@ -428,6 +436,7 @@ pub fn format_status(
         "pending",
         "interrupted",
         "failed",
+        "not run",
         "not submitted",
     ];
     let parts: Vec<String> = order
@@ -437,9 +446,19 @@ pub fn format_status(
     let _ = writeln!(s, "{} points: {}", rows.len(), parts.join(", "));
     let open = rows
         .iter()
-        .filter(|r| matches!(r.state.as_str(), "interrupted" | "failed" | "not submitted"))
+        .filter(|r| {
+            matches!(
+                r.state.as_str(),
+                "interrupted" | "failed" | "not run" | "not submitted"
+            )
+        })
         .count();
-    if open > 0 {
+    if open > 0 && jobs.is_empty() {
+        let _ = writeln!(
+            s,
+            "{open} point(s) without a result: run them with `cargo xtask sweep CONFIG` (or submit them with --slurm)"
+        );
+    } else if open > 0 {
         let _ = writeln!(
             s,
             "{open} point(s) without a result and not queued: submit them with `cargo xtask sweep CONFIG --slurm`"

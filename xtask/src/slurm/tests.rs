@@ -619,6 +619,29 @@ fn status_combines_records_with_slurm() {
         table.contains("4 point(s) without a result and not queued"),
         "{table}"
     );
+    // The same records of a sweep never submitted to Slurm: local words.
+    let rows = status_rows(&states, &[], &[], &[]);
+    let got: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r.state.as_str(), r.note.as_str()))
+        .collect();
+    assert_eq!(
+        got[2],
+        (
+            "interrupted",
+            "checkpointed; resumes when the sweep runs again"
+        )
+    );
+    assert_eq!(got[6], ("not run", ""));
+    let table = format_status("s", tmp.path(), &[], &rows);
+    assert!(
+        table.contains("1 interrupted, 1 failed, 4 not run"),
+        "{table}"
+    );
+    assert!(
+        table.contains("run them with `cargo xtask sweep CONFIG` (or submit them with --slurm)"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -667,6 +690,45 @@ fn dry_run_writes_the_slurm_folder_and_leaves_finished_points_out() {
     // The stored config keeps [slurm] and reads back.
     let stored = crate::report::load_stored_spec(&root).unwrap();
     assert_eq!(stored.slurm, spec.slurm);
+    // A dry run with --force moves no result aside.
+    let sub = submit(&spec, &spec.slurm, &root, &bin, true, true).unwrap();
+    assert_eq!(sub.ids, [0, 1, 2, 3]);
+    assert!(done.join("summary.json").is_file());
+    assert!(!root.join(".replaced").exists());
+}
+
+/// With --force, a submission that sbatch refuses (here: no sbatch at all) puts the
+/// results it moved aside back where they were.
+#[test]
+fn a_failed_submission_puts_back_what_force_moved() {
+    if std::process::Command::new("sbatch")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        eprintln!("skipped: sbatch is on PATH (this test needs it absent)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let root = tmp.path().join("s");
+    let points = spec.points().unwrap();
+    let done = root.join(&points[1].name);
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::write(done.join("summary.json"), "{}").unwrap();
+    let bin = tmp.path().join("tau-resnet");
+    std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+    let err = submit(&spec, &spec.slurm, &root, &bin, true, false).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("submitting the job array"),
+        "{err:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(done.join("summary.json")).unwrap(),
+        "{}"
+    );
+    let replaced = root.join(".replaced");
+    assert!(!replaced.exists() || std::fs::read_dir(&replaced).unwrap().next().is_none());
 }
 
 #[test]

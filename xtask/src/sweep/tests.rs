@@ -206,6 +206,29 @@ fn changed_base_config_with_finished_points_needs_force() {
     assert!(err.to_string().contains("--force"), "{err}");
 }
 
+/// A point started with the old base (interrupted: a config.toml, no summary) would resume
+/// with its old config under the new one: refused like a finished point.
+#[test]
+fn changed_base_config_with_started_points_needs_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = fake_bin(tmp.path());
+    let stop = AtomicBool::new(false);
+    run_sweep(&spec("4"), tmp.path(), &bin, &args(false), &stop).unwrap();
+    let root = tmp.path().join("t");
+    for p in spec("4").points().unwrap() {
+        let dir = root.join(&p.name);
+        let _ = std::fs::remove_file(dir.join(tau_records::SUMMARY_FILE));
+        std::fs::write(dir.join(tau_records::CONFIG_FILE), "seed = 0\n").unwrap();
+    }
+    let mut changed = spec("4");
+    changed.base.insert("seed".into(), toml::Value::Integer(5));
+    let err = run_sweep(&changed, tmp.path(), &bin, &args(false), &stop).unwrap_err();
+    assert!(
+        err.to_string().contains("0 finished and 2 started points"),
+        "{err}"
+    );
+}
+
 #[test]
 fn the_build_takes_cargo_features_and_a_cuda_sweep_asks_for_them() {
     assert_eq!(
@@ -260,4 +283,26 @@ fn default_sweep_config_parses() {
     assert_eq!(spec.command, RunCommand::Probe);
     assert!(spec.n_points() >= 13);
     spec.points().unwrap();
+}
+
+#[test]
+fn force_twice_in_one_second_keeps_both_earlier_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec("4");
+    let point = &spec.points().unwrap()[0];
+    let dir = tmp.path().join(&point.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("summary.json"), "first").unwrap();
+    let a = prepare_point(&spec, point, &dir, true).unwrap().unwrap();
+    std::fs::write(dir.join("summary.json"), "second").unwrap();
+    let b = prepare_point(&spec, point, &dir, true).unwrap().unwrap();
+    assert_ne!(a, b);
+    assert_eq!(
+        std::fs::read_to_string(a.join("summary.json")).unwrap(),
+        "first"
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.join("summary.json")).unwrap(),
+        "second"
+    );
 }
