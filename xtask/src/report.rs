@@ -296,6 +296,18 @@ mod tests {
                 "{fig}"
             );
         }
+        // A damaged metrics line (not a torn last one) is named, not silently dropped.
+        let first = &spec.points().unwrap()[0].name;
+        let path = root.join(first).join(tau_records::METRICS_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("garbage\n{text}")).unwrap();
+        generate(&root).unwrap();
+        let md = std::fs::read_to_string(root.join("report.md")).unwrap();
+        assert!(
+            md.contains(&format!("left out of the figures: `{first}` (1)")),
+            "{md}"
+        );
+        std::fs::write(&path, text).unwrap();
         // Without a test set (full-batch GD on synthetic data) no run has an accuracy:
         // no accuracy section then, the losses as before.
         for p in spec.points().unwrap() {

@@ -18,20 +18,32 @@ mod curves;
 use curves::Curves;
 
 /// Reads `(step, train loss)` pairs from a run's `metrics.jsonl`.
-fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
+fn loss_curve(dir: &Path) -> (Vec<(f64, f64)>, usize) {
     let Ok(text) = std::fs::read_to_string(dir.join(tau_records::METRICS_FILE)) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
-    text.lines()
-        .filter_map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut unreadable = 0;
+    let curve = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                // A torn last line is what a killed run leaves (resume cuts it off);
+                // anything else is damage worth a note.
+                if i + 1 < lines.len() || text.ends_with('\n') {
+                    unreadable += 1;
+                }
+                return None;
+            };
             let step = v.get("step")?.as_f64()?;
             let loss = ["train_loss", "loss"]
                 .iter()
                 .find_map(|k| v.get(*k).and_then(|x| x.as_f64()))?;
             Some((step, loss))
         })
-        .collect()
+        .collect();
+    (curve, unreadable)
 }
 
 /// Picks a test-accuracy number out of a flattened summary.
@@ -170,6 +182,7 @@ fn results_table(
 /// Loss vs step: one figure per group, one line per depth (first seed).
 fn loss_figures(md: &mut String, states: &[PointState], groups: &[String]) -> Vec<(String, Chart)> {
     let mut figs = Vec::new();
+    let mut damaged = Vec::new();
     for g in groups {
         let mut series = Vec::new();
         let first_seed = states
@@ -178,9 +191,13 @@ fn loss_figures(md: &mut String, states: &[PointState], groups: &[String]) -> Ve
             .find_map(seed_of);
         for s in states
             .iter()
-            .filter(|s| &group_of(s) == g && seed_of(s) == first_seed)
+            .filter(|s| &group_of(s) == g && seed_of(s) == first_seed && s.status != Status::Failed)
         {
-            let curve: Vec<(f64, f64)> = loss_curve(&s.dir)
+            let (curve, unreadable) = loss_curve(&s.dir);
+            if unreadable > 0 {
+                damaged.push(format!("`{}` ({unreadable})", s.point.name));
+            }
+            let curve: Vec<(f64, f64)> = curve
                 .into_iter()
                 .filter(|(_, l)| l.is_finite() && *l > 0.0)
                 .map(|(st, l)| (st.max(1.0), l.log10()))
@@ -229,7 +246,13 @@ fn loss_figures(md: &mut String, states: &[PointState], groups: &[String]) -> Ve
             },
         ));
     }
-
+    if !damaged.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nUnreadable lines of `metrics.jsonl`, left out of the figures: {}.\n",
+            damaged.join(", ")
+        );
+    }
     figs
 }
 
@@ -312,7 +335,6 @@ fn accuracy_section(
             },
         ));
     }
-
     figs
 }
 
@@ -330,7 +352,7 @@ fn steps_section(
         let outcome = match s.status {
             Status::Diverged => aggregate::Outcome::Diverged,
             Status::Finished => {
-                match aggregate::first_step_at_or_below(&loss_curve(&s.dir), threshold) {
+                match aggregate::first_step_at_or_below(&loss_curve(&s.dir).0, threshold) {
                     Some(step) => aggregate::Outcome::Value(step),
                     None => aggregate::Outcome::NotReached,
                 }
