@@ -526,6 +526,14 @@ pub fn apply_overrides(table: &mut toml::Table, sets: &[String]) -> crate::Resul
             .with_context(|| format!("override `{set}` is not of the form key=value"))?;
         let key = key.trim();
         let value = parse_value(raw.trim());
+        let digits = raw.trim().trim_start_matches(['-', '+']).replace('_', "");
+        if value.is_str() && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            // An integer TOML cannot hold would otherwise become the string "1844…".
+            bail!(
+                "override `{set}`: {} is outside TOML's integer range (-2^63 to 2^63 - 1)",
+                raw.trim()
+            );
+        }
         let parts: Vec<&str> = key.split('.').collect();
         if parts.iter().any(|p| p.trim().is_empty()) {
             bail!("override `{set}`: empty key segment in `{key}`");

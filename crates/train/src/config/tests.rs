@@ -120,6 +120,16 @@ fn a_subset_of_synthetic_data_is_refused_not_ignored() {
 }
 
 #[test]
+fn an_integer_out_of_range_is_named_not_taken_as_a_string() {
+    let mut t = table(THEORY);
+    let err = apply_overrides(&mut t, &["seed=18446744073709551615".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outside TOML's integer range"), "{err}");
+    apply_overrides(&mut t, &["seed=9223372036854775807".into()]).unwrap();
+}
+
+#[test]
 fn schedules_parse() {
     for (s, want) in [
         ("\"constant\"", ScheduleConfig::Constant),
