@@ -122,9 +122,10 @@ pub fn job_script(
     let bin_s = utf8(bin)?;
     let logs = root.join("slurm").join("logs");
     let logs_s = utf8(&logs)?;
-    if logs_s.contains(['%', '\n']) {
+    if logs_s.contains(['%', '\n']) || logs_s.chars().any(char::is_whitespace) {
         bail!(
-            "the sweep folder {root_s} contains `%` or a line break, which #SBATCH --output cannot take"
+            "the sweep folder {root_s} contains `%`, a space or a line break, which #SBATCH \
+             --output cannot take: choose a --runs-dir without them"
         );
     }
     let mut s = script_header(spec, settings, &logs_s)?;

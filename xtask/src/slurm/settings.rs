@@ -118,6 +118,15 @@ impl SlurmSettings {
         let mut opt = |flag: &str, value: Option<String>| -> anyhow::Result<()> {
             if let Some(v) = value {
                 check_value(flag, &v)?;
+                if v.chars().any(char::is_whitespace) {
+                    bail!("slurm {flag} `{v}`: a value without spaces (one #SBATCH word)");
+                }
+                if flag == "time" && !is_slurm_time(&v) {
+                    bail!(
+                        "slurm time `{v}`: Slurm takes minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM \
+                         or D-HH:MM:SS (e.g. 04:00:00, 2-00:00:00)"
+                    );
+                }
                 out.push(format!("--{flag}={v}"));
             }
             Ok(())
@@ -298,6 +307,25 @@ pub(super) fn ntasks_value(option: &str) -> Option<&str> {
         option.strip_prefix("-n")?
     };
     Some(value.trim())
+}
+
+/// Whether `t` is one of sbatch's `--time` forms: `M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`,
+/// `D-H:M:S` (digits), or `UNLIMITED` / `infinite`.
+fn is_slurm_time(t: &str) -> bool {
+    if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("infinite") {
+        return true;
+    }
+    let numbers = |s: &str, most: usize| {
+        let parts: Vec<&str> = s.split(':').collect();
+        parts.len() <= most
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    match t.split_once('-') {
+        Some((days, rest)) => numbers(days, 1) && numbers(rest, 3),
+        None => numbers(t, 3),
+    }
 }
 
 pub(super) fn check_value(flag: &str, value: &str) -> anyhow::Result<()> {

@@ -162,6 +162,35 @@ fn extra_task_counts_and_out_of_range_signal_times_are_handled() {
     signal(65535).sbatch_options().unwrap();
     let err = format!("{:#}", signal(65536).sbatch_options().unwrap_err());
     assert!(err.contains("0 to 65535"), "{err}");
+    // --time in one of Slurm's forms; no value with a space (one #SBATCH word).
+    let time = |t: &str| SlurmSettings {
+        time: Some(t.into()),
+        ..SlurmSettings::default()
+    };
+    for good in [
+        "90",
+        "30:00",
+        "04:00:00",
+        "2-00",
+        "2-12:30",
+        "1-00:00:00",
+        "UNLIMITED",
+    ] {
+        assert_eq!(
+            time(good).sbatch_options().unwrap(),
+            [format!("--time={good}")]
+        );
+    }
+    for bad in ["abc", "4h", "1:2:3:4", "-5", "2-", ":30"] {
+        let err = format!("{:#}", time(bad).sbatch_options().unwrap_err());
+        assert!(err.contains("Slurm takes minutes"), "{bad}: {err}");
+    }
+    let spaced = SlurmSettings {
+        partition: Some("gpu debug".into()),
+        ..SlurmSettings::default()
+    };
+    let err = format!("{:#}", spaced.sbatch_options().unwrap_err());
+    assert!(err.contains("without spaces"), "{err}");
 }
 
 fn cli(f: impl FnOnce(&mut SlurmArgs)) -> SlurmArgs {
