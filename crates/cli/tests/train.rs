@@ -456,6 +456,45 @@ fn bad_input_fails_with_one_message_and_writes_nothing() {
     );
 }
 
+/// `--out` naming a directory of other files (a typo'd home folder) is refused, and
+/// nothing is written into it; a sweep point's own files do not count.
+#[test]
+fn a_new_run_does_not_start_among_other_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let foreign = tmp.path().join("documents");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("thesis.tex"), "x").unwrap();
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is not empty and holds no run (`thesis.tex` is there)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    // What xtask leaves in a point's folder before the run starts is fine.
+    let point = tmp.path().join("point");
+    std::fs::create_dir_all(&point).unwrap();
+    for f in ["point.json", "stdout.log", "stderr.log", ".nfs0001"] {
+        std::fs::write(point.join(f), "").unwrap();
+    }
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&point)
+        .output()
+        .unwrap();
+    assert_success(&o);
+}
+
 #[test]
 fn corrupt_data_dir_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();

@@ -24,6 +24,16 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const PROBE_FILE: &str = "probe.json";
 /// `config.toml`: the resolved config of a run or a probe, as it ran.
 pub const CONFIG_FILE: &str = "config.toml";
+/// The files a sweep driver (xtask) keeps in a point's run directory beside the run's own:
+/// the point's grid values, the process's output streams, why it failed. A new run starts
+/// in a directory that holds nothing else (hidden files and an empty `checkpoints/` aside).
+pub const DRIVER_FILES: &[&str] = &[
+    "point.json",
+    "stdout.log",
+    "stderr.log",
+    "xtask-failure.json",
+    "xtask-failure.json.tmp",
+];
 /// `checkpoints/`: the folder of a run's checkpoints (its presence, with
 /// [`CONFIG_FILE`], makes a run resumable).
 pub const CHECKPOINTS_DIR: &str = "checkpoints";

@@ -364,11 +364,13 @@ fn session<'a>(p: &'a mut Prepared) -> Session<'a> {
     }
 }
 
-/// Starts a new run in `run_dir`: refuses a directory that already holds a run, creates
-/// it, writes `config.toml`, then trains.
+/// Starts a new run in `run_dir`: refuses a directory that already holds a run, or holds
+/// anything but a sweep driver's files ([`tau_records::DRIVER_FILES`]); creates it, writes
+/// `config.toml`, then trains.
 ///
 /// # Errors
-/// An existing run in `run_dir`, an unwritable directory, and the errors of the loop.
+/// An existing run or other files in `run_dir`, an unwritable directory, and the errors of
+/// the loop.
 pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> crate::Result<Summary> {
     let text = prepared.cfg.to_toml()?;
     if run_dir.join(CONFIG_FILE).exists() || run_dir.join(METRICS_FILE).exists() {
@@ -377,6 +379,22 @@ pub fn start(mut prepared: Prepared, run_dir: &Path, opts: &RunOptions) -> crate
             run_dir.display(),
             run_dir.display()
         );
+    }
+    if let Ok(entries) = std::fs::read_dir(run_dir) {
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", run_dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with('.')
+                || tau_records::DRIVER_FILES.contains(&name.as_str())
+                || name == tau_records::CHECKPOINTS_DIR;
+            if !ours {
+                bail!(
+                    "{} is not empty and holds no run (`{name}` is there): choose another \
+                     `--out`, or empty it",
+                    run_dir.display()
+                );
+            }
+        }
     }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;

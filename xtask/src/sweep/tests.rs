@@ -306,3 +306,18 @@ fn force_twice_in_one_second_keeps_both_earlier_outputs() {
         "second"
     );
 }
+
+/// The files xtask keeps in a point's folder are those tau-resnet lets a new run start
+/// beside (tau_records::DRIVER_FILES): a new name here must be added there.
+#[test]
+fn the_files_xtask_writes_into_a_point_are_the_drivers_files() {
+    for f in [
+        "point.json",
+        "stdout.log",
+        "stderr.log",
+        FAILURE_RECORD,
+        &format!("{FAILURE_RECORD}.tmp"),
+    ] {
+        assert!(tau_records::DRIVER_FILES.contains(&f), "{f}");
+    }
+}
