@@ -94,6 +94,46 @@ impl ImageDataset {
         }
     }
 
+    /// The data set in RGB: a grayscale one (1, H, W) with its plane replicated to
+    /// (3, H, W); any other returned as it is.
+    ///
+    /// ```
+    /// use tau_data::ImageDataset;
+    ///
+    /// let gray = ImageDataset {
+    ///     images: vec![1, 2, 3, 4],
+    ///     labels: vec![0, 1],
+    ///     shape: [1, 1, 2],
+    ///     num_classes: 2,
+    ///     class_names: vec!["a".into(), "b".into()],
+    /// };
+    /// let rgb = gray.to_rgb();
+    /// assert_eq!(rgb.shape, [3, 1, 2]);
+    /// assert_eq!(rgb.images, [1, 2, 1, 2, 1, 2, 3, 4, 3, 4, 3, 4]);
+    /// assert_eq!(rgb.to_rgb(), rgb);
+    /// ```
+    pub fn to_rgb(&self) -> ImageDataset {
+        let [c, h, w] = self.shape;
+        if c != 1 {
+            return self.clone();
+        }
+        let plane = h * w;
+        let mut images = vec![0u8; self.len() * 3 * plane];
+        for (out, src) in images
+            .chunks_mut(3 * plane.max(1))
+            .zip(self.images.chunks(plane.max(1)))
+        {
+            crate::folder::hwc_to_chw(src, 1, 3, out);
+        }
+        ImageDataset {
+            images,
+            labels: self.labels.clone(),
+            shape: [3, h, w],
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+        }
+    }
+
     /// The first `n` images (all of them if `n >= len()`).
     pub fn first_n(&self, n: usize) -> ImageDataset {
         let n = n.min(self.len());

@@ -227,13 +227,7 @@ pub(crate) fn load_splits(root: &Path, splits: Splits) -> Result<Split, DataErro
     if test.shape != train.shape {
         if test.shape[1..] == train.shape[1..] && train.shape[0] == 3 {
             // A grayscale-only test split of an RGB dataset: replicate to RGB.
-            let l = test.image_len();
-            let mut rgb = vec![0u8; test.len() * 3 * l];
-            for (out, src) in rgb.chunks_mut(3 * l).zip(test.images.chunks(l)) {
-                hwc_to_chw(src, 1, 3, out);
-            }
-            test.images = rgb;
-            test.shape = train.shape;
+            test = test.to_rgb();
         } else {
             return Err(DataError::ShapeMismatch {
                 path: test_files

@@ -106,9 +106,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     let device = args.device.device()?;
     let (place, pretrained) = args.model.load(&device)?;
     let checkpoint = pretrained.config;
-    // Half-precision weights (`import --dtype bf16`) compute in f32, as in predict and
-    // probe: widening is exact.
-    let varmap = tau_model::checkpoint::widen_to_f32(&pretrained.varmap)?;
+    let varmap = pretrained.varmap;
     let model_cfg = checkpoint.model.clone();
     let loss = match args.loss.as_deref() {
         None if !model_cfg.as_family().is_classifier() => LossKind::Squared,

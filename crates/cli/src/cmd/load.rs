@@ -35,7 +35,8 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Loads the model on `device`; returns where it came from (for messages) with it.
+    /// Loads the model on `device`, f16/bf16 weights widened to f32; returns where it came
+    /// from (for messages) with it.
     ///
     /// # Errors
     /// An unknown architecture, a missing or corrupt checkpoint (naming the file and the
@@ -86,7 +87,7 @@ impl ModelArgs {
             local_files_only: self.offline,
             ..Default::default()
         };
-        let pretrained = load_pretrained(&place, &spec, &options, device).map_err(|e| {
+        let mut pretrained = load_pretrained(&place, &spec, &options, device).map_err(|e| {
             let hint = match &e {
                 tau_model::CheckpointError::Hub { message, .. }
                     if message.starts_with(tau_model::checkpoint::CONFIG_FILE)
@@ -98,6 +99,9 @@ impl ModelArgs {
             };
             anyhow::Error::new(e).context(format!("loading checkpoint {place}{hint}"))
         })?;
+        // Half-precision weights (`import --dtype bf16`) compute in f32: candle's CPU
+        // kernels have no matrix product or convolution in f16 or bf16, and widening is exact.
+        pretrained.varmap = tau_model::checkpoint::widen_to_f32(&pretrained.varmap)?;
         Ok((place, pretrained))
     }
 }

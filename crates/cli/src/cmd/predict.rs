@@ -266,10 +266,7 @@ impl Classifier {
 /// the model.
 pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
     let device = args.device.device()?;
-    let (place, mut pretrained) = args.model.load(&device)?;
-    // Half-precision weights (`import --dtype bf16`) compute in f32: candle's CPU kernels
-    // have no matrix product or convolution in f16 or bf16, and widening is exact.
-    pretrained.varmap = tau_model::checkpoint::widen_to_f32(&pretrained.varmap)?;
+    let (place, pretrained) = args.model.load(&device)?;
     let mut checkpoint = pretrained.config.clone();
     let prep = preprocessing(&args, &checkpoint)?;
     if let Some(path) = &args.labels {

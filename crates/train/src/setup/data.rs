@@ -246,7 +246,7 @@ fn load_splits(
         {
             // As with both splits loaded, where an RGB training split makes a grayscale
             // test split RGB.
-            test = gray_to_rgb(&test);
+            test = test.to_rgb();
             train = test.first_n(0);
         }
     } else if train.is_empty() {
@@ -330,25 +330,6 @@ fn load_splits(
         },
         record,
     ))
-}
-
-/// A grayscale (1, H, W) data set as RGB (3, H, W), the gray plane replicated.
-fn gray_to_rgb(ds: &tau_data::ImageDataset) -> tau_data::ImageDataset {
-    let [_, h, w] = ds.shape;
-    let plane = (h * w).max(1);
-    let mut images = Vec::with_capacity(3 * ds.images.len());
-    for img in ds.images.chunks(plane) {
-        for _ in 0..3 {
-            images.extend_from_slice(img);
-        }
-    }
-    tau_data::ImageDataset {
-        images,
-        labels: ds.labels.clone(),
-        shape: [3, h, w],
-        num_classes: ds.num_classes,
-        class_names: ds.class_names.clone(),
-    }
 }
 
 fn unreachable_synthetic() -> crate::Result<tau_data::DataSource> {
