@@ -103,6 +103,42 @@ impl ModelConfig {
         }
     }
 
+    /// Where a `[model]` table that does not read as a [`ModelConfig`] goes wrong: the key
+    /// within the table and serde's message, e.g. `("depth", "invalid type: string \"abc\",
+    /// expected usize")`. serde reports every error inside a tagged enum at the enum itself
+    /// (`model`); this reads the table again as its family's own settings, where the key is
+    /// known. `None` when the family is missing or unknown or the settings read.
+    ///
+    /// ```
+    /// # use tau_model::ModelConfig;
+    /// let table = serde_json::json!({"family": "cifar_resnet", "depth": "abc"});
+    /// assert!(serde_json::from_value::<ModelConfig>(table.clone()).is_err());
+    /// let (key, message) = ModelConfig::locate_error(&table).unwrap();
+    /// assert_eq!(key, "depth");
+    /// assert!(message.contains("expected usize"), "{message}");
+    /// ```
+    pub fn locate_error(table: &serde_json::Value) -> Option<(String, String)> {
+        fn settings<T: serde::de::DeserializeOwned>(
+            rest: serde_json::Value,
+        ) -> Option<(String, String)> {
+            let err = serde_path_to_error::deserialize::<_, T>(rest).err()?;
+            let key = err.path().to_string();
+            Some((
+                if key == "." { String::new() } else { key },
+                err.into_inner().to_string(),
+            ))
+        }
+        let mut rest = table.as_object()?.clone();
+        let family = rest.remove("family")?;
+        let rest = serde_json::Value::Object(rest);
+        match family.as_str()? {
+            "theory" => settings::<TheoryConfig>(rest),
+            "cifar_resnet" => settings::<CifarResNetConfig>(rest),
+            "bottleneck_resnet" => settings::<BottleneckResNetConfig>(rest),
+            _ => None,
+        }
+    }
+
     /// The family behind the tag, to change its settings (as
     /// [`Family::set_tau_rule`]). See the [module example](crate::family#example).
     pub fn as_family_mut(&mut self) -> &mut dyn Family {

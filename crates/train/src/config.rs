@@ -573,18 +573,33 @@ fn parse_value(raw: &str) -> toml::Value {
 /// An unknown key or an ill-typed value, naming the dotted key; or a failed
 /// [`RunConfig::validate`].
 pub fn config_from_table(table: toml::Table) -> crate::Result<RunConfig> {
+    let model = table.get("model").cloned();
     let cfg: RunConfig =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
+            // The message alone: its Display adds the path again on a line of its own.
+            let message = e.into_inner().message().to_string();
+            if path == "model"
+                && let Some((key, message)) = model.as_ref().and_then(locate_model_error)
+            {
+                return crate::error::err!("key `model.{key}`: {message}");
+            }
             if path == "." || path.is_empty() {
-                crate::error::err!("{inner}")
+                crate::error::err!("{message}")
             } else {
-                crate::error::err!("key `{path}`: {inner}")
+                crate::error::err!("key `{path}`: {message}")
             }
         })?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The key within a `[model]` table that does not read, and serde's message
+/// ([`ModelConfig::locate_error`](tau_model::ModelConfig::locate_error)); the key is never
+/// empty (an error of the table as a whole stays with `model`).
+pub(crate) fn locate_model_error(model: &toml::Value) -> Option<(String, String)> {
+    let json = serde_json::to_value(model).ok()?;
+    tau_model::ModelConfig::locate_error(&json).filter(|(key, _)| !key.is_empty())
 }
 
 /// Reads a run config file, applies `--set` overrides and validates the result.

@@ -93,6 +93,35 @@ fn ill_typed_value_is_an_error_naming_the_key() {
 }
 
 #[test]
+fn a_bad_model_setting_names_its_key_inside_the_model_table() {
+    // serde reports errors inside the tagged `[model]` enum at `model` itself.
+    let cases = [
+        (
+            "model.depth=4=5",
+            "key `model.depth`: invalid type: string \"4=5\", expected usize",
+        ),
+        ("model.width=-1", "key `model.width`"),
+        ("model.widht=3", "key `model.widht`: unknown field `widht`"),
+        (
+            "model.family=\"mlp\"",
+            "key `model.family`: unknown variant `mlp`",
+        ),
+        (
+            "model.tau=fast",
+            "key `model.tau`: invalid tau rule \"fast\"",
+        ),
+    ];
+    for (set, expected) in cases {
+        let mut t = table(THEORY);
+        apply_overrides(&mut t, &[set.into()]).unwrap();
+        let err = chain(config_from_table(t).unwrap_err());
+        assert!(err.starts_with(expected), "{set}: {err}");
+        // One line: the message without the path repeated below it.
+        assert!(!err.contains('\n'), "{set}: {err:?}");
+    }
+}
+
+#[test]
 fn epochs_and_steps_are_exclusive() {
     let mut t = table(THEORY);
     apply_overrides(&mut t, &["epochs=3".into()]).unwrap();

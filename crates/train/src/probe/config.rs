@@ -104,12 +104,16 @@ pub fn resolve_config(mut table: toml::Table, sets: &[String]) -> crate::Result<
         Some(toml::Value::Integer(s)) if *s >= 0 => *s as u64,
         Some(other) => bail!("key `seed`: expected a non-negative integer, got {other}"),
     };
-    let model: ModelConfig = table
-        .get("model")
-        .cloned()
-        .context("missing [model]")?
+    let model_value = table.get("model").cloned().context("missing [model]")?;
+    let model: ModelConfig = model_value
+        .clone()
         .try_into()
-        .map_err(|e| crate::error::err!("key `model`: {e}"))?;
+        .map_err(
+            |e: toml::de::Error| match crate::config::locate_model_error(&model_value) {
+                Some((key, message)) => crate::error::err!("key `model.{key}`: {message}"),
+                None => crate::error::err!("key `model`: {}", e.message()),
+            },
+        )?;
     model.validate().context("key `model`")?;
     check_image_size(&model, settings.image_size)?;
     let rules = probe_rules(&model, &settings)?;
