@@ -120,6 +120,20 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", runs_dir.display()))?;
         let states = records::read_sweep(&spec, &root)?;
         check_same_base(&spec, &root, &states, args.force)?;
+        // The points that will start from the base config (the others resume with theirs).
+        let points = spec.points()?;
+        let fresh: Vec<&crate::spec::Point> = points
+            .iter()
+            .zip(&states)
+            .filter(|(_, s)| {
+                args.force
+                    || !(s.status.is_done() || s.dir.join(tau_records::CONFIG_FILE).is_file())
+            })
+            .map(|(p, _)| p)
+            .collect();
+        if let Some(why) = check::check_points(&spec, &fresh, &bin)? {
+            warn_unchecked(&why);
+        }
         let sub = slurm::submit(&spec, &settings, &root, &bin, args.force, args.dry_run)?;
         if let Some(job) = sub.job_id {
             println!(
@@ -157,6 +171,14 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     };
     let outcome = run_sweep(&spec, &runs_dir, &bin, &args, &stop)?;
     outcome.into_result()
+}
+
+/// Says that the points' configs could not be checked before the sweep started, and why.
+fn warn_unchecked(why: &str) {
+    eprintln!(
+        "warning: the points' configs were not checked before starting ({why}); a point \
+         with a bad config fails when it runs"
+    );
 }
 
 /// What a sweep run ended with.
@@ -372,6 +394,14 @@ pub fn run_sweep(
             interrupted: false,
         });
     }
+    let fresh: Vec<&crate::spec::Point> = jobs
+        .iter()
+        .filter(|j| !j.args.iter().any(|a| a == "--resume"))
+        .map(|j| &points[j.index])
+        .collect();
+    if let Some(why) = check::check_points(spec, &fresh, bin)? {
+        warn_unchecked(&why);
+    }
     write_sweep_files(spec, &root)?;
     for j in &jobs {
         prepare_point(spec, &points[j.index], &j.dir, args.force)?;
@@ -507,6 +537,7 @@ pub(crate) fn prepare_point(
     Ok(moved)
 }
 
+mod check;
 mod execute;
 #[cfg(all(test, unix))]
 mod tests;

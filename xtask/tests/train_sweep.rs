@@ -150,3 +150,53 @@ fn tiny_gd_sweep_against_the_real_trainer() {
     );
     assert_eq!(std::fs::read(dir.join("results.csv")).expect("csv"), csv);
 }
+
+#[test]
+fn a_bad_grid_value_stops_the_sweep_before_any_point_runs() {
+    let Some(bin) = tau_resnet() else {
+        eprintln!(
+            "skipped: no tau-resnet binary (set TAU_RESNET_BIN or build the tau-resnet package)"
+        );
+        return;
+    };
+    let tiny = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sweep-gd-tiny.toml"),
+    )
+    .expect("the tiny sweep");
+    // Depth 0 and a τ rule of K instead of L: three of the eight points are refused.
+    let bad = tiny.replace(
+        "\"model.depth\" = [2, 8, 32]\n\"model.tau\" = [\"1/sqrt(L)\", \"1\"]",
+        "\"model.depth\" = [2, 0]\n\"model.tau\" = [\"1/sqrt(L)\", \"1\", \"1/K\", \"1/L\"]",
+    );
+    assert_ne!(bad, tiny, "the grid of sweep-gd-tiny.toml changed");
+    let runs = tempfile::tempdir().expect("temp dir");
+    let cfg = runs.path().join("bad.toml");
+    std::fs::write(&cfg, bad).expect("write the config");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("sweep")
+        .arg(&cfg)
+        .arg("--bin")
+        .arg(&bin)
+        .arg("--no-build")
+        .arg("--runs-dir")
+        .arg(runs.path())
+        .output()
+        .expect("xtask runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad sweep ran:\n{stderr}");
+    assert!(
+        stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
+        "{stderr}"
+    );
+    // Each error once, with the first point that has it and how many more do.
+    assert!(
+        stderr.contains("depth-2_tau-1_K (and 1 more): key `model.tau`: invalid tau rule \"1/K\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("depth-0_tau-1_sqrt_L (and 2 more): invalid `model`: "),
+        "{stderr}"
+    );
+    // Nothing started: no sweep folder.
+    assert!(!runs.path().join("gd-tiny").exists(), "{stderr}");
+}

@@ -1,6 +1,7 @@
 //! The subcommands of the `tau-resnet` binary, one module each.
 
 pub mod bench;
+pub mod check;
 pub mod eval;
 pub mod export;
 pub mod import;

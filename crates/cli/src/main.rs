@@ -53,6 +53,9 @@ enum Command {
     Import(cmd::import::ImportArgs),
     /// Training-step throughput of the CIFAR ResNets and the theory network.
     Bench(cmd::bench::BenchArgs),
+    /// Check sweep points' configs (a JSON request on stdin; used by `cargo xtask sweep`).
+    #[command(name = "check-points", hide = true)]
+    CheckPoints(cmd::check::CheckArgs),
 }
 
 fn init_logging(quiet: bool) {
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => cmd::predict::run(args),
         Command::Export(args) => cmd::export::run(args),
         Command::Import(args) => cmd::import::run(args),
+        Command::CheckPoints(args) => cmd::check::run(args),
     };
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),

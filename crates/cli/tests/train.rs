@@ -496,6 +496,93 @@ fn a_new_run_does_not_start_among_other_files() {
 }
 
 #[test]
+fn dry_run_prints_the_resolved_config_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.toml", THEORY);
+    let out = tmp.path().join("run");
+    let o = bin()
+        .args(["train", "--dry-run", "--config"])
+        .arg(&cfg)
+        .args(["--set", "model.depth=16", "--set", "model.tau=1/L", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let (head, toml_text) = text.split_once('\n').unwrap();
+    assert!(
+        head.contains("would start in") && head.contains("run"),
+        "{head}"
+    );
+    // The printed config is the run's: it reads back with the overrides in it.
+    let table: toml::Table = toml_text.parse().unwrap();
+    assert_eq!(table["model"]["depth"].as_integer(), Some(16));
+    assert_eq!(table["model"]["tau"].as_str(), Some("1/L"));
+    tau_train::config::config_from_table(table).unwrap();
+    assert!(!out.exists(), "a dry run wrote {}", out.display());
+    // A bad override fails as the run would, and writes nothing either.
+    let o = bin()
+        .args(["train", "--dry-run", "--config"])
+        .arg(&cfg)
+        .args(["--set", "model.depth=abc", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("key `model.depth`"), "{err}");
+    assert!(!out.exists());
+    // The probe too.
+    let o = bin()
+        .args(["probe", "--dry-run", "--depth", "8", "--tau", "1/L"])
+        .output()
+        .unwrap();
+    assert_success(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let table: toml::Table = text.split_once('\n').unwrap().1.parse().unwrap();
+    assert_eq!(table["model"]["depth"].as_integer(), Some(8));
+}
+
+#[test]
+fn check_points_answers_for_every_point() {
+    use std::io::Write;
+    let request = tau_records::CheckRequest {
+        command: "train".into(),
+        base: THEORY.into(),
+        points: vec![
+            vec!["model.depth=8".into()],
+            vec!["model.depth=abc".into()],
+            vec![],
+        ],
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tau-resnet"))
+        .arg(tau_records::CHECK_COMMAND)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&request).unwrap())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_success(&o);
+    let reply: tau_records::CheckReply = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(reply.errors.len(), 3);
+    assert_eq!(reply.errors[0], None);
+    assert!(
+        reply.errors[1]
+            .as_deref()
+            .is_some_and(|e| e.starts_with("key `model.depth`: invalid type")),
+        "{reply:?}"
+    );
+    assert_eq!(reply.errors[2], None);
+}
+
+#[test]
 fn corrupt_data_dir_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("mnist");

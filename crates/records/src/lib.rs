@@ -1,17 +1,20 @@
 //! The run records `tau-resnet` writes and `xtask` reads, defined once: `summary.json`
 //! ([`Summary`]), `metrics.jsonl` ([`MetricsRecord`]), `probe.json` ([`ProbeRecord`]),
 //! the file names of a run directory, the process exit codes ([`RunStatus::exit_code`],
-//! [`exit_code`]), and the one durable atomic write every record goes through
+//! [`exit_code`]), the exchange a sweep checks its points' configs with ([`CheckRequest`],
+//! [`CheckReply`]), and the one durable atomic write every record goes through
 //! ([`write_atomic`], [`write_json_atomic`]).
 //!
 //! The serde attributes of the record types are the on-disk format: changing one changes
 //! the files every run writes and every sweep reads.
 
 mod atomic;
+mod check;
 mod probe;
 mod summary;
 
 pub use atomic::{WriteError, WriteStep, sync_dir, write_atomic, write_json_atomic};
+pub use check::{CHECK_COMMAND, CheckReply, CheckRequest};
 pub use probe::{PROBE_FORMAT, ProbeRecord, ProbeTau};
 pub use summary::{CodeVersion, LayerNorm, MetricsRecord, RunStatus, Summary, exit_code};
 

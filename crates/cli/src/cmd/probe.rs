@@ -54,6 +54,10 @@ pub struct ProbeArgs {
     /// Write `probe.json` (and the resolved `config.toml`) into this directory, atomically.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Read and check the config (with the flags and --set overrides), print it resolved,
+    /// and exit without probing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Probe the trained weights of this checkpoint directory, or of a run directory's last
     /// checkpoint (`probe.checkpoint`), instead of freshly drawn ones: the model is the
     /// checkpoint's (no model settings, no --tau), the seeds draw only the inputs (and the
@@ -122,6 +126,14 @@ fn resolve(args: &ProbeArgs) -> anyhow::Result<ProbePlan> {
 /// writing the record.
 pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     let plan = resolve(&args)?;
+    if args.dry_run {
+        let table = toml::to_string(&plan.table).context("serializing the resolved config")?;
+        outln!(
+            "# tau-resnet probe --dry-run: the config OK\n{}",
+            table.trim_end()
+        )?;
+        return Ok(Outcome::Finished);
+    }
     let run = run_probe(&plan)?;
     if let Some(dir) = &args.out {
         write_probe(dir, &plan, &run.record)?;
@@ -153,6 +165,7 @@ mod tests {
             inputs: None,
             json: false,
             out: None,
+            dry_run: false,
             checkpoint: None,
         }
     }

@@ -28,6 +28,7 @@ Examples:
   tau-resnet train --config configs/theory-gd.toml
   tau-resnet train --config configs/theory-gd.toml --set model.depth=64 --set 'model.tau=1/L' --out runs/theory-L64-invL
   tau-resnet train --resume runs/theory-gd
+  tau-resnet train --config configs/cifar10-resnet110-bn.toml --set model.norm=none --dry-run
 
 Exit status: 0 finished, 3 diverged (a result, recorded in summary.json),
 130 interrupted (checkpoint written; continue with --resume), 1 error, 2 usage.")]
@@ -49,6 +50,10 @@ pub struct TrainArgs {
     /// Where to compute: auto, cpu, cuda, cuda:N or metal (overrides the config's `device`).
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceSpec>,
+    /// Read and check the config (with the --set overrides), print it resolved, and exit:
+    /// no data is read, no model is built and nothing is written.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Stop as on Ctrl-C once this many steps are done (checkpoint, status `interrupted`).
     #[arg(long, value_name = "STEPS", hide = true)]
     pub stop_after_steps: Option<u64>,
@@ -79,6 +84,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     };
     if let Some(d) = args.device {
         cfg.device = d;
+    }
+    if args.dry_run {
+        let action = if resuming {
+            "would resume"
+        } else {
+            "would start"
+        };
+        outln!(
+            "# tau-resnet train --dry-run: the config OK; the run {action} in {}\n{}",
+            run_dir.display(),
+            cfg.to_toml()?.trim_end()
+        )?;
+        return Ok(Outcome::Finished);
     }
     let device = cfg.device.device()?;
     let prepared = prepare(&cfg, &device)?;
