@@ -146,6 +146,9 @@ impl SlurmSettings {
                     "slurm option `{extra}`: an #SBATCH option starts with `-`, e.g. --constraint=a100"
                 );
             }
+            if let Some((option, why)) = reserved_option(line) {
+                bail!("slurm option `{extra}`: the job script sets {option} itself ({why})");
+            }
             // Every script has `--ntasks=1` (one tau-resnet process per array task).
             match ntasks_value(line) {
                 Some("1") => continue,
@@ -293,6 +296,65 @@ pub fn effective_settings(
 
 /// The task count an extra `#SBATCH` option sets (`--ntasks=N`, `--ntasks N`, `-n N`,
 /// `-nN`), or `None` for other options.
+/// The options every job script sets for the sweep to work, with their short forms and
+/// why an extra one would break it.
+const RESERVED: &[(&str, Option<char>, &str)] = &[
+    (
+        "array",
+        Some('a'),
+        "xtask passes the points without a result as --array",
+    ),
+    (
+        "output",
+        Some('o'),
+        "every task's log goes to slurm/logs/, where --status and the docs look",
+    ),
+    (
+        "error",
+        Some('e'),
+        "stderr shares the task's log in slurm/logs/",
+    ),
+    ("open-mode", None, "a requeued task appends to its log"),
+    (
+        "requeue",
+        None,
+        "a task that reaches its time limit is requeued to resume",
+    ),
+    (
+        "no-requeue",
+        None,
+        "a task that reaches its time limit is requeued to resume; use a longer `time` instead",
+    ),
+    (
+        "signal",
+        None,
+        "set the warning time with `signal_before_s`",
+    ),
+    ("parsable", None, "xtask reads the job id from it"),
+    ("wrap", None, "the job script is the command"),
+];
+
+/// The reserved option (as `--name`) an extra `#SBATCH` option sets, and why it is reserved.
+fn reserved_option(option: &str) -> Option<(String, &'static str)> {
+    if let Some(long) = option.strip_prefix("--") {
+        let name = long
+            .split(|c: char| c == '=' || c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        RESERVED
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(n, _, why)| (format!("--{n}"), *why))
+    } else {
+        // A short option, its value attached or not: `-o file`, `-ofile`.
+        let c = option.strip_prefix('-')?.chars().next()?;
+        RESERVED
+            .iter()
+            .find(|(_, short, _)| *short == Some(c))
+            .map(|(n, _, why)| (format!("--{n} (-{c})"), *why))
+    }
+}
+
 pub(super) fn ntasks_value(option: &str) -> Option<&str> {
     let value = if let Some(rest) = option.strip_prefix("--ntasks") {
         if let Some(v) = rest.strip_prefix('=') {

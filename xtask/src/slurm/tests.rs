@@ -154,6 +154,30 @@ fn extra_task_counts_and_out_of_range_signal_times_are_handled() {
         let err = format!("{:#}", with(&[bad]).sbatch_options().unwrap_err());
         assert!(err.contains("--ntasks=1"), "{bad}: {err}");
     }
+    // Options the script sets for the sweep to work are refused, naming the option.
+    for (bad, option) in [
+        ("--no-requeue", "--no-requeue"),
+        ("#SBATCH --output=/tmp/x.out", "--output"),
+        ("-o /tmp/x.out", "--output (-o)"),
+        ("-e/tmp/x.err", "--error (-e)"),
+        ("--array 0-3", "--array"),
+        ("--signal=USR1@60", "--signal"),
+        ("--open-mode=truncate", "--open-mode"),
+    ] {
+        let err = format!("{:#}", with(&[bad]).sbatch_options().unwrap_err());
+        assert!(
+            err.contains(&format!("the job script sets {option} itself")),
+            "{bad}: {err}"
+        );
+    }
+    // Others pass as given.
+    let fine = [
+        "--constraint=a100",
+        "--exclusive",
+        "-J name",
+        "--mail-type=END",
+    ];
+    assert_eq!(with(&fine).sbatch_options().unwrap(), fine);
     let signal = |s: u32| SlurmSettings {
         signal_before_s: Some(s),
         ..SlurmSettings::default()
