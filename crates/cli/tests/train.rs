@@ -456,6 +456,30 @@ fn bad_input_fails_with_one_message_and_writes_nothing() {
     );
 }
 
+/// A run too large for the machine's memory is refused before it allocates (an allocation
+/// failure aborts the process; the kernel's OOM killer takes it, or others, down).
+#[test]
+fn a_run_too_large_for_memory_is_refused() {
+    // 10^11 synthetic points of 17 values: 20 TB.
+    assert_fails_cleanly(
+        &["--set", "data.n=100000000000"],
+        Some(THEORY),
+        "the synthetic data set needs about",
+    );
+    // A theory network of width 8192 and 256 blocks: 17 G weights, 137 GB with their
+    // gradients.
+    let avail = tau_train::memory::available().unwrap_or(0) as f64 / tau_train::memory::GIB;
+    if avail > 120.0 {
+        eprintln!("skipped the step check: {avail:.0} GiB are available");
+        return;
+    }
+    assert_fails_cleanly(
+        &["--set", "model.width=8192", "--set", "model.depth=256"],
+        Some(THEORY),
+        "a training step on",
+    );
+}
+
 /// `--out` naming a directory of other files (a typo'd home folder) is refused, and
 /// nothing is written into it; a sweep point's own files do not count.
 #[test]

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod probe;
 pub mod records;

@@ -306,10 +306,41 @@ pub fn prepare(cfg: &RunConfig, device: &Device) -> crate::Result<Prepared> {
     if cfg.loss.kind == LossKind::CrossEntropy && cfg.data.source == SourceKind::Synthetic {
         bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
     }
+    if device.is_cpu() {
+        crate::memory::check(
+            crate::memory::synthetic(&cfg.data),
+            "the synthetic data set",
+            "data.n, data.n_test, data.p or data.d",
+        )?;
+    }
     let (data, record) = load_data_with(cfg, dtype, device, flat, None)?;
+    if device.is_cpu() {
+        check_step_memory(cfg, &data)?;
+    }
     let mut prepared = Prepared::from_parts(cfg, device, data)?;
     prepared.model.record = record.checkpoint_config(&cfg.model);
     Ok(prepared)
+}
+
+/// Refuses a run whose training step (a batch of `data.batch_size` examples, or the
+/// whole training set when it is smaller) needs more memory than is available.
+fn check_step_memory(cfg: &RunConfig, data: &RunData) -> crate::Result<()> {
+    let batch = cfg.data.batch_size.min(data.train.len()).max(1);
+    let lower = match cfg.model.as_theory() {
+        Some(_) => format!(
+            "data.batch_size ({}), model.width or model.depth",
+            cfg.data.batch_size
+        ),
+        None => format!("data.batch_size ({}) or model.depth", cfg.data.batch_size),
+    };
+    crate::memory::check(
+        crate::memory::step(&cfg.model, batch, &data.input_shape),
+        &format!(
+            "a training step on {batch} examples of shape {:?}",
+            data.input_shape
+        ),
+        &lower,
+    )
 }
 
 impl Prepared {

@@ -161,7 +161,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     }
     let test = data.test.context("the data set has no test split")?;
     let model = TauModel::from_varmap(&model_cfg, varmap, &device)?;
-    let (test_loss, test_acc) = evaluate(&model, test.as_ref(), loss, args.batch_size)?;
+    let batch = eval_batch(
+        &model_cfg,
+        &data.input_shape,
+        args.batch_size,
+        test.len(),
+        &device,
+    )?;
+    let (test_loss, test_acc) = evaluate(&model, test.as_ref(), loss, batch)?;
     let result = EvalResult {
         checkpoint: place,
         data: source.to_string(),
@@ -241,6 +248,40 @@ fn cfg_with_dtype(mut cfg: RunConfig, dtype: DType) -> anyhow::Result<RunConfig>
         other => bail!("checkpoints in {other:?} are not supported by eval (f32 or f64)"),
     };
     Ok(cfg)
+}
+
+/// The examples per forward pass: `--batch-size` (at most the test set), or on the CPU,
+/// when a batch that large would not fit in the available memory, the largest that does
+/// (with a warning; the results are the same up to the order of the sums).
+fn eval_batch(
+    model: &ModelConfig,
+    input: &[usize],
+    asked: usize,
+    examples: usize,
+    device: &candle::Device,
+) -> anyhow::Result<usize> {
+    let wanted = asked.min(examples).max(1);
+    let Some(avail) = tau_train::memory::available().filter(|_| device.is_cpu()) else {
+        return Ok(wanted);
+    };
+    let batch = tau_train::memory::fitting_batch(model, input, wanted, avail);
+    if batch == 0 {
+        tau_train::memory::check(
+            tau_train::memory::step(model, 1, input),
+            &format!("evaluating one example of shape {input:?}"),
+            "the image size",
+        )?;
+        return Ok(1);
+    }
+    if batch < wanted {
+        tracing::warn!(
+            "--batch-size {asked}: a batch of {wanted} needs about {:.1} GiB of memory, {:.1} GiB \
+             are available; evaluating in batches of {batch}",
+            tau_train::memory::step(model, wanted, input) / tau_train::memory::GIB,
+            avail as f64 / tau_train::memory::GIB
+        );
+    }
+    Ok(batch)
 }
 
 fn eval_config(

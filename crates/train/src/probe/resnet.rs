@@ -33,57 +33,6 @@ pub fn min_image_size(cfg: &ModelConfig) -> Option<usize> {
     }
 }
 
-/// f32 feature maps of one input that the forward pass of a ResNet keeps for the
-/// backward pass, in values: `(maps, channels, stride)` per stem and per block, each map
-/// of `channels` × ⌈image/stride⌉².
-fn kept_maps(cfg: &ModelConfig) -> Vec<(usize, usize, usize)> {
-    let stages = cfg.stage_blocks();
-    match cfg {
-        ModelConfig::Theory(_) => Vec::new(),
-        // The stem's convolution and its normalized (or ReLU'd) output at 16 channels;
-        // per basic block, two convolutions with their normalized outputs and the
-        // residual end (τ·branch, the sum, its ReLU), at 16, 32 and 64 channels.
-        ModelConfig::CifarResnet(_) => {
-            let mut maps = vec![(2, 16, 1)];
-            for (k, &blocks) in stages.iter().enumerate() {
-                maps.extend(std::iter::repeat_n((7, 16 << k, 1 << k), blocks));
-            }
-            maps
-        }
-        // The stem's convolution, BatchNorm and ReLU at half size and its max-pool at a
-        // quarter; per bottleneck block of `p` planes, two convolutions with their
-        // normalized outputs at `p` channels, and four maps at 4p: the last convolution,
-        // its normalization, the residual sum and the block's output (or the projection
-        // shortcut's).
-        ModelConfig::BottleneckResnet(_) => {
-            let mut maps = vec![(3, 64, 2), (1, 64, 4)];
-            for (k, &blocks) in stages.iter().enumerate() {
-                let (planes, stride) = (64 << k, 4 << k);
-                for _ in 0..blocks {
-                    maps.extend([(4, planes, stride), (4, 4 * planes, stride)]);
-                }
-            }
-            maps
-        }
-    }
-}
-
-/// The memory a probe of the ResNet `cfg` on `n` images of side `image` needs, about, in
-/// bytes: the f32 weights and their gradients, the inputs (drawn in f64, then an f32
-/// tensor and its scaled copy), and the f32 feature maps the forward pass keeps for the
-/// backward pass. In f64, so that an absurd image side cannot overflow.
-pub(super) fn resnet_memory(cfg: &ModelConfig, n: usize, image: usize) -> f64 {
-    let side = image as f64;
-    let per_input: f64 = kept_maps(cfg)
-        .into_iter()
-        .map(|(maps, channels, stride)| {
-            (maps * channels) as f64 * (side / stride as f64).ceil().powi(2)
-        })
-        .sum();
-    let input = cfg.in_channels().unwrap_or(1) as f64 * side * side;
-    8.0 * cfg.num_parameters() as f64 + n as f64 * (16.0 * input + 4.0 * per_input)
-}
-
 /// The ResNets: per-sample ‖h_l‖/‖h_0‖ after each block (h_0: the stem's output), and
 /// the gradient norm of each block's parameters for the cross-entropy of random labels,
 /// relative to the last block's. BatchNorm uses batch statistics, as in training.
@@ -318,43 +267,6 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
-    const GIB: f64 = (1u64 << 30) as f64;
-
-    /// The estimate against the peak resident memory of `tau-resnet probe --seeds 1`
-    /// (measured: ResNet-20 at 256², 8 inputs: 1.0 GiB, 16: 1.9 GiB; ResNet-50 at 224²,
-    /// 8 inputs: 1.2 GiB, 16: 2.1 GiB): the right size, and linear in the inputs.
-    #[test]
-    fn memory_estimate_is_near_the_measured_peak() {
-        let r20 = model(r#"{"family": "cifar_resnet", "depth": 20}"#);
-        let r50 = model(r#"{"family": "bottleneck_resnet", "depth": 50}"#);
-        for (cfg, image, n, measured) in [
-            (&r20, 256, 8, 1.0),
-            (&r20, 256, 16, 1.9),
-            (&r50, 224, 8, 1.2),
-            (&r50, 224, 16, 2.1),
-        ] {
-            let est = resnet_memory(cfg, n, image) / GIB;
-            assert!(
-                (0.7 * measured..1.5 * measured).contains(&est),
-                "{} at {image}², {n} inputs: {est:.2} GiB",
-                cfg.family()
-            );
-        }
-        // The defaults are small: ResNet-1202 at 32², 8 inputs.
-        let r1202 = model(r#"{"family": "cifar_resnet", "depth": 1202}"#);
-        assert!(resnet_memory(&r1202, 8, 32) < 4.0 * GIB);
-    }
-
-    /// The side that aborted the probe (`probe.image_size=100000`: 1.9 TB for the inputs
-    /// alone) is far beyond any machine, and the largest side does not overflow.
-    #[test]
-    fn absurd_image_sizes_have_finite_huge_estimates() {
-        let r8 = model(r#"{"family": "cifar_resnet", "depth": 8}"#);
-        assert!(resnet_memory(&r8, 8, 100_000) > 10_000.0 * GIB);
-        let huge = resnet_memory(&r8, 1 << 20, usize::MAX);
-        assert!(huge.is_finite() && huge > 1e40, "{huge}");
-    }
-
     #[test]
     fn minimum_image_size_is_the_total_stride() {
         let r8 = model(r#"{"family": "cifar_resnet", "depth": 8}"#);
@@ -364,7 +276,7 @@ mod tests {
         assert_eq!(min_image_size(&r50), Some(32));
         assert_eq!(min_image_size(&theory), None);
         // The last stage's maps are 1×1 at the minimum.
-        let last = |cfg: &ModelConfig| kept_maps(cfg).last().unwrap().2;
+        let last = |cfg: &ModelConfig| crate::memory::kept_maps(cfg).last().unwrap().2;
         assert_eq!(last(&r8), 4);
         assert_eq!(last(&r50), 32);
     }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::error::{Context, bail};
+use crate::error::Context;
 use tau_records::{CONFIG_FILE, PROBE_FILE, write_atomic};
 
 use super::*;
@@ -64,16 +64,8 @@ pub struct ProbeRun {
     pub trained: Option<Trained>,
 }
 
-/// Available memory in bytes (Linux), to refuse a probe that cannot fit.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// The memory a probe of `plan` needs, about, in bytes; `image` is the ResNets' image
-/// side (see [`resnet_memory`](super::resnet::resnet_memory)).
+/// side (see [`crate::memory::resnet`]).
 fn needed_memory(plan: &ProbePlan, image: usize) -> f64 {
     match plan.model.as_theory() {
         Some(c) => {
@@ -88,10 +80,10 @@ fn needed_memory(plan: &ProbePlan, image: usize) -> f64 {
                 + (c.depth as u64) * (rows / 8 + rows / c.width.max(1) as u64 * 8))
                 as f64
         }
-        None => super::resnet::resnet_memory(
+        None => crate::memory::resnet(
             &plan.model,
             plan.settings.n_inputs.unwrap_or(RESNET_INPUTS),
-            image,
+            (image, image),
         ),
     }
 }
@@ -102,14 +94,6 @@ const RESNET_INPUTS: usize = 8;
 /// Refuses a probe of `plan` on images of side `image` (ResNets) that needs more memory
 /// than is available, naming the settings that size it.
 fn check_memory(plan: &ProbePlan, image: usize) -> crate::Result<()> {
-    let needed = needed_memory(plan, image);
-    let Some(avail) = available_memory() else {
-        return Ok(());
-    };
-    if needed <= avail as f64 {
-        return Ok(());
-    }
-    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     let lower = match plan.model.as_theory() {
         Some(_) => "model.depth or model.width".to_string(),
         None => format!(
@@ -117,11 +101,7 @@ fn check_memory(plan: &ProbePlan, image: usize) -> crate::Result<()> {
             plan.settings.n_inputs.unwrap_or(RESNET_INPUTS)
         ),
     };
-    bail!(
-        "this probe needs about {:.1} GiB of memory, {:.1} GiB are available: lower {lower}",
-        gib(needed),
-        gib(avail as f64)
-    )
+    crate::memory::check(needed_memory(plan, image), "this probe", &lower)
 }
 
 /// Probes `plan`: per τ rule, ‖h_L‖/‖h_0‖ and the gradient ratios over the seeds'
