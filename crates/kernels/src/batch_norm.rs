@@ -8,13 +8,16 @@
 //! variance, the normalization and the affine map in one op whose backward is the
 //! closed-form BatchNorm gradient, all on rayon's threads. The running statistics are
 //! updated outside the graph exactly as candle-nn does (momentum, unbiased variance, as
-//! PyTorch). Elsewhere (other devices or dtypes, evaluation mode, no affine parameters,
-//! or candle's ops selected in [`crate::select`]) candle-nn's `BatchNorm` runs, except
-//! that with the `cudnn` feature, training mode on CUDA runs cuDNN's BatchNorm (`cudnn`).
-//! [`residual::batch_norm_residual_relu`] fuses the end of a basic block with it.
+//! PyTorch). Evaluation mode on the CPU is one fused per-channel affine map (`eval`:
+//! scale·x + shift from the running statistics). Elsewhere (other devices or dtypes, no
+//! affine parameters in training mode, or candle's ops selected in [`crate::select`])
+//! candle-nn's `BatchNorm` runs, except that with the `cudnn` feature, training mode on
+//! CUDA runs cuDNN's BatchNorm (`cudnn`). [`residual::batch_norm_residual_relu`] fuses the
+//! end of a basic block with it.
 
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod eval;
 mod residual;
 
 use std::sync::{Arc, Mutex};
@@ -35,11 +38,16 @@ use crate::util::{f32_data, lanes_sum, lock_state, relu_f32, sum_f64, written};
 /// In training mode on the CPU with `f32` (N, C, H, W) input and an affine `bn`, one fused
 /// op computes it (see the module docs) and updates `bn`'s running statistics like
 /// candle-nn: `running = (1 − momentum)·running + momentum·batch`, the batch variance
-/// unbiased (÷ (N·H·W − 1)).
+/// unbiased (÷ (N·H·W − 1)). In evaluation mode on the CPU with `f32`, one fused op
+/// computes scale·x + shift with scale = γ/√(running_var + ε), shift = β − running_mean·scale
+/// (the running statistics detached: they get no gradient), as PyTorch's CPU kernel does.
 ///
 /// # Errors
 /// Shapes that do not fit `bn`, or a device error.
 pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    if !train && eval::applies(bn, xs, &[]) {
+        return eval::batch_norm_eval(bn, xs, relu);
+    }
     // The fused op's conditions but the device: the CPU runs the fused op, CUDA (with
     // `cudnn`) cuDNN's BatchNorm, anything else candle-nn's.
     let fusable = train

@@ -20,8 +20,9 @@ use crate::util::{f32_data, fused_f32, lanes_sum, lock_state, relu_f32, written}
 /// In training mode on the CPU for `f32`, one custom op (see [`batch_norm_t`] for the
 /// statistics and the running-statistics update) whose backward is closed-form: with
 /// m = dy ⊙ 1(y > 0), the shortcut's gradient is m, τ's is Σ m·BN(x), and BN's backward
-/// runs on τ·m. Elsewhere it is [`batch_norm_t`] followed by [`residual_relu`]; both
-/// compute the same `f32` numbers.
+/// runs on τ·m. In evaluation mode on the CPU for `f32`, one op computes
+/// relu(τ·scale·x + τ·shift + s) (see [`batch_norm_t`]). Elsewhere it is [`batch_norm_t`]
+/// followed by [`residual_relu`]; both compute the same `f32` numbers.
 ///
 /// # Errors
 /// Shapes that do not fit `bn` or each other, a `tau` with more than one element, or a
@@ -33,6 +34,13 @@ pub fn batch_norm_residual_relu(
     tau: &Tensor,
     shortcut: &Tensor,
 ) -> Result<Tensor> {
+    if !train
+        && tau.elem_count() == 1
+        && shortcut.dims() == xs.dims()
+        && super::eval::applies(bn, xs, &[tau, shortcut])
+    {
+        return super::eval::batch_norm_residual_relu_eval(bn, xs, tau, shortcut);
+    }
     let fused = train
         && fused_f32(&[xs, tau, shortcut])
         && xs.rank() == 4

@@ -7,7 +7,8 @@ use candle_nn::ModuleT;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::test_util::{make_bn, random, rel_err};
+use crate::select::{Kernels, with_kernels};
+use crate::test_util::{compare, make_bn, random, rel_err};
 
 fn check(dims: [usize; 4], relu: bool, offset: f32, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -73,20 +74,115 @@ fn fused_batch_norm_with_a_large_mean() {
     check([4, 3, 8, 8], false, 100.0, 6);
 }
 
+/// BatchNorm in evaluation mode: ((x − running_mean)/√(running_var + ε))·γ + β in `f64`,
+/// for (N, C, H, W) `x` and per-channel `gamma`, `beta` tensors.
+fn eval_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, rm: &Tensor, rv: &Tensor) -> Tensor {
+    let c = gamma.elem_count();
+    let ch = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .reshape((1, c, 1, 1))
+            .unwrap()
+    };
+    let inv = (ch(rv) + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+    x.broadcast_sub(&ch(rm))
+        .unwrap()
+        .broadcast_mul(&inv)
+        .unwrap()
+        .broadcast_mul(&gamma.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&beta.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+}
+
+/// A BatchNorm with the given running statistics over the tensors `gamma` and `beta`
+/// (tracked when they are variables).
+fn bn_over(gamma: &Tensor, beta: &Tensor, rm: &Tensor, rv: &Tensor) -> candle_nn::BatchNorm {
+    candle_nn::BatchNorm::new(
+        gamma.elem_count(),
+        rm.clone(),
+        rv.clone(),
+        gamma.clone(),
+        beta.clone(),
+        1e-5,
+    )
+    .unwrap()
+}
+
 #[test]
-fn eval_mode_and_off_switch_use_candle_nn() {
+fn eval_mode_is_the_running_statistics_affine_map() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // Odd planes (7·9), a 1×1 map, more planes than one work item.
+    for dims in [[3, 5, 7, 9], [9, 3, 1, 1], [4, 16, 8, 8]] {
+        let c = dims[1];
+        let x = random(&mut rng, &dims, -2.0, 2.0);
+        let gamma = random(&mut rng, &[c], 0.5, 1.5);
+        let beta = random(&mut rng, &[c], -0.5, 0.5);
+        let rm = random(&mut rng, &[c], -0.3, 0.3);
+        let rv = random(&mut rng, &[c], 0.5, 1.5);
+        let s = random(&mut rng, &dims, -1.0, 1.0);
+        let tau = random(&mut rng, &[1], 0.2, 1.0);
+        for relu in [false, true] {
+            compare(
+                &[x.clone(), gamma.clone(), beta.clone()],
+                |t| {
+                    let bn = bn_over(t[1], t[2], &rm, &rv);
+                    crate::batch_norm_t(&bn, t[0], false, relu).unwrap()
+                },
+                |t, _| {
+                    let y = eval_reference(t[0], t[1], t[2], &rm, &rv);
+                    if relu { y.relu().unwrap() } else { y }
+                },
+                &format!("eval batch norm {dims:?} relu={relu}"),
+            );
+        }
+        compare(
+            &[
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                tau.clone(),
+                s.clone(),
+            ],
+            |t| {
+                let bn = bn_over(t[1], t[2], &rm, &rv);
+                crate::batch_norm_residual_relu(&bn, t[0], false, t[3], t[4]).unwrap()
+            },
+            |t, terms| {
+                let y = eval_reference(t[0], t[1], t[2], &rm, &rv);
+                (y.broadcast_mul(&terms.at(t, 3, &y)).unwrap() + t[4])
+                    .unwrap()
+                    .relu()
+                    .unwrap()
+            },
+            &format!("eval batch norm residual {dims:?}"),
+        );
+    }
+}
+
+#[test]
+fn eval_mode_keeps_the_statistics_out_of_the_graph_and_the_off_switch_uses_candle_nn() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let x = random(&mut rng, &[2, 3, 4, 4], -1.0, 1.0);
     let gamma = random(&mut rng, &[3], 0.5, 1.5);
     let beta = random(&mut rng, &[3], -0.5, 0.5);
     let rm = random(&mut rng, &[3], -0.1, 0.1);
     let rv = random(&mut rng, &[3], 0.9, 1.1);
-    let (bn, _, _) = make_bn(&gamma, &beta, &rm, &rv, DType::F32);
-    let y = crate::batch_norm_t(&bn, &x, false, true).unwrap();
-    let want = bn.forward_t(&x, false).unwrap().relu().unwrap();
-    assert_eq!(rel_err(&y, &want), 0.0);
-    // Evaluation leaves the running statistics alone.
+    let (bn, g, _) = make_bn(&gamma, &beta, &rm, &rv, DType::F32);
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = crate::batch_norm_t(&bn, xv.as_tensor(), false, true).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    // x and γ get gradients; the running statistics (variables in candle-nn) none, and
+    // evaluation leaves them alone.
+    assert!(grads.get(xv.as_tensor()).is_some() && grads.get(g.as_tensor()).is_some());
+    assert!(grads.get(bn.running_mean()).is_none() && grads.get(bn.running_var()).is_none());
     assert_eq!(rel_err(bn.running_mean(), &rm), 0.0);
+    // With candle's ops selected, candle-nn's own evaluation runs, bit for bit.
+    with_kernels(Kernels::Candle, || {
+        let y = crate::batch_norm_t(&bn, &x, false, true).unwrap();
+        let want = bn.forward_t(&x, false).unwrap().relu().unwrap();
+        assert_eq!(rel_err(&y, &want), 0.0);
+    });
 }
 
 #[test]
