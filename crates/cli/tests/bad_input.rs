@@ -4,7 +4,6 @@
 //! `eval`, `predict` and `probe` run in f32, exactly as the same weights stored in f32.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -12,32 +11,8 @@ use tau_model::checkpoint::{self, CheckpointConfig};
 use tau_model::preprocess::image;
 use tau_model::{ModelConfig, Preprocessing, init_varmap};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
-    c.arg("--quiet").env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn ok(o: &Output) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-/// The one line of a failed command (exit status 1, no panic, no abort).
-fn failed(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.starts_with("error: ") && err.lines().count() == 1,
-        "{err}"
-    );
-    err
-}
+mod common;
+use common::{bin, ok, one_error as failed};
 
 /// A CIFAR ResNet-8 for 3×8×8 images and 2 classes (`cat`, `dog`).
 fn model() -> ModelConfig {

@@ -10,6 +10,17 @@ use candle::{DType, Device, Tensor};
 use tau_model::hub::{self, HubOptions, LoadSpec};
 use tau_model::preprocess::image;
 
+mod common;
+use common::{bin, image_folder, ok, picture};
+
+/// Trains [`RUN`] on a fresh image folder (`train/` and `test/`) under `tmp`; returns the
+/// run directory.
+fn train(tmp: &Path) -> PathBuf {
+    let data = tmp.join("images");
+    image_folder(&data, &["train", "test"]);
+    common::train(tmp, RUN, &data)
+}
+
 const RUN: &str = r#"
 name = "folder-resnet8"
 seed = 3
@@ -29,62 +40,6 @@ kind = "cross_entropy"
 kind = "sgd"
 lr = 0.05
 "#;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
-    c.arg("--quiet");
-    c
-}
-
-fn ok(o: &std::process::Output) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-/// A 16×16 test image: class 0 darker, class 1 brighter, with some texture.
-fn picture(class: usize, i: usize) -> image::RgbImage {
-    image::RgbImage::from_fn(16, 16, |x, y| {
-        let base = 60 + 120 * class as u32;
-        let v = |k: u32| (base + (x * 7 + y * 3 + k * 11 + i as u32 * 5) % 50) as u8;
-        image::Rgb([v(0), v(1), v(2)])
-    })
-}
-
-/// An image folder (`train/` and `test/`, classes `cat` and `dog`).
-fn image_folder(root: &Path) {
-    for (split, n) in [("train", 4), ("test", 2)] {
-        for (c, class) in ["cat", "dog"].iter().enumerate() {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                picture(c, i).save(dir.join(format!("{i}.png"))).unwrap();
-            }
-        }
-    }
-}
-
-/// Trains the tiny run on the folder; returns the run directory.
-fn train(tmp: &Path) -> PathBuf {
-    let data = tmp.join("images");
-    image_folder(&data);
-    let cfg = tmp.join("run.toml");
-    std::fs::write(&cfg, RUN).unwrap();
-    let run = tmp.join("run");
-    let set = format!("data.dir={:?}", data.display().to_string());
-    ok(&bin()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .args(["--set", &set, "--out"])
-        .arg(&run)
-        .output()
-        .unwrap());
-    run
-}
 
 #[test]
 fn a_run_records_preprocessing_and_predict_export_and_eval_use_it() {
@@ -363,7 +318,7 @@ fn eval_offline_keeps_the_data_set_off_the_network_too() {
 #[test]
 fn a_relative_data_dir_is_recorded_absolutely_so_resume_works_from_anywhere() {
     let tmp = tempfile::tempdir().unwrap();
-    image_folder(&tmp.path().join("images"));
+    image_folder(&tmp.path().join("images"), &["train", "test"]);
     std::fs::write(tmp.path().join("run.toml"), RUN).unwrap();
     let o = bin()
         .current_dir(tmp.path())

@@ -1,10 +1,12 @@
 //! `tau-resnet eval` reads only the test split: a data directory (or `TAU_DATA_DIR`)
 //! holding only the test files is enough, and the training files are never read.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use tau_model::preprocess::image;
+
+mod common;
+use common::{bin, image_folder, ok, picture, train};
 
 const FOLDER_RUN: &str = r#"
 name = "folder-resnet8"
@@ -46,63 +48,6 @@ kind = "cross_entropy"
 kind = "sgd"
 lr = 0.05
 "#;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
-    c.arg("--quiet");
-    c.env_remove("TAU_DATA_DIR");
-    c
-}
-
-fn ok(o: &std::process::Output) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-/// A 16×16 test image: class 0 darker, class 1 brighter, with some texture.
-fn picture(class: usize, i: usize) -> image::RgbImage {
-    image::RgbImage::from_fn(16, 16, |x, y| {
-        let base = 60 + 120 * class as u32;
-        let v = |k: u32| (base + (x * 7 + y * 3 + k * 11 + i as u32 * 5) % 50) as u8;
-        image::Rgb([v(0), v(1), v(2)])
-    })
-}
-
-/// An image folder with the given splits (`train/` 4, `test/` 2 images per class, classes
-/// `cat` and `dog`).
-fn image_folder(root: &Path, splits: &[&str]) {
-    for split in splits {
-        let n = if *split == "train" { 4 } else { 2 };
-        for (c, class) in ["cat", "dog"].iter().enumerate() {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                picture(c, i).save(dir.join(format!("{i}.png"))).unwrap();
-            }
-        }
-    }
-}
-
-/// Trains a tiny run of `config` on `data`; returns the run directory.
-fn train(tmp: &Path, config: &str, data: &Path) -> PathBuf {
-    let cfg = tmp.join("run.toml");
-    std::fs::write(&cfg, config).unwrap();
-    let run = tmp.join("run");
-    let set = format!("data.dir={:?}", data.display().to_string());
-    ok(&bin()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .args(["--set", &set, "--out"])
-        .arg(&run)
-        .output()
-        .unwrap());
-    run
-}
 
 /// `eval --json` of `run` on `data` from `dir`: the parsed result.
 fn eval(run: &Path, data: &str, dir: &Path) -> serde_json::Value {

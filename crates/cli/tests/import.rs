@@ -4,42 +4,19 @@
 //! names are one error each.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle::{DType, Device, Tensor};
 use tau_model::Model;
 use tau_model::preprocess::image;
 
+mod common;
+use common::{bin, failed, ok};
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../model/tests/fixtures/pth")
         .join(name)
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
-    c.arg("--quiet");
-    c
-}
-
-fn ok(o: &Output) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn failed(o: &Output) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8(o.stderr.clone()).unwrap()
 }
 
 const CONFIG: &str = r#"{"family": "cifar_resnet", "depth": 8, "tau": "1/sqrt(L)"}"#;

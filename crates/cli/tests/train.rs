@@ -12,23 +12,15 @@ mod support;
 
 use support::*;
 
-// --- The CLI -------------------------------------------------------------------------
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tau-resnet"));
-    c.arg("--quiet");
-    c
-}
+mod common;
+use common::bin;
 
 /// Asserts that a `tau-resnet` run exited with status 0, showing its stderr otherwise.
 fn assert_success(o: &std::process::Output) {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::ok(o);
 }
+
+// --- The CLI -------------------------------------------------------------------------
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
