@@ -4,7 +4,6 @@
 //! names are one error each.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use candle::{DType, Device, Tensor};
 use tau_model::Model;
