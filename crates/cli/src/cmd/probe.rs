@@ -129,7 +129,7 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     if args.dry_run {
         let table = toml::to_string(&plan.table).context("serializing the resolved config")?;
         outln!(
-            "# tau-resnet probe --dry-run: the config OK\n{}",
+            "# tau-resnet probe --dry-run: config OK\n{}",
             table.trim_end()
         )?;
         return Ok(Outcome::Finished);

@@ -92,7 +92,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
             "would start"
         };
         outln!(
-            "# tau-resnet train --dry-run: the config OK; the run {action} in {}\n{}",
+            "# tau-resnet train --dry-run: config OK; the run {action} in {}\n{}",
             run_dir.display(),
             cfg.to_toml()?.trim_end()
         )?;
