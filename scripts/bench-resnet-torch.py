@@ -4,6 +4,9 @@ one training step (forward, cross-entropy, backward, plain SGD) of the same CIFA
 learnable tau as the no-BN model), batch 128, 3x32x32, median of 5 steps after one warm-up.
 
     python3 scripts/bench-resnet-torch.py 20,56,110
+
+With `--eval` (as `tau-resnet bench --eval`) it also times the forward pass in evaluation
+mode (`model.eval()` under `torch.no_grad()`, BatchNorm with its running statistics).
 """
 
 import statistics, time
@@ -58,17 +61,28 @@ class ResNet(nn.Module):
 x = torch.randn(128, 3, 32, 32)
 y = torch.arange(128) % 10
 import sys
-for depth in [int(d) for d in (sys.argv[1] if len(sys.argv) > 1 else "20,56").split(",")]:
+
+def median_time(f):
+    f()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+args = [a for a in sys.argv[1:] if a != "--eval"]
+for depth in [int(d) for d in (args[0] if args else "20,56").split(",")]:
     for bn in (False, True):
         m = ResNet(depth, bn)
+        if "--eval" in sys.argv:
+            m.eval()
+            with torch.no_grad():
+                med = median_time(lambda: m(x))
+            print(f"pytorch resnet-{depth} {'bn' if bn else 'none'} eval: {med:.4f} s  {128 / med:.1f} img/s")
+            m.train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
         def step():
             opt.zero_grad()
             F.cross_entropy(m(x), y).backward()
             opt.step()
-        step()
-        ts = []
-        for _ in range(5):
-            t = time.perf_counter(); step(); ts.append(time.perf_counter() - t)
-        med = statistics.median(ts)
+        med = median_time(step)
         print(f"pytorch resnet-{depth} {'bn' if bn else 'none'}: {med:.4f} s  {128 / med:.1f} img/s")

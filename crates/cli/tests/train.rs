@@ -845,6 +845,46 @@ fn bench_measures_the_theory_network_gd_step_at_each_depth() {
 }
 
 #[test]
+fn bench_times_the_evaluation_forward_pass_on_request() {
+    let run = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let o = bin()
+            .args(["bench", "--depths", "8", "--norms", "bn", "--batch", "4"])
+            .args([
+                "--theory-depth",
+                "0",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_success(&o);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // By default only the training step.
+    let plain = run(&[]);
+    assert_eq!(plain.len(), 1, "{plain:?}");
+    assert_eq!(plain[0]["phase"], "train_step");
+    // With --eval, the forward pass in evaluation mode first: a third of the step's flops.
+    let both = run(&["--eval"]);
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert_eq!(both[0]["phase"], "eval");
+    assert_eq!(both[1]["phase"], "train_step");
+    let (eval, step) = (
+        both[0]["gflop"].as_f64().unwrap(),
+        both[1]["gflop"].as_f64().unwrap(),
+    );
+    assert!((3.0 * eval - step).abs() < 1e-9 * step, "{eval} {step}");
+    assert!(both[0]["median_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
 fn bench_measures_a_bottleneck_resnet_and_rejects_bad_depths() {
     // A ResNet-50 step on two 32×32 images (BatchNorm needs two values per channel in the
     // last stage, which is 1×1): the point is the record, not the speed.

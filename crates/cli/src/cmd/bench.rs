@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// Number of inputs (the full batch) of the theory network.
     #[arg(long, default_value_t = 32)]
     pub theory_inputs: usize,
+    /// Also time each ResNet's forward pass in evaluation mode (phase `eval`: BatchNorm
+    /// with its running statistics), as `tau-resnet eval` and a run's test-set evaluation
+    /// compute it.
+    #[arg(long)]
+    pub eval: bool,
     /// Timed steps per point (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -138,8 +143,8 @@ pub struct BenchRecord {
     pub depth: usize,
     /// `bn` or `none` (the theory network has no normalization).
     pub norm: String,
-    /// What one timed iteration does: `train_step`, or for the theory network `forward`
-    /// and `gd_step`.
+    /// What one timed iteration does: `train_step` (and `eval`, the forward pass in
+    /// evaluation mode, with `--eval`), or for the theory network `forward` and `gd_step`.
     pub phase: String,
     /// Images (inputs) per step.
     pub batch: usize,
@@ -250,16 +255,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     let depths: &[usize] = if args.skip_resnets { &[] } else { &args.depths };
     for &depth in depths {
         for &norm in &args.norms {
-            let r = bench_cifar(depth, norm, &args, &conv, &device)
-                .with_context(|| format!("benchmarking CIFAR ResNet-{depth} ({norm:?})"))?;
-            report(&r)?;
+            for r in bench_cifar(depth, norm, &args, &conv, &device)
+                .with_context(|| format!("benchmarking CIFAR ResNet-{depth} ({norm:?})"))?
+            {
+                report(&r)?;
+            }
         }
     }
     for &depth in &args.bottleneck_depths {
         for &norm in &args.norms {
-            let r = bench_bottleneck(depth, norm, &args, &conv, &device)
-                .with_context(|| format!("benchmarking bottleneck ResNet-{depth} ({norm:?})"))?;
-            report(&r)?;
+            for r in bench_bottleneck(depth, norm, &args, &conv, &device)
+                .with_context(|| format!("benchmarking bottleneck ResNet-{depth} ({norm:?})"))?
+            {
+                report(&r)?;
+            }
         }
     }
     for &depth in args.theory_depth.iter().filter(|&&d| d > 0) {
@@ -338,7 +347,7 @@ fn bench_cifar(
     args: &BenchArgs,
     conv: &str,
     device: &Device,
-) -> anyhow::Result<BenchRecord> {
+) -> anyhow::Result<Vec<BenchRecord>> {
     let cfg = CifarResNetConfig {
         depth,
         norm: model_norm(norm),
@@ -363,7 +372,7 @@ fn bench_bottleneck(
     args: &BenchArgs,
     conv: &str,
     device: &Device,
-) -> anyhow::Result<BenchRecord> {
+) -> anyhow::Result<Vec<BenchRecord>> {
     let cfg = BottleneckResNetConfig {
         depth,
         norm: model_norm(norm),
@@ -397,7 +406,13 @@ struct TrainStep {
 }
 
 impl TrainStep {
-    fn bench(&self, args: &BenchArgs, conv: &str, device: &Device) -> anyhow::Result<BenchRecord> {
+    /// The training step's record, after the evaluation forward pass's with `args.eval`.
+    fn bench(
+        &self,
+        args: &BenchArgs,
+        conv: &str,
+        device: &Device,
+    ) -> anyhow::Result<Vec<BenchRecord>> {
         let cfg = &self.cfg;
         let varmap = init_varmap(cfg, 0, DType::F32, device)?;
         let model = Model::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
@@ -407,18 +422,11 @@ impl TrainStep {
             .map(|i| (i % self.num_classes) as u32)
             .collect();
         let labels = Tensor::new(labels, device)?;
-        let (median_s, min_s) = time_steps(args.warmup, args.steps, || {
-            let logits = model.forward_t(&xs, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            sgd_step(&mut opt, &loss, 1e-3)?;
-            device.synchronize()
-        })?;
-        let gflop = 3.0 * self.forward_flops * self.batch as f64 / 1e9;
-        Ok(BenchRecord {
+        let record = |phase: &str, gflop: f64, (median_s, min_s): (f64, f64)| BenchRecord {
             model: cfg.family().into(),
             depth: self.depth,
             norm: format!("{:?}", self.norm).to_lowercase(),
-            phase: "train_step".into(),
+            phase: phase.into(),
             batch: self.batch,
             conv: conv.into(),
             kernels: kernels_label(device),
@@ -428,7 +436,24 @@ impl TrainStep {
             gflop,
             gflop_per_s: gflop / median_s,
             steps: args.steps,
-        })
+        };
+        let forward_gflop = self.forward_flops * self.batch as f64 / 1e9;
+        let mut records = Vec::new();
+        if args.eval {
+            let times = time_steps(args.warmup, args.steps, || {
+                model.forward_t(&xs, false)?;
+                device.synchronize()
+            })?;
+            records.push(record("eval", forward_gflop, times));
+        }
+        let times = time_steps(args.warmup, args.steps, || {
+            let logits = model.forward_t(&xs, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            sgd_step(&mut opt, &loss, 1e-3)?;
+            device.synchronize()
+        })?;
+        records.push(record("train_step", 3.0 * forward_gflop, times));
+        Ok(records)
     }
 }
 
