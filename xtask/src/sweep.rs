@@ -383,7 +383,16 @@ pub fn run_sweep(
         spec.command,
         threads
     );
+    let fresh: Vec<&crate::spec::Point> = jobs
+        .iter()
+        .filter(|j| !j.args.iter().any(|a| a == "--resume"))
+        .map(|j| &points[j.index])
+        .collect();
     if args.dry_run {
+        // A dry run builds nothing: the points are checked when a binary is at hand.
+        if bin.is_file() {
+            check::check_points(spec, &fresh, bin)?;
+        }
         for j in &jobs {
             println!("  {} {}", bin.display(), j.args.join(" "));
         }
@@ -394,11 +403,6 @@ pub fn run_sweep(
             interrupted: false,
         });
     }
-    let fresh: Vec<&crate::spec::Point> = jobs
-        .iter()
-        .filter(|j| !j.args.iter().any(|a| a == "--resume"))
-        .map(|j| &points[j.index])
-        .collect();
     if let Some(why) = check::check_points(spec, &fresh, bin)? {
         warn_unchecked(&why);
     }

@@ -199,4 +199,21 @@ fn a_bad_grid_value_stops_the_sweep_before_any_point_runs() {
     );
     // Nothing started: no sweep folder.
     assert!(!runs.path().join("gd-tiny").exists(), "{stderr}");
+    // A dry run with a binary at hand says the same.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("sweep")
+        .arg(&cfg)
+        .arg("--bin")
+        .arg(&bin)
+        .arg("--dry-run")
+        .arg("--runs-dir")
+        .arg(runs.path())
+        .output()
+        .expect("xtask runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
+        "{stderr}"
+    );
 }
