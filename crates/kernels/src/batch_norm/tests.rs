@@ -157,6 +157,24 @@ fn eval_mode_is_the_running_statistics_affine_map() {
             },
             &format!("eval batch norm residual {dims:?}"),
         );
+        // Without affine parameters: γ = 1, β = 0.
+        let (ones, zeros) = (gamma.ones_like().unwrap(), beta.zeros_like().unwrap());
+        compare(
+            std::slice::from_ref(&x),
+            |t| {
+                let bn =
+                    candle_nn::BatchNorm::new_no_bias(c, rm.clone(), rv.clone(), 1e-5).unwrap();
+                crate::batch_norm_t(&bn, t[0], false, true).unwrap()
+            },
+            |t, _| {
+                let (g, b) = (
+                    ones.to_dtype(DType::F64).unwrap(),
+                    zeros.to_dtype(DType::F64).unwrap(),
+                );
+                eval_reference(t[0], &g, &b, &rm, &rv).relu().unwrap()
+            },
+            &format!("eval batch norm without affine {dims:?}"),
+        );
     }
 }
 
