@@ -65,6 +65,44 @@ impl Model {
         Self::new(cfg, VarBuilder::from_varmap(varmap, dtype, device))
     }
 
+    /// The model `cfg` describes on detached views of the tensors of `varmap` (the same
+    /// storage, so later training shows in it; BatchNorm's running statistics are the
+    /// exception, copied as they are now): its forward pass in evaluation mode builds no
+    /// autograd graph on the CPU's fused kernels, so each activation is freed once the next
+    /// is computed, where the graph of [`Model::from_varmap`]'s model (whose weights are
+    /// variables) keeps them all until the output is dropped. (candle-nn's own BatchNorm,
+    /// which runs on other devices and under `TAU_KERNELS=candle`, keeps its running
+    /// statistics as variables, and with them a graph.) The same outputs, bit for bit; no
+    /// gradients for the weights. For evaluation and prediction.
+    ///
+    /// ```
+    /// # use candle::{DType, Device, ModuleT, Tensor};
+    /// # use tau_model::{Model, ModelConfig, init_varmap};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cfg: ModelConfig = serde_json::from_str(r#"{"family": "cifar_resnet", "depth": 8}"#)?;
+    /// let varmap = init_varmap(&cfg, 0, DType::F32, &Device::Cpu)?;
+    /// let xs = Tensor::randn(0f32, 1., (2, 3, 8, 8), &Device::Cpu)?;
+    /// let trained = Model::from_varmap(&cfg, &varmap, &Device::Cpu)?.forward_t(&xs, false)?;
+    /// let inference = Model::inference(&cfg, &varmap, &Device::Cpu)?.forward_t(&xs, false)?;
+    /// assert_eq!((trained - &inference)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Model::from_varmap`].
+    pub fn inference(cfg: &ModelConfig, varmap: &VarMap, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let dtype = crate::checkpoint::check_varmap(cfg, varmap).map_err(candle::Error::wrap)?;
+        let tensors = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("the VarMap's lock is poisoned".into()))?
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))
+    }
+
     /// The output for a batch: BatchNorm uses batch statistics and updates its running
     /// statistics (in the VarMap) when `train`, and the running statistics otherwise.
     /// See the [example](Model#example).

@@ -601,3 +601,60 @@ fn forward_hooked_sees_the_stem_and_every_block() {
         .unwrap_err();
     assert!(err.to_string().contains("stop at 2"), "{err}");
 }
+
+/// `Model::inference`: the trained model's evaluation outputs bit for bit, without a graph
+/// on the fused kernels (every family, with and without BatchNorm), sharing the weights'
+/// storage (an update of a weight shows in the next forward pass).
+#[test]
+fn the_inference_model_has_the_same_outputs_and_no_graph() {
+    let cases = [
+        (
+            r#"{"family": "cifar_resnet", "depth": 8}"#,
+            vec![2, 3, 8, 8],
+        ),
+        (
+            r#"{"family": "cifar_resnet", "depth": 8, "norm": "none"}"#,
+            vec![2, 3, 8, 8],
+        ),
+        (
+            r#"{"family": "bottleneck_resnet", "depth": 50, "num_classes": 5}"#,
+            vec![2, 3, 32, 32],
+        ),
+        (
+            r#"{"family": "theory", "input_dim": 5, "width": 16, "depth": 9}"#,
+            vec![2, 5],
+        ),
+    ];
+    for (json, input) in cases {
+        let cfg: ModelConfig = serde_json::from_str(json).unwrap();
+        let dev = Device::Cpu;
+        let varmap = init_varmap(&cfg, 3, DType::F32, &dev).unwrap();
+        let xs = Tensor::randn(0f32, 1., input, &dev).unwrap();
+        with_kernels(KernelSet::detected(), || {
+            let model = Model::from_varmap(&cfg, &varmap, &dev).unwrap();
+            let view = Model::inference(&cfg, &varmap, &dev).unwrap();
+            let want = model.forward_t(&xs, false).unwrap();
+            let got = view.forward_t(&xs, false).unwrap();
+            let diff = (&want - &got).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{json}");
+            assert!(want.track_op(), "{json}: the trained model records a graph");
+            assert!(!got.track_op(), "{json}: the inference model records one");
+            // A weight changed in place (as the optimizer does) shows in the view.
+            // The first convolution or the first block's W (never zero at initialization).
+            let data = varmap.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            let name = names
+                .into_iter()
+                .find(|n| n.ends_with(".weight") && !n.contains("bn"))
+                .unwrap()
+                .clone();
+            let var = &data[&name];
+            var.set(&(var.as_tensor() * 2.0).unwrap()).unwrap();
+            drop(data);
+            let again = view.forward_t(&xs, false).unwrap();
+            let moved = (&got - &again).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "{json}: {name}");
+        });
+    }
+}

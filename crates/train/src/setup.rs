@@ -144,12 +144,26 @@ impl TrainModel for TauModel {
         }
     }
 
+    fn inference(&self) -> candle::Result<Option<Box<dyn TrainModel>>> {
+        let model = Model::inference(&self.cfg, &self.varmap, &self.device)?;
+        Ok(Some(Box::new(Inference(model))))
+    }
+
     fn loss_backward(
         &self,
         xs: &Tensor,
         loss: &mut dyn FnMut(&Tensor) -> candle::Result<Tensor>,
     ) -> candle::Result<Option<(Tensor, Tensor, candle::backprop::GradStore)>> {
         self.model.loss_backward(xs, loss)
+    }
+}
+
+/// A model on detached tensors ([`Model::inference`]): what [`TauModel`] evaluates with.
+struct Inference(Model);
+
+impl TrainModel for Inference {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle::Result<Tensor> {
+        self.0.forward_t(xs, train)
     }
 }
 

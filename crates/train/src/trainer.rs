@@ -69,6 +69,15 @@ pub trait TrainModel {
         Ok(None)
     }
 
+    /// The model to evaluate with: the same outputs without an autograd graph
+    /// ([`tau_model::Model::inference`]), or `None` (the default) to evaluate `self`.
+    ///
+    /// # Errors
+    /// Building the model.
+    fn inference(&self) -> candle::Result<Option<Box<dyn TrainModel>>> {
+        Ok(None)
+    }
+
     /// A training step's output, loss (what `loss` returns for the output) and its
     /// gradients, where the model computes them faster than autograd over
     /// [`Self::forward_t`] (the same values); `None` (the default) to use autograd.
@@ -368,6 +377,8 @@ pub fn evaluate(
     if n == 0 {
         return Ok((None, None));
     }
+    let view = model.inference()?;
+    let model: &dyn TrainModel = view.as_deref().unwrap_or(model);
     let (mut total, mut hits, mut has_acc) = (0f64, 0u64, false);
     let bs = batch_size.max(1);
     for start in (0..n).step_by(bs) {

@@ -273,7 +273,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
         checkpoint.class_names = Some(read_labels(path, checkpoint.model.num_outputs())?);
     }
     let classifier = Classifier {
-        model: pretrained.model(&device).context("building the model")?,
+        // Without an autograd graph: each activation is freed once the next is computed.
+        model: Model::inference(&pretrained.config.model, &pretrained.varmap, &device)
+            .context("building the model")?,
         checkpoint,
         preprocessing: prep,
         dtype: tau_model::checkpoint::varmap_dtype(&pretrained.varmap).unwrap_or(DType::F32),
