@@ -264,10 +264,11 @@ fn eval_batch(
     let Some(avail) = tau_train::memory::available().filter(|_| device.is_cpu()) else {
         return Ok(wanted);
     };
-    let batch = tau_train::memory::fitting_batch(model, input, wanted, avail);
+    let need = |b| tau_train::memory::inference(model, b, input);
+    let batch = tau_train::memory::fitting_batch(need, wanted, avail);
     if batch == 0 {
         tau_train::memory::check(
-            tau_train::memory::step(model, 1, input),
+            need(1),
             &format!("evaluating one example of shape {input:?}"),
             "the image size",
         )?;
@@ -277,7 +278,7 @@ fn eval_batch(
         tracing::warn!(
             "--batch-size {asked}: a batch of {wanted} needs about {:.1} GiB of memory, {:.1} GiB \
              are available; evaluating in batches of {batch}",
-            tau_train::memory::step(model, wanted, input) / tau_train::memory::GIB,
+            need(wanted) / tau_train::memory::GIB,
             avail as f64 / tau_train::memory::GIB
         );
     }
