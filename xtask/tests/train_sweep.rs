@@ -216,4 +216,22 @@ fn a_bad_grid_value_stops_the_sweep_before_any_point_runs() {
         stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
         "{stderr}"
     );
+    // So does a Slurm submission (a dry run: no Slurm needed), before it writes anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("sweep")
+        .arg(&cfg)
+        .args(["--slurm", "--dry-run", "--partition", "cpu", "--time", "10"])
+        .arg("--bin")
+        .arg(&bin)
+        .arg("--runs-dir")
+        .arg(runs.path())
+        .output()
+        .expect("xtask runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
+        "{stderr}"
+    );
+    assert!(!runs.path().join("gd-tiny").exists(), "{stderr}");
 }
