@@ -80,16 +80,30 @@ pub(crate) fn kept_maps(cfg: &ModelConfig) -> Vec<(usize, usize, usize)> {
 /// training batch is gathered and moved), and the f32 feature maps the forward pass keeps
 /// for the backward pass. In f64, so that absurd sizes cannot overflow.
 pub fn resnet(cfg: &ModelConfig, n: usize, (height, width): (usize, usize)) -> f64 {
+    let input = cfg.in_channels().unwrap_or(1) as f64 * height as f64 * width as f64;
+    8.0 * cfg.num_parameters() as f64
+        + n as f64 * (16.0 * input + 4.0 * kept_values(cfg, (height, width)))
+}
+
+/// Per [`kept_maps`] entry, how many maps and the values of each, on `height` × `width`
+/// inputs.
+fn map_values(cfg: &ModelConfig, (height, width): (usize, usize)) -> Vec<(f64, f64)> {
     let (h, w) = (height as f64, width as f64);
-    let per_input: f64 = kept_maps(cfg)
+    kept_maps(cfg)
         .into_iter()
         .map(|(maps, channels, stride)| {
             let s = stride as f64;
-            (maps * channels) as f64 * (h / s).ceil() * (w / s).ceil()
+            (
+                maps as f64,
+                channels as f64 * (h / s).ceil() * (w / s).ceil(),
+            )
         })
-        .sum();
-    let input = cfg.in_channels().unwrap_or(1) as f64 * h * w;
-    8.0 * cfg.num_parameters() as f64 + n as f64 * (16.0 * input + 4.0 * per_input)
+        .collect()
+}
+
+/// The values of the feature maps one input keeps for the backward pass ([`kept_maps`]).
+fn kept_values(cfg: &ModelConfig, hw: (usize, usize)) -> f64 {
+    map_values(cfg, hw).into_iter().map(|(m, v)| m * v).sum()
 }
 
 /// The memory a training (or evaluation) step of `model` on a batch of `batch` examples
@@ -109,10 +123,8 @@ pub fn step(model: &ModelConfig, batch: usize, input: &[usize]) -> f64 {
     match (model, input) {
         (ModelConfig::Theory(t), _) => weights + 12.0 * n * t.width as f64 * (t.depth + 2) as f64,
         (_, [c, h, w]) => {
-            let maps =
-                resnet(model, 1, (*h, *w)) - resnet(model, 0, (*h, *w)) - 16.0 * (c * h * w) as f64;
             let kept = if batch_norm(model) { 0.71 } else { 0.56 };
-            weights + n * (16.0 * (c * h * w) as f64 + kept * maps)
+            weights + n * (16.0 * (c * h * w) as f64 + kept * 4.0 * kept_values(model, (*h, *w)))
         }
         _ => weights,
     }
@@ -139,12 +151,9 @@ pub fn inference(model: &ModelConfig, batch: usize, input: &[usize]) -> f64 {
     match (model, input) {
         (ModelConfig::Theory(t), _) => weights + 24.0 * n * t.width as f64,
         (_, [c, h, w]) => {
-            let largest = kept_maps(model)
+            let largest = map_values(model, (*h, *w))
                 .into_iter()
-                .map(|(_, channels, stride)| {
-                    let s = stride as f64;
-                    channels as f64 * (*h as f64 / s).ceil() * (*w as f64 / s).ceil()
-                })
+                .map(|(_, values)| values)
                 .fold(0f64, f64::max);
             weights + n * (16.0 * (c * h * w) as f64 + 24.0 * largest)
         }

@@ -320,13 +320,6 @@ pub fn prepare(cfg: &RunConfig, device: &Device) -> crate::Result<Prepared> {
     if cfg.loss.kind == LossKind::CrossEntropy && cfg.data.source == SourceKind::Synthetic {
         bail!("synthetic data has real-valued targets: use `loss.kind = \"squared\"`");
     }
-    if device.is_cpu() {
-        crate::memory::check(
-            crate::memory::synthetic(&cfg.data),
-            "the synthetic data set",
-            "data.n, data.n_test, data.p or data.d",
-        )?;
-    }
     let (data, record) = load_data_with(cfg, dtype, device, flat, None)?;
     if device.is_cpu() {
         check_step_memory(cfg, &data)?;

@@ -342,6 +342,13 @@ fn synthetic_data(cfg: &RunConfig, dtype: DType, device: &Device) -> crate::Resu
     let d = &cfg.data;
     let (n, p, out) = (d.n.unwrap_or(0), d.p.unwrap_or(0), d.d.unwrap_or(0));
     let total = n.saturating_add(d.n_test);
+    // Drawn in host memory whatever the device: what this machine can hold, then the
+    // fixed bound.
+    crate::memory::check(
+        crate::memory::synthetic(d),
+        "the synthetic data set",
+        "data.n, data.n_test, data.p or data.d",
+    )?;
     if total.saturating_mul(p.saturating_add(out)) > MAX_SYNTHETIC_ELEMENTS {
         bail!("synthetic data of {total} points × {p} inputs is too large");
     }
