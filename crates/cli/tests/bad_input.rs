@@ -12,7 +12,7 @@ use tau_model::preprocess::image;
 use tau_model::{ModelConfig, Preprocessing, init_varmap};
 
 mod common;
-use common::{bin, ok, one_error as failed};
+use common::{bin, eval_json, ok, one_error as failed};
 
 /// A CIFAR ResNet-8 for 3×8×8 images and 2 classes (`cat`, `dog`).
 fn model() -> ModelConfig {
@@ -125,22 +125,7 @@ fn eval_predict_and_probe_run_half_precision_checkpoints_in_f32() {
         picture(&dir.join("0.png"), shade);
     }
     let eval = |dir: &Path| {
-        let out = ok(&bin()
-            .args([
-                "eval",
-                "--json",
-                "--data",
-                "folder",
-                "--device",
-                "cpu",
-                "--data-dir",
-            ])
-            .arg(&data)
-            .arg("--checkpoint")
-            .arg(dir)
-            .output()
-            .unwrap());
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let v = eval_json(dir, "folder", &data);
         (v["test_loss"].clone(), v["test_acc"].clone())
     };
     for dtype in [DType::BF16, DType::F16] {
@@ -240,19 +225,5 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     }
     // The weights restored, every command runs.
     save(&ckpt, &varmap);
-    ok(&bin()
-        .args([
-            "eval",
-            "--json",
-            "--data",
-            "folder",
-            "--device",
-            "cpu",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .output()
-        .unwrap());
+    eval_json(&ckpt, "folder", &data);
 }

@@ -11,35 +11,15 @@ use tau_model::hub::{self, HubOptions, LoadSpec};
 use tau_model::preprocess::image;
 
 mod common;
-use common::{bin, image_folder, ok, picture};
+use common::{FOLDER_RUN, bin, eval_json, image_folder, ok, picture};
 
-/// Trains [`RUN`] on a fresh image folder (`train/` and `test/`) under `tmp`; returns the
+/// Trains [`FOLDER_RUN`] on a fresh image folder (`train/` and `test/`) under `tmp`; returns the
 /// run directory.
 fn train(tmp: &Path) -> PathBuf {
     let data = tmp.join("images");
     image_folder(&data, &["train", "test"]);
-    common::train(tmp, RUN, &data)
+    common::train(tmp, FOLDER_RUN, &data)
 }
-
-const RUN: &str = r#"
-name = "folder-resnet8"
-seed = 3
-steps = 2
-device = "cpu"
-[model]
-family = "cifar_resnet"
-depth = 8
-num_classes = 2
-[data]
-source = "folder"
-normalize = "cifar10"
-batch_size = 4
-[loss]
-kind = "cross_entropy"
-[optim]
-kind = "sgd"
-lr = 0.05
-"#;
 
 #[test]
 fn a_run_records_preprocessing_and_predict_export_and_eval_use_it() {
@@ -59,14 +39,7 @@ fn a_run_records_preprocessing_and_predict_export_and_eval_use_it() {
 
     // eval normalizes with the checkpoint's statistics, and says so.
     let data_dir = tmp.path().join("images");
-    let out = ok(&bin()
-        .args(["eval", "--json", "--data", "folder", "--checkpoint"])
-        .arg(&run)
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()
-        .unwrap());
-    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = eval_json(&run, "folder", &data_dir);
     assert_eq!(r["examples"], 4);
     assert_eq!(r["normalize"]["source"], "checkpoint");
     assert_eq!(r["normalize"]["mean"][0], 0.4914);
@@ -319,7 +292,7 @@ fn eval_offline_keeps_the_data_set_off_the_network_too() {
 fn a_relative_data_dir_is_recorded_absolutely_so_resume_works_from_anywhere() {
     let tmp = tempfile::tempdir().unwrap();
     image_folder(&tmp.path().join("images"), &["train", "test"]);
-    std::fs::write(tmp.path().join("run.toml"), RUN).unwrap();
+    std::fs::write(tmp.path().join("run.toml"), FOLDER_RUN).unwrap();
     let o = bin()
         .current_dir(tmp.path())
         .args([

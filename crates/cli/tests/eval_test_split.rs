@@ -6,27 +6,7 @@ use std::path::Path;
 use tau_model::preprocess::image;
 
 mod common;
-use common::{bin, image_folder, ok, picture, train};
-
-const FOLDER_RUN: &str = r#"
-name = "folder-resnet8"
-seed = 3
-steps = 2
-device = "cpu"
-[model]
-family = "cifar_resnet"
-depth = 8
-num_classes = 2
-[data]
-source = "folder"
-normalize = "cifar10"
-batch_size = 4
-[loss]
-kind = "cross_entropy"
-[optim]
-kind = "sgd"
-lr = 0.05
-"#;
+use common::{FOLDER_RUN, bin, eval_json, image_folder, ok, picture, train};
 
 const MNIST_RUN: &str = r#"
 name = "mnist-resnet8"
@@ -49,31 +29,18 @@ kind = "sgd"
 lr = 0.05
 "#;
 
-/// `eval --json` of `run` on `data` from `dir`: the parsed result.
-fn eval(run: &Path, data: &str, dir: &Path) -> serde_json::Value {
-    let out = ok(&bin()
-        .args(["eval", "--json", "--device", "cpu", "--data", data])
-        .arg("--checkpoint")
-        .arg(run)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .unwrap());
-    serde_json::from_str(&out).unwrap()
-}
-
 #[test]
 fn eval_on_a_folder_with_only_test_gives_the_full_folders_result() {
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("images");
     image_folder(&full, &["train", "test"]);
     let run = train(tmp.path(), FOLDER_RUN, &full);
-    let want = eval(&run, "folder", &full);
+    let want = eval_json(&run, "folder", &full);
     assert_eq!(want["examples"], 4);
 
     let test_only = tmp.path().join("test-only");
     image_folder(&test_only, &["test"]);
-    let got = eval(&run, "folder", &test_only);
+    let got = eval_json(&run, "folder", &test_only);
     assert_eq!(got, want);
 
     // A corrupt training image is never read by eval.
@@ -82,7 +49,7 @@ fn eval_on_a_folder_with_only_test_gives_the_full_folders_result() {
         b"\xff\xd8\xff\xe0 not a jpeg",
     )
     .unwrap();
-    assert_eq!(eval(&run, "folder", &full), want);
+    assert_eq!(eval_json(&run, "folder", &full), want);
 
     // A grayscale test/ is replicated to RGB for the RGB model, as when train/ is loaded
     // too: the same result as the same gray pictures stored as RGB.
@@ -101,9 +68,9 @@ fn eval_on_a_folder_with_only_test_gives_the_full_folders_result() {
                 .unwrap();
         }
     }
-    let from_rgb = eval(&run, "folder", &rgb);
+    let from_rgb = eval_json(&run, "folder", &rgb);
     assert_eq!(from_rgb["examples"], 4);
-    assert_eq!(eval(&run, "folder", &gray), from_rgb);
+    assert_eq!(eval_json(&run, "folder", &gray), from_rgb);
 }
 
 /// Writes MNIST IDX files (`n_train`, `n_test` 8×8 images, labels i % 10) into `dir`,
@@ -138,12 +105,12 @@ fn eval_on_mnist_test_files_alone_from_a_directory_or_tau_data_dir() {
     let full = tmp.path().join("mnist-full");
     mnist_files(&full, 20, 10);
     let run = train(tmp.path(), MNIST_RUN, &full);
-    let want = eval(&run, "mnist", &full);
+    let want = eval_json(&run, "mnist", &full);
     assert_eq!(want["examples"], 10);
 
     let test_only = tmp.path().join("data");
     mnist_files(&test_only.join("mnist"), 0, 10);
-    assert_eq!(eval(&run, "mnist", &test_only), want);
+    assert_eq!(eval_json(&run, "mnist", &test_only), want);
 
     // Through TAU_DATA_DIR: found there without training files, not sought on the hub.
     let out = ok(&bin()

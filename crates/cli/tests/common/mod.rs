@@ -52,6 +52,41 @@ pub fn one_error(o: &Output) -> String {
     err
 }
 
+/// A 2-step ResNet-8 run on an image folder of 2 classes (`data.dir` set by [`train`]).
+pub const FOLDER_RUN: &str = r#"
+name = "folder-resnet8"
+seed = 3
+steps = 2
+device = "cpu"
+[model]
+family = "cifar_resnet"
+depth = 8
+num_classes = 2
+[data]
+source = "folder"
+normalize = "cifar10"
+batch_size = 4
+[loss]
+kind = "cross_entropy"
+[optim]
+kind = "sgd"
+lr = 0.05
+"#;
+
+/// `tau-resnet eval --json --device cpu` of `checkpoint` on the data set `data` (`mnist`,
+/// `folder`, …) in `dir`: the parsed result (the command must succeed).
+pub fn eval_json(checkpoint: &Path, data: &str, dir: &Path) -> serde_json::Value {
+    let out = ok(&bin()
+        .args(["eval", "--json", "--device", "cpu", "--data", data])
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap());
+    serde_json::from_str(&out).unwrap()
+}
+
 /// A 16×16 test image: class 0 darker, class 1 brighter, with some texture.
 pub fn picture(class: usize, i: usize) -> image::RgbImage {
     image::RgbImage::from_fn(16, 16, |x, y| {
