@@ -1,6 +1,6 @@
 //! Tests that every shipped `configs/sweep-*.toml` expands into points whose merged
 //! configs `tau-resnet` accepts, checked with tau-resnet's own config readers
-//! (`tau_train::config::config_from_table` for `train`, `tau_train::probe::
+//! (`tau_train::config::config_with_overrides` for `train`, `tau_train::probe::
 //! validate_config` for `probe`): what `tau-resnet <command> --config base.toml --set ...`
 //! would read, without running anything.
 
@@ -30,9 +30,7 @@ fn check(spec: &SweepSpec) -> Vec<String> {
         let sets = point.set_args();
         let result = match spec.command {
             RunCommand::Train => {
-                let mut table = spec.base.clone();
-                tau_train::config::apply_overrides(&mut table, &sets)
-                    .and_then(|()| tau_train::config::config_from_table(table).map(|_| ()))
+                tau_train::config::config_with_overrides(spec.base.clone(), &sets).map(|_| ())
             }
             RunCommand::Probe => tau_train::probe::validate_config(spec.base.clone(), &sets),
         };

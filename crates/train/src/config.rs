@@ -602,6 +602,17 @@ pub(crate) fn locate_model_error(model: &toml::Value) -> Option<(String, String)
     tau_model::ModelConfig::locate_error(&json).filter(|(key, _)| !key.is_empty())
 }
 
+/// A run config from `table` with the `--set` overrides `sets` applied, validated: what
+/// `tau-resnet train --config FILE --set ...` reads (less the file's name in the errors).
+///
+/// # Errors
+/// A bad override, an unknown key or an ill-typed value (naming the key), or a failed
+/// validation.
+pub fn config_with_overrides(mut table: toml::Table, sets: &[String]) -> crate::Result<RunConfig> {
+    apply_overrides(&mut table, sets)?;
+    config_from_table(table)
+}
+
 /// Reads a run config file, applies `--set` overrides and validates the result.
 ///
 /// # Errors

@@ -42,9 +42,7 @@ pub fn check(request: &CheckRequest) -> anyhow::Result<CheckReply> {
     let check_one: fn(&toml::Table, &[String]) -> anyhow::Result<()> =
         match request.command.as_str() {
             "train" => |base, sets| {
-                let mut table = base.clone();
-                tau_train::config::apply_overrides(&mut table, sets)?;
-                tau_train::config::config_from_table(table)?;
+                tau_train::config::config_with_overrides(base.clone(), sets)?;
                 Ok(())
             },
             "probe" => |base, sets| Ok(tau_train::probe::validate_config(base.clone(), sets)?),
