@@ -120,17 +120,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", runs_dir.display()))?;
         let states = records::read_sweep(&spec, &root)?;
         check_same_base(&spec, &root, &states, args.force)?;
-        // The points that will start from the base config (the others resume with theirs).
-        let points = spec.points()?;
-        let fresh: Vec<&crate::spec::Point> = points
-            .iter()
-            .zip(&states)
-            .filter(|(_, s)| {
-                args.force
-                    || !(s.status.is_done() || s.dir.join(tau_records::CONFIG_FILE).is_file())
-            })
-            .map(|(p, _)| p)
-            .collect();
+        let fresh = fresh_points(&spec, &states, args.force);
         if let Some(why) = check::check_points(&spec, &fresh, &bin)? {
             warn_unchecked(&why);
         }
@@ -171,6 +161,26 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     };
     let outcome = run_sweep(&spec, &runs_dir, &bin, &args, &stop)?;
     outcome.into_result()
+}
+
+/// The points that start from the base config, so that [`check::check_points`] reads
+/// theirs: those without a result (every one with `force`) except, in a training sweep,
+/// started ones, which resume with the config they started with (as [`plan_jobs`] runs
+/// them).
+fn fresh_points<'a>(
+    spec: &SweepSpec,
+    states: &'a [records::PointState],
+    force: bool,
+) -> Vec<&'a crate::spec::Point> {
+    let started = |s: &records::PointState| {
+        spec.command == crate::spec::RunCommand::Train
+            && s.dir.join(tau_records::CONFIG_FILE).exists()
+    };
+    states
+        .iter()
+        .filter(|s| force || !(s.status.is_done() || started(s)))
+        .map(|s| &s.point)
+        .collect()
 }
 
 /// Says that the points' configs could not be checked before the sweep started, and why.
@@ -383,11 +393,7 @@ pub fn run_sweep(
         spec.command,
         threads
     );
-    let fresh: Vec<&crate::spec::Point> = jobs
-        .iter()
-        .filter(|j| !j.args.iter().any(|a| a == "--resume"))
-        .map(|j| &points[j.index])
-        .collect();
+    let fresh = fresh_points(spec, &states, args.force);
     if args.dry_run {
         // A dry run builds nothing: the points are checked when a binary is at hand.
         if bin.is_file() {
