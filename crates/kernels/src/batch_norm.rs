@@ -9,8 +9,9 @@
 //! closed-form BatchNorm gradient, all on rayon's threads. The running statistics are
 //! updated outside the graph exactly as candle-nn does (momentum, unbiased variance, as
 //! PyTorch). Evaluation mode on the CPU is one fused per-channel affine map (`eval`:
-//! scale·x + shift from the running statistics). Elsewhere (other devices or dtypes, no
-//! affine parameters in training mode, or candle's ops selected in [`crate::select`])
+//! scale·x + shift from the running statistics), on other devices and dtypes the same map
+//! from two of candle's broadcast ops. Elsewhere (training mode on other devices or dtypes
+//! or without affine parameters, or candle's ops selected in [`crate::select`])
 //! candle-nn's `BatchNorm` runs, except that with the `cudnn` feature, training mode on
 //! CUDA runs cuDNN's BatchNorm (`cudnn`). [`residual::batch_norm_residual_relu`] fuses the
 //! end of a basic block with it.
@@ -40,13 +41,17 @@ use crate::util::{f32_data, lanes_sum, lock_state, relu_f32, sum_f64, written};
 /// candle-nn: `running = (1 − momentum)·running + momentum·batch`, the batch variance
 /// unbiased (÷ (N·H·W − 1)). In evaluation mode on the CPU with `f32`, one fused op
 /// computes scale·x + shift with scale = γ/√(running_var + ε), shift = β − running_mean·scale
-/// (the running statistics detached: they get no gradient), as PyTorch's CPU kernel does.
+/// (the running statistics detached: they get no gradient), as PyTorch's CPU kernel does;
+/// on other devices and dtypes the same map from two of candle's broadcast ops.
 ///
 /// # Errors
 /// Shapes that do not fit `bn`, or a device error.
 pub fn batch_norm_t(bn: &BatchNorm, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
     if !train && eval::applies(bn, xs, &[]) {
         return eval::batch_norm_eval(bn, xs, relu);
+    }
+    if !train && eval::composed_applies(bn, xs) {
+        return eval::batch_norm_eval_composed(bn, xs, relu);
     }
     // The fused op's conditions but the device: the CPU runs the fused op, CUDA (with
     // `cudnn`) cuDNN's BatchNorm, anything else candle-nn's.

@@ -21,7 +21,8 @@
 //! 4. every op with the best set the CPU supports ([`KernelSet::detected`]).
 //!
 //! Off the CPU, and for dtypes other than `f32`, candle's own ops run whatever the
-//! selection. The `gemm` crate, which the portable convolution path and candle's matmul
+//! selection (evaluation-mode BatchNorm composed of fewer of them unless `candle` is
+//! selected). The `gemm` crate, which the portable convolution path and candle's matmul
 //! call, picks its own micro-kernels from the CPU's features; this switch does not reach
 //! inside it.
 //!

@@ -11,6 +11,10 @@
 //! BatchNorm. The running statistics enter only through scale and shift, detached: they are
 //! never trained by gradient. γ, β (and τ) keep their gradients, through the small
 //! per-channel tensors.
+//!
+//! Where the fused op does not apply (a GPU, another dtype), [`batch_norm_eval_composed`]
+//! computes the same map from candle's ops: two broadcast ops over the activation, the
+//! running statistics detached as here.
 
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_nn::BatchNorm;
@@ -55,6 +59,40 @@ pub(crate) fn applies(bn: &BatchNorm, xs: &Tensor, others: &[&Tensor]) -> bool {
     xs.rank() == 4
         && crate::util::fused_f32(&all)
         && bn.running_mean().elem_count() == xs.dim(1).unwrap_or(0)
+}
+
+/// Whether the composed evaluation path applies where the fused one does not: an (N, C,
+/// H, W) input on another device or in another dtype, statistics and parameters in that
+/// dtype for C channels, and the fused ops selected (with candle's ops selected,
+/// candle-nn's own evaluation runs).
+pub(crate) fn composed_applies(bn: &BatchNorm, xs: &Tensor) -> bool {
+    let dtype = xs.dtype();
+    let params = bn
+        .weight_and_bias()
+        .is_none_or(|(w, b)| w.dtype() == dtype && b.dtype() == dtype);
+    crate::select::kernels().fused()
+        && xs.rank() == 4
+        && bn.running_mean().elem_count() == xs.dim(1).unwrap_or(0)
+        && bn.running_mean().dtype() == dtype
+        && bn.running_var().dtype() == dtype
+        && params
+}
+
+/// `bn.forward_t(xs, false)`, ReLU'd when `relu`, from candle's ops on any device and
+/// dtype: scale·x + shift as two broadcast ops over the activation (candle-nn's are four)
+/// with scale and shift computed from the running statistics detached, as the fused op
+/// does, so that no graph runs through them. The caller checked [`composed_applies`].
+pub(crate) fn batch_norm_eval_composed(bn: &BatchNorm, xs: &Tensor, relu: bool) -> Result<Tensor> {
+    let c = xs.dim(1)?;
+    let params = scale_shift(bn, None)?.reshape((2, 1, c, 1, 1))?;
+    let ys = xs
+        .broadcast_mul(&params.get(0)?)?
+        .broadcast_add(&params.get(1)?)?;
+    if relu {
+        crate::elementwise::relu_composed(&ys)
+    } else {
+        Ok(ys)
+    }
 }
 
 /// `bn.forward_t(xs, false)`, ReLU'd when `relu`: one op (see the module docs). The caller

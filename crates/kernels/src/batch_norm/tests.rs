@@ -204,6 +204,104 @@ fn eval_mode_keeps_the_statistics_out_of_the_graph_and_the_off_switch_uses_candl
 }
 
 #[test]
+fn eval_mode_elsewhere_is_the_same_map_from_candle_ops() {
+    // `f64` on the CPU takes the path other devices take: scale·x + shift from candle's
+    // broadcast ops, the running statistics detached. Against candle-nn's evaluation
+    // (the same arithmetic in another order) in `f64`: outputs and gradients agree to
+    // rounding; the running statistics get no gradient.
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let dims = [3, 5, 7, 9];
+    let f64s = |t: Tensor| t.to_dtype(DType::F64).unwrap();
+    let x = f64s(random(&mut rng, &dims, -2.0, 2.0));
+    let gamma = f64s(random(&mut rng, &[5], 0.5, 1.5));
+    let beta = f64s(random(&mut rng, &[5], -0.5, 0.5));
+    let rm = Var::from_tensor(&f64s(random(&mut rng, &[5], -0.3, 0.3))).unwrap();
+    let rv = Var::from_tensor(&f64s(random(&mut rng, &[5], 0.5, 1.5))).unwrap();
+    let (rm0, rv0) = (
+        rm.as_tensor().copy().unwrap(),
+        rv.as_tensor().copy().unwrap(),
+    );
+    let s = f64s(random(&mut rng, &dims, -1.0, 1.0));
+    let tau = f64s(random(&mut rng, &[1], 0.2, 1.0));
+    let r = f64s(random(&mut rng, &dims, -1.0, 1.0));
+    for (relu, residual) in [(false, false), (true, false), (false, true)] {
+        let run = |kernels: Kernels| {
+            let vars: Vec<Var> = [&x, &gamma, &beta, &tau]
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let bn = bn_over(vars[1].as_tensor(), vars[2].as_tensor(), &rm, &rv);
+            let y = with_kernels(kernels, || {
+                if residual {
+                    crate::batch_norm_residual_relu(
+                        &bn,
+                        vars[0].as_tensor(),
+                        false,
+                        vars[3].as_tensor(),
+                        &s,
+                    )
+                } else {
+                    crate::batch_norm_t(&bn, vars[0].as_tensor(), false, relu)
+                }
+            })
+            .unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(rm.as_tensor()).is_none() && grads.get(rv.as_tensor()).is_none());
+            let g: Vec<Tensor> = vars
+                .iter()
+                .take(if residual { 4 } else { 3 })
+                .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (y, g)
+        };
+        let portable = Kernels::Fused(crate::select::KernelSet::Portable);
+        let (y, g) = run(portable);
+        // candle-nn's evaluation: what the candle baseline runs.
+        let (want, want_g) = run(Kernels::Candle);
+        let what = format!("relu={relu} residual={residual}");
+        // The composed path is what ran: the same bits as calling it directly.
+        let bn = bn_over(&gamma, &beta, &rm, &rv);
+        assert!(with_kernels(portable, || super::eval::composed_applies(
+            &bn, &x
+        )));
+        assert!(!with_kernels(Kernels::Candle, || {
+            super::eval::composed_applies(&bn, &x)
+        }));
+        let direct = with_kernels(portable, || {
+            let y = super::eval::batch_norm_eval_composed(&bn, &x, relu && !residual)?;
+            if residual {
+                (y.broadcast_mul(&tau)? + &s)?.relu()
+            } else {
+                Ok(y)
+            }
+        })
+        .unwrap();
+        assert_eq!(rel_err(&y, &direct), 0.0, "{what}: not the composed path");
+        let e = rel_err(&y, &want);
+        assert!(e < 1e-13, "{what}: output rel err {e}");
+        let reference = eval_reference(&x, &gamma, &beta, rm.as_tensor(), rv.as_tensor());
+        if !residual {
+            let reference = if relu {
+                reference.relu().unwrap()
+            } else {
+                reference
+            };
+            assert!(
+                rel_err(&y, &reference) < 1e-13,
+                "{what}: against the formula"
+            );
+        }
+        for (i, (a, b)) in g.iter().zip(&want_g).enumerate() {
+            let e = rel_err(a, b);
+            assert!(e < 1e-12, "{what}: gradient {i} rel err {e}");
+        }
+    }
+    // Evaluation leaves the running statistics alone.
+    assert_eq!(rel_err(rm.as_tensor(), &rm0), 0.0);
+    assert_eq!(rel_err(rv.as_tensor(), &rv0), 0.0);
+}
+
+#[test]
 fn wrong_channel_count_is_an_error() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let x = random(&mut rng, &[2, 4, 3, 3], -1.0, 1.0);

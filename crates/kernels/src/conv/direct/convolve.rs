@@ -87,6 +87,8 @@ fn conv_planes(
 }
 
 /// Arguments of [`conv_block`] and [`conv_block_avx2`].
+// Read only by the x86-64 kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct ConvArgs<'a> {
     c_in: usize,
     /// Floats per input plane.

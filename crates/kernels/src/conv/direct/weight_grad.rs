@@ -147,6 +147,8 @@ pub(super) const AVX2_WG_L1_BYTES: usize = 12 << 10;
 pub(super) const AVX2_WG_CB: usize = 4;
 
 /// Arguments of [`wgrad_block`] and [`wgrad_block_avx2`].
+// Read only by the x86-64 kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct WgradArgs<'a> {
     /// Images.
     nb: usize,
