@@ -44,7 +44,7 @@ fn picture(path: &Path, shade: u32) {
 /// `probe.image_size=100000` aborted with a 1.9 TB allocation; 0 failed inside the stem's
 /// convolution, and a bottleneck ResNet ran on 16×16 images whose later stages are 1×1.
 #[test]
-#[cfg(target_os = "linux")] // the memory check reads /proc/meminfo
+#[cfg(any(target_os = "linux", target_os = "macos"))] // where the memory check can read the memory
 fn probe_refuses_image_sizes_it_cannot_run() {
     let probe = |family: &str, depth: &str, image: &str| {
         bin()

@@ -11,13 +11,41 @@ use crate::error::bail;
 /// Bytes in a GiB.
 pub const GIB: f64 = (1u64 << 30) as f64;
 
-/// The memory available to a new allocation, in bytes (`MemAvailable` of
-/// `/proc/meminfo`); `None` where it cannot be read (not Linux).
+/// The memory available to a new allocation, in bytes: `MemAvailable` of `/proc/meminfo`
+/// on Linux; on macOS, which compresses and swaps memory before an allocation fails, the
+/// physical memory (`sysctl hw.memsize`), so that only work larger than the machine is
+/// refused there; `None` elsewhere or where it cannot be read.
 pub fn available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb.saturating_mul(1024))
+    #[cfg(target_os = "macos")]
+    {
+        physical_memory()
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb.saturating_mul(1024))
+    }
+}
+
+/// The physical memory (`sysctl hw.memsize`), in bytes.
+#[cfg(target_os = "macos")]
+fn physical_memory() -> Option<u64> {
+    let mut bytes: u64 = 0;
+    let mut len = std::mem::size_of::<u64>();
+    // SAFETY: `hw.memsize` is a 64-bit integer, and `bytes` and `len` describe a buffer of
+    // that size; no new value is passed.
+    let rc = unsafe {
+        libc::sysctlbyname(
+            c"hw.memsize".as_ptr(),
+            (&raw mut bytes).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    (rc == 0 && len == std::mem::size_of::<u64>()).then_some(bytes)
 }
 
 /// Refuses work that needs `needed` bytes when less is available: "`what` needs about
