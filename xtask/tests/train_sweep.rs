@@ -172,22 +172,28 @@ fn a_bad_grid_value_stops_the_sweep_before_any_point_runs() {
     let runs = tempfile::tempdir().expect("temp dir");
     let cfg = runs.path().join("bad.toml");
     std::fs::write(&cfg, bad).expect("write the config");
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("sweep")
-        .arg(&cfg)
-        .arg("--bin")
-        .arg(&bin)
-        .arg("--no-build")
-        .arg("--runs-dir")
-        .arg(runs.path())
-        .output()
-        .expect("xtask runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a bad sweep ran:\n{stderr}");
-    assert!(
-        stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
-        "{stderr}"
-    );
+    // `xtask sweep` of the bad config with the binary, and the extra flags; it must refuse
+    // the grid, naming how many points are bad: its stderr.
+    let refused = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("sweep")
+            .arg(&cfg)
+            .arg("--bin")
+            .arg(&bin)
+            .arg("--runs-dir")
+            .arg(runs.path())
+            .args(extra)
+            .output()
+            .expect("xtask runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "a bad sweep ran:\n{stderr}");
+        assert!(
+            stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
+            "{stderr}"
+        );
+        stderr
+    };
+    let stderr = refused(&["--no-build"]);
     // Each error once, with the first point that has it and how many more do.
     assert!(
         stderr.contains("depth-2_tau-1_K (and 1 more): key `model.tau`: invalid tau rule \"1/K\""),
@@ -200,38 +206,8 @@ fn a_bad_grid_value_stops_the_sweep_before_any_point_runs() {
     // Nothing started: no sweep folder.
     assert!(!runs.path().join("gd-tiny").exists(), "{stderr}");
     // A dry run with a binary at hand says the same.
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("sweep")
-        .arg(&cfg)
-        .arg("--bin")
-        .arg(&bin)
-        .arg("--dry-run")
-        .arg("--runs-dir")
-        .arg(runs.path())
-        .output()
-        .expect("xtask runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
-        "{stderr}"
-    );
+    refused(&["--dry-run"]);
     // So does a Slurm submission (a dry run: no Slurm needed), before it writes anything.
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("sweep")
-        .arg(&cfg)
-        .args(["--slurm", "--dry-run", "--partition", "cpu", "--time", "10"])
-        .arg("--bin")
-        .arg(&bin)
-        .arg("--runs-dir")
-        .arg(runs.path())
-        .output()
-        .expect("xtask runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("5 of 8 points have a config `tau-resnet train` refuses"),
-        "{stderr}"
-    );
+    let stderr = refused(&["--slurm", "--dry-run", "--partition", "cpu", "--time", "10"]);
     assert!(!runs.path().join("gd-tiny").exists(), "{stderr}");
 }

@@ -808,20 +808,33 @@ fn eval_reads_a_run_checkpoint() {
     assert!(r["test_loss"].as_f64().unwrap().is_finite());
 }
 
-#[test]
-fn bench_measures_the_theory_network_gd_step_at_each_depth() {
+/// The records of `tau-resnet bench ARGS --steps 1 --warmup 0 --json`, which must succeed.
+fn bench_records(args: &[&str]) -> Vec<serde_json::Value> {
     let o = bin()
-        .args(["bench", "--skip-resnets", "--theory-depth", "4,8"])
-        .args(["--theory-width", "16", "--theory-inputs", "3"])
+        .arg("bench")
+        .args(args)
         .args(["--steps", "1", "--warmup", "0", "--json"])
         .output()
         .unwrap();
     assert_success(&o);
-    let out = String::from_utf8_lossy(&o.stdout);
-    let recs: Vec<serde_json::Value> = out
+    String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn bench_measures_the_theory_network_gd_step_at_each_depth() {
+    let recs = bench_records(&[
+        "--skip-resnets",
+        "--theory-depth",
+        "4,8",
+        "--theory-width",
+        "16",
+        "--theory-inputs",
+        "3",
+    ]);
+    let out = format!("{recs:?}");
     let points: Vec<(u64, &str)> = recs
         .iter()
         .map(|r| (r["depth"].as_u64().unwrap(), r["phase"].as_str().unwrap()))
@@ -850,26 +863,18 @@ fn bench_measures_the_theory_network_gd_step_at_each_depth() {
 
 #[test]
 fn bench_times_the_evaluation_forward_pass_on_request() {
-    let run = |extra: &[&str]| -> Vec<serde_json::Value> {
-        let o = bin()
-            .args(["bench", "--depths", "8", "--norms", "bn", "--batch", "4"])
-            .args([
-                "--theory-depth",
-                "0",
-                "--steps",
-                "1",
-                "--warmup",
-                "0",
-                "--json",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert_success(&o);
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+    let run = |extra: &[&str]| {
+        let base = [
+            "--depths",
+            "8",
+            "--norms",
+            "bn",
+            "--batch",
+            "4",
+            "--theory-depth",
+            "0",
+        ];
+        bench_records(&[&base[..], extra].concat())
     };
     // By default only the training step.
     let plain = run(&[]);
@@ -892,32 +897,21 @@ fn bench_times_the_evaluation_forward_pass_on_request() {
 fn bench_measures_a_bottleneck_resnet_and_rejects_bad_depths() {
     // A ResNet-50 step on two 32×32 images (BatchNorm needs two values per channel in the
     // last stage, which is 1×1): the point is the record, not the speed.
-    let o = bin()
-        .args(["bench", "--skip-resnets", "--bottleneck-depths", "50"])
-        .args([
-            "--bottleneck-batch",
-            "2",
-            "--bottleneck-size",
-            "32",
-            "--norms",
-            "bn",
-        ])
-        .args([
-            "--theory-depth",
-            "0",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert_success(&o);
-    let out = String::from_utf8_lossy(&o.stdout);
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 1, "{out}");
-    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let recs = bench_records(&[
+        "--skip-resnets",
+        "--bottleneck-depths",
+        "50",
+        "--bottleneck-batch",
+        "2",
+        "--bottleneck-size",
+        "32",
+        "--norms",
+        "bn",
+        "--theory-depth",
+        "0",
+    ]);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = &recs[0];
     assert_eq!(r["model"], "bottleneck_resnet");
     assert_eq!(r["depth"], 50);
     assert_eq!(r["batch"], 2);

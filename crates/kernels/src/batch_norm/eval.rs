@@ -56,9 +56,12 @@ pub(crate) fn applies(bn: &BatchNorm, xs: &Tensor, others: &[&Tensor]) -> bool {
         all.extend([w, b]);
     }
     all.extend(others);
-    xs.rank() == 4
-        && crate::util::fused_f32(&all)
-        && bn.running_mean().elem_count() == xs.dim(1).unwrap_or(0)
+    fits(bn, xs) && crate::util::fused_f32(&all)
+}
+
+/// Whether `xs` is (N, C, H, W) with C the channels of `bn`.
+fn fits(bn: &BatchNorm, xs: &Tensor) -> bool {
+    xs.rank() == 4 && bn.running_mean().elem_count() == xs.dim(1).unwrap_or(0)
 }
 
 /// Whether the composed evaluation path applies where the fused one does not: an (N, C,
@@ -71,8 +74,7 @@ pub(crate) fn composed_applies(bn: &BatchNorm, xs: &Tensor) -> bool {
         .weight_and_bias()
         .is_none_or(|(w, b)| w.dtype() == dtype && b.dtype() == dtype);
     crate::select::kernels().fused()
-        && xs.rank() == 4
-        && bn.running_mean().elem_count() == xs.dim(1).unwrap_or(0)
+        && fits(bn, xs)
         && bn.running_mean().dtype() == dtype
         && bn.running_var().dtype() == dtype
         && params
